@@ -1,0 +1,1 @@
+"""Shared platform pieces: the settings object, the command line, the local Kafka broker, the demo."""

@@ -1,0 +1,170 @@
+"""The one typed settings object for every component.
+
+Values come, highest priority first, from: keyword arguments, environment variables
+(`RECSYS_<SECTION>__<FIELD>`, e.g. `RECSYS_KAFKA__BOOTSTRAP_SERVERS=host:9092`), a TOML file
+named by `RECSYS_CONFIG`, then the defaults below. Each section belongs to one component;
+the README lists every field.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys"))
+
+
+class KafkaSettings(BaseModel):
+    """The event log: where clients connect, and how the local broker is run."""
+
+    bootstrap_servers: str = "localhost:9092"  # what every client connects to
+    # 4.1 is the newest line the Python clients (aiokafka 0.14, kafka-python 3.0) are tested with.
+    version: str = "4.1.1"
+    scala_version: str = "2.13"
+    jars_dir: Path = CACHE_DIR / "kafka"  # downloaded broker classpath, shared across clones
+    data_dir: Path = Path("var/kafka")  # KRaft log + pid file of the local broker
+    port: int = 9092  # local broker's client listener
+    controller_port: int = 9093  # local broker's KRaft controller listener
+    heap: str = "-Xmx512m -Xms256m"  # the broker is small; the machine is shared
+    start_timeout_s: float = 90.0  # until a metadata request succeeds
+    partitions: int = 4  # partitions of the topics the project creates
+
+
+class TopicSettings(BaseModel):
+    """Topic names (the data-flow diagram in the README)."""
+
+    actions: str = "actions"
+    dlq: str = "actions.dlq"
+    user_updates: str = "user-updates"
+    candidates: str = "candidates"
+    items: str = "items"
+
+
+class EventSettings(BaseModel):
+    """What a valid action event is; shared by the streams, the model and the worker."""
+
+    surfaces: list[str] = ["home", "search", "related"]
+    actions: list[str] = ["click", "save", "hide"]  # the outcome types
+    max_event_bytes: int = 4096  # larger raw events go to the DLQ
+    max_id_length: int = 256  # string ids longer than this are rejected
+    max_future_ms: int = 5 * 60 * 1000  # events further ahead of the wall clock are rejected
+    min_ts_ms: int = 946_684_800_000  # 2000-01-01: anything older is a unit mistake
+
+
+class StreamsSettings(BaseModel):
+    """The Faust app that keeps per-user sequences."""
+
+    app_id: str = "recsys-streams"
+    store: str = "memory://"  # table store; rocksdb:// needs rocksdict
+    data_dir: Path = Path("var/streams")
+    max_sequence_len: int = 50  # events kept per user
+    max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
+    lateness_ms: int = 60 * 1000  # out-of-order events up to this old are inserted in order
+    flush_interval_s: float = 0.05  # user-updates are coalesced per user within this window
+    web_port: int = 6066  # Faust's web server (metrics, health)
+    broker_max_poll_records: int = 500  # lower avoids stuck consumers after rebalances
+
+
+class ModelSettings(BaseModel):
+    """The generative retriever's shape; saved inside every checkpoint and ONNX file."""
+
+    dim: int = 64  # embedding width (items, queries)
+    n_layers: int = 2
+    n_heads: int = 2
+    max_len: int = 50  # history tokens the model reads
+    num_queries: int = 4  # M: generated embeddings per (surface, outcome)
+    dropout: float = 0.2
+
+
+class InferenceSettings(BaseModel):
+    """The ONNX Runtime worker: from user-updates to candidates."""
+
+    model_dir: Path = Path("var/model")  # model.onnx, item_encoder.onnx, items.npz, meta.json
+    group_id: str = "recsys-inference"
+    max_batch: int = 256  # users per micro-batch
+    max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
+    provider: str = "auto"  # auto | cuda | cpu
+    candidates_per_surface: int = 100  # top-N written per surface
+    merge_cosine: float = 0.98  # generated embeddings closer than this are merged
+    # Each surface splits its budget across outcomes by its business goal.
+    outcome_weights: dict[str, dict[str, float]] = {
+        "home": {"save": 0.7, "click": 0.3},
+        "search": {"click": 0.8, "save": 0.2},
+        "related": {"click": 0.5, "save": 0.5},
+    }
+
+
+class VectorStoreSettings(BaseModel):
+    """Where item embeddings live and how they are searched."""
+
+    backend: str = "edge"  # edge (embedded Qdrant Edge) | server (qdrant-client)
+    path: Path = Path("var/qdrant")  # Qdrant Edge shard directory
+    url: str | None = None  # Qdrant server, e.g. http://qdrant:6333 (backend=server)
+    collection: str = "items"
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    search_ef: int = 128  # HNSW ef at query time
+    exact_below: int = 20_000  # catalogues smaller than this are searched exactly
+
+
+class ServingSettings(BaseModel):
+    """The gRPC GetCandidates server."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    group_id: str = "recsys-serving"  # unused for assignment; the server reads all partitions
+    max_limit: int = 500  # larger limits are INVALID_ARGUMENT
+    max_users: int = 1_000_000  # LRU bound of the materialised store
+    max_message_bytes: int = 1 << 20
+    max_concurrent_rpcs: int = 1000
+    fallback_size: int = 100  # popularity fallback list length per surface
+    tls_cert: Path | None = None  # PEM; with tls_key turns TLS on
+    tls_key: Path | None = None
+    auth_token: str | None = None  # when set, requests need `authorization: Bearer <token>`
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RECSYS_",
+        env_nested_delimiter="__",
+        toml_file=os.environ.get("RECSYS_CONFIG"),
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    streams: StreamsSettings = Field(default_factory=StreamsSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    vector_store: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if os.environ.get("RECSYS_CONFIG"):
+            sources.append(TomlConfigSettingsSource(settings_cls, os.environ["RECSYS_CONFIG"]))
+        return tuple(sources)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
