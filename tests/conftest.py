@@ -1,0 +1,41 @@
+"""Shared fixtures: one real Kafka broker per test session, unique names per test."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from recsys.kafka_broker import LocalBroker, free_port
+from recsys.settings import KafkaSettings
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("RECSYS_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test; set RECSYS_SLOW_TESTS=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real single-node KRaft broker on free ports, removed after the session."""
+    data_dir: Path = tmp_path_factory.mktemp("kafka")
+    cfg = KafkaSettings(data_dir=data_dir, port=free_port(), controller_port=free_port(), partitions=2)
+    broker = LocalBroker(cfg)
+    bootstrap = broker.start()
+    try:
+        yield bootstrap
+    finally:
+        broker.destroy()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short suffix that keeps topics, groups and app ids of one test apart from others."""
+    return uuid.uuid4().hex[:10]

@@ -1,0 +1,48 @@
+"""The local broker is a real Kafka: records round-trip, and start/stop are idempotent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from recsys.kafka_broker import BrokerError, LocalBroker, free_port
+from recsys.settings import KafkaSettings
+
+pytestmark = pytest.mark.kafka
+
+
+def test_records_round_trip(kafka_bootstrap: str, unique: str) -> None:
+    topic = f"roundtrip-{unique}"
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for i in range(10):
+        producer.send(topic, key=str(i % 3).encode(), value=f"v{i}".encode())
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)
+    values = sorted(m.value for m in consumer)
+    consumer.close()
+    assert values == sorted(f"v{i}".encode() for i in range(10))
+
+
+def test_start_stop_idempotent(tmp_path: Path) -> None:
+    broker = LocalBroker(KafkaSettings(data_dir=tmp_path, port=free_port(), controller_port=free_port()))
+    assert broker.stop() is False  # nothing to stop yet
+    first = broker.start()
+    pid = broker.pid()
+    assert broker.start() == first and broker.pid() == pid  # second start reuses the process
+    assert broker.stop() is True
+    assert broker.pid() is None
+    assert broker.stop() is False
+    broker.destroy()
+    assert not tmp_path.exists()
+
+
+def test_missing_java_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither java nor mvn on PATH
+    broker = LocalBroker(KafkaSettings(data_dir=tmp_path / "d", jars_dir=tmp_path / "jars",
+                                       port=free_port(), controller_port=free_port()))
+    with pytest.raises(BrokerError, match="`mvn` is not on PATH"):
+        broker.start()
