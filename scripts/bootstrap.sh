@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh machine, idempotently:
+#  - a base virtualenv with the heavy dependencies (torch, onnxruntime-gpu, ...), cached OUTSIDE
+#    the clone ($RECSYS_CACHE, default ~/.cache/recsys) so every clone and CI run reuses it;
+#  - a thin .venv in the clone that sees the base packages and holds the project (editable);
+#  - the Kafka broker jars from Maven Central (also cached).
+# Needs: python3.11, Java 17+, Maven.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+CACHE=${RECSYS_CACHE:-$HOME/.cache/recsys}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+BASE="$CACHE/venv"
+mkdir -p "$CACHE"
+
+# The dependency list (runtime + dev) decides whether the base venv needs a pip run.
+DEPS=$("$PY" - <<'PY'
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))
+PY
+)
+HASH=$(printf '%s' "$DEPS" | sha256sum | cut -c1-16)
+
+if [ ! -x "$BASE/bin/python" ]; then
+    echo "bootstrap: creating the base virtualenv in $BASE"
+    "$PY" -m venv "$BASE"
+    "$BASE/bin/pip" install -q --upgrade pip
+fi
+if [ ! -f "$BASE/.deps-$HASH" ]; then
+    echo "bootstrap: installing dependencies into $BASE (first run downloads torch: a few minutes)"
+    printf '%s\n' "$DEPS" > "$CACHE/requirements-$HASH.txt"
+    "$BASE/bin/pip" install -q -r "$CACHE/requirements-$HASH.txt"
+    rm -f "$BASE"/.deps-*
+    touch "$BASE/.deps-$HASH"
+fi
+
+# The clone's own venv: base packages through a .pth line, the project editable on top.
+if [ ! -x .venv/bin/python ]; then
+    "$BASE/bin/python" -m venv --without-pip .venv
+fi
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+BASE_SITE=$("$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$BASE_SITE" > "$SITE/_recsys_base.pth"
+if ! .venv/bin/python -c 'import recsys, sys; sys.exit(0 if recsys.__file__.startswith(sys.argv[1]) else 1)' "$ROOT" 2>/dev/null \
+   || [ ! -x .venv/bin/recsys ]; then
+    "$BASE/bin/pip" --python .venv/bin/python install -q --no-deps --no-build-isolation -e . 
+fi
+
+.venv/bin/recsys kafka fetch >/dev/null
+echo "bootstrap: ready (.venv, Kafka jars in $CACHE/kafka)"
