@@ -1,0 +1,147 @@
+"""The one interface every vector-store backend implements (Qdrant Edge, Qdrant server).
+
+Callers (the indexer, the inference worker, the serving fallback) see only this class. It
+validates and normalises inputs once, here, so backends receive float32 unit vectors of the
+collection's width and per-query filter lists of the right length.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from types import TracebackType
+
+import numpy as np
+
+from recsys.settings import VectorStoreSettings
+from vector_store.errors import CollectionMissingError, DimensionMismatchError
+from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query
+
+Hit = tuple[ItemId, float]  # (item id, cosine similarity | popularity)
+
+
+class VectorStore(ABC):
+    """Item embeddings with their payload; batch ANN queries with per-query filters."""
+
+    def __init__(self, settings: VectorStoreSettings) -> None:
+        self.settings = settings
+
+    # -- collection ------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def dim(self) -> int | None:
+        """The collection's vector width, or None while it does not exist."""
+
+    @abstractmethod
+    def ensure_collection(self, dim: int) -> None:
+        """Create the collection for ``dim``-wide vectors unless it exists; an existing one
+        must have that width (DimensionMismatchError otherwise)."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of items stored."""
+
+    # -- writes ----------------------------------------------------------------------------
+    def upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
+        """Insert or replace items: ``records[i]`` with the embedding ``vectors[i]`` ([N, D]).
+        Vectors are L2-normalised here; writes go in batches of settings.upsert_batch."""
+        dim = self._require_dim()
+        if len(records) != len(vectors):
+            raise ValueError(f"upsert: {len(records)} records but {len(vectors)} vectors")
+        if len(records) == 0:
+            return
+        x = normalise(self._check(vectors, dim, "upsert vectors"))
+        step = max(1, self.settings.upsert_batch)
+        for start in range(0, len(records), step):
+            self._upsert(records[start : start + step], x[start : start + step])
+
+    @abstractmethod
+    def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
+        """Write one batch; ``vectors`` are float32 unit rows."""
+
+    def optimize(self) -> None:
+        """Bring the ANN index up to date after bulk writes (a no-op where the engine does it
+        in the background)."""
+
+    # -- reads -----------------------------------------------------------------------------
+    def query_batch(
+        self,
+        vectors: np.ndarray,
+        limit: int,
+        surfaces: Sequence[str | None] | None = None,
+        exclude: Sequence[Sequence[ItemId]] | None = None,
+    ) -> list[list[Hit]]:
+        """Nearest items of each query row of ``vectors`` ([Q, D] float32), best first.
+
+        Per query ``i``: only items eligible on ``surfaces[i]`` (None = any surface), never an
+        item of ``exclude[i]`` (e.g. the user's recent items); up to ``limit`` hits of
+        (item id, cosine similarity). Queries are normalised here.
+        """
+        dim = self._require_dim()
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        q = self._check(vectors, dim, "query vectors")
+        n = q.shape[0]
+        surf = per_query(surfaces, n, "surfaces", None)
+        excl = per_query(exclude, n, "exclude", ())
+        if n == 0:
+            return []
+        if limit == 0:
+            return [[] for _ in range(n)]
+        return self._query_batch(normalise(q), limit, surf, excl)
+
+    @abstractmethod
+    def _query_batch(
+        self,
+        queries: np.ndarray,
+        limit: int,
+        surfaces: list[str | None],
+        exclude: list[Sequence[ItemId]],
+    ) -> list[list[Hit]]:
+        """Run validated, normalised queries."""
+
+    @abstractmethod
+    def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:
+        """Stored (unit) vectors of the items that exist, keyed by the id as asked for."""
+
+    @abstractmethod
+    def records(self, item_ids: Sequence[ItemId]) -> dict[ItemId, ItemRecord]:
+        """Stored payloads of the items that exist, keyed by the id as asked for."""
+
+    @abstractmethod
+    def top_popular(self, surface: str | None, limit: int) -> list[Hit]:
+        """The ``limit`` most popular items eligible on ``surface`` (None = any):
+        (item id, popularity), most popular first. The serving fallback for unknown users."""
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release the store (idempotent)."""
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _require_dim(self) -> int:
+        dim = self.dim
+        if dim is None:
+            raise CollectionMissingError(
+                f"collection {self.settings.collection!r} does not exist yet: "
+                "call ensure_collection(dim) (or run `recsys index`) first"
+            )
+        return dim
+
+    @staticmethod
+    def _check(vectors: np.ndarray, dim: int, what: str) -> np.ndarray:
+        x = np.asarray(vectors)
+        if x.ndim == 2 and x.shape[1] != dim:
+            raise DimensionMismatchError(f"{what}: collection has dim {dim}, got {x.shape[1]}")
+        return check_matrix(x, dim, what)

@@ -1,0 +1,274 @@
+"""Embedded backend: a Qdrant Edge shard (the Qdrant engine in-process) on local disk.
+
+The shard lives in settings.vector_store.path. Points are searchable as soon as they are
+upserted (plain segments are scanned); `optimize()` builds the HNSW graph for segments above
+the indexing threshold and blocks until done, so bulk loads call it once at the end.
+
+Only one process may open a shard directory (its WAL is locked); a second one gets
+StoreLockedError. Because this process is the only writer, a small catalogue (fewer than
+settings.exact_below items) is also kept as a numpy snapshot and searched with one BLAS
+product per batch, which is faster than Qdrant there and cannot go stale.
+
+qdrant-edge-py is beta (pinned to 0.9.0): every call into it is in this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import qdrant_edge as qe
+
+from recsys.settings import VectorStoreSettings
+from vector_store.base import Hit, VectorStore
+from vector_store.errors import (
+    CollectionMissingError,
+    DimensionMismatchError,
+    StoreLockedError,
+    VectorStoreError,
+)
+from vector_store.exact import ExactIndex
+from vector_store.schema import (
+    ITEM_ID,
+    POPULARITY,
+    SURFACES,
+    ItemId,
+    ItemRecord,
+    dedupe_ids,
+    from_payload,
+    full_scan_threshold_kb,
+    point_id,
+    to_payload,
+)
+
+log = logging.getLogger(__name__)
+
+_CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create; its presence = shard exists
+_SCROLL_PAGE = 4096  # points per scroll page when loading the exact snapshot
+
+
+class EdgeStore(VectorStore):
+    """A VectorStore on one Qdrant Edge shard directory."""
+
+    def __init__(self, settings: VectorStoreSettings) -> None:
+        super().__init__(settings)
+        self.path = Path(settings.path)
+        self._shard: qe.EdgeShard | None = None
+        self._dim: int | None = None
+        self._exact: ExactIndex | None = None
+        self._closed = False
+        if (self.path / _CONFIG_FILE).exists():
+            self._dim = _stored_dim(self.path)
+            self._shard = _open(lambda: qe.EdgeShard.load(str(self.path)), self.path)
+            self._refresh_exact()
+
+    # -- collection ------------------------------------------------------------------------
+    @property
+    def dim(self) -> int | None:
+        return self._dim
+
+    def ensure_collection(self, dim: int) -> None:
+        if self._dim is not None:
+            if self._dim != dim:
+                raise DimensionMismatchError(
+                    f"Edge shard {self.path} holds {self._dim}-d vectors, asked for {dim}-d; "
+                    "index into a fresh directory (settings.vector_store.path)"
+                )
+            return
+        s = self.settings
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine),
+            hnsw_config=qe.HnswIndexConfig(
+                m=s.hnsw_m,
+                ef_construct=s.hnsw_ef_construct,
+                # segments smaller than exact_below items are scanned, not graph-searched
+                full_scan_threshold=full_scan_threshold_kb(s.exact_below, dim),
+            ),
+            optimizers=qe.EdgeOptimizersConfig(indexing_threshold=s.indexing_threshold_kb),
+            max_search_threads=s.max_search_threads,
+        )
+        self.path.mkdir(parents=True, exist_ok=True)
+        shard = _open(lambda: qe.EdgeShard.create(str(self.path), config), self.path)
+        # Keyword index: surface filters; float index: ordering by popularity (fallback).
+        shard.update(qe.UpdateOperation.create_field_index(SURFACES, qe.PayloadSchemaType.Keyword))
+        shard.update(qe.UpdateOperation.create_field_index(POPULARITY, qe.PayloadSchemaType.Float))
+        shard.flush()
+        self._shard, self._dim = shard, dim
+        self._refresh_exact()
+
+    def count(self) -> int:
+        return int(self._live().count(qe.CountRequest(exact=True)))
+
+    # -- writes ----------------------------------------------------------------------------
+    def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
+        shard = self._live()
+        points = [
+            qe.Point(point_id(r.item_id), v, to_payload(r))
+            for r, v in zip(records, vectors.tolist(), strict=True)
+        ]
+        shard.update(qe.UpdateOperation.upsert_points(points))
+        if self._exact is not None:
+            snapshot = self._exact.with_upserts(records, vectors)
+            # Past the threshold the snapshot is dropped for good: HNSW takes over.
+            self._exact = snapshot if len(snapshot) < self.settings.exact_below else None
+
+    def optimize(self) -> None:
+        shard = self._live()
+        shard.optimize()
+        shard.flush()
+
+    # -- reads -----------------------------------------------------------------------------
+    def _query_batch(
+        self,
+        queries: np.ndarray,
+        limit: int,
+        surfaces: list[str | None],
+        exclude: list[Sequence[ItemId]],
+    ) -> list[list[Hit]]:
+        exact = self._exact  # one read: a concurrent upsert swaps in a new snapshot
+        if exact is not None:
+            return exact.search(queries, limit, surfaces, exclude)
+        params = qe.SearchParams(hnsw_ef=max(self.settings.search_ef, limit))
+        requests = [
+            qe.QueryRequest(
+                limit=limit,
+                query=qe.Query.Nearest(q),
+                filter=_filter(surface, excl),
+                params=params,
+                with_payload=[ITEM_ID],
+            )
+            for q, surface, excl in zip(queries.tolist(), surfaces, exclude, strict=True)
+        ]
+        results = self._live().query_batch(qe.QueryBatchRequest(requests))
+        return [[(_payload(p)[ITEM_ID], float(p.score)) for p in hits] for hits in results]
+
+    def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:
+        return {
+            item_id: np.asarray(rec.vector, dtype=np.float32)
+            for item_id, rec in self._fetch(item_ids, with_vector=True).items()
+        }
+
+    def records(self, item_ids: Sequence[ItemId]) -> dict[ItemId, ItemRecord]:
+        return {
+            item_id: from_payload(_payload(rec))
+            for item_id, rec in self._fetch(item_ids, with_vector=False).items()
+        }
+
+    def top_popular(self, surface: str | None, limit: int) -> list[Hit]:
+        if limit <= 0:
+            return []
+        hits = self._live().query(
+            qe.QueryRequest(
+                limit=limit,
+                query=qe.OrderBy(POPULARITY, qe.Direction.Desc),
+                filter=_filter(surface, ()),
+                with_payload=[ITEM_ID, POPULARITY],
+            )
+        )
+        return [(_payload(p)[ITEM_ID], float(_payload(p)[POPULARITY])) for p in hits]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.flush()
+            self._shard.close()
+        self._shard = None
+        self._exact = None
+        self._closed = True
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _live(self) -> qe.EdgeShard:
+        if self._shard is None:
+            if self._closed:
+                raise VectorStoreError(f"Edge store {self.path} is closed")
+            raise CollectionMissingError(
+                f"no Qdrant Edge shard at {self.path} yet: call ensure_collection(dim) "
+                "(or run `recsys index`) first"
+            )
+        return self._shard
+
+    def _fetch(self, item_ids: Sequence[ItemId], *, with_vector: bool) -> dict[ItemId, Any]:
+        shard = self._live()
+        if not item_ids:
+            return {}
+        by_point = {point_id(i): i for i in item_ids}
+        recs = shard.retrieve(list(by_point), with_payload=True, with_vector=with_vector)
+        # The engine returns uuid point ids as UUID objects, ints as ints: map back.
+        return {by_point[r.id]: r for r in recs if r.id in by_point}
+
+    def _refresh_exact(self) -> None:
+        """Load the numpy snapshot when the catalogue is small enough to search exactly."""
+        self._exact = None
+        if not self.settings.numpy_exact or self._dim is None:
+            return
+        if self.count() >= self.settings.exact_below:
+            return
+        records: list[ItemRecord] = []
+        vectors: list[list[float]] = []
+        offset: Any = None
+        while True:
+            page, offset = self._live().scroll(
+                qe.ScrollRequest(
+                    offset=offset, limit=_SCROLL_PAGE, with_payload=True, with_vector=True
+                )
+            )
+            for rec in page:
+                records.append(from_payload(_payload(rec)))
+                vectors.append(_dense(rec.vector))
+            if offset is None:
+                break
+        matrix = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), self._dim)
+        self._exact = ExactIndex.build(records, matrix)
+
+
+def _filter(surface: str | None, exclude: Sequence[ItemId]) -> qe.Filter | None:
+    must = None
+    if surface is not None:
+        must = [qe.FieldCondition(SURFACES, match=qe.MatchValue(surface))]
+    must_not = [qe.HasIdCondition(set(dedupe_ids(exclude)))] if exclude else None
+    if must is None and must_not is None:
+        return None
+    return qe.Filter(must=must, must_not=must_not)
+
+
+def _payload(point: Any) -> dict[str, Any]:
+    payload = point.payload
+    if not payload or ITEM_ID not in payload:
+        raise VectorStoreError(f"point {point.id} has no {ITEM_ID!r} in its payload")
+    return dict(payload)
+
+
+def _dense(vector: Any) -> list[float]:
+    """The default (unnamed) dense vector of a record, however the binding shapes it."""
+    if isinstance(vector, dict):
+        vector = vector.get("", next(iter(vector.values())))
+    return list(vector)
+
+
+def _stored_dim(path: Path) -> int:
+    try:
+        config = json.loads((path / _CONFIG_FILE).read_text())
+        return int(config["vectors"][""]["size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VectorStoreError(f"{path / _CONFIG_FILE} is not a readable Edge config: {e}") from e
+
+
+def _open(opener: Any, path: Path) -> qe.EdgeShard:
+    """Open or create a shard, turning the engine's lock failure into StoreLockedError."""
+    try:
+        return opener()
+    except Exception as e:  # the binding raises bare Exception with the engine's message
+        text = str(e)
+        if "WouldBlock" in text or "lock" in text.lower():
+            raise StoreLockedError(
+                f"Qdrant Edge shard {path} is already open elsewhere (another process, or another store "
+                "object in this one: its WAL is "
+                "locked). One process per shard directory: run the `items` follower inside "
+                "the process that queries, or point settings.vector_store.path elsewhere. "
+                f"Engine said: {text}"
+            ) from e
+        raise VectorStoreError(f"cannot open Qdrant Edge shard {path}: {text}") from e

@@ -1,0 +1,209 @@
+"""Scale-out backend: a Qdrant server (or cluster) through qdrant-client.
+
+Same collection schema and filter semantics as the embedded Edge backend. Qdrant indexes in
+the background, so there is no optimize step; small catalogues are searched exactly by the
+server itself (the collection's full-scan threshold is set from settings.exact_below). No
+numpy snapshot here: other processes may write to the server, so only the server is current.
+
+settings.url = ":memory:" gives qdrant-client's local mode (pure-Python brute force, same API):
+for tests of this module's code, not for serving.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+
+from recsys.settings import VectorStoreSettings
+from vector_store.base import Hit, VectorStore
+from vector_store.errors import DimensionMismatchError, VectorStoreError
+from vector_store.schema import (
+    ITEM_ID,
+    POPULARITY,
+    SURFACES,
+    ItemId,
+    ItemRecord,
+    PointId,
+    dedupe_ids,
+    from_payload,
+    full_scan_threshold_kb,
+    point_id,
+    to_payload,
+)
+
+
+class ServerStore(VectorStore):
+    """A VectorStore on one collection of a Qdrant server."""
+
+    def __init__(self, settings: VectorStoreSettings, client: QdrantClient | None = None) -> None:
+        super().__init__(settings)
+        self.collection = settings.collection
+        self.client = client if client is not None else _connect(settings)
+        self._dim: int | None = None
+        if self.client.collection_exists(self.collection):
+            self._dim = self._collection_dim()
+
+    # -- collection ------------------------------------------------------------------------
+    @property
+    def dim(self) -> int | None:
+        return self._dim
+
+    def ensure_collection(self, dim: int) -> None:
+        if self._dim is None and self.client.collection_exists(self.collection):
+            self._dim = self._collection_dim()  # created by another process meanwhile
+        if self._dim is not None:
+            if self._dim != dim:
+                raise DimensionMismatchError(
+                    f"collection {self.collection!r} holds {self._dim}-d vectors, "
+                    f"asked for {dim}-d"
+                )
+            return
+        s = self.settings
+        self.client.create_collection(
+            self.collection,
+            vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.COSINE),
+            hnsw_config=qm.HnswConfigDiff(
+                m=s.hnsw_m,
+                ef_construct=s.hnsw_ef_construct,
+                full_scan_threshold=full_scan_threshold_kb(s.exact_below, dim),
+            ),
+        )
+        self.client.create_payload_index(self.collection, SURFACES, qm.PayloadSchemaType.KEYWORD)
+        self.client.create_payload_index(self.collection, POPULARITY, qm.PayloadSchemaType.FLOAT)
+        self._dim = dim
+
+    def count(self) -> int:
+        self._require_dim()
+        return int(self.client.count(self.collection, exact=True).count)
+
+    # -- writes ----------------------------------------------------------------------------
+    def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
+        points = [
+            qm.PointStruct(id=_wire(point_id(r.item_id)), vector=v, payload=to_payload(r))
+            for r, v in zip(records, vectors.tolist(), strict=True)
+        ]
+        self.client.upsert(self.collection, points=points, wait=True)
+
+    # -- reads -----------------------------------------------------------------------------
+    def _query_batch(
+        self,
+        queries: np.ndarray,
+        limit: int,
+        surfaces: list[str | None],
+        exclude: list[Sequence[ItemId]],
+    ) -> list[list[Hit]]:
+        params = qm.SearchParams(hnsw_ef=max(self.settings.search_ef, limit))
+        requests = [
+            qm.QueryRequest(
+                query=q,
+                limit=limit,
+                filter=_filter(surface, excl),
+                params=params,
+                with_payload=[ITEM_ID],
+            )
+            for q, surface, excl in zip(queries.tolist(), surfaces, exclude, strict=True)
+        ]
+        responses = self.client.query_batch_points(self.collection, requests=requests)
+        return [
+            [(_payload(p)[ITEM_ID], float(p.score)) for p in resp.points] for resp in responses
+        ]
+
+    def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:
+        out: dict[ItemId, np.ndarray] = {}
+        for item_id, rec in self._fetch(item_ids, with_vectors=True).items():
+            vector = rec.vector
+            if isinstance(vector, dict):  # named-vector form; ours is the unnamed default
+                vector = vector.get("", next(iter(vector.values())))
+            out[item_id] = np.asarray(vector, dtype=np.float32)
+        return out
+
+    def records(self, item_ids: Sequence[ItemId]) -> dict[ItemId, ItemRecord]:
+        return {
+            item_id: from_payload(_payload(rec))
+            for item_id, rec in self._fetch(item_ids, with_vectors=False).items()
+        }
+
+    def top_popular(self, surface: str | None, limit: int) -> list[Hit]:
+        self._require_dim()
+        if limit <= 0:
+            return []
+        resp = self.client.query_points(
+            self.collection,
+            query=qm.OrderByQuery(
+                order_by=qm.OrderBy(key=POPULARITY, direction=qm.Direction.DESC)
+            ),
+            query_filter=_filter(surface, ()),
+            limit=limit,
+            with_payload=[ITEM_ID, POPULARITY],
+        )
+        return [(_payload(p)[ITEM_ID], float(_payload(p)[POPULARITY])) for p in resp.points]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        self.client.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _collection_dim(self) -> int:
+        vectors = self.client.get_collection(self.collection).config.params.vectors
+        if isinstance(vectors, qm.VectorParams):
+            return int(vectors.size)
+        raise VectorStoreError(
+            f"collection {self.collection!r} uses named vectors {vectors!r}; "
+            "this store expects one unnamed dense vector"
+        )
+
+    def _fetch(self, item_ids: Sequence[ItemId], *, with_vectors: bool) -> dict[ItemId, Any]:
+        self._require_dim()
+        if not item_ids:
+            return {}
+        by_point = {_wire(point_id(i)): i for i in item_ids}
+        recs = self.client.retrieve(
+            self.collection, ids=list(by_point), with_payload=True, with_vectors=with_vectors
+        )
+        # The client returns uuid ids as strings (lower-case, hyphenated), ints as ints.
+        return {by_point[r.id]: r for r in recs if r.id in by_point}
+
+
+def _connect(settings: VectorStoreSettings) -> QdrantClient:
+    if not settings.url:
+        raise VectorStoreError(
+            "backend=server needs settings.vector_store.url "
+            "(e.g. RECSYS_VECTOR_STORE__URL=http://localhost:6333, or :memory: for local mode)"
+        )
+    if settings.url == ":memory:":
+        return QdrantClient(location=":memory:")
+    return QdrantClient(
+        url=settings.url,
+        api_key=settings.api_key,
+        prefer_grpc=settings.prefer_grpc,
+        timeout=settings.timeout_s,
+    )
+
+
+def _wire(pid: PointId) -> int | str:
+    """qdrant-client takes uuid point ids as strings."""
+    return str(pid) if isinstance(pid, uuid.UUID) else pid
+
+
+def _filter(surface: str | None, exclude: Sequence[ItemId]) -> qm.Filter | None:
+    must: list[qm.Condition] | None = None
+    must_not: list[qm.Condition] | None = None
+    if surface is not None:
+        must = [qm.FieldCondition(key=SURFACES, match=qm.MatchValue(value=surface))]
+    if exclude:
+        must_not = [qm.HasIdCondition(has_id=[_wire(p) for p in dedupe_ids(exclude)])]
+    if must is None and must_not is None:
+        return None
+    return qm.Filter(must=must, must_not=must_not)
+
+
+def _payload(point: Any) -> dict[str, Any]:
+    payload = point.payload
+    if not payload or ITEM_ID not in payload:
+        raise VectorStoreError(f"point {point.id} has no {ITEM_ID!r} in its payload")
+    return dict(payload)
