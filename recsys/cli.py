@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("vector_store.indexer:main", "index item embeddings; follow the `items` topic"),
     "worker": ("inference.worker:main", "run the ONNX Runtime worker (user-updates -> candidates)"),
     "serve": ("serving.server:main", "run the gRPC GetCandidates server"),
+    "config": ("recsys.config_cli:main", "print the effective settings (or the README table)"),
     "demo": ("recsys.demo:main", "set everything up locally and show candidates changing live"),
 }
 

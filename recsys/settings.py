@@ -29,7 +29,7 @@ class KafkaSettings(BaseModel):
     bootstrap_servers: str = "localhost:9092"  # what every client connects to
     # 4.1 is the newest line the Python clients (aiokafka 0.14, kafka-python 3.0) are tested with.
     version: str = "4.1.1"
-    scala_version: str = "2.13"
+    scala_version: str = "2.13"  # Scala build of the kafka_<scala> artifact
     jars_dir: Path = CACHE_DIR / "kafka"  # downloaded broker classpath, shared across clones
     data_dir: Path = Path("var/kafka")  # KRaft log + pid file of the local broker
     port: int = 9092  # local broker's client listener
@@ -42,11 +42,11 @@ class KafkaSettings(BaseModel):
 class TopicSettings(BaseModel):
     """Topic names (the data-flow diagram in the README)."""
 
-    actions: str = "actions"
-    dlq: str = "actions.dlq"
-    user_updates: str = "user-updates"
-    candidates: str = "candidates"
-    items: str = "items"
+    actions: str = "actions"  # raw action events (msgpack), key = user id
+    dlq: str = "actions.dlq"  # rejected events with the reason and the original bytes
+    user_updates: str = "user-updates"  # fresh sequence snapshots, key = user id
+    candidates: str = "candidates"  # compacted per-user candidates, key = user id
+    items: str = "items"  # item catalogue updates, key = item id
 
 
 class EventSettings(BaseModel):
@@ -54,24 +54,32 @@ class EventSettings(BaseModel):
 
     surfaces: list[str] = ["home", "search", "related"]
     actions: list[str] = ["click", "save", "hide"]  # the outcome types
-    max_event_bytes: int = 4096  # larger raw events go to the DLQ
-    max_id_length: int = 256  # string ids longer than this are rejected
+    max_event_bytes: int = 4096  # larger raw events go to the DLQ (checked before unpacking)
+    max_id_length: int = 256  # string ids longer than this (utf-8 bytes) are rejected
     max_future_ms: int = 5 * 60 * 1000  # events further ahead of the wall clock are rejected
-    min_ts_ms: int = 946_684_800_000  # 2000-01-01: anything older is a unit mistake
+    # 1990-01-01: anything older is a unit mistake (seconds sent as ms); MovieLens starts 1995.
+    min_ts_ms: int = 631_152_000_000
+    max_fields: int = 64  # entries of any msgpack map / array in an event (unpack limit)
+    max_nesting: int = 8  # nesting depth of values under unknown keys (kept, so bounded)
 
 
 class StreamsSettings(BaseModel):
     """The Faust app that keeps per-user sequences."""
 
-    app_id: str = "recsys-streams"
-    store: str = "memory://"  # table store; rocksdb:// needs rocksdict
+    app_id: str = "recsys-streams"  # Faust app id = consumer group; names the changelog topic
+    store: str = "memory://"  # table store; memory:// replays the changelog at start, rocksdb:// needs rocksdict
     data_dir: Path = Path("var/streams")
     max_sequence_len: int = 50  # events kept per user
     max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
     lateness_ms: int = 60 * 1000  # out-of-order events up to this old are inserted in order
     flush_interval_s: float = 0.05  # user-updates are coalesced per user within this window
-    web_port: int = 6066  # Faust's web server (metrics, health)
+    max_batch_events: int = 1000  # a flush window also closes after this many events
+    web_host: str = "127.0.0.1"  # Faust's web server bind address (0.0.0.0 in containers)
+    web_port: int = 6066  # Faust's web server (/metrics)
     broker_max_poll_records: int = 500  # lower avoids stuck consumers after rebalances
+    replication_factor: int = 1  # of the topics the app creates (changelog, DLQ, user-updates)
+    stats_interval_s: float = 30.0  # how often the worker logs its counters
+    loglevel: str = "info"  # the worker's log level
 
 
 class ModelSettings(BaseModel):
@@ -89,7 +97,7 @@ class InferenceSettings(BaseModel):
     """The ONNX Runtime worker: from user-updates to candidates."""
 
     model_dir: Path = Path("var/model")  # model.onnx, item_encoder.onnx, items.npz, meta.json
-    group_id: str = "recsys-inference"
+    group_id: str = "recsys-inference"  # consumer group on user-updates; add workers to scale
     max_batch: int = 256  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
     provider: str = "auto"  # auto | cuda | cpu
@@ -186,3 +194,33 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+
+
+def documented_fields() -> list[tuple[str, str, str]]:
+    """(environment variable, default, the comment beside the field) for every setting.
+
+    Read from this module's source, so the README table (`recsys config --markdown`) can
+    never drift from the code; tests check the README lists every variable.
+    """
+    import ast
+    import inspect
+    import sys
+
+    source = inspect.getsource(sys.modules[__name__])
+    lines = source.splitlines()
+    classes = {node.name: node for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    rows: list[tuple[str, str, str]] = []
+    for section, info in Settings.model_fields.items():
+        node = classes[info.annotation.__name__]  # type: ignore[union-attr]
+        for stmt in node.body:
+            if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+                continue
+            text = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
+            comment = text.rsplit("#", 1)[1].strip() if "  # " in text else ""
+            if not comment:
+                above = lines[stmt.lineno - 2].strip()
+                comment = above.lstrip("# ").strip() if above.startswith("#") else ""
+            default = ast.get_source_segment(source, stmt.value) if stmt.value is not None else ""
+            env = f"RECSYS_{section.upper()}__{stmt.target.id.upper()}"
+            rows.append((env, " ".join((default or "").split()), comment))
+    return rows

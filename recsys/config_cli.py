@@ -1,0 +1,25 @@
+"""`recsys config`: the effective settings as JSON, or every setting as a Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from recsys.settings import documented_fields, get_settings
+
+
+def markdown_table() -> str:
+    rows = ["| environment variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{env}` | `{default}` | {comment} |" for env, default, comment in documented_fields()]
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys config", description=__doc__)
+    parser.add_argument("--markdown", action="store_true", help="print the settings table for the README")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown_table())
+    else:
+        print(json.dumps(get_settings().model_dump(mode="json"), indent=2))
+    return 0
