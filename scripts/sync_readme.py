@@ -1,0 +1,24 @@
+"""Regenerate the README's settings table from recsys/settings.py (run after adding a setting)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from recsys.config_cli import markdown_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"(<!-- settings-table:start -->\n).*?(<!-- settings-table:end -->)", re.S)
+
+
+def render(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + markdown_table() + "\n" + m.group(2), text)
+
+
+if __name__ == "__main__":
+    text = README.read_text()
+    new = render(text)
+    if "--check" in sys.argv:
+        sys.exit(0 if new == text else "README settings table is stale: run scripts/sync_readme.py")
+    README.write_text(new)
