@@ -143,19 +143,32 @@ class VectorStoreSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
-    """The gRPC GetCandidates server."""
+    """The gRPC GetCandidates server (serving/): limits, fallback, security, processes."""
 
     host: str = "127.0.0.1"
-    port: int = 50051
-    group_id: str = "recsys-serving"  # unused for assignment; the server reads all partitions
-    max_limit: int = 500  # larger limits are INVALID_ARGUMENT
+    port: int = 50051  # 0 = any free port (one worker only)
+    group_id: str = "recsys-serving"  # client id prefix; the server reads all partitions, no group
+    default_limit: int = 100  # candidates returned when a request says limit = 0
+    max_limit: int = 500  # larger limits are INVALID_ARGUMENT; stored lists are cut to this
+    max_batch: int = 100  # requests in one BatchGetCandidates; more is INVALID_ARGUMENT
     max_users: int = 1_000_000  # LRU bound of the materialised store
-    max_message_bytes: int = 1 << 20
-    max_concurrent_rpcs: int = 1000
+    max_message_bytes: int = 1 << 20  # gRPC receive and send cap
+    max_concurrent_rpcs: int = 1000  # more in flight at once get RESOURCE_EXHAUSTED
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams per client connection
+    keepalive_time_ms: int = 60_000  # server pings idle connections to find dead peers
     fallback_size: int = 100  # popularity fallback list length per surface
+    fallback_refresh_s: float = 10.0  # how often items.npz is checked for a newer model
     tls_cert: Path | None = None  # PEM; with tls_key turns TLS on
     tls_key: Path | None = None
     auth_token: str | None = None  # when set, requests need `authorization: Bearer <token>`
+    workers: int = 1  # server processes sharing the port (SO_REUSEPORT); ~3k q/s per process
+    follow: bool = True  # read the `candidates` topic (False: serve a snapshot / fallback only)
+    snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker)
+    poll_ms: int = 100  # how long one fetch of `candidates` waits for records
+    poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
+    max_fetch_bytes: int = 8 << 20  # Kafka fetch size cap per partition and per request
+    metadata_retry_s: float = 1.0  # wait before re-asking for a missing topic / after an error
+    shutdown_grace_s: float = 5.0  # in-flight calls get this long after SIGTERM
 
 
 class Settings(BaseSettings):

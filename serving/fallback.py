@@ -1,0 +1,96 @@
+"""Popularity fallback: what a user the server knows nothing about gets, flagged as such.
+
+Source: the model's own item table, `items.npz` in settings.inference.model_dir (`ids`: str
+[N], `popularity`: float32 [N]), the same popularity the model was trained with, and the
+model version from `meta.json` beside it. That is the simplest honest source: no extra topic,
+and it changes exactly when the model does. The list is the same for every surface (the
+model's item table does not say which surface an item is eligible on).
+
+`refresh()` reloads when items.npz changes on disk (a newly exported model), so the server
+need not restart; a missing or unreadable model directory gives an empty fallback, never an
+exception in a handler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.store import SurfaceList
+
+__all__ = ["PopularityFallback", "top_popular"]
+
+log = logging.getLogger(__name__)
+
+
+def top_popular(ids: np.ndarray, popularity: np.ndarray, size: int) -> SurfaceList:
+    """The `size` most popular items, best first; ties keep the table's order (stable)."""
+    if ids.shape[0] != popularity.shape[0]:
+        raise ValueError(f"ids has {ids.shape[0]} rows, popularity {popularity.shape[0]}")
+    order = np.argsort(-popularity.astype(np.float64), kind="stable")[:size]
+    return SurfaceList(tuple(str(i) for i in ids[order]), tuple(float(p) for p in popularity[order]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    mtime_ns: int
+    items: SurfaceList
+    model_version: str
+    generated_at: int  # ms: when the item table was written
+
+
+class PopularityFallback:
+    """Per-surface popularity lists from the model directory, reloaded when it changes."""
+
+    def __init__(self, model_dir: Path, surfaces: list[str], size: int) -> None:
+        self.model_dir = model_dir
+        self.surfaces = list(surfaces)
+        self.size = size
+        self._loaded: _Loaded | None = None
+        self.refresh()
+
+    @property
+    def model_version(self) -> str:
+        return self._loaded.model_version if self._loaded else ""
+
+    @property
+    def generated_at(self) -> int:
+        return self._loaded.generated_at if self._loaded else 0
+
+    def get(self, surface: str) -> SurfaceList:
+        """The fallback list of a surface (empty when no model has been exported yet)."""
+        if self._loaded is None or surface not in self.surfaces:
+            return SurfaceList((), ())
+        return self._loaded.items
+
+    def refresh(self) -> bool:
+        """Reload items.npz if it changed since the last load; True when something was loaded."""
+        path = self.model_dir / "items.npz"
+        try:
+            mtime_ns = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if self._loaded is not None and self._loaded.mtime_ns == mtime_ns:
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as table:
+                items = top_popular(table["ids"], table["popularity"], self.size)
+        except (OSError, KeyError, ValueError) as exc:
+            # A half-written export or a foreign file: keep serving the previous list.
+            log.warning("popularity fallback: cannot read %s: %s", path, exc)
+            return False
+        self._loaded = _Loaded(mtime_ns, items, self._read_version(), mtime_ns // 1_000_000)
+        log.info("popularity fallback: %d items from %s (model %r)", len(items.items), path, self.model_version)
+        return True
+
+    def _read_version(self) -> str:
+        try:
+            meta = json.loads((self.model_dir / "meta.json").read_text())
+        except (OSError, ValueError):
+            return ""
+        version = meta.get("version", meta.get("model_version", "")) if isinstance(meta, dict) else ""
+        return str(version)

@@ -1,0 +1,132 @@
+"""Follows the compacted `candidates` topic into the CandidateStore, in the server's event loop.
+
+Every server process reads ALL partitions from the beginning (no consumer group, no committed
+offsets): the compacted topic holds the latest record of every user, so a restarted or new
+replica recovers everyone's candidates by reading it whole, then keeps up with new records.
+`caught_up` is set once every partition has been read up to the end offset it had at start;
+the server reports SERVING on gRPC health only then, so a load balancer never sends traffic to
+a replica that would answer with fallbacks for users it has not read yet.
+
+Records are msgpack (the brief's `candidates` contract); a malformed record is counted and
+skipped, a null value (tombstone) forgets the user. The store's newest-wins rule makes the
+order of partitions and replays irrelevant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import msgpack
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from recsys.settings import Settings
+from serving.store import CandidateStore
+
+__all__ = ["CandidatesFollower", "decode_value"]
+
+log = logging.getLogger(__name__)
+
+
+def decode_value(raw: bytes) -> Any:
+    """msgpack -> Python; raises ValueError-like errors on garbage (the caller counts them)."""
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class CandidatesFollower:
+    """Reads the whole `candidates` topic, then follows it; `caught_up` marks the first."""
+
+    def __init__(self, settings: Settings, store: CandidateStore, *, topic: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.topic = topic or settings.topics.candidates
+        self.caught_up = asyncio.Event()
+        self.records = 0  # records read (all kinds)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect and start following in a background task (returns before catch-up)."""
+        cfg = self.settings.serving
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka.bootstrap_servers,
+            group_id=None,  # every replica reads every partition; nothing to commit
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"{cfg.group_id}-follower",
+            max_partition_fetch_bytes=cfg.max_fetch_bytes,
+            fetch_max_bytes=cfg.max_fetch_bytes,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name="candidates-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
+        """Wait for the topic to exist, assign all its partitions from offset 0; end offsets."""
+        cfg = self.settings.serving
+        while True:
+            try:
+                topics = await consumer.topics()
+            except KafkaError as exc:
+                log.warning("candidates follower: metadata failed (%s); retrying", exc)
+                topics = set()
+            partitions = consumer.partitions_for_topic(self.topic) if self.topic in topics else None
+            if partitions:
+                break
+            # No topic yet = no candidates written yet: there is nothing to catch up on.
+            self.caught_up.set()
+            await asyncio.sleep(cfg.metadata_retry_s)
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        log.info("candidates follower: %s, %d partitions, %d records to catch up", self.topic, len(tps), sum(ends.values()))
+        return ends
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None, "start() first"
+        cfg = self.settings.serving
+        pending = await self._assign(consumer)
+        while True:
+            if pending:
+                for tp in [tp for tp, end in pending.items() if await consumer.position(tp) >= end]:
+                    del pending[tp]
+                if not pending:
+                    log.info("candidates follower: caught up, %d users", len(self.store))
+                    self.caught_up.set()
+            try:
+                batches = await consumer.getmany(timeout_ms=cfg.poll_ms, max_records=cfg.poll_max_records)
+            except KafkaError as exc:
+                log.warning("candidates follower: fetch failed (%s); retrying", exc)
+                await asyncio.sleep(cfg.metadata_retry_s)
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._apply(record.key, record.value)
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        self.records += 1
+        if value is None:  # tombstone: the user was deleted upstream
+            if key is not None:
+                self.store.delete(key.decode("utf-8", errors="replace"))
+            return
+        try:
+            decoded = decode_value(value)
+        except (ValueError, msgpack.UnpackException) as exc:
+            self.store.malformed += 1
+            log.debug("candidates follower: undecodable record (%s)", exc)
+            return
+        self.store.apply(decoded)

@@ -1,0 +1,369 @@
+"""The gRPC GetCandidates server (`recsys serve`): answers from the materialised `candidates`.
+
+    recsys serve [--host H] [--port P] [--workers N] [--no-follow] [--snapshot PATH]
+
+Shape (grpc's examples/python): pure helpers at module level (`validate_request`,
+`build_response`), a thin servicer, `create_server()` that builds and binds a grpc.aio server
+and returns `(server, port)` apart from `serve()` that runs one until SIGTERM, and `main()`.
+
+What the server guarantees:
+- INVALID_ARGUMENT with a reason for an empty or oversized user_id, an unknown surface, a limit
+  outside [0, max_limit] (0 = default_limit) or a batch larger than max_batch; deadlines are
+  enforced by gRPC and checked between the lookups of a batch; RESOURCE_EXHAUSTED beyond
+  max_concurrent_rpcs; message sizes capped both ways.
+- Unknown users (and known users without a list for that surface) get the surface's
+  popularity list with is_fallback = true.
+- gRPC health checking (`grpc.health.v1`; SERVING only after the topic has been read to its
+  end once, NOT_SERVING while shutting down) and server reflection.
+- Optional TLS (serving.tls_cert + tls_key) and an optional bearer token on the
+  `authorization` metadata (serving.auth_token; UNAUTHENTICATED otherwise; health stays open
+  so that probes need no secret).
+- SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within shutdown_grace_s, the store is
+  snapshotted when snapshot_path is set.
+
+Throughput: one Python process serves a few thousand unary calls per second per core, so
+`--workers N` starts N processes on the same port (SO_REUSEPORT; the kernel spreads
+connections), each following the topic on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import multiprocessing
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsys.settings import Settings, get_settings
+from serving._proto import candidates_pb2 as pb
+from serving._proto import candidates_pb2_grpc as pb_grpc
+from serving.fallback import PopularityFallback
+from serving.store import CandidateStore, SurfaceList, UserCandidates
+
+__all__ = [
+    "CandidatesServicer",
+    "Limits",
+    "TokenAuthInterceptor",
+    "build_response",
+    "create_server",
+    "main",
+    "serve",
+    "validate_request",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Candidates"].full_name  # "recsys.v1.Candidates"
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+class Limits:
+    """What a valid request is; read once from settings so that handlers do no lookups."""
+
+    __slots__ = ("default_limit", "max_batch", "max_id_length", "max_limit", "surfaces")
+
+    def __init__(self, settings: Settings) -> None:
+        self.surfaces = frozenset(settings.events.surfaces)
+        self.max_id_length = settings.events.max_id_length
+        self.max_limit = settings.serving.max_limit
+        self.default_limit = settings.serving.default_limit
+        self.max_batch = settings.serving.max_batch
+
+
+def validate_request(request: pb.GetCandidatesRequest, limits: Limits) -> str | None:
+    """None when the request is valid, else the reason (an INVALID_ARGUMENT detail)."""
+    if not request.user_id:
+        return "user_id is empty"
+    if len(request.user_id) > limits.max_id_length:
+        return f"user_id is longer than {limits.max_id_length} characters"
+    if request.surface not in limits.surfaces:
+        return f"unknown surface {request.surface[:64]!r}; known: {', '.join(sorted(limits.surfaces))}"
+    if not 0 <= request.limit <= limits.max_limit:
+        return f"limit {request.limit} is outside [0, {limits.max_limit}] (0 = default {limits.default_limit})"
+    return None
+
+
+def build_response(
+    request: pb.GetCandidatesRequest,
+    record: UserCandidates | None,
+    fallback: PopularityFallback,
+    limits: Limits,
+) -> pb.GetCandidatesResponse:
+    """The answer to a valid request: the user's list for the surface, else the fallback."""
+    limit = request.limit or limits.default_limit
+    lists: SurfaceList | None = record.surfaces.get(request.surface) if record is not None else None
+    if record is not None and lists is not None:
+        response = pb.GetCandidatesResponse(
+            user_id=request.user_id,
+            surface=request.surface,
+            model_version=record.model_version,
+            generated_at_ms=record.generated_at,
+            source_event_ts_ms=record.source_event_ts,
+        )
+    else:
+        lists = fallback.get(request.surface)
+        response = pb.GetCandidatesResponse(
+            user_id=request.user_id,
+            surface=request.surface,
+            model_version=fallback.model_version,
+            generated_at_ms=fallback.generated_at,
+            is_fallback=True,
+        )
+    response.candidates.extend(
+        pb.Candidate(item_id=i, score=s) for i, s in zip(lists.items[:limit], lists.scores[:limit], strict=True)
+    )
+    return response
+
+
+class CandidatesServicer(pb_grpc.CandidatesServicer):
+    """Thin: validate, look up, build; every failure is a status with a detail."""
+
+    def __init__(self, store: CandidateStore, fallback: PopularityFallback, limits: Limits) -> None:
+        self.store = store
+        self.fallback = fallback
+        self.limits = limits
+
+    async def GetCandidates(  # noqa: N802 (the proto's name)
+        self, request: pb.GetCandidatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetCandidatesResponse:
+        if (error := validate_request(request, self.limits)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        return build_response(request, self.store.get(request.user_id), self.fallback, self.limits)
+
+    async def BatchGetCandidates(  # noqa: N802
+        self, request: pb.BatchGetCandidatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BatchGetCandidatesResponse:
+        if len(request.requests) > self.limits.max_batch:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.requests)} requests in one batch; at most {self.limits.max_batch}",
+            )
+        for index, item in enumerate(request.requests):
+            if (error := validate_request(item, self.limits)) is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{index}]: {error}")
+        response = pb.BatchGetCandidatesResponse()
+        for item in request.requests:
+            # A batch is the one handler that does real work per call; stop once nobody waits.
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded mid-batch")
+            response.responses.append(build_response(item, self.store.get(item.user_id), self.fallback, self.limits))
+        return response
+
+
+def _deny(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        await context.abort(code, details)
+
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` on every call but the health service."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._denied = _deny(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if handler_call_details.method.startswith(_HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                # constant-time: the comparison must not leak how much of the token matched
+                if hmac.compare_digest(given, self._expected):
+                    return await continuation(handler_call_details)
+                break
+        return self._denied
+
+
+def _server_options(settings: Settings) -> list[tuple[str, int]]:
+    cfg = settings.serving
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        # Several processes may share the port only when asked to; otherwise a second server on
+        # a busy port must fail loudly rather than silently split the traffic.
+        ("grpc.so_reuseport", 1 if cfg.workers > 1 else 0),
+        ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", cfg.keepalive_time_ms),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def create_server(
+    settings: Settings,
+    store: CandidateStore,
+    fallback: PopularityFallback,
+    *,
+    health_servicer: health.aio.HealthServicer | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Build and bind (not start) the server; returns it with the bound port (host:0 picks one).
+
+    Without a health_servicer one is made that reports the server ("") SERVING; serve() passes
+    its own and flips it once the topic is caught up.
+    """
+    cfg = settings.serving
+    interceptors = [TokenAuthInterceptor(cfg.auth_token)] if cfg.auth_token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=_server_options(settings),
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+    )
+    pb_grpc.add_CandidatesServicer_to_server(CandidatesServicer(store, fallback, Limits(settings)), server)
+    if health_servicer is None:
+        health_servicer = health.aio.HealthServicer()  # reports "" (the whole server) SERVING
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+    address = f"{cfg.host}:{cfg.port}"
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ValueError("serving.tls_cert and serving.tls_key go together (both or neither)")
+    if cfg.tls_cert is not None and cfg.tls_key is not None:
+        credentials = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address}")
+    return server, port
+
+
+async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):  # "" = the whole server, as probes ask by default
+        await servicer.set(name, status)
+
+
+async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
+    """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound."""
+    from serving.follower import CandidatesFollower  # aiokafka only where a topic is followed
+
+    cfg = settings.serving
+    store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
+    if cfg.snapshot_path is not None:
+        log.info("loaded %d users from snapshot %s", store.load(cfg.snapshot_path), cfg.snapshot_path)
+    fallback = PopularityFallback(settings.inference.model_dir, settings.events.surfaces, cfg.fallback_size)
+    health_servicer = health.aio.HealthServicer()
+    await _set_health(health_servicer, serving=False)
+    server, port = create_server(settings, store, fallback, health_servicer=health_servicer)
+    follower = CandidatesFollower(settings, store) if cfg.follow else None
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def mark_serving() -> None:
+        if follower is not None:
+            await follower.caught_up.wait()
+        await _set_health(health_servicer, serving=True)
+        log.info("serving on port %d (%d users)", port, len(store))
+
+    async def refresh_fallback() -> None:
+        while True:  # a newly exported model changes the popularity list without a restart
+            await asyncio.sleep(cfg.fallback_refresh_s)
+            fallback.refresh()
+
+    await server.start()
+    if follower is not None:
+        await follower.start()
+    tasks = [asyncio.create_task(mark_serving()), asyncio.create_task(refresh_fallback())]
+    if ready is not None:
+        ready(port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", cfg.shutdown_grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(cfg.shutdown_grace_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if follower is not None:
+            await follower.stop()
+        if cfg.snapshot_path is not None:
+            log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path), cfg.snapshot_path)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _run_worker(settings_json: str) -> None:
+    """Entry point of one process of `--workers N` (spawned: grpc must not be forked)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
+    asyncio.run(serve(Settings.model_validate_json(settings_json)))
+
+
+def _supervise(settings: Settings) -> int:
+    """Start `workers` server processes on one port; forward SIGTERM/SIGINT; wait for all."""
+    ctx = multiprocessing.get_context("spawn")
+    blob = settings.model_dump_json()
+    procs = [ctx.Process(target=_run_worker, args=(blob,), name=f"serve-{i}") for i in range(settings.serving.workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: each drains its calls and stops on its own
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends SIGINT to the children too
+    for proc in procs:
+        proc.join()
+    return max((abs(p.exitcode or 0) for p in procs), default=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys serve", description="Run the gRPC GetCandidates server.")
+    parser.add_argument("--host", help="bind address (serving.host)")
+    parser.add_argument("--port", type=int, help="port (serving.port; 0 = any, one worker only)")
+    parser.add_argument("--workers", type=int, help="server processes sharing the port (serving.workers)")
+    parser.add_argument("--no-follow", action="store_true", help="do not read the candidates topic")
+    parser.add_argument("--snapshot", type=Path, help="load/save the store here (serving.snapshot_path)")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (kafka.bootstrap_servers)")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+    settings = get_settings()
+    serving_updates = {
+        k: v
+        for k, v in {"host": args.host, "port": args.port, "workers": args.workers, "snapshot_path": args.snapshot}.items()
+        if v is not None
+    }
+    if args.no_follow:
+        serving_updates["follow"] = False
+    settings = settings.model_copy(
+        update={
+            "serving": settings.serving.model_copy(update=serving_updates),
+            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": args.bootstrap or settings.kafka.bootstrap_servers}),
+        }
+    )
+    if settings.serving.workers < 1:
+        parser.error("--workers must be >= 1")
+    if settings.serving.workers > 1:
+        if settings.serving.port == 0:
+            parser.error("--workers > 1 needs a fixed --port (the processes share it)")
+        if settings.serving.snapshot_path is not None:
+            parser.error("--snapshot is for one worker (the processes would overwrite each other's file)")
+        return _supervise(settings)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(serve(settings, ready=lambda port: print(f"recsys serve: listening on port {port}", flush=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The materialised `candidates` topic: user -> the newest candidate lists, bounded in memory.
+
+The follower (serving/follower.py) feeds it every record of the compacted topic; the gRPC
+handlers read it. Three rules:
+
+- **Newest wins, whatever the arrival order.** A record replaces the stored one only if its
+  `(source_event_ts, generated_at)` is larger: a list built from a newer action always wins, and
+  for the same action the later generation (e.g. a new model) wins. A replayed or late older
+  record (a worker retry, a partition read out of order, a snapshot older than the topic) never
+  overwrites a newer one, so applying the whole topic again is harmless.
+- **Bounded memory.** At most `max_users` users, least recently used (read or written) evicted
+  first; an evicted user is served the popularity fallback until their next update.
+- **Optional snapshot.** `save()` / `load()` write the records in the topic's own wire format
+  (msgpack), so a restart can answer at once while the topic is re-read behind it.
+
+Wire format of a record (the `candidates` contract in the team brief):
+    {"user_id", "model_version": str, "source_event_ts": ms, "generated_at": ms,
+     "surfaces": {surface: {"items": [ids], "scores": [floats]}}}
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+__all__ = ["CandidateStore", "MalformedCandidates", "SurfaceList", "UserCandidates", "parse_candidates"]
+
+
+class MalformedCandidates(ValueError):
+    """A `candidates` record that does not follow the wire contract (skipped and counted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SurfaceList:
+    """One surface's candidates, best first; items and scores have the same length."""
+
+    items: tuple[str, ...]
+    scores: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UserCandidates:
+    """The newest candidates of one user, as the inference worker wrote them."""
+
+    user_id: str
+    model_version: str
+    source_event_ts: int  # ms, event time of the newest action folded in
+    generated_at: int  # ms, when the worker produced the lists
+    surfaces: Mapping[str, SurfaceList]
+
+    @property
+    def order_key(self) -> tuple[int, int]:
+        """Larger is newer: the source event first, then the generation time."""
+        return (self.source_event_ts, self.generated_at)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Back to the topic's msgpack map (used by snapshots and tests)."""
+        return {
+            "user_id": self.user_id,
+            "model_version": self.model_version,
+            "source_event_ts": self.source_event_ts,
+            "generated_at": self.generated_at,
+            "surfaces": {s: {"items": list(v.items), "scores": list(v.scores)} for s, v in self.surfaces.items()},
+        }
+
+
+def _int(value: Any, name: str) -> int:
+    # bool is an int subclass; a True timestamp is a bug upstream, not 1 ms.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedCandidates(f"{name} must be an int (ms), got {type(value).__name__}")
+    return value
+
+
+def parse_candidates(value: Any, *, max_items: int | None = None) -> UserCandidates:
+    """Validate one decoded `candidates` value and turn it into a UserCandidates.
+
+    Raises MalformedCandidates with a reason. Ids may be int or str on the wire; they are
+    served as str. `max_items` truncates each surface's list (the server never serves more).
+    """
+    if not isinstance(value, Mapping):
+        raise MalformedCandidates(f"value must be a map, got {type(value).__name__}")
+    try:
+        user_id, surfaces_raw = value["user_id"], value["surfaces"]
+        model_version = value.get("model_version", "")
+        source_event_ts = _int(value["source_event_ts"], "source_event_ts")
+        generated_at = _int(value["generated_at"], "generated_at")
+    except KeyError as missing:
+        raise MalformedCandidates(f"missing field {missing}") from None
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
+        raise MalformedCandidates("user_id must be a non-empty str or an int")
+    if not isinstance(model_version, str):
+        raise MalformedCandidates("model_version must be a str")
+    if not isinstance(surfaces_raw, Mapping):
+        raise MalformedCandidates("surfaces must be a map")
+    surfaces: dict[str, SurfaceList] = {}
+    for surface, lists in surfaces_raw.items():
+        if not isinstance(surface, str) or not isinstance(lists, Mapping):
+            raise MalformedCandidates("surfaces must map a surface name to {items, scores}")
+        items, scores = lists.get("items"), lists.get("scores")
+        if not isinstance(items, (list, tuple)) or not isinstance(scores, (list, tuple)):
+            raise MalformedCandidates(f"surface {surface!r}: items and scores must be lists")
+        if len(items) != len(scores):
+            raise MalformedCandidates(f"surface {surface!r}: {len(items)} items but {len(scores)} scores")
+        if any(isinstance(i, bool) or not isinstance(i, (str, int)) for i in items):
+            raise MalformedCandidates(f"surface {surface!r}: item ids must be str or int")
+        if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in scores):
+            raise MalformedCandidates(f"surface {surface!r}: scores must be numbers")
+        if max_items is not None:
+            items, scores = items[:max_items], scores[:max_items]
+        surfaces[surface] = SurfaceList(tuple(map(str, items)), tuple(map(float, scores)))
+    return UserCandidates(str(user_id), model_version, source_event_ts, generated_at, surfaces)
+
+
+class CandidateStore:
+    """user_id -> UserCandidates, LRU-bounded, newest-wins. Single-threaded (one event loop)."""
+
+    def __init__(self, max_users: int, *, max_items: int | None = None) -> None:
+        if max_users < 1:
+            raise ValueError(f"max_users must be >= 1, got {max_users}")
+        self.max_users = max_users
+        self.max_items = max_items  # per surface; longer lists are cut at ingest
+        self._users: OrderedDict[str, UserCandidates] = OrderedDict()
+        self.applied = 0  # records that replaced or added a user
+        self.stale = 0  # records older than what was stored (ignored)
+        self.malformed = 0  # records that broke the contract (ignored)
+        self.evicted = 0  # users dropped by the LRU bound
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._users
+
+    def __iter__(self) -> Iterator[UserCandidates]:
+        return iter(list(self._users.values()))
+
+    def get(self, user_id: str) -> UserCandidates | None:
+        """The user's candidates, or None when unknown (or evicted). Marks the user as used."""
+        record = self._users.get(user_id)
+        if record is not None:
+            self._users.move_to_end(user_id)
+        return record
+
+    def upsert(self, record: UserCandidates) -> bool:
+        """Store record unless an equally new or newer one is there; True if stored."""
+        current = self._users.get(record.user_id)
+        if current is not None and current.order_key >= record.order_key:
+            self.stale += 1
+            return False
+        self._users[record.user_id] = record
+        self._users.move_to_end(record.user_id)
+        self.applied += 1
+        while len(self._users) > self.max_users:
+            self._users.popitem(last=False)
+            self.evicted += 1
+        return True
+
+    def apply(self, value: Any) -> bool:
+        """Parse one decoded topic value and upsert it; malformed values are counted, not raised."""
+        try:
+            record = parse_candidates(value, max_items=self.max_items)
+        except MalformedCandidates:
+            self.malformed += 1
+            return False
+        return self.upsert(record)
+
+    def delete(self, user_id: str) -> None:
+        """A tombstone (null value) on the compacted topic: forget the user."""
+        self._users.pop(user_id, None)
+
+    def save(self, path: Path) -> int:
+        """Write every record (oldest use first) to path atomically; returns how many."""
+        records = [r.to_wire() for r in self._users.values()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            f.write(msgpack.packb(records, use_bin_type=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a crash mid-write leaves the previous snapshot whole
+        return len(records)
+
+    def load(self, path: Path) -> int:
+        """Apply a snapshot written by save() (newest-wins, like topic records); returns applied."""
+        if not path.exists():
+            return 0
+        records = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        if not isinstance(records, list):
+            raise MalformedCandidates(f"snapshot {path} is not a list of records")
+        return sum(self.apply(r) for r in records)
