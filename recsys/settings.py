@@ -145,7 +145,7 @@ class VectorStoreSettings(BaseModel):
 class ServingSettings(BaseModel):
     """The gRPC GetCandidates server (serving/): limits, fallback, security, processes."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 / [::] to serve other machines
     port: int = 50051  # 0 = any free port (one worker only)
     group_id: str = "recsys-serving"  # client id prefix; the server reads all partitions, no group
     default_limit: int = 100  # candidates returned when a request says limit = 0
@@ -159,7 +159,7 @@ class ServingSettings(BaseModel):
     fallback_size: int = 100  # popularity fallback list length per surface
     fallback_refresh_s: float = 10.0  # how often items.npz is checked for a newer model
     tls_cert: Path | None = None  # PEM; with tls_key turns TLS on
-    tls_key: Path | None = None
+    tls_key: Path | None = None  # PEM private key of tls_cert
     auth_token: str | None = None  # when set, requests need `authorization: Bearer <token>`
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); ~3k q/s per process
     follow: bool = True  # read the `candidates` topic (False: serve a snapshot / fallback only)
