@@ -1,0 +1,48 @@
+"""Writing a benchmark's result: a flat metric -> number object plus how it was produced.
+
+Every script calls `write_result(name, metrics)`; the JSON lands in benchmarks/results/ with
+the exact command line, the git commit, the machine and the time, so BENCHMARKS.md can quote
+each figure with the command that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+__all__ = ["RESULTS_DIR", "git_commit", "write_result"]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=RESULTS_DIR.parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=RESULTS_DIR.parent).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_result(name: str, metrics: dict[str, Any], *, command: str | None = None) -> Path:
+    """Write benchmarks/results/<name>.json and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {
+        **metrics,
+        "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "git_commit": git_commit(),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path

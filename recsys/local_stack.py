@@ -1,0 +1,154 @@
+"""The whole system on one machine, as real processes: what the demo, the end-to-end tests
+and the freshness benchmark run.
+
+    broker (recsys.kafka_broker)  ->  `recsys index` (bulk-load the exported item table)
+    -> `recsys streams`  +  `recsys worker` (also follows `items`)  +  `recsys serve`
+
+Every process gets its settings as `RECSYS_*` variables, so each one runs exactly the entry
+point docker-compose.yml runs. The stack needs an exported model in `model_dir`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys.kafka_broker import LocalBroker, free_port
+from recsys.processes import Service, settings_env
+from recsys.settings import KafkaSettings
+
+__all__ = ["LocalStack"]
+
+
+class LocalStack:
+    """Start with `with LocalStack(work_dir, model_dir) as stack:`; `stack.grpc_target`."""
+
+    def __init__(
+        self,
+        work_dir: Path,
+        model_dir: Path,
+        *,
+        bootstrap: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        partitions: int = 2,
+    ) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self.model_dir = Path(model_dir).resolve()
+        self.partitions = partitions
+        self.broker: LocalBroker | None = None
+        self.bootstrap = bootstrap
+        self.grpc_port = free_port()
+        self.overrides = dict(overrides or {})
+        self.services: dict[str, Service] = {}
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def env(self) -> dict[str, str]:
+        assert self.bootstrap is not None, "start the broker first"
+        base = {
+            "kafka.bootstrap_servers": self.bootstrap,
+            "kafka.partitions": self.partitions,
+            "inference.model_dir": self.model_dir,
+            "vector_store.backend": "edge",
+            "vector_store.path": self.work_dir / "qdrant",
+            "streams.data_dir": self.work_dir / "streams",
+            "streams.web_port": free_port(),
+            "serving.port": self.grpc_port,
+        }
+        return settings_env({**base, **self.overrides})
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> LocalStack:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.bootstrap is None:
+            self.broker = LocalBroker(KafkaSettings(
+                data_dir=self.work_dir / "kafka", port=free_port(), controller_port=free_port(),
+                partitions=self.partitions,
+            ))
+            self.bootstrap = self.broker.start()
+        self._create_topics()
+        index = Service("index", ["index"], self.env(), self.work_dir / "logs").start()
+        if index.proc is not None and index.proc.wait(300) != 0:
+            raise RuntimeError(f"`recsys index` failed:\n{index.log_tail()}")
+        for name in ("streams", "worker", "serve"):
+            self.start_service(name)
+        self.wait_serving()
+        return self
+
+    def _create_topics(self) -> None:
+        from kafka.admin import KafkaAdminClient, NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        from recsys.settings import TopicSettings
+
+        topics = TopicSettings()
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            for name, config in [
+                (topics.actions, {}), (topics.dlq, {}), (topics.user_updates, {}), (topics.items, {}),
+                (topics.candidates, {"cleanup.policy": "compact"}),
+            ]:
+                try:
+                    admin.create_topics([NewTopic(name, self.partitions, 1, topic_configs=config)])
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            admin.close()
+
+    def start_service(self, name: str) -> Service:
+        service = Service(name, [name], self.env(), self.work_dir / "logs").start()
+        self.services[name] = service
+        return service
+
+    def restart(self, name: str, *, kill: bool = False) -> Service:
+        """Stop a service (SIGTERM, or SIGKILL with kill=True) and start it again."""
+        old = self.services[name]
+        old.kill() if kill else old.stop()
+        service = self.start_service(name)
+        if name == "serve":
+            self.wait_serving()
+        return service
+
+    def wait_serving(self, timeout_s: float = 120.0) -> None:
+        """Until gRPC health says SERVING (the server has caught up with `candidates`)."""
+        def healthy() -> bool:
+            with grpc.insecure_channel(self.grpc_target) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        self.services["serve"].wait_until(healthy, timeout_s, "gRPC health SERVING")
+
+    def stop(self) -> None:
+        for service in reversed(list(self.services.values())):
+            service.stop()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def __enter__(self) -> LocalStack:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until truthy or the timeout; returns whether it became true."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
