@@ -51,7 +51,9 @@ def open_store(settings: Settings | VectorStoreSettings, dim: int | None = None)
 
         store = ServerStore(vs)
     else:
-        raise ValueError(f"settings.vector_store.backend must be one of {BACKENDS}, got {vs.backend!r}")
+        raise ValueError(
+            f"settings.vector_store.backend must be one of {BACKENDS}, got {vs.backend!r}"
+        )
     if dim is not None:
         try:
             store.ensure_collection(dim)

@@ -59,6 +59,9 @@ class VectorStore(ABC):
     def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
         """Write one batch; ``vectors`` are float32 unit rows."""
 
+    def flush(self) -> None:
+        """Make every acknowledged write durable (a no-op where upserts already wait for it)."""
+
     def optimize(self) -> None:
         """Bring the ANN index up to date after bulk writes (a no-op where the engine does it
         in the background)."""

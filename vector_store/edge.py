@@ -116,6 +116,9 @@ class EdgeStore(VectorStore):
             # Past the threshold the snapshot is dropped for good: HNSW takes over.
             self._exact = snapshot if len(snapshot) < self.settings.exact_below else None
 
+    def flush(self) -> None:
+        self._live().flush()
+
     def optimize(self) -> None:
         shard = self._live()
         shard.optimize()
@@ -265,10 +268,10 @@ def _open(opener: Any, path: Path) -> qe.EdgeShard:
         text = str(e)
         if "WouldBlock" in text or "lock" in text.lower():
             raise StoreLockedError(
-                f"Qdrant Edge shard {path} is already open elsewhere (another process, or another store "
-                "object in this one: its WAL is "
-                "locked). One process per shard directory: run the `items` follower inside "
-                "the process that queries, or point settings.vector_store.path elsewhere. "
+                f"Qdrant Edge shard {path} is already open elsewhere (another process, or "
+                "another store object in this one: its WAL is locked). One process per shard "
+                "directory: run the `items` follower inside the process that queries, or "
+                "point settings.vector_store.path elsewhere. "
                 f"Engine said: {text}"
             ) from e
         raise VectorStoreError(f"cannot open Qdrant Edge shard {path}: {text}") from e

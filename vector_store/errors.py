@@ -1,7 +1,7 @@
 """Every error the vector store raises on purpose.
 
 VectorStoreError                 base: anything the store could not do
- ├── StoreLockedError            the Edge shard directory is open in another process (WAL lock)
+ ├── StoreLockedError            the Edge shard directory is open elsewhere (WAL lock)
  ├── CollectionMissingError      a read or write before ensure_collection(dim) created it
  └── DimensionMismatchError      vectors (or an existing collection) have another width
 """

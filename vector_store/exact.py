@@ -127,7 +127,6 @@ class ExactIndex:
             idx, val = _select(scores, k)
             for i_row, v_row in zip(idx, val, strict=True):
                 keep = np.isfinite(v_row)
-                out.append(
-                    [(self.item_ids[i], float(v)) for i, v in zip(i_row[keep], v_row[keep], strict=True)]
-                )
+                hits = zip(i_row[keep].tolist(), v_row[keep].tolist(), strict=True)
+                out.append([(self.item_ids[i], float(v)) for i, v in hits])
         return out

@@ -1,0 +1,201 @@
+"""Congruence: the same catalogue and the same filtered batch queries give the same answers on
+every backend (Edge from its numpy snapshot, Edge through the engine, the server backend on
+qdrant-client's local mode) as a plain-numpy reference; Edge's HNSW graph agrees up to recall."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import (
+    EXACT_BACKENDS,
+    SURFACES,
+    assert_same_hits,
+    clustered,
+    make_records,
+    open_backend,
+    reference_search,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vector_store import ItemId, ItemRecord, VectorStore, point_id
+
+pytestmark = [
+    # qdrant-client's local mode says (rightly) that it ignores indexes and search params.
+    pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local Qdrant:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
+]
+
+DIM = 16
+
+
+def _scorer(
+    records: list[ItemRecord], vectors: np.ndarray, queries: np.ndarray,
+    surfaces: list[str | None], exclude: list[list[ItemId]],
+) -> Callable[[int, ItemId], float | None]:
+    """True cosine of (query, item), or None where the filters forbid the item."""
+    rows = {point_id(r.item_id): i for i, r in enumerate(records)}
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+    def score(qi: int, item_id: ItemId) -> float | None:
+        row = rows[point_id(item_id)]
+        rec = records[row]
+        if surfaces[qi] is not None and surfaces[qi] not in rec.surfaces:
+            return None
+        if point_id(item_id) in {point_id(e) for e in exclude[qi]}:
+            return None
+        return float(x[row].astype(np.float64) @ qn[qi].astype(np.float64))
+
+    return score
+
+
+def _workload(n: int, n_queries: int, seed: int) -> tuple[
+    list[ItemRecord], np.ndarray, np.ndarray, list[str | None], list[list[ItemId]]
+]:
+    records = make_records(n, seed)
+    vectors = clustered(n, DIM, seed)
+    queries = clustered(n_queries, DIM, seed + 1) * 3.0  # not unit: the store normalises
+    rng = np.random.default_rng(seed + 2)
+    options: list[str | None] = [None, *SURFACES, "nowhere"]
+    surfaces = [options[i] for i in rng.integers(0, len(options), n_queries)]
+    # Exclude some true near neighbours, given by int or str form, plus an unknown id.
+    exclude: list[list[ItemId]] = []
+    for q in queries:
+        near = np.argsort(-(vectors @ q))[: rng.integers(0, 8)]
+        ids: list[ItemId] = [records[i].item_id for i in near]
+        exclude.append([str(i) for i in ids] + ["never-indexed"])
+    return records, vectors, queries, surfaces, exclude
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_exact_backends_match_reference(kind: str, stores: Callable[..., VectorStore]) -> None:
+    records, vectors, queries, surfaces, exclude = _workload(400, 40, seed=7)
+    store = stores(kind)
+    store.ensure_collection(DIM)
+    store.upsert(records, vectors)
+    assert store.count() == len(records)
+    for limit in (1, 10, 500):
+        got = store.query_batch(queries, limit, surfaces, exclude)
+        want = reference_search(records, vectors, queries, limit, surfaces, exclude)
+        assert_same_hits(got, want, _scorer(records, vectors, queries, surfaces, exclude))
+
+
+def test_hnsw_agrees_with_reference(stores: Callable[..., VectorStore]) -> None:
+    """Through the HNSW graph: filters hold exactly, scores are true cosines, recall is high."""
+    records, vectors, queries, surfaces, exclude = _workload(3000, 60, seed=11)
+    store = stores("edge-hnsw")
+    store.ensure_collection(DIM)
+    store.upsert(records, vectors)
+    store.optimize()
+    got = store.query_batch(queries, 10, surfaces, exclude)
+    want = reference_search(records, vectors, queries, 10, surfaces, exclude)
+    score = _scorer(records, vectors, queries, surfaces, exclude)
+    found = total = 0
+    for qi, (g, w) in enumerate(zip(got, want, strict=True)):
+        for item_id, s in g:
+            ts = score(qi, item_id)
+            assert ts is not None, f"query {qi}: filtered-out item {item_id!r} returned"
+            assert abs(ts - s) <= 2e-5
+        found += len({point_id(i) for i, _ in g} & {point_id(i) for i, _ in w})
+        total += len(w)
+    assert found / total >= 0.9
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_upsert_replaces_vector_and_payload(kind: str, stores: Callable[..., VectorStore]) -> None:
+    store = stores(kind)
+    store.ensure_collection(2)
+    store.upsert([ItemRecord(42, ("home",), 1, 0.5), ItemRecord("a", ("home",), 1, 0.1)],
+                 np.array([[1, 0], [0, 1]], np.float32))
+    # "42" is the same item as 42 (same point); it moves to `search` and turns around.
+    store.upsert([ItemRecord("42", ("search",), 2, 0.9)], np.array([[-1, 0]], np.float32))
+    assert store.count() == 2
+    assert store.query_batch(np.array([[1, 0]], np.float32), 5, ["home"])[0] == [("a", pytest.approx(0.0, abs=1e-6))]
+    (hits,) = store.query_batch(np.array([[-1, 0]], np.float32), 5, ["search"])
+    assert hits == [("42", pytest.approx(1.0))]
+    assert store.records([42])[42] == ItemRecord("42", ("search",), 2, 0.9)
+    np.testing.assert_allclose(store.retrieve([42])[42], [-1, 0], atol=1e-6)
+    assert store.retrieve(["missing"]) == {}
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_top_popular_per_surface(kind: str, stores: Callable[..., VectorStore]) -> None:
+    records = make_records(200, seed=3)
+    store = stores(kind)
+    store.ensure_collection(DIM)
+    store.upsert(records, clustered(200, DIM, 3))
+    for surface in (None, *SURFACES, "nowhere"):
+        eligible = [r for r in records if surface is None or surface in r.surfaces]
+        want = sorted(eligible, key=lambda r: -r.popularity)[:20]
+        got = store.top_popular(surface, 20)
+        assert [point_id(i) for i, _ in got] == [point_id(r.item_id) for r in want]
+        assert [p for _, p in got] == pytest.approx([r.popularity for r in want])
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_bad_inputs_are_clear_errors(kind: str, stores: Callable[..., VectorStore]) -> None:
+    from vector_store import CollectionMissingError, DimensionMismatchError
+
+    store = stores(kind)
+    with pytest.raises(CollectionMissingError):
+        store.query_batch(np.zeros((1, 4), np.float32), 3)
+    store.ensure_collection(4)
+    store.ensure_collection(4)  # idempotent
+    with pytest.raises(DimensionMismatchError):
+        store.ensure_collection(5)
+    with pytest.raises(DimensionMismatchError):
+        store.query_batch(np.zeros((1, 5), np.float32), 3)
+    with pytest.raises(ValueError, match="one entry per query"):
+        store.query_batch(np.ones((2, 4), np.float32), 3, surfaces=["home"])
+    with pytest.raises(ValueError, match="NaN"):
+        store.upsert([ItemRecord(1, ("home",))], np.full((1, 4), np.nan, np.float32))
+    assert store.query_batch(np.ones((2, 4), np.float32), 3) == [[], []]  # empty catalogue
+
+
+# -- generated inputs ---------------------------------------------------------------------
+_ids = st.one_of(st.integers(min_value=-5, max_value=2**64), st.text(min_size=1, max_size=6))
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> tuple[
+    list[ItemRecord], np.ndarray, np.ndarray, int, list[str | None], list[list[ItemId]]
+]:
+    dim = draw(st.integers(2, 6))
+    raw_ids = draw(st.lists(_ids, min_size=1, max_size=40, unique_by=lambda i: point_id(i)))
+    n = len(raw_ids)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    records = [
+        ItemRecord(i, tuple(draw(st.lists(st.sampled_from(SURFACES), unique=True))), 0, 0.0)
+        for i in raw_ids
+    ]
+    n_q = draw(st.integers(1, 5))
+    queries = rng.normal(size=(n_q, dim)).astype(np.float32)
+    surfaces = draw(st.lists(st.sampled_from([None, *SURFACES]), min_size=n_q, max_size=n_q))
+    exclude = draw(st.lists(st.lists(st.sampled_from(raw_ids)), min_size=n_q, max_size=n_q))
+    limit = draw(st.integers(1, n + 2))
+    return records, vectors, queries, limit, surfaces, exclude
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_cases())
+def test_generated_catalogues_agree(case: tuple) -> None:  # type: ignore[type-arg]
+    records, vectors, queries, limit, surfaces, exclude = case
+    want = reference_search(records, vectors, queries, limit, surfaces, exclude)
+    score = _scorer(records, vectors, queries, surfaces, exclude)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Payload indexes have no effect", UserWarning)
+        warnings.filterwarnings("ignore", "Local mode performs exact", UserWarning)
+        for kind in EXACT_BACKENDS:
+            with open_backend(kind, Path(tmp)) as store:
+                store.ensure_collection(vectors.shape[1])
+                store.upsert(records, vectors)
+                got = store.query_batch(queries, limit, surfaces, exclude)
+                assert_same_hits(got, want, score, atol=1e-4)

@@ -1,0 +1,365 @@
+"""`recsys index`: load the model's item embeddings into the vector store, then keep the store
+current from the `items` topic so a new item is retrievable without restarting anything.
+
+Two sources, one write path (`index_items` / `index_item_table`):
+- bulk: `items.npz` of the exported model (ids, L2-normalised embeddings, popularity); every
+  item is eligible on every configured surface until the `items` topic says otherwise.
+- stream: the `items` topic (msgpack, key = str(item_id); value {"item_id", "features"?,
+  "surfaces"? (missing = all), "created_at", "popularity"}). A new item's embedding comes from
+  the model's item encoder (`item_encoder.onnx`) through an `embed_items(items) -> [N, D]`
+  callable; an item already stored keeps its trained vector unless the message carries
+  content features, and only its payload (surfaces, popularity, created_at) changes.
+
+Offsets are committed only after the upsert is durable, so a crash re-reads (at least once;
+upserts are idempotent). Malformed messages are logged and skipped, never fatal.
+
+Qdrant Edge allows one process per shard: with the edge backend the follower must run inside
+the process that queries the store (`ItemsFollower.run` in a thread), not beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from recsys.settings import Settings, get_settings
+from vector_store import open_store
+from vector_store.base import VectorStore
+from vector_store.schema import ItemId, ItemRecord, point_id
+
+log = logging.getLogger(__name__)
+
+EmbedItems = Callable[[Sequence["ItemMessage"]], np.ndarray]  # items -> [N, D] float32
+IdBucket = Callable[[Sequence[ItemId]], np.ndarray]  # item ids -> int64 [N] hash buckets
+
+
+class BadItemMessage(ValueError):
+    """An `items` record that does not follow the wire contract (logged and skipped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ItemMessage:
+    """One decoded `items` record."""
+
+    item_id: ItemId
+    features: tuple[float, ...] | None = None  # content features; None = not sent
+    surfaces: tuple[str, ...] | None = None  # None = eligible on every surface
+    created_at: int = 0  # epoch ms
+    popularity: float = 0.0
+
+    def record(self, all_surfaces: Sequence[str]) -> ItemRecord:
+        surfaces = tuple(all_surfaces) if self.surfaces is None else self.surfaces
+        return ItemRecord(self.item_id, surfaces, self.created_at, self.popularity)
+
+
+@dataclass
+class IndexStats:
+    """What one call of the write path did."""
+
+    embedded: int = 0  # items whose vector came from embed_items
+    payload_only: int = 0  # items already stored, vector kept
+    skipped: int = 0  # malformed messages
+
+    def __iadd__(self, other: IndexStats) -> IndexStats:
+        self.embedded += other.embedded
+        self.payload_only += other.payload_only
+        self.skipped += other.skipped
+        return self
+
+
+# -- decoding --------------------------------------------------------------------------------
+def decode_item(value: bytes | None, max_id_length: int) -> ItemMessage:
+    """Decode and validate one `items` value; BadItemMessage says what is wrong."""
+    if value is None:
+        raise BadItemMessage("empty value (tombstone)")
+    try:
+        obj = msgpack.unpackb(value, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types for bad bytes
+        raise BadItemMessage(f"not msgpack: {e}") from e
+    if not isinstance(obj, dict):
+        raise BadItemMessage(f"value is a {type(obj).__name__}, not a map")
+    item_id = obj.get("item_id")
+    if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
+        raise BadItemMessage(f"item_id must be int or str, got {item_id!r}")
+    if isinstance(item_id, str) and not 0 < len(item_id) <= max_id_length:
+        raise BadItemMessage(f"item_id length must be 1..{max_id_length}")
+    features = obj.get("features")
+    if features is not None:
+        if not isinstance(features, list) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+            for f in features
+        ):
+            raise BadItemMessage("features must be a list of finite numbers")
+        features = tuple(float(f) for f in features)
+    surfaces = obj.get("surfaces")
+    if surfaces is not None:
+        if not isinstance(surfaces, list) or not all(isinstance(s, str) for s in surfaces):
+            raise BadItemMessage("surfaces must be a list of strings")
+        surfaces = tuple(dict.fromkeys(surfaces))
+    created_at = obj.get("created_at", 0)
+    popularity = obj.get("popularity", 0.0)
+    if isinstance(created_at, bool) or not isinstance(created_at, int):
+        raise BadItemMessage(f"created_at must be epoch ms (int), got {created_at!r}")
+    if (
+        isinstance(popularity, bool)
+        or not isinstance(popularity, (int, float))
+        or not math.isfinite(popularity)
+    ):
+        raise BadItemMessage(f"popularity must be a finite number, got {popularity!r}")
+    return ItemMessage(item_id, features, surfaces, created_at, float(popularity))
+
+
+# -- the write path --------------------------------------------------------------------------
+def index_items(
+    store: VectorStore,
+    items: Sequence[ItemMessage],
+    embed_items: EmbedItems,
+    all_surfaces: Sequence[str],
+) -> IndexStats:
+    """Upsert ``items``: embed the new ones (and any that carry features), keep the stored
+    vector of the others and refresh their payload. Later messages for an id win."""
+    latest = list({point_id(m.item_id): m for m in items}.values())
+    if not latest:
+        return IndexStats()
+    featureless = [m.item_id for m in latest if m.features is None]
+    stored = store.retrieve(featureless) if store.dim is not None else {}
+    to_embed = [m for m in latest if m.item_id not in stored]
+    keep = [m for m in latest if m.item_id in stored]
+    if to_embed:
+        vectors = np.asarray(embed_items(to_embed), dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(to_embed):
+            raise ValueError(
+                f"embed_items returned shape {list(vectors.shape)} for {len(to_embed)} items"
+            )
+        store.ensure_collection(vectors.shape[1])  # the first item may arrive before any bulk load
+        store.upsert([m.record(all_surfaces) for m in to_embed], vectors)
+    if keep:
+        store.upsert(
+            [m.record(all_surfaces) for m in keep],
+            np.stack([stored[m.item_id] for m in keep]),
+        )
+    return IndexStats(embedded=len(to_embed), payload_only=len(keep))
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """The exported item side of the model (items.npz)."""
+
+    ids: list[ItemId]
+    embeddings: np.ndarray  # [N, D] float32, L2-normalised
+    popularity: np.ndarray  # [N] float32
+
+    @classmethod
+    def load(cls, model_dir: Path) -> ItemTable:
+        path = Path(model_dir) / "items.npz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: train and export a model first")
+        with np.load(path, allow_pickle=False) as npz:
+            ids = [str(i) for i in npz["ids"].tolist()]
+            emb = np.asarray(npz["embeddings"], dtype=np.float32)
+            pop = (
+                np.asarray(npz["popularity"], dtype=np.float32)
+                if "popularity" in npz
+                else np.zeros(len(ids), np.float32)
+            )
+        if emb.ndim != 2 or emb.shape[0] != len(ids) or pop.shape != (len(ids),):
+            raise ValueError(
+                f"{path}: ids {len(ids)}, embeddings {list(emb.shape)}, "
+                f"popularity {list(pop.shape)} disagree"
+            )
+        return cls(ids, emb, pop)
+
+
+def index_item_table(
+    store: VectorStore,
+    table: ItemTable,
+    all_surfaces: Sequence[str],
+    *,
+    keep_payload: bool = True,
+) -> int:
+    """Bulk-upsert the model's item table, then build the ANN index. Items already stored keep
+    their payload (eligibility and popularity learned from the `items` topic) when
+    ``keep_payload``; only their vectors change. Returns the number of items written."""
+    store.ensure_collection(table.embeddings.shape[1])
+    step = max(1, store.settings.upsert_batch)
+    surfaces = tuple(all_surfaces)
+    for start in range(0, len(table.ids), step):
+        ids = table.ids[start : start + step]
+        known = store.records(ids) if keep_payload else {}
+        records = [
+            known.get(i) or ItemRecord(i, surfaces, 0, float(p))
+            for i, p in zip(ids, table.popularity[start : start + step].tolist(), strict=True)
+        ]
+        store.upsert(records, table.embeddings[start : start + step])
+    store.optimize()
+    return len(table.ids)
+
+
+# -- the `items` follower ---------------------------------------------------------------------
+@dataclass
+class ItemsFollower:
+    """Consumes `items`, indexes each poll's batch, commits offsets after the upsert."""
+
+    store: VectorStore
+    embed_items: EmbedItems
+    settings: Settings = field(default_factory=get_settings)
+    bootstrap_servers: str | None = None  # default: settings.kafka.bootstrap_servers
+    group_id: str | None = None  # default: settings.vector_store.indexer_group_id
+    stats: IndexStats = field(default_factory=IndexStats)
+
+    def __post_init__(self) -> None:
+        from kafka import KafkaConsumer  # imported here: the bulk path needs no Kafka client
+
+        vs = self.settings.vector_store
+        self._consumer = KafkaConsumer(
+            self.settings.topics.items,
+            bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers,
+            group_id=self.group_id or vs.indexer_group_id,
+            enable_auto_commit=False,  # commit after the upsert, never before
+            auto_offset_reset="earliest",  # a fresh group indexes the topic's whole history
+            max_poll_records=vs.indexer_max_records,
+        )
+        self._since_optimize = 0
+
+    def poll_once(self) -> IndexStats:
+        """One poll: decode, index, make durable, commit. Returns what this poll did."""
+        vs = self.settings.vector_store
+        batches = self._consumer.poll(
+            timeout_ms=vs.indexer_poll_ms, max_records=vs.indexer_max_records
+        )
+        if not batches:
+            return IndexStats()
+        items: list[ItemMessage] = []
+        skipped = 0
+        for tp, records in batches.items():
+            for rec in records:
+                try:
+                    items.append(decode_item(rec.value, self.settings.events.max_id_length))
+                except BadItemMessage as e:
+                    skipped += 1
+                    log.warning(
+                        "items %s[%d]@%d skipped: %s", tp.topic, tp.partition, rec.offset, e
+                    )
+        stats = index_items(self.store, items, self.embed_items, self.settings.events.surfaces)
+        stats.skipped = skipped
+        self._since_optimize += stats.embedded
+        if vs.optimize_every and self._since_optimize >= vs.optimize_every:
+            self.store.optimize()
+            self._since_optimize = 0
+        self.store.flush()
+        self._consumer.commit()
+        self.stats += stats
+        return stats
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow until ``stop`` is set (poll_once errors propagate: offsets stay uncommitted)."""
+        while not stop.is_set():
+            self.poll_once()
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
+
+
+# -- the model's item encoder -------------------------------------------------------------------
+class OnnxItemEncoder:
+    """`embed_items` backed by the model's `item_encoder.onnx`.
+
+    Inputs ``id_bucket`` int64 [N] (from ``id_bucket(ids)``, the model's id hashing) and
+    ``features`` float32 [N, F] (zeros where a message carries none); output ``item_emb`` [N, D].
+    Runs on the CPU EP: new items trickle in, and the GPU belongs to the user model.
+    """
+
+    def __init__(self, model_dir: Path, id_bucket: IdBucket) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_dir) / "item_encoder.onnx"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: export the model first (`recsys export`)")
+        self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        if set(inputs) != {"id_bucket", "features"}:
+            raise ValueError(f"{path}: expected inputs id_bucket, features; got {sorted(inputs)}")
+        width = inputs["features"].shape[-1]
+        if not isinstance(width, int):
+            raise ValueError(f"{path}: the features input needs a fixed width, got {width!r}")
+        self.feature_dim = width
+        self._id_bucket = id_bucket
+
+    def __call__(self, items: Sequence[ItemMessage]) -> np.ndarray:
+        feats = np.zeros((len(items), self.feature_dim), dtype=np.float32)
+        for row, item in enumerate(items):
+            if item.features is not None:
+                if len(item.features) != self.feature_dim:
+                    raise BadItemMessage(
+                        f"item {item.item_id!r}: {len(item.features)} features, "
+                        f"the model expects {self.feature_dim}"
+                    )
+                feats[row] = item.features
+        buckets = np.asarray(self._id_bucket([i.item_id for i in items]), dtype=np.int64)
+        (emb,) = self._session.run(["item_emb"], {"id_bucket": buckets, "features": feats})
+        return np.asarray(emb, dtype=np.float32)
+
+
+def _model_id_bucket(model_dir: Path) -> IdBucket:
+    """The id hashing the model was trained with (owned by inference/, described in meta.json)."""
+    meta: dict[str, Any] = json.loads((Path(model_dir) / "meta.json").read_text())
+    try:
+        from inference.hashing import id_bucket_fn  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise RuntimeError(
+            "the model's id hashing (inference.hashing.id_bucket_fn) is not available; "
+            "new items from the `items` topic cannot be embedded"
+        ) from e
+    fn: IdBucket = id_bucket_fn(meta)
+    return fn
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys index", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="default: settings.inference.model_dir")
+    parser.add_argument(
+        "--reindex",
+        action="store_true",
+        help="bulk-load items.npz even if the store already holds items (new model export)",
+    )
+    parser.add_argument(
+        "--follow", action="store_true", help="then follow the `items` topic until interrupted"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = get_settings()
+    model_dir = args.model_dir or settings.inference.model_dir
+    table = ItemTable.load(model_dir)
+    with open_store(settings, dim=table.embeddings.shape[1]) as store:
+        if args.reindex or store.count() == 0:
+            n = index_item_table(store, table, settings.events.surfaces)
+            log.info("indexed %d items from %s (%s)", n, model_dir, settings.vector_store.backend)
+        else:
+            log.info("store holds %d items; no bulk load (--reindex forces one)", store.count())
+        if not args.follow:
+            return 0
+        encoder = OnnxItemEncoder(model_dir, _model_id_bucket(model_dir))
+        follower = ItemsFollower(store, encoder, settings)
+        stop = threading.Event()
+        try:
+            log.info("following %r", settings.topics.items)
+            follower.run(stop)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            follower.close()
+            log.info("followed: %s", follower.stats)
+    return 0
