@@ -1,0 +1,127 @@
+"""CandidateStore: newest wins whatever the order, LRU bound, snapshots, malformed records."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.store import CandidateStore, MalformedCandidates, parse_candidates
+
+Make = Callable[..., dict[str, Any]]
+
+
+def test_parse_turns_ids_into_strings_and_cuts_lists(make_candidates: Make) -> None:
+    value = make_candidates("7", source_event_ts=10, n=30)
+    value["user_id"] = 7
+    value["surfaces"]["home"]["items"] = list(range(30))
+    record = parse_candidates(value, max_items=5)
+    assert record.user_id == "7"
+    assert record.surfaces["home"].items == ("0", "1", "2", "3", "4")
+    assert record.surfaces["home"].scores == (30.0, 29.0, 28.0, 27.0, 26.0)
+    assert record.order_key == (10, 11)
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda v: v.pop("user_id"),
+        lambda v: v.pop("surfaces"),
+        lambda v: v.update(source_event_ts="yesterday"),
+        lambda v: v.update(generated_at=True),
+        lambda v: v.update(user_id=""),
+        lambda v: v.update(user_id=[1]),
+        lambda v: v.update(model_version=3),
+        lambda v: v.update(surfaces=[1, 2]),
+        lambda v: v["surfaces"]["home"].update(scores=[1.0]),
+        lambda v: v["surfaces"]["home"].update(items="abc"),
+        lambda v: v["surfaces"]["home"]["items"].__setitem__(0, {"x": 1}),
+        lambda v: v["surfaces"]["home"]["scores"].__setitem__(0, "high"),
+        lambda v: v["surfaces"].update(home=None),
+    ],
+)
+def test_malformed_records_are_rejected_and_counted(make_candidates: Make, breakage: Callable[[dict[str, Any]], Any]) -> None:
+    value = make_candidates("u", source_event_ts=10)
+    breakage(value)
+    with pytest.raises(MalformedCandidates):
+        parse_candidates(value)
+    store = CandidateStore(10)
+    assert not store.apply(value)
+    assert store.malformed == 1 and len(store) == 0
+
+
+def test_non_map_values_are_malformed() -> None:
+    store = CandidateStore(10)
+    for value in (None, 3, "x", b"x", [1, 2]):
+        assert not store.apply(value)
+    assert store.malformed == 5
+
+
+def test_newest_wins_in_any_arrival_order(make_candidates: Make) -> None:
+    # (source_event_ts, generated_at): a newer action wins; for one action the later generation wins.
+    versions = [(10, 11), (10, 50), (20, 21), (20, 22), (30, 31)]
+    for seed in range(20):
+        order = versions[:]
+        random.Random(seed).shuffle(order)
+        store = CandidateStore(10)
+        for ts, gen in order + order:  # a full replay on top changes nothing
+            store.apply(make_candidates("u", source_event_ts=ts, generated_at=gen, tag=f"{ts}/{gen}"))
+        record = store.get("u")
+        assert record is not None and record.order_key == (30, 31)
+        assert record.surfaces["home"].items[0] == "home30/31-u-0"
+
+
+def test_an_older_record_never_overwrites_a_newer_one(make_candidates: Make) -> None:
+    store = CandidateStore(10)
+    assert store.apply(make_candidates("u", source_event_ts=100, generated_at=101, model_version="new"))
+    assert not store.apply(make_candidates("u", source_event_ts=99, generated_at=500, model_version="old"))
+    assert not store.apply(make_candidates("u", source_event_ts=100, generated_at=101, model_version="same"))
+    record = store.get("u")
+    assert record is not None and record.model_version == "new"
+    assert store.stale == 2
+
+
+def test_lru_bound_evicts_the_least_recently_used(make_candidates: Make) -> None:
+    store = CandidateStore(3)
+    for user in ("a", "b", "c"):
+        store.apply(make_candidates(user, source_event_ts=1))
+    assert store.get("a") is not None  # a is now the most recently used
+    store.apply(make_candidates("d", source_event_ts=1))
+    assert len(store) == 3 and "b" not in store and {"a", "c", "d"} <= {r.user_id for r in store}
+    assert store.evicted == 1
+    for k in range(100):
+        store.apply(make_candidates(f"x{k}", source_event_ts=1))
+    assert len(store) == 3
+
+
+def test_tombstone_deletes(make_candidates: Make) -> None:
+    store = CandidateStore(3)
+    store.apply(make_candidates("a", source_event_ts=1))
+    store.delete("a")
+    store.delete("never-seen")
+    assert store.get("a") is None
+
+
+def test_snapshot_round_trip_and_newest_wins_on_load(tmp_path: Path, make_candidates: Make) -> None:
+    store = CandidateStore(100)
+    for k in range(10):
+        store.apply(make_candidates(f"u{k}", source_event_ts=k + 1))
+    path = tmp_path / "snap" / "candidates.msgpack"
+    assert store.save(path) == 10
+
+    restored = CandidateStore(100)
+    restored.apply(make_candidates("u3", source_event_ts=1_000, model_version="newer"))
+    assert restored.load(path) == 9  # u3 in the snapshot is older than what is there
+    assert len(restored) == 10
+    assert restored.get("u5") == store.get("u5")
+    u3 = restored.get("u3")
+    assert u3 is not None and u3.model_version == "newer"
+    assert CandidateStore(1).load(tmp_path / "missing") == 0
+
+
+def test_max_users_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_users"):
+        CandidateStore(0)
