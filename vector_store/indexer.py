@@ -20,15 +20,12 @@ the process that queries the store (`ItemsFollower.run` in a thread), not beside
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import msgpack
 import numpy as np
 
@@ -311,17 +308,15 @@ class OnnxItemEncoder:
 
 
 def _model_id_bucket(model_dir: Path) -> IdBucket:
-    """The id hashing the model was trained with (owned by inference/, described in meta.json)."""
-    meta: dict[str, Any] = json.loads((Path(model_dir) / "meta.json").read_text())
-    try:
-        from inference.hashing import id_bucket_fn  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise RuntimeError(
-            "the model's id hashing (inference.hashing.id_bucket_fn) is not available; "
-            "new items from the `items` topic cannot be embedded"
-        ) from e
-    fn: IdBucket = id_bucket_fn(meta)
-    return fn
+    """The model's id -> bucket mapping (owned by inference/: a vocabulary over items.npz)."""
+    from inference.items import id_bucket, load_vocab
+
+    vocab = load_vocab(model_dir)
+
+    def buckets(item_ids: Sequence[ItemId]) -> np.ndarray:
+        return np.asarray([id_bucket(i, vocab) for i in item_ids], dtype=np.int64)
+
+    return buckets
 
 
 # -- CLI ---------------------------------------------------------------------------------------

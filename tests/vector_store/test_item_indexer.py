@@ -1,0 +1,159 @@
+"""The indexer's write path without Kafka: decoding `items` values, new vs known items, the
+bulk load from items.npz (`recsys index`), and the ONNX item encoder's wiring."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import onnx
+import pytest
+from conftest import clustered
+from onnx import TensorProto, helper, numpy_helper
+
+from recsys.settings import VectorStoreSettings, get_settings
+from vector_store import ItemRecord
+from vector_store.edge import EdgeStore
+from vector_store.indexer import (
+    BadItemMessage,
+    ItemMessage,
+    ItemTable,
+    OnnxItemEncoder,
+    decode_item,
+    index_item_table,
+    index_items,
+    main,
+)
+
+SURFACES = ("home", "search", "related")
+DIM = 8
+
+
+def _embed_by_id(items: Sequence[ItemMessage]) -> np.ndarray:
+    """A stand-in item encoder: a fixed random vector per id (the model is not under test)."""
+    rows = []
+    for item in items:
+        seed = abs(hash(str(item.item_id))) % 2**32
+        rows.append(np.random.default_rng(seed).normal(size=DIM))
+    return np.asarray(rows, dtype=np.float32)
+
+
+def test_decode_item() -> None:
+    value = msgpack.packb({"item_id": "sku-1", "features": [1, 2.5], "surfaces": ["home"],
+                           "created_at": 1_700_000_000_000, "popularity": 3, "extra": "ignored"})
+    assert decode_item(value, 256) == ItemMessage("sku-1", (1.0, 2.5), ("home",), 1_700_000_000_000, 3.0)
+    assert decode_item(msgpack.packb({"item_id": 7}), 256) == ItemMessage(7)
+    bad = [
+        None, b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"item_id": True}),
+        msgpack.packb({"item_id": ""}), msgpack.packb({"item_id": "x" * 300}),
+        msgpack.packb({"item_id": 1, "features": [1, "a"]}),
+        msgpack.packb({"item_id": 1, "features": [float("nan")]}),
+        msgpack.packb({"item_id": 1, "surfaces": "home"}),
+        msgpack.packb({"item_id": 1, "created_at": 1.5}),
+        msgpack.packb({"item_id": 1, "popularity": float("inf")}),
+    ]
+    for value in bad:
+        with pytest.raises(BadItemMessage):
+            decode_item(value, 256)
+
+
+def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) -> None:
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        # The collection need not exist yet: the first embedding fixes its width.
+        stats = index_items(store, [ItemMessage(1, popularity=0.5), ItemMessage("a", surfaces=("search",))],
+                            _embed_by_id, SURFACES)
+        assert (stats.embedded, stats.payload_only) == (2, 0)
+        assert store.records([1])[1] == ItemRecord(1, SURFACES, 0, 0.5)  # missing surfaces = all
+        v1 = store.retrieve([1])[1]
+
+        def fail(items: Sequence[ItemMessage]) -> np.ndarray:
+            raise AssertionError(f"{[i.item_id for i in items]} should not be re-embedded")
+
+        # A known item without features: payload update only (later message per id wins).
+        stats = index_items(store, [ItemMessage(1, popularity=0.7), ItemMessage("1", surfaces=("home",), popularity=0.9)],
+                            fail, SURFACES)
+        assert (stats.embedded, stats.payload_only) == (0, 1)
+        assert store.records([1])[1] == ItemRecord("1", ("home",), 0, 0.9)
+        np.testing.assert_allclose(store.retrieve([1])[1], v1, atol=1e-6)
+        # With content features it is re-embedded.
+        stats = index_items(store, [ItemMessage("a", features=(1.0,))],
+                            lambda items: np.ones((len(items), DIM), np.float32), SURFACES)
+        assert stats.embedded == 1
+        np.testing.assert_allclose(store.retrieve(["a"])["a"], np.full(DIM, DIM**-0.5), atol=1e-6)
+        assert store.count() == 2
+
+
+def _write_model(model_dir: Path, n: int, n_features: int) -> ItemTable:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    ids = np.array([f"i{k}" for k in range(n)])
+    emb = clustered(n, DIM, seed=9)
+    pop = np.linspace(1, 0, n, dtype=np.float32)
+    np.savez(model_dir / "items.npz", ids=ids, embeddings=emb, popularity=pop,
+             features=np.zeros((n, n_features), np.float32))
+    return ItemTable([str(i) for i in ids], emb, pop)
+
+
+def test_bulk_load_keeps_payload_learned_from_the_topic(tmp_path: Path) -> None:
+    table = _write_model(tmp_path / "model", 300, 0)
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard", upsert_batch=64)) as store:
+        store.ensure_collection(DIM)
+        store.upsert([ItemRecord("i3", ("search",), 5, 0.01)], np.ones((1, DIM), np.float32))
+        assert index_item_table(store, table, SURFACES) == 300
+        assert store.count() == 300
+        assert store.records(["i3"])["i3"] == ItemRecord("i3", ("search",), 5, 0.01)
+        np.testing.assert_allclose(store.retrieve(["i3"])["i3"], table.embeddings[3], atol=1e-6)
+        assert store.records(["i4"])["i4"] == ItemRecord("i4", SURFACES, 0, pytest.approx(table.popularity[4]))
+        (hits,) = store.query_batch(table.embeddings[10:11], 1)
+        assert hits[0][0] == "i10"
+
+
+def test_recsys_index_bulk_loads_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = tmp_path / "model"
+    _write_model(model_dir, 50, 0)
+    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(tmp_path / "shard"))
+    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
+    get_settings.cache_clear()
+    try:
+        assert main([]) == 0
+        assert main([]) == 0  # already indexed: no second bulk load
+        assert main(["--reindex"]) == 0
+    finally:
+        get_settings.cache_clear()
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        assert store.count() == 50
+
+
+def _tiny_encoder(path: Path, table: np.ndarray, w: np.ndarray) -> None:
+    """item_emb = table[id_bucket] + features @ w: the encoder's contract, in four nodes."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "id_bucket"], ["by_id"], axis=0),
+            helper.make_node("MatMul", ["features", "w"], ["by_content"]),
+            helper.make_node("Add", ["by_id", "by_content"], ["item_emb"]),
+        ],
+        "item_encoder",
+        [helper.make_tensor_value_info("id_bucket", TensorProto.INT64, ["N"]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [helper.make_tensor_value_info("item_emb", TensorProto.FLOAT, ["N", table.shape[1]])],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+def test_onnx_item_encoder(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    table, w = rng.normal(size=(5, DIM)).astype(np.float32), rng.normal(size=(3, DIM)).astype(np.float32)
+    _tiny_encoder(tmp_path / "item_encoder.onnx", table, w)
+    buckets = {"known": 2}
+    encoder = OnnxItemEncoder(tmp_path, lambda ids: np.array([buckets.get(str(i), 0) for i in ids]))
+    assert encoder.feature_dim == 3
+    out = encoder([ItemMessage("known"), ItemMessage("new", features=(1.0, 0.0, 2.0))])
+    np.testing.assert_allclose(out[0], table[2], rtol=1e-5)
+    np.testing.assert_allclose(out[1], table[0] + w[0] + 2 * w[2], rtol=1e-5)
+    with pytest.raises(BadItemMessage, match="model expects 3"):
+        encoder([ItemMessage("x", features=(1.0,))])

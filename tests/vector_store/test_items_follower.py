@@ -1,0 +1,127 @@
+"""The `items` follower against the real broker: a produced item becomes retrievable without a
+restart, offsets are committed only after the upsert, bad records are skipped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+
+from recsys.settings import Settings, VectorStoreSettings
+from vector_store import ItemRecord
+from vector_store.edge import EdgeStore
+from vector_store.indexer import IndexStats, ItemMessage, ItemsFollower
+
+pytestmark = pytest.mark.kafka
+
+DIM = 8
+DEADLINE_S = 60.0  # a failure bound, not a timing assertion
+
+
+def _embed(items: Sequence[ItemMessage]) -> np.ndarray:
+    """Stand-in encoder: the item's features are its embedding."""
+    return np.asarray([item.features for item in items], dtype=np.float32)
+
+
+def _settings(kafka_bootstrap: str, unique: str, path: Path) -> Settings:
+    return Settings(
+        kafka={"bootstrap_servers": kafka_bootstrap},
+        topics={"items": f"items-{unique}"},
+        vector_store=VectorStoreSettings(
+            path=path, indexer_group_id=f"indexer-{unique}", indexer_poll_ms=200
+        ),
+    )
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes | None], keys: list[str]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for key, value in zip(keys, values, strict=True):
+        producer.send(topic, key=key.encode(), value=value)
+    producer.flush()
+    producer.close()
+
+
+def _item(item_id: str, vec: list[float], **extra: object) -> bytes:
+    return msgpack.packb({"item_id": item_id, "features": vec, "created_at": 1_700_000_000_000, **extra})
+
+
+def _poll_until(follower: ItemsFollower, done: Callable[[IndexStats], bool]) -> IndexStats:
+    total = IndexStats()
+    deadline = time.monotonic() + DEADLINE_S
+    while not done(total):
+        assert time.monotonic() < deadline, f"gave up waiting; indexed so far: {total}"
+        total += follower.poll_once()
+    return total
+
+
+def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    topic = settings.topics.items
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    admin.close()
+    eye = np.eye(DIM, dtype=np.float32)
+
+    with EdgeStore(settings.vector_store) as store:
+        # A catalogue is already being served (as after `recsys index`).
+        store.ensure_collection(DIM)
+        store.upsert([ItemRecord(f"old{i}", ("home", "search")) for i in range(3)], eye[:3])
+        follower = ItemsFollower(store, _embed, settings)
+        try:
+            _produce(kafka_bootstrap, topic,
+                     [_item("new", eye[5].tolist(), surfaces=["search"]), b"not msgpack"],
+                     ["new", "junk"])
+            stats = _poll_until(follower, lambda s: s.embedded >= 1 and s.skipped >= 1)
+            assert (stats.embedded, stats.skipped) == (1, 1)
+            # Retrievable by the very next query, with its surface eligibility.
+            (on_search, on_home) = store.query_batch(np.stack([eye[5], eye[5]]), 1, ["search", "home"])
+            assert on_search == [("new", pytest.approx(1.0))]
+            assert on_home and on_home[0][0] != "new"
+        finally:
+            follower.close()
+
+        # The same group resumes after the committed offsets: nothing is indexed twice.
+        again = ItemsFollower(store, _embed, settings)
+        try:
+            _produce(kafka_bootstrap, topic, [_item("newer", eye[6].tolist())], ["newer"])
+            stats = _poll_until(again, lambda s: s.embedded >= 1)
+            assert (stats.embedded, stats.payload_only, stats.skipped) == (1, 0, 0)
+            assert store.query_batch(eye[6:7], 1)[0][0][0] == "newer"
+        finally:
+            again.close()
+
+
+def test_offsets_are_committed_only_after_the_upsert(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    topic = settings.topics.items
+    eye = np.eye(DIM, dtype=np.float32)
+    _produce(kafka_bootstrap, topic, [_item(f"x{i}", eye[i].tolist()) for i in range(3)],
+             [f"x{i}" for i in range(3)])
+
+    def broken_encoder(items: Sequence[ItemMessage]) -> np.ndarray:
+        raise RuntimeError("encoder down")
+
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        failing = ItemsFollower(store, broken_encoder, settings)
+        try:
+            with pytest.raises(RuntimeError, match="encoder down"):
+                _poll_until(failing, lambda s: False)
+        finally:
+            failing.close()
+        assert store.count() == 0
+        # Nothing was committed, so a restarted follower in the same group gets them all.
+        follower = ItemsFollower(store, _embed, settings)
+        try:
+            _poll_until(follower, lambda s: s.embedded >= 3)
+        finally:
+            follower.close()
+        assert store.count() == 3
