@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vector_store.schema import ItemId, ItemRecord, PointId, normalise, point_id
+from vector_store.schema import (
+    ItemId,
+    ItemRecord,
+    PointId,
+    normalise,
+    payload_item_id,
+    point_id,
+)
 
 # Score rows computed at once are bounded to this many floats (16 MiB), so a large batch
 # against a large catalogue does not allocate a [Q, N] matrix in one go.
@@ -76,11 +83,12 @@ class ExactIndex:
         for j, rec in enumerate(records):
             pid = point_id(rec.item_id)
             row = rows.get(pid)
+            stored_id = payload_item_id(rec.item_id)  # what the engines would return
             if row is None:
                 row = rows[pid] = len(ids)
-                ids.append(rec.item_id)
+                ids.append(stored_id)
             else:
-                ids[row] = rec.item_id
+                ids[row] = stored_id
             target[j] = row
         mat = np.zeros((len(ids), self.vectors.shape[1]), dtype=np.float32)
         mat[: len(self.item_ids)] = self.vectors

@@ -6,7 +6,8 @@ One point per item:
   ``str(item_id)``, so the integer ``42`` and the string ``"42"`` (the wire's key form, and
   what ``items.npz`` stores) are the same point, while ``"042"`` is a different one.
 - vector: the model's item embedding, L2-normalised, compared by cosine (= dot product).
-- payload: ``item_id`` (the original id, returned by every query), ``surfaces`` (where the
+- payload: ``item_id`` (the original id, returned by every query; an integer beyond 64 bits
+  is kept as its decimal text), ``surfaces`` (where the
   item may be shown; keyword-indexed, filtered on), ``created_at`` (epoch ms) and
   ``popularity`` (float; indexed so the serving fallback can order by it).
 """
@@ -58,9 +59,18 @@ def point_id(item_id: ItemId) -> PointId:
     return uuid.uuid5(ID_NAMESPACE, text)
 
 
+def payload_item_id(item_id: ItemId) -> ItemId:
+    """The id as stored in the payload: integers outside the signed 64-bit range are kept as
+    their decimal text (the engines' JSON payloads would turn them into floats). That text is
+    the same item by `point_id`, so queries return an id that still matches."""
+    if isinstance(item_id, int) and not -_MAX_INT_ID - 1 <= item_id <= _MAX_INT_ID:
+        return str(item_id)
+    return item_id
+
+
 def to_payload(record: ItemRecord) -> dict[str, Any]:
     return {
-        ITEM_ID: record.item_id,
+        ITEM_ID: payload_item_id(record.item_id),
         SURFACES: list(record.surfaces),
         CREATED_AT: int(record.created_at),
         POPULARITY: float(record.popularity),

@@ -42,3 +42,12 @@ def test_payload_round_trip_and_normalise() -> None:
     x = normalise(np.array([[3, 4], [0, 0]], np.float64))
     assert x.dtype == np.float32
     np.testing.assert_allclose(x, [[0.6, 0.8], [0, 0]])
+
+
+def test_huge_int_ids_are_stored_as_text() -> None:
+    from vector_store.schema import payload_item_id
+
+    assert payload_item_id(2**63 - 1) == 2**63 - 1
+    assert payload_item_id(2**64) == str(2**64)
+    assert point_id(payload_item_id(2**64)) == point_id(2**64)
+    assert payload_item_id(-(2**63) - 1) == str(-(2**63) - 1)
