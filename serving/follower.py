@@ -1,7 +1,7 @@
 """Follows the compacted `candidates` topic into the CandidateStore, in the server's event loop.
 
-Every server process reads ALL partitions from the beginning (no consumer group, no committed
-offsets): the compacted topic holds the latest record of every user, so a restarted or new
+Every server process reads ALL partitions from the beginning (no consumer group, so the
+consumer assigns itself every partition, new ones included; no committed offsets): the compacted topic holds the latest record of every user, so a restarted or new
 replica recovers everyone's candidates by reading it whole, then keeps up with new records.
 `caught_up` is set once every partition has been read up to the end offset it had at start;
 the server reports SERVING on gRPC health only then, so a load balancer never sends traffic to
@@ -53,12 +53,15 @@ class CandidatesFollower:
         cfg = self.settings.serving
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap_servers,
-            group_id=None,  # every replica reads every partition; nothing to commit
+            # No group: the consumer assigns itself every partition of the subscribed topic
+            # (and new ones as metadata shows them); nothing is committed.
+            group_id=None,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="earliest",  # no committed offsets: always from the beginning
             client_id=f"{cfg.group_id}-follower",
             max_partition_fetch_bytes=cfg.max_fetch_bytes,
             fetch_max_bytes=cfg.max_fetch_bytes,
+            metadata_max_age_ms=cfg.metadata_refresh_ms,
         )
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name="candidates-follower")
@@ -73,40 +76,43 @@ class CandidatesFollower:
             await self._consumer.stop()
             self._consumer = None
 
-    async def _assign(self, consumer: AIOKafkaConsumer) -> dict[TopicPartition, int]:
-        """Wait for the topic to exist, assign all its partitions from offset 0; end offsets."""
+    async def _wait_for_topic(self, consumer: AIOKafkaConsumer) -> None:
+        """Subscribe once the topic exists. Subscribing earlier would make the broker auto-create
+        it with default (non-compacted) settings; a missing topic means no candidates were ever
+        written, so there is nothing to catch up on meanwhile."""
         cfg = self.settings.serving
         while True:
             try:
-                topics = await consumer.topics()
+                if self.topic in await consumer.topics():
+                    consumer.subscribe([self.topic])
+                    return
             except KafkaError as exc:
                 log.warning("candidates follower: metadata failed (%s); retrying", exc)
-                topics = set()
-            partitions = consumer.partitions_for_topic(self.topic) if self.topic in topics else None
-            if partitions:
-                break
-            # No topic yet = no candidates written yet: there is nothing to catch up on.
-            self.caught_up.set()
-            await asyncio.sleep(cfg.metadata_retry_s)
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-        log.info("candidates follower: %s, %d partitions, %d records to catch up", self.topic, len(tps), sum(ends.values()))
-        return ends
+            if not self.caught_up.is_set():
+                log.info("candidates follower: topic %s does not exist yet; serving fallbacks", self.topic)
+                self.caught_up.set()
+            await asyncio.sleep(cfg.metadata_refresh_ms / 1000)
 
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None, "start() first"
         cfg = self.settings.serving
-        pending = await self._assign(consumer)
+        await self._wait_for_topic(consumer)
+        pending: dict[TopicPartition, int] | None = None  # end offsets to reach before SERVING
         while True:
-            if pending:
-                for tp in [tp for tp, end in pending.items() if await consumer.position(tp) >= end]:
-                    del pending[tp]
-                if not pending:
-                    log.info("candidates follower: caught up, %d users", len(self.store))
-                    self.caught_up.set()
+            if not self.caught_up.is_set():
+                try:
+                    if pending is None and (assigned := consumer.assignment()):
+                        pending = await consumer.end_offsets(list(assigned))
+                        log.info("candidates follower: %s, catching up to %s", self.topic, pending)
+                    if pending is not None:
+                        for tp in [tp for tp, end in pending.items() if await consumer.position(tp) >= end]:
+                            del pending[tp]
+                        if not pending:
+                            log.info("candidates follower: caught up, %d users", len(self.store))
+                            self.caught_up.set()
+                except KafkaError as exc:
+                    log.warning("candidates follower: metadata failed (%s); retrying", exc)
             try:
                 batches = await consumer.getmany(timeout_ms=cfg.poll_ms, max_records=cfg.poll_max_records)
             except KafkaError as exc:

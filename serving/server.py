@@ -37,7 +37,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -132,14 +132,14 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
         self.fallback = fallback
         self.limits = limits
 
-    async def GetCandidates(  # noqa: N802 (the proto's name)
+    async def GetCandidates(
         self, request: pb.GetCandidatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetCandidatesResponse:
         if (error := validate_request(request, self.limits)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         return build_response(request, self.store.get(request.user_id), self.fallback, self.limits)
 
-    async def BatchGetCandidates(  # noqa: N802
+    async def BatchGetCandidates(
         self, request: pb.BatchGetCandidatesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchGetCandidatesResponse:
         if len(request.requests) > self.limits.max_batch:
@@ -161,8 +161,8 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
 
 
 def _deny(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
-    async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
-        await context.abort(code, details)
+    async def deny(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(code, details)  # raises: the call ends with this status
 
     return grpc.unary_unary_rpc_method_handler(deny)
 
