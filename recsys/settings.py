@@ -167,7 +167,8 @@ class ServingSettings(BaseModel):
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
     max_fetch_bytes: int = 8 << 20  # Kafka fetch size cap per partition and per request
-    metadata_retry_s: float = 1.0  # wait before re-asking for a missing topic / after an error
+    metadata_retry_s: float = 1.0  # back-off after a failed fetch from Kafka
+    metadata_refresh_ms: int = 5000  # how soon a newly created topic / partition is followed
     shutdown_grace_s: float = 5.0  # in-flight calls get this long after SIGTERM
 
 
