@@ -86,11 +86,48 @@ class ModelSettings(BaseModel):
     """The generative retriever's shape; saved inside every checkpoint and ONNX file."""
 
     dim: int = 64  # embedding width (items, queries)
-    n_layers: int = 2
-    n_heads: int = 2
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 2  # attention heads per block
     max_len: int = 50  # history tokens the model reads
     num_queries: int = 4  # M: generated embeddings per (surface, outcome)
-    dropout: float = 0.2
+    dropout: float = 0.2  # embeddings, attention, residual branches; ~0.5 suits tiny data sets
+    item_mlp: bool = False  # residual MLP fusing id and content in the item tower (PinRec)
+    head_mult: int = 4  # width of the query head's MLP, in multiples of dim
+    init_temperature: float = 0.05  # initial softmax temperature of cosine scores (learned)
+
+
+class TrainSettings(BaseModel):
+    """Training and offline evaluation of the generative retriever (`recsys train|evaluate`)."""
+
+    out_dir: Path = Path("var/train")  # checkpoints (ckpt_last.pt, ckpt_best.pt), curves PNG, log
+    seed: int = 0  # torch / numpy seeds: a run is reproducible on the same machine
+    device: str = "auto"  # auto (cuda when present) | cuda | cpu
+    num_threads: int = 2  # torch CPU threads; the dev machine has 2 shared cores
+    amp: bool = True  # mixed precision: fp16 on CUDA, bf16 on CPUs that have AMX/AVX512-BF16
+    epochs: int = 200  # upper bound; early stopping usually ends sooner
+    batch_size: int = 128  # training windows per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    min_lr: float = 1e-4  # cosine decay floor
+    warmup_steps: int = 200  # linear warm-up
+    weight_decay: float = 0.0  # on matrices only
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    window: int = 1  # targets per position: the next `window` engaged items (PinRec's future window)
+    loss: str = "auto"  # full (softmax over every item) | sampled (in-batch + random, log-Q) | auto
+    full_softmax_max_items: int = 200_000  # auto picks the full softmax up to this catalogue size
+    n_negatives: int = 2048  # random negatives per step for the sampled softmax
+    outcome_dropout: float = 0.25  # share of targets trained unconditioned (outcome 0)
+    surface_dropout: float = 0.1  # share of targets trained with surface 0 ("any surface")
+    id_dropout: float = 0.1  # share of items embedded from content only (needs features)
+    negative_actions: list[str] = ["hide"]  # never targets; hard negatives when fine-tuning
+    hard_negative_weight: float = 5.0  # a hard negative counts this many times in the softmax
+    eval_every: int = 5  # epochs between validation runs
+    eval_metric: str = "ndcg@10"  # early stopping / best checkpoint on this validation metric
+    patience: int = 6  # validation runs without improvement before stopping
+    eval_batch: int = 512  # users per evaluation batch
+    max_minutes: float = 0.0  # stop after this wall time (0 = no limit)
+    finetune_epochs: int = 10  # per-surface fine-tuning of the head
+    finetune_lr: float = 3e-4
+    datasets_dir: Path = Path("../shared/datasets")  # public data (benchmarks only)
 
 
 class InferenceSettings(BaseModel):
@@ -185,6 +222,7 @@ class Settings(BaseSettings):
     events: EventSettings = Field(default_factory=EventSettings)
     streams: StreamsSettings = Field(default_factory=StreamsSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     vector_store: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)

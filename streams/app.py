@@ -1,0 +1,257 @@
+"""`recsys streams`: the Faust worker that turns `actions` into per-user sequences.
+
+    actions --decode/validate--> fold into Table `sequences` --coalesce--> user-updates
+                     \\--invalid / too late--> actions.dlq (reason + original bytes)
+
+One agent reads `actions` in flush windows (`stream.take_events`: up to
+`streams.max_batch_events` events or `streams.flush_interval_s` seconds). Per window:
+
+1. every event is decoded (`streams.schema.decode_event`); a bad one goes to the DLQ;
+2. each user's table value is read once, folded with all of the user's events of the window
+   (`streams.sequences.fold_event`) and written back once, so its changelog carries one
+   record per user per window;
+3. the changelog writes are awaited, then one `user-updates` message per touched user is sent
+   (a burst of 1,000 events for one user in a second yields a handful of updates), and the
+   DLQ and update sends are awaited;
+4. only then does Faust ack the window's events, so committed offsets never run ahead of
+   what is durable. A crash replays uncommitted events; the fold drops them as duplicates or
+   stale and the user is re-emitted with a new version, so nothing is lost or double-counted.
+
+Counters (events by outcome, invalid by reason, updates emitted) are served as Prometheus
+text on `http://<web_host>:<web_port>/metrics` and logged every `streams.stats_interval_s`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import msgpack
+from faust.streams import _current_event  # the context Faust sets while it iterates a stream
+from faust.types import EventT
+
+from recsys.settings import Settings, get_settings
+from streams.errors import InvalidEvent
+from streams.schema import ActionEvent, decode_event, now_ms
+from streams.sequences import SeqEvent, UserState, decode_state, encode_state, fold_event, user_update
+
+__all__ = ["Counters", "create_app", "dlq_record", "main"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """What the worker has done since it started (per process; Prometheus counters)."""
+
+    events: Counter[str] = field(default_factory=Counter)  # valid events by fold outcome
+    invalid: Counter[str] = field(default_factory=Counter)  # DLQ records by reason
+    updates: int = 0  # user-updates messages sent
+    windows: int = 0  # flush windows processed
+
+    @property
+    def valid(self) -> int:
+        return sum(self.events.values())
+
+    def prometheus(self) -> str:
+        lines = [
+            "# TYPE recsys_streams_events_total counter",
+            *(f'recsys_streams_events_total{{outcome="{k}"}} {v}' for k, v in sorted(self.events.items())),
+            "# TYPE recsys_streams_invalid_total counter",
+            *(f'recsys_streams_invalid_total{{reason="{k}"}} {v}' for k, v in sorted(self.invalid.items())),
+            "# TYPE recsys_streams_updates_total counter",
+            f"recsys_streams_updates_total {self.updates}",
+            "# TYPE recsys_streams_windows_total counter",
+            f"recsys_streams_windows_total {self.windows}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def summary(self) -> str:
+        return (
+            f"valid={self.valid} {dict(self.events)} invalid={sum(self.invalid.values())} "
+            f"{dict(self.invalid)} updates={self.updates} windows={self.windows}"
+        )
+
+
+def dlq_record(exc: InvalidEvent, *, original: bytes | None, topic: str, partition: int, offset: int) -> bytes:
+    """The `actions.dlq` value (shared contract), plus `detail` for humans."""
+    return msgpack.packb(
+        {
+            "reason": exc.reason,
+            "detail": exc.detail,
+            "original": original or b"",
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "at": now_ms(),
+        },
+        use_bin_type=True,
+    )
+
+
+@dataclass
+class _Pending:
+    """One user's state while a flush window is folded."""
+
+    key: bytes
+    state: UserState
+    seq: tuple[SeqEvent, ...]
+    last_event: EventT  # the user's newest Faust event: the partition its table write belongs to
+    last_event_ts: int = 0
+    emit: bool = False
+
+
+def _set_current_event(event: EventT) -> Any:
+    # take_events hands us events outside Faust's per-event context, but a table write needs it
+    # (the changelog partition is the partition the user's events came from).
+    return _current_event.set(weakref.ref(event))
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the Faust app (agent, table, topics, metrics page) without starting it."""
+    cfg = settings.streams
+    partitions = settings.kafka.partitions
+    app = faust.App(
+        cfg.app_id,
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka.bootstrap_servers.split(",")],
+        store=cfg.store,
+        datadir=str(cfg.data_dir),
+        autodiscover=False,
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=partitions,
+        topic_replication_factor=cfg.replication_factor,
+        topic_disable_leader=True,  # no leader-only tasks here; saves a topic
+        consumer_auto_offset_reset="earliest",  # a new group starts from the first event
+        broker_max_poll_records=cfg.broker_max_poll_records,
+        table_standby_replicas=0,  # the changelog is the replica; standbys only slow rebalances
+        web_enabled=True,
+        web_bind=cfg.web_host,
+        web_host=cfg.web_host,
+        web_port=cfg.web_port,
+        web_metrics_enabled=True,  # Faust's own /performance/ (lag, throughput) beside ours
+    )
+    # Keys and values are bytes end to end: this package encodes and decodes the msgpack.
+    # (One Schema object per topic: Faust updates a topic's schema in place.)
+    def raw() -> faust.Schema:
+        return faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+    actions = app.topic(settings.topics.actions, partitions=partitions, schema=raw())
+    dlq = app.topic(settings.topics.dlq, partitions=partitions, schema=raw())
+    updates = app.topic(settings.topics.user_updates, partitions=partitions, schema=raw())
+    # key_type / value_type bytes is what makes Faust pick the raw codec for the changelog.
+    table = app.Table(
+        "sequences", partitions=partitions, key_type=bytes, value_type=bytes, help="user -> last N events (UserState)"
+    )
+    counters = Counters()
+
+    async def process_window(window: Sequence[EventT]) -> None:
+        now = now_ms()
+        pending: dict[bytes, _Pending] = {}
+        dlq_futures = []
+        for ev in window:
+            msg = ev.message
+            try:
+                action = _check_key(decode_event(ev.value, settings, now=now), msg.key)
+                key = action.key.encode()
+                p = pending.get(key)
+                if p is None:
+                    token = _set_current_event(ev)
+                    try:
+                        stored = table.get(key)
+                    finally:
+                        _current_event.reset(token)
+                    state = decode_state(stored) if stored else UserState(action.user_id, 0, ())
+                    p = pending[key] = _Pending(key, state, state.events, ev)
+                folded = fold_event(p.seq, action, settings)
+            except InvalidEvent as exc:
+                counters.invalid[exc.reason] += 1
+                dlq_futures.append(
+                    await dlq.send(
+                        key=msg.key,
+                        value=dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset),
+                    )
+                )
+                continue
+            counters.events[folded.outcome.value] += 1
+            p.seq, p.last_event = folded.seq, ev
+            p.last_event_ts = max(p.last_event_ts, action.ts)
+            # Emit even when the fold changed nothing: a duplicate or stale event may be a replay
+            # after a crash whose update never left; re-emitting under a new version repairs that.
+            p.emit = True
+
+        emitted: list[tuple[bytes, UserState, int]] = []
+        for p in pending.values():
+            if not p.emit:
+                continue
+            new_state = UserState(p.state.user_id, p.state.version + 1, p.seq)
+            token = _set_current_event(p.last_event)
+            try:
+                table[p.key] = encode_state(new_state)
+            finally:
+                _current_event.reset(token)
+            emitted.append((p.key, new_state, p.last_event_ts))
+        # The changelog first: an update is only visible once the state it shows is durable,
+        # so a restarted worker never reuses a version that consumers have already seen.
+        await app.producer.flush()
+        emitted_at = now_ms()
+        update_futures = [
+            await updates.send(key=key, value=msgpack.packb(user_update(state, last_event_ts=ts, emitted_at=emitted_at)))
+            for key, state, ts in emitted
+        ]
+        for fut in [*update_futures, *dlq_futures]:
+            await fut
+        counters.updates += len(emitted)
+        counters.windows += 1
+
+    @app.agent(actions)
+    async def sequences_agent(stream: faust.StreamT) -> None:
+        async for window in stream.take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
+            await process_window(window)
+
+    @app.task
+    async def declare_outputs() -> None:
+        # Faust creates the topics it consumes and the changelog; the outputs are created here
+        # (with the app's partition count) rather than by the broker's auto-creation defaults.
+        await dlq.maybe_declare()
+        await updates.maybe_declare()
+
+    @app.timer(interval=cfg.stats_interval_s)
+    async def log_counters() -> None:
+        log.info("streams: %s", counters.summary())
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        return web.text(counters.prometheus(), content_type="text/plain; version=0.0.4")
+
+    app.recsys_counters = counters  # type: ignore[attr-defined]  # for in-process tests and tools
+    return app
+
+
+def _check_key(action: ActionEvent, key: bytes | None) -> ActionEvent:
+    # Per-user order and the table's partitioning both rest on key = str(user_id).
+    if key != action.key.encode():
+        raise InvalidEvent("wrong key", f"Kafka key {key!r} is not str(user_id)={action.key!r}")
+    return action
+
+
+def main(argv: list[str]) -> int:
+    """`recsys streams [--loglevel LEVEL]`: run the worker until SIGTERM / SIGINT."""
+    settings = get_settings()
+    p = argparse.ArgumentParser(prog="recsys streams", description=__doc__.split("\n\n")[0])
+    p.add_argument("--loglevel", default=settings.streams.loglevel)
+    args = p.parse_args(argv)
+    settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=args.loglevel, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()  # handles SIGTERM / SIGINT: stops cleanly, commits acked offsets
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

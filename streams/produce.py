@@ -1,0 +1,245 @@
+"""`recsys produce`: replay a file or a synthetic stream into the `actions` topic.
+
+As a library call, `produce(events, bootstrap, topic, rate=...)` sends any iterable of
+`ActionEvent`s, maps (encoded as they are: tools and tests use them to send bad events) or
+raw `(key, bytes)` records, keyed by the user id so that each user's events stay in order on
+one partition. Inputs:
+
+- JSONL: one event map per line (the wire schema, JSON-typed).
+- CSV: a header naming the fields; numeric ids, `ts` and `dwell_ms` are read as ints.
+- MovieLens `u.data` (user, item, rating, unix seconds; tab-separated): rating >= 4 is a
+  "save", below a "click", all on surface "home", replayed in time order.
+- `--synthetic N`: `streams.synthetic.synthetic_events` (users with planted interests).
+
+The producer does not validate: the stream processor does, and dead-letters what it rejects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from recsys.settings import get_settings
+from streams.schema import ActionEvent, encode_event
+from streams.synthetic import synthetic_events
+
+__all__ = ["ensure_topic", "main", "produce", "read_csv", "read_events", "read_jsonl", "read_movielens"]
+
+log = logging.getLogger(__name__)
+
+# What `produce` accepts: an event, a map sent as it is, or a raw (key, value) record.
+Record = ActionEvent | Mapping[str, Any] | tuple[str | bytes | None, bytes]
+_INT_FIELDS = ("ts", "dwell_ms")
+_ID_FIELDS = ("user_id", "item_id", "context_item")
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int = 1) -> bool:
+    """Create `topic` with `partitions` unless it exists; True when it was created.
+
+    The Faust app refuses a source topic whose partition count differs from its changelog's,
+    so the topic must not be left to the broker's auto-creation defaults.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    try:
+        if topic in admin.list_topics():
+            return False
+        admin.create_topics(
+            {topic: {"num_partitions": partitions, "replication_factor": replication_factor}},
+            wait_for_metadata=True,
+        )
+        return True
+    except TopicAlreadyExistsError:  # a concurrent creator won the race
+        return False
+    finally:
+        admin.close()
+
+
+def _record(item: Record) -> tuple[bytes | None, bytes]:
+    if isinstance(item, ActionEvent):
+        return item.key.encode(), encode_event(item)
+    if isinstance(item, tuple):
+        key, value = item
+        return (key.encode() if isinstance(key, str) else key), value
+    user_id = item.get("user_id")
+    return (None if user_id is None else str(user_id).encode()), encode_event(item)
+
+
+def produce(
+    events: Iterable[Record],
+    bootstrap: str,
+    topic: str,
+    rate: float | None = None,
+    progress: bool = True,
+    *,
+    total: int | None = None,
+    partitions: int | None = None,
+    replication_factor: int = 1,
+) -> int:
+    """Send `events` to `topic`, at most `rate` per second; return how many were sent.
+
+    With `partitions`, the topic is created first if missing. Blocks until every record is
+    acknowledged by the broker; raises the first delivery error, if any.
+    """
+    from kafka import KafkaProducer
+    from tqdm import tqdm
+
+    if partitions is not None:
+        ensure_topic(bootstrap, topic, partitions, replication_factor)
+    errors: list[BaseException] = []
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap.split(","),
+        acks="all",
+        linger_ms=5,  # small batches: throughput without hurting the replay's pacing
+        max_request_size=8 << 20,  # oversized events must reach the DLQ, not fail here
+    )
+    sent = 0
+    start = time.monotonic()
+    try:
+        with tqdm(total=total, unit="ev", disable=not progress, desc=f"produce -> {topic}") as bar:
+            for item in events:
+                key, value = _record(item)
+                producer.send(topic, key=key, value=value).add_errback(errors.append)
+                sent += 1
+                bar.update()
+                if rate:
+                    # Pace against the start, not the previous send, so sleeps do not drift.
+                    ahead = start + sent / rate - time.monotonic()
+                    if ahead > 0.002:
+                        time.sleep(ahead)
+        producer.flush()
+    finally:
+        producer.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {sent} records were not delivered; first: {errors[0]!r}")
+    return sent
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """One JSON object per non-empty line; a line that is not an object is reported and skipped."""
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                log.warning("%s:%d: not JSON (%s); skipped", path, n, exc)
+                continue
+            if not isinstance(obj, dict):
+                log.warning("%s:%d: not a JSON object; skipped", path, n)
+                continue
+            yield obj
+
+
+def _maybe_int(value: str) -> int | str:
+    text = value.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def read_csv(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV file with a header; empty cells are left out, numbers become ints."""
+    with path.open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            event: dict[str, Any] = {}
+            for name, value in row.items():
+                if name is None or value is None or value == "":
+                    continue
+                event[name] = _maybe_int(value) if name in _ID_FIELDS + _INT_FIELDS else value
+            yield event
+
+
+def read_movielens(path: Path, *, save_min_rating: int = 4, surface: str = "home") -> list[ActionEvent]:
+    """MovieLens `u.data` ratings as action events, in time order (ties: user, then item)."""
+    rows: list[tuple[int, int, int, int]] = []
+    with path.open(encoding="latin-1") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 4:
+                user, item, rating, ts = (int(p) for p in parts)
+                rows.append((ts, user, item, rating))
+    rows.sort()
+    return [
+        ActionEvent(user, item, "save" if rating >= save_min_rating else "click", surface, ts * 1000)
+        for ts, user, item, rating in rows
+    ]
+
+
+def _detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".ndjson", ".json")):
+        return "jsonl"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".data"):
+        return "movielens"
+    with path.open(encoding="latin-1") as f:
+        first = f.readline().strip()
+    if first.startswith("{"):
+        return "jsonl"
+    parts = first.split("\t")
+    return "movielens" if len(parts) == 4 and all(p.isdigit() for p in parts) else "csv"
+
+
+def read_events(path: Path, fmt: str = "auto") -> Iterable[Record]:
+    """The records of a file in one of the supported formats (`auto` guesses from the name)."""
+    fmt = _detect_format(path) if fmt == "auto" else fmt
+    readers = {"jsonl": read_jsonl, "csv": read_csv, "movielens": read_movielens}
+    if fmt not in readers:
+        raise ValueError(f"unknown format {fmt!r}; one of auto, {', '.join(readers)}")
+    return readers[fmt](path)
+
+
+def main(argv: list[str]) -> int:
+    """`recsys produce --file F [--format auto] | --synthetic N [--users U --items I --seed S]`."""
+    settings = get_settings()
+    p = argparse.ArgumentParser(prog="recsys produce", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--file", type=Path, help="JSONL, CSV or MovieLens u.data file to replay")
+    src.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic events")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "movielens"])
+    p.add_argument("--users", type=int, default=1000, help="synthetic: number of users")
+    p.add_argument("--items", type=int, default=5000, help="synthetic: number of items")
+    p.add_argument("--clusters", type=int, default=8, help="synthetic: number of interest clusters")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
+    p.add_argument("--bootstrap", default=settings.kafka.bootstrap_servers, help="Kafka bootstrap servers")
+    p.add_argument("--topic", default=settings.topics.actions)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    records: Iterable[Record]
+    total: int | None = None
+    if args.file is not None:
+        if not args.file.is_file():
+            print(f"recsys produce: no such file: {args.file}", file=sys.stderr)
+            return 2
+        records = read_events(args.file, args.format)
+        total = len(records) if isinstance(records, list) else None
+    else:
+        records = synthetic_events(
+            args.synthetic, args.users, args.items, args.seed, n_clusters=args.clusters, events=settings.events
+        )
+        total = args.synthetic
+    n = produce(
+        records,
+        args.bootstrap,
+        args.topic,
+        rate=args.rate,
+        progress=not args.no_progress,
+        total=total,
+        partitions=settings.kafka.partitions,
+        replication_factor=settings.streams.replication_factor,
+    )
+    print(f"produced {n} events to {args.topic}")
+    return 0
