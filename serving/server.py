@@ -55,6 +55,7 @@ __all__ = [
     "TokenAuthInterceptor",
     "build_response",
     "create_server",
+    "encode_candidates",
     "main",
     "serve",
     "validate_request",
@@ -92,6 +93,33 @@ def validate_request(request: pb.GetCandidatesRequest, limits: Limits) -> str | 
     return None
 
 
+def encode_candidates(lists: SurfaceList) -> tuple[bytes, tuple[int, ...]]:
+    """A list as the wire bytes of `GetCandidatesResponse.candidates`, and the byte offset at
+    which each entry ends (offsets[k] = end of the first k), so the first k candidates are
+    `encoded[:offsets[k]]`. Memoised on the list: building 100 Candidate messages in Python
+    costs ~100 us, merging the bytes ~5 us (protobuf merges repeated fields by concatenation).
+    """
+    if (cached := lists.memo.get("pb")) is not None:
+        return cached  # type: ignore[no-any-return]
+    encoded = pb.GetCandidatesResponse(
+        candidates=[pb.Candidate(item_id=i, score=s) for i, s in zip(lists.items, lists.scores, strict=True)]
+    ).SerializeToString()
+    offsets, pos = [0], 0
+    while pos < len(encoded):  # each entry: tag 0x1a (field 3, length-delimited), varint length, body
+        pos, length, shift = pos + 1, 0, 0
+        while True:
+            byte = encoded[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        pos += length
+        offsets.append(pos)
+    lists.memo["pb"] = result = (encoded, tuple(offsets))
+    return result
+
+
 def build_response(
     request: pb.GetCandidatesRequest,
     record: UserCandidates | None,
@@ -118,9 +146,8 @@ def build_response(
             generated_at_ms=fallback.generated_at,
             is_fallback=True,
         )
-    response.candidates.extend(
-        pb.Candidate(item_id=i, score=s) for i, s in zip(lists.items[:limit], lists.scores[:limit], strict=True)
-    )
+    encoded, offsets = encode_candidates(lists)
+    response.MergeFromString(encoded[: offsets[min(limit, len(offsets) - 1)]])
     return response
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class SurfaceList:
 
     items: tuple[str, ...]
     scores: tuple[float, ...]
+    # Forms derived from this list on first use and kept with it (the server keeps the list's
+    # protobuf encoding here), so they live and die with the record, LRU eviction included.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
