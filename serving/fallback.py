@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from serving.store import SurfaceList
 __all__ = ["PopularityFallback", "top_popular"]
 
 log = logging.getLogger(__name__)
+_EMPTY = SurfaceList((), array("f"))
 
 
 def top_popular(ids: np.ndarray, popularity: np.ndarray, size: int) -> SurfaceList:
@@ -32,7 +34,7 @@ def top_popular(ids: np.ndarray, popularity: np.ndarray, size: int) -> SurfaceLi
     if ids.shape[0] != popularity.shape[0]:
         raise ValueError(f"ids has {ids.shape[0]} rows, popularity {popularity.shape[0]}")
     order = np.argsort(-popularity.astype(np.float64), kind="stable")[:size]
-    return SurfaceList(tuple(str(i) for i in ids[order]), tuple(float(p) for p in popularity[order]))
+    return SurfaceList(tuple(str(i) for i in ids[order]), array("f", popularity[order].astype(np.float32).tobytes()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,7 @@ class PopularityFallback:
     def get(self, surface: str) -> SurfaceList:
         """The fallback list of a surface (empty when no model has been exported yet)."""
         if self._loaded is None or surface not in self.surfaces:
-            return SurfaceList((), ())
+            return _EMPTY
         return self._loaded.items
 
     def refresh(self) -> bool:

@@ -21,7 +21,7 @@ def test_parse_turns_ids_into_strings_and_cuts_lists(make_candidates: Make) -> N
     record = parse_candidates(value, max_items=5)
     assert record.user_id == "7"
     assert record.surfaces["home"].items == ("0", "1", "2", "3", "4")
-    assert record.surfaces["home"].scores == (30.0, 29.0, 28.0, 27.0, 26.0)
+    assert tuple(record.surfaces["home"].scores) == (30.0, 29.0, 28.0, 27.0, 26.0)
     assert record.order_key == (10, 11)
 
 

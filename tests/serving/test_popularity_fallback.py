@@ -17,7 +17,7 @@ def test_top_popular_orders_by_popularity_then_table_order() -> None:
     popularity = np.array([1.0, 3.0, 3.0, 2.0], dtype=np.float32)
     top = top_popular(ids, popularity, 3)
     assert top.items == ("b", "c", "d")
-    assert top.scores == (3.0, 3.0, 2.0)
+    assert tuple(top.scores) == (3.0, 3.0, 2.0)
 
 
 def test_loads_items_npz_and_meta(model_dir: Path) -> None:

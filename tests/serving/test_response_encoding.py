@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -33,7 +34,7 @@ def reference(request: pb.GetCandidatesRequest, record: UserCandidates) -> pb.Ge
 @settings(max_examples=200, deadline=None)
 @given(pairs=st.lists(st.tuples(ids, scores), max_size=40), limit=st.integers(0, 50))
 def test_build_response_matches_the_plain_construction(pairs: list[tuple[str, float]], limit: int) -> None:
-    lists = SurfaceList(tuple(i for i, _ in pairs), tuple(s for _, s in pairs))
+    lists = SurfaceList(tuple(i for i, _ in pairs), array("f", [s for _, s in pairs]))
     record = UserCandidates("u", "v1", 5, 6, {"home": lists})
     request = pb.GetCandidatesRequest(user_id="u", surface="home", limit=limit)
     for _ in range(2):  # first call encodes and memoises, the second reuses
