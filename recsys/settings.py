@@ -188,7 +188,8 @@ class ServingSettings(BaseModel):
     default_limit: int = 100  # candidates returned when a request says limit = 0
     max_limit: int = 500  # larger limits are INVALID_ARGUMENT; stored lists are cut to this
     max_batch: int = 100  # requests in one BatchGetCandidates; more is INVALID_ARGUMENT
-    max_users: int = 1_000_000  # LRU bound of the materialised store
+    # LRU bound of the materialised store: ~5 KB per user (3 x 100 items) + 1.6 KB per served list
+    max_users: int = 500_000
     max_message_bytes: int = 1 << 20  # gRPC receive and send cap
     max_concurrent_rpcs: int = 1000  # more in flight at once get RESOURCE_EXHAUSTED
     max_streams_per_connection: int = 100  # HTTP/2 concurrent streams per client connection
