@@ -77,6 +77,10 @@ class StreamsSettings(BaseModel):
     web_host: str = "127.0.0.1"  # Faust's web server bind address (0.0.0.0 in containers)
     web_port: int = 6066  # Faust's web server (/metrics)
     broker_max_poll_records: int = 500  # lower avoids stuck consumers after rebalances
+    session_timeout_s: float = 30.0  # a worker silent this long is dropped and its partitions reassigned
+    # Static group membership (KIP-345): a worker restarted with the same id takes its partitions
+    # back at once, without waiting out the session timeout. Unique per worker; None = dynamic.
+    instance_id: str | None = None
     replication_factor: int = 1  # of the topics the app creates (changelog, DLQ, user-updates)
     stats_interval_s: float = 30.0  # how often the worker logs its counters
     loglevel: str = "info"  # the worker's log level

@@ -130,6 +130,8 @@ def create_app(settings: Settings) -> faust.App:
         topic_disable_leader=True,  # no leader-only tasks here; saves a topic
         consumer_auto_offset_reset="earliest",  # a new group starts from the first event
         broker_max_poll_records=cfg.broker_max_poll_records,
+        broker_session_timeout=cfg.session_timeout_s,
+        consumer_group_instance_id=cfg.instance_id,
         table_standby_replicas=0,  # the changelog is the replica; standbys only slow rebalances
         web_enabled=True,
         web_bind=cfg.web_host,
@@ -212,15 +214,15 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(actions)
     async def sequences_agent(stream: faust.StreamT) -> None:
-        async for window in stream.take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
-            await process_window(window)
-
-    @app.task
-    async def declare_outputs() -> None:
-        # Faust creates the topics it consumes and the changelog; the outputs are created here
-        # (with the app's partition count) rather than by the broker's auto-creation defaults.
+        # Faust creates the topics it consumes and the changelog; the outputs are created here,
+        # before the first send, with the app's partition count (not the broker's defaults).
         await dlq.maybe_declare()
         await updates.maybe_declare()
+        # A window writes one changelog record per user; Faust warns ("producer buffer full")
+        # whenever its send buffer holds more than 100, which a window of many users always does.
+        app.producer.buffer.max_messages = max(app.producer.buffer.max_messages, cfg.max_batch_events)
+        async for window in stream.take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
+            await process_window(window)
 
     @app.timer(interval=cfg.stats_interval_s)
     async def log_counters() -> None:
@@ -253,5 +255,6 @@ def main(argv: list[str]) -> int:
     try:
         worker.execute_from_commandline()  # handles SIGTERM / SIGINT: stops cleanly, commits acked offsets
     except SystemExit as exc:
+        log.info("streams stopped: %s", app.recsys_counters.summary())  # type: ignore[attr-defined]
         return int(exc.code or 0)
     return 0

@@ -1,0 +1,400 @@
+"""The Faust worker against the real broker, run as `python -m recsys streams` subprocesses.
+
+One worker (module fixture) serves the acceptance checks that need no restart: 10,000 events
+with 1% malformed, out-of-order events, a burst. The restart test runs its own app through
+SIGTERM and SIGKILL and compares its final state with the shared, uninterrupted worker's.
+The oracle is independent of the fold: a user's expected sequence is the last N of their
+valid events sorted by event time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from recsys.kafka_broker import free_port
+from streams.produce import Record, ensure_topic, produce
+from streams.schema import ActionEvent, encode_event, now_ms
+from streams.synthetic import synthetic_events
+
+pytestmark = [pytest.mark.kafka]
+
+PARTITIONS = 2
+N = 8  # max_sequence_len of the test workers: most users overflow it
+FLUSH_S = 0.25
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------- helpers: topics
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of `topic` from the beginning up to its current end, partition by partition."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records: list[Any] = []
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+    finally:
+        consumer.close()
+
+
+def updates_by_user(bootstrap: str, topic: str) -> dict[str, list[dict[str, Any]]]:
+    """user key -> every user-updates value for that user, in log order."""
+    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in read_topic(bootstrap, topic):
+        out[r.key.decode()].append(msgpack.unpackb(r.value, raw=False))
+    return out
+
+
+def events_of(update: dict[str, Any]) -> list[tuple[Any, str, str, int]]:
+    return [(e["item_id"], e["action"], e["surface"], e["ts"]) for e in update["events"]]
+
+
+def expected_sequences(valid: Sequence[ActionEvent], n: int = N) -> dict[str, list[tuple[Any, str, str, int]]]:
+    """The oracle: per user, the last n valid events by event time (the test data has distinct times)."""
+    per_user: dict[str, list[ActionEvent]] = defaultdict(list)
+    for e in valid:
+        per_user[e.key].append(e)
+    return {
+        user: [(e.item_id, e.action, e.surface, e.ts) for e in sorted(evs, key=lambda e: e.ts)[-n:]]
+        for user, evs in per_user.items()
+    }
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------- helpers: the worker process
+
+
+@dataclass
+class Worker:
+    """One `python -m recsys streams` process with its own app id, topics and web port."""
+
+    bootstrap: str
+    name: str
+    data_dir: Path
+    web_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def actions(self) -> str:
+        return f"{self.name}.actions"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.name}.actions.dlq"
+
+    @property
+    def updates(self) -> str:
+        return f"{self.name}.user-updates"
+
+    @property
+    def changelog(self) -> str:
+        return f"{self.name}-sequences-changelog"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / f"worker-{self.starts}.log"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+        env.update(
+            RECSYS_KAFKA__BOOTSTRAP_SERVERS=self.bootstrap,
+            RECSYS_KAFKA__PARTITIONS=str(PARTITIONS),
+            RECSYS_STREAMS__APP_ID=self.name,
+            RECSYS_STREAMS__DATA_DIR=str(self.data_dir),
+            RECSYS_STREAMS__WEB_PORT=str(self.web_port),
+            RECSYS_STREAMS__MAX_SEQUENCE_LEN=str(N),
+            RECSYS_STREAMS__FLUSH_INTERVAL_S=str(FLUSH_S),
+            RECSYS_STREAMS__STATS_INTERVAL_S="5",
+            # Static membership: a restart after SIGKILL takes the partitions back at once
+            # instead of waiting for the killed member's session to time out.
+            RECSYS_STREAMS__INSTANCE_ID=f"{self.name}-worker",
+            RECSYS_TOPICS__ACTIONS=self.actions,
+            RECSYS_TOPICS__DLQ=self.dlq,
+            RECSYS_TOPICS__USER_UPDATES=self.updates,
+        )
+        return env
+
+    def start(self) -> None:
+        assert self.proc is None, "already running"
+        self.starts += 1
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "recsys", "streams"],
+            cwd=self.data_dir,  # relative paths of the worker stay inside the test's directory
+            env=self.env(),
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self.metrics() is not None, 60, f"{self.name} web server ({self.tail()})")
+
+    def metrics(self) -> dict[str, float] | None:
+        """The worker's counters (`/metrics`), or None while it is not serving."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"worker exited with {self.proc.returncode}: {self.tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        return {
+            name: float(value)
+            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        }
+
+    def valid(self) -> int:
+        m = self.metrics() or {}
+        return int(sum(v for k, v in m.items() if k.startswith("recsys_streams_events_total")))
+
+    def invalid(self) -> Counter[str]:
+        m = self.metrics() or {}
+        prefix = 'recsys_streams_invalid_total{reason="'
+        return Counter({k[len(prefix) : -2]: int(v) for k, v in m.items() if k.startswith(prefix)})
+
+    def stop(self, sig: signal.Signals) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=60)
+        finally:
+            self.proc = None
+        return rc
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def worker(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """The shared, never interrupted worker."""
+    w = Worker(kafka_bootstrap, f"streams-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("streams"))
+    ensure_topic(kafka_bootstrap, w.actions, PARTITIONS)
+    w.start()
+    try:
+        yield w
+    finally:
+        if w.proc is not None:
+            assert w.stop(signal.SIGTERM) == 0, w.tail()
+
+
+# ---------------------------------------------------------------- malformed events
+
+
+def malformed(marker: str, i: int, key: str, now: int) -> tuple[Record, str]:
+    """The i-th malformed record (ten kinds in turn) and the reason the worker must give."""
+    base = {"user_id": key, "item_id": 1, "action": "click", "surface": "home", "ts": now, "m": f"{marker}-{i}"}
+    kind = i % 10
+    if kind == 0:
+        return (key, b"\xc1not msgpack " + base["m"].encode()), "not msgpack"
+    if kind == 1:
+        return (key, msgpack.packb([base["m"], 1])), "not a map"
+    if kind == 2:
+        return {k: v for k, v in base.items() if k != "surface"}, "missing field"
+    if kind == 3:
+        return {**base, "ts": str(now)}, "wrong type"
+    if kind == 4:
+        return {**base, "item_id": 1.5}, "wrong type"
+    if kind == 5:
+        return {**base, "action": "purchase"}, "unknown action"
+    if kind == 6:
+        return {**base, "surface": "email"}, "unknown surface"
+    if kind == 7:
+        return {**base, "pad": "x" * 5000}, "oversized"
+    if kind == 8:
+        return {**base, "ts": now + 24 * 3600 * 1000}, "ts in the future"
+    return {**base, "ts": now // 1000}, "ts too old"
+
+
+def original(record: Record) -> bytes:
+    return record[1] if isinstance(record, tuple) else encode_event(record)  # type: ignore[arg-type]
+
+
+def dlq_reasons(bootstrap: str, topic: str, originals: set[bytes]) -> Counter[tuple[bytes, str]]:
+    out: Counter[tuple[bytes, str]] = Counter()
+    for r in read_topic(bootstrap, topic):
+        rec = msgpack.unpackb(r.value, raw=False)
+        assert set(rec) >= {"reason", "original", "topic", "partition", "offset", "at"}
+        if rec["original"] in originals:
+            out[(rec["original"], rec["reason"])] += 1
+    return out
+
+
+# ---------------------------------------------------------------- the acceptance tests
+
+
+def test_10k_events_1pct_malformed_every_valid_event_sequenced_every_bad_one_dead_lettered(worker: Worker) -> None:
+    marker = uuid.uuid4().hex[:8]
+    now = now_ms()
+    valid = list(
+        synthetic_events(9_900, 1_000, 500, seed=7, start_ts_ms=now - 9_900 * 5, step_ms=5, user_prefix=f"{marker}-")
+    )
+    records: list[Record] = list(valid)
+    expected_bad: dict[bytes, str] = {}
+    for i in range(100):
+        rec, reason = malformed(marker, i, valid[i * 97].key, now)
+        expected_bad[original(rec)] = reason
+        records.insert(i * 100 + 50, rec)  # spread over the stream
+    assert len(records) == 10_000 and len(set(expected_bad.values())) == 9
+
+    before_valid, before_invalid = worker.valid(), worker.invalid()
+    assert produce(records, worker.bootstrap, worker.actions, progress=False) == 10_000
+    wait_until(
+        lambda: worker.valid() - before_valid + sum((worker.invalid() - before_invalid).values()) >= 10_000,
+        120,
+        "the worker to take all 10,000 events",
+    )
+    # The counts add up exactly: 9,900 valid, 100 invalid with the expected reasons.
+    assert worker.valid() - before_valid == 9_900
+    assert worker.invalid() - before_invalid == Counter(expected_bad.values())
+
+    expected = expected_sequences(valid)
+    assert len(expected) == 1_000
+
+    def final_state_complete() -> bool:
+        latest = {u: ups[-1] for u, ups in updates_by_user(worker.bootstrap, worker.updates).items() if u in expected}
+        return len(latest) == len(expected) and all(events_of(latest[u]) == seq for u, seq in expected.items())
+
+    wait_until(final_state_complete, 60, "user-updates to show every user's last N events", interval=1)
+    updates = updates_by_user(worker.bootstrap, worker.updates)
+    for user, seq in expected.items():
+        versions = [u["version"] for u in updates[user]]
+        assert versions == sorted(set(versions)), f"versions of {user} not strictly increasing: {versions}"
+        last = updates[user][-1]
+        assert last["user_id"] == user and last["last_event_ts"] == seq[-1][3]
+
+    # Every malformed event is in the DLQ exactly once with its reason; no valid event is.
+    dead = dlq_reasons(worker.bootstrap, worker.dlq, set(expected_bad) | {encode_event(e) for e in valid})
+    assert dead == Counter({(raw, reason): 1 for raw, reason in expected_bad.items()})
+
+
+def test_out_of_order_events_within_lateness_end_up_in_order(worker: Worker) -> None:
+    user = f"ooo-{uuid.uuid4().hex[:8]}"
+    t = now_ms() - 120_000
+    lateness = 60_000  # the default streams.lateness_ms
+
+    def ev(dt: int, item: int) -> ActionEvent:
+        return ActionEvent(user, item, "click", "home", t + dt)
+
+    sent = [ev(0, 1), ev(30_000, 2), ev(10_000, 3), ev(20_000, 4), ev(5_000, 5), ev(10_000, 3)]  # last: duplicate
+    too_late = ev(30_000 - lateness - 1, 6)
+    produce([*sent, too_late], worker.bootstrap, worker.actions, progress=False)
+
+    want = [(1, "click", "home", t), (5, "click", "home", t + 5_000), (3, "click", "home", t + 10_000),
+            (4, "click", "home", t + 20_000), (2, "click", "home", t + 30_000)]  # fmt: skip
+    wait_until(
+        lambda: bool(ups := updates_by_user(worker.bootstrap, worker.updates).get(user)) and events_of(ups[-1]) == want,
+        60,
+        "the out-of-order events in order",
+    )
+    dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late)})
+    assert dead == Counter({(encode_event(too_late), "too late"): 1})
+
+
+def test_a_burst_for_one_user_yields_a_handful_of_coalesced_updates(worker: Worker) -> None:
+    user = f"burst-{uuid.uuid4().hex[:8]}"
+    t = now_ms() - 10_000
+    burst = [ActionEvent(user, i, "click", "home", t + i) for i in range(1_000)]
+    produce(burst, worker.bootstrap, worker.actions, rate=1_000, progress=False)  # one second
+    want = [(e.item_id, e.action, e.surface, e.ts) for e in burst[-N:]]
+    wait_until(
+        lambda: bool(ups := updates_by_user(worker.bootstrap, worker.updates).get(user)) and events_of(ups[-1]) == want,
+        60,
+        "the burst's final update",
+    )
+    updates = updates_by_user(worker.bootstrap, worker.updates)[user]
+    versions = [u["version"] for u in updates]
+    assert versions == sorted(set(versions))
+    # One update per flush window (FLUSH_S = 0.25 s) at most, not one per event: a one-second
+    # burst spans about five windows; twenty leaves room for a slow, shared machine.
+    assert 1 <= len(updates) <= 20, f"{len(updates)} updates for 1,000 events"
+
+
+def test_sigterm_and_sigkill_mid_stream_lose_nothing_and_match_an_uninterrupted_run(
+    worker: Worker, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    name = f"restart-{uuid.uuid4().hex[:8]}"
+    # 300 users x 6 events = 1,800 events over three phases: every event stays within the last
+    # N = 8, so the final state depends on events committed before each stop (table recovery).
+    events = list(
+        synthetic_events(1_800, 300, 200, seed=11, start_ts_ms=now_ms() - 1_800 * 10, step_ms=10, user_prefix=f"{name}-")
+    )
+    phases = [events[:600], events[600:1_200], events[1_200:]]
+    victim = Worker(kafka_bootstrap, name, tmp_path)
+    ensure_topic(kafka_bootstrap, victim.actions, PARTITIONS)
+
+    def produce_in_background(batch: list[ActionEvent]) -> threading.Thread:
+        thread = threading.Thread(
+            target=produce, args=(batch, kafka_bootstrap, victim.actions), kwargs={"rate": 300, "progress": False}
+        )
+        thread.start()
+        return thread
+
+    try:
+        for phase, sig in zip(phases[:2], (signal.SIGTERM, signal.SIGKILL), strict=True):
+            victim.start()
+            thread = produce_in_background(phase)
+            wait_until(lambda: victim.valid() >= 150, 60, "the worker to process part of the phase")
+            assert thread.is_alive(), "the stop should come mid-stream, while the phase is being produced"
+            rc = victim.stop(sig)
+            assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), victim.tail()
+            thread.join()
+        victim.start()
+        produce(phases[2], kafka_bootstrap, victim.actions, progress=False)
+        # The same events through the uninterrupted worker.
+        produce(events, kafka_bootstrap, worker.actions, progress=False)
+
+        expected = expected_sequences(events)
+
+        def final(w: Worker) -> dict[str, list[tuple[Any, str, str, int]]]:
+            return {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, w.updates).items() if u in expected}
+
+        wait_until(lambda: final(victim) == expected, 90, "the restarted worker's final state", interval=1)
+        wait_until(lambda: final(worker) == expected, 60, "the uninterrupted worker's final state", interval=1)
+        assert final(victim) == final(worker)
+
+        # Versions stay strictly increasing across both restarts.
+        for user, ups in updates_by_user(kafka_bootstrap, victim.updates).items():
+            versions = [u["version"] for u in ups]
+            assert versions == sorted(set(versions)), f"{user}: {versions}"
+        # The changelog holds the same final state (it is what the table is recovered from).
+        from streams.sequences import decode_state
+
+        latest = {r.key.decode(): decode_state(r.value) for r in read_topic(kafka_bootstrap, victim.changelog)}
+        assert {u: [(e.item_id, e.action, e.surface, e.ts) for e in s.events] for u, s in latest.items()} == expected
+    finally:
+        if victim.proc is not None:
+            victim.stop(signal.SIGTERM)
