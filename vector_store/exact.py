@@ -47,10 +47,12 @@ def topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 def _select(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k columns of each row of ``scores``, sorted by descending score."""
-    if k < scores.shape[1]:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    n = scores.shape[1]
+    if k < n:
+        # Partition at n-k (largest last) rather than negating: -scores would copy [Q, N].
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k :]
     else:
-        part = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+        part = np.broadcast_to(np.arange(n), scores.shape)
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(part_scores, order, axis=1)
@@ -118,23 +120,27 @@ class ExactIndex:
             return [[] for _ in range(len(queries))]
         q = normalise(queries)
         k = min(limit, n)
+        # Filters as column lists, once per call: ineligible columns per surface, and
+        # (query, column) pairs of excluded items.
+        ineligible = {
+            s: np.flatnonzero(~self.surface_masks[s]) if s in self.surface_masks else slice(None)
+            for s in set(surfaces)
+            if s is not None
+        }
+        banned = [
+            [self.rows[p] for p in map(point_id, excl) if p in self.rows] for excl in exclude
+        ]
         out: list[list[tuple[ItemId, float]]] = []
-        rows = max(1, _BLOCK_SCORES // n)
-        for start in range(0, len(q), rows):
-            scores = q[start : start + rows] @ self.vectors.T  # [q, N]
+        step = max(1, _BLOCK_SCORES // n)
+        for start in range(0, len(q), step):
+            scores = q[start : start + step] @ self.vectors.T  # [q, N]
             for j in range(scores.shape[0]):
                 surface = surfaces[start + j]
                 if surface is not None:
-                    mask = self.surface_masks.get(surface)
-                    if mask is None:
-                        scores[j] = -np.inf
-                    else:
-                        scores[j, ~mask] = -np.inf
-                banned = [self.rows[p] for p in map(point_id, exclude[start + j]) if p in self.rows]
-                scores[j, banned] = -np.inf
+                    scores[j, ineligible[surface]] = -np.inf
+                scores[j, banned[start + j]] = -np.inf
             idx, val = _select(scores, k)
-            for i_row, v_row in zip(idx, val, strict=True):
-                keep = np.isfinite(v_row)
-                hits = zip(i_row[keep].tolist(), v_row[keep].tolist(), strict=True)
-                out.append([(self.item_ids[i], float(v)) for i, v in hits])
+            for i_row, v_row in zip(idx.tolist(), val.tolist(), strict=True):
+                hits = zip(i_row, v_row, strict=True)
+                out.append([(self.item_ids[i], v) for i, v in hits if v != -np.inf])
         return out

@@ -11,7 +11,8 @@ Two sources, one write path (`index_items` / `index_item_table`):
   content features, and only its payload (surfaces, popularity, created_at) changes.
 
 Offsets are committed only after the upsert is durable, so a crash re-reads (at least once;
-upserts are idempotent). Malformed messages are logged and skipped, never fatal.
+upserts are idempotent). Malformed messages (and items the encoder rejects, e.g. a feature
+vector of the wrong width) are logged, counted and skipped, never fatal.
 
 Qdrant Edge allows one process per shard: with the edge backend the follower must run inside
 the process that queries the store (`ItemsFollower.run` in a thread), not beside it.
@@ -132,12 +133,10 @@ def index_items(
     stored = store.retrieve(featureless) if store.dim is not None else {}
     to_embed = [m for m in latest if m.item_id not in stored]
     keep = [m for m in latest if m.item_id in stored]
+    skipped = 0
     if to_embed:
-        vectors = np.asarray(embed_items(to_embed), dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[0] != len(to_embed):
-            raise ValueError(
-                f"embed_items returned shape {list(vectors.shape)} for {len(to_embed)} items"
-            )
+        to_embed, vectors, skipped = _embed(to_embed, embed_items)
+    if to_embed:
         store.ensure_collection(vectors.shape[1])  # the first item may arrive before any bulk load
         store.upsert([m.record(all_surfaces) for m in to_embed], vectors)
     if keep:
@@ -145,7 +144,36 @@ def index_items(
             [m.record(all_surfaces) for m in keep],
             np.stack([stored[m.item_id] for m in keep]),
         )
-    return IndexStats(embedded=len(to_embed), payload_only=len(keep))
+    return IndexStats(embedded=len(to_embed), payload_only=len(keep), skipped=skipped)
+
+
+def _embed(
+    items: list[ItemMessage], embed_items: EmbedItems
+) -> tuple[list[ItemMessage], np.ndarray, int]:
+    """Embed a batch; if the encoder rejects it (BadItemMessage), embed item by item so that
+    only the bad ones are skipped. Returns (embedded items, their vectors, number skipped)."""
+    try:
+        vectors = _checked(embed_items(items), len(items))
+        return items, vectors, 0
+    except BadItemMessage:
+        pass
+    good: list[ItemMessage] = []
+    rows: list[np.ndarray] = []
+    for item in items:
+        try:
+            rows.append(_checked(embed_items([item]), 1))
+            good.append(item)
+        except BadItemMessage as e:
+            log.warning("item %r skipped: %s", item.item_id, e)
+    vectors = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+    return good, vectors, len(items) - len(good)
+
+
+def _checked(vectors: np.ndarray, n: int) -> np.ndarray:
+    out = np.asarray(vectors, dtype=np.float32)
+    if out.ndim != 2 or out.shape[0] != n:
+        raise ValueError(f"embed_items returned shape {list(out.shape)} for {n} items")
+    return out
 
 
 @dataclass(frozen=True)
@@ -248,7 +276,7 @@ class ItemsFollower:
                         "items %s[%d]@%d skipped: %s", tp.topic, tp.partition, rec.offset, e
                     )
         stats = index_items(self.store, items, self.embed_items, self.settings.events.surfaces)
-        stats.skipped = skipped
+        stats.skipped += skipped
         self._since_optimize += stats.embedded
         if vs.optimize_every and self._since_optimize >= vs.optimize_every:
             self.store.optimize()
@@ -271,7 +299,7 @@ class ItemsFollower:
 class OnnxItemEncoder:
     """`embed_items` backed by the model's `item_encoder.onnx`.
 
-    Inputs ``id_bucket`` int64 [N] (from ``id_bucket(ids)``, the model's id hashing) and
+    Inputs ``id_bucket`` int64 [N] (from ``id_bucket(ids)``, the model's id vocabulary) and
     ``features`` float32 [N, F] (zeros where a message carries none); output ``item_emb`` [N, D].
     Runs on the CPU EP: new items trickle in, and the GPU belongs to the user model.
     """

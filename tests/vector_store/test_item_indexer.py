@@ -157,3 +157,16 @@ def test_onnx_item_encoder(tmp_path: Path) -> None:
     np.testing.assert_allclose(out[1], table[0] + w[0] + 2 * w[2], rtol=1e-5)
     with pytest.raises(BadItemMessage, match="model expects 3"):
         encoder([ItemMessage("x", features=(1.0,))])
+
+
+def test_items_the_encoder_rejects_are_skipped_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    _tiny_encoder(tmp_path / "item_encoder.onnx", rng.normal(size=(2, DIM)).astype(np.float32),
+                  rng.normal(size=(2, DIM)).astype(np.float32))
+    encoder = OnnxItemEncoder(tmp_path, lambda ids: np.zeros(len(ids), np.int64))
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        batch = [ItemMessage("ok1", features=(1.0, 2.0)), ItemMessage("bad", features=(1.0,)),
+                 ItemMessage("ok2")]
+        stats = index_items(store, batch, encoder, SURFACES)
+        assert (stats.embedded, stats.skipped) == (2, 1)
+        assert set(store.retrieve(["ok1", "bad", "ok2"])) == {"ok1", "ok2"}
