@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+import mode
 import msgpack
 from faust.streams import _current_event  # the context Faust sets while it iterates a stream
 from faust.types import EventT
@@ -79,13 +80,20 @@ class Counters:
         )
 
 
-def dlq_record(exc: InvalidEvent, *, original: bytes | None, topic: str, partition: int, offset: int) -> bytes:
-    """The `actions.dlq` value (shared contract), plus `detail` for humans."""
+def dlq_record(
+    exc: InvalidEvent, *, original: bytes | None, topic: str, partition: int, offset: int, max_original: int
+) -> bytes:
+    """The `actions.dlq` value (shared contract), plus `detail` for humans and the original's
+    size. An original longer than `max_original` is cut (`truncated`) so that the record stays
+    under the broker's message size limit; (topic, partition, offset) still find it whole."""
+    original = original or b""
     return msgpack.packb(
         {
             "reason": exc.reason,
             "detail": exc.detail,
-            "original": original or b"",
+            "original": original[:max_original],
+            "original_size": len(original),
+            "truncated": len(original) > max_original,
             "topic": topic,
             "partition": partition,
             "offset": offset,
@@ -123,6 +131,10 @@ def create_app(settings: Settings) -> faust.App:
         store=cfg.store,
         datadir=str(cfg.data_dir),
         autodiscover=False,
+        # An unexpected error ends the worker (exit code 1) instead of restarting the agent in
+        # place, where the failed window's events would stay unacked and block every later
+        # commit. The restarted process re-reads them; the idempotent fold makes that safe.
+        agent_supervisor=mode.CrashingSupervisor,
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=partitions,
@@ -177,7 +189,14 @@ def create_app(settings: Settings) -> faust.App:
                 dlq_futures.append(
                     await dlq.send(
                         key=msg.key,
-                        value=dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset),
+                        value=dlq_record(
+                            exc,
+                            original=msg.value,
+                            topic=msg.topic,
+                            partition=msg.partition,
+                            offset=msg.offset,
+                            max_original=cfg.dlq_max_original_bytes,
+                        ),
                     )
                 )
                 continue

@@ -358,7 +358,7 @@ def test_sigterm_and_sigkill_mid_stream_lose_nothing_and_match_an_uninterrupted_
 
     def produce_in_background(batch: list[ActionEvent]) -> threading.Thread:
         thread = threading.Thread(
-            target=produce, args=(batch, kafka_bootstrap, victim.actions), kwargs={"rate": 300, "progress": False}
+            target=produce, args=(batch, kafka_bootstrap, victim.actions), kwargs={"rate": 200, "progress": False}
         )
         thread.start()
         return thread
@@ -366,8 +366,13 @@ def test_sigterm_and_sigkill_mid_stream_lose_nothing_and_match_an_uninterrupted_
     try:
         for phase, sig in zip(phases[:2], (signal.SIGTERM, signal.SIGKILL), strict=True):
             victim.start()
-            thread = produce_in_background(phase)
-            wait_until(lambda: victim.valid() >= 150, 60, "the worker to process part of the phase")
+            # Once the worker demonstrably processes events, the rest of the phase is produced
+            # at 200/s (3 s) and the worker is stopped after ~100 of them: mid-stream.
+            produce(phase[:1], kafka_bootstrap, victim.actions, progress=False)
+            wait_until(lambda: victim.valid() >= 1, 60, f"the worker to process events ({victim.tail()})")
+            start = victim.valid()
+            thread = produce_in_background(phase[1:])
+            wait_until(lambda: victim.valid() >= start + 100, 60, "the worker to process part of the phase")
             assert thread.is_alive(), "the stop should come mid-stream, while the phase is being produced"
             rc = victim.stop(sig)
             assert rc == (0 if sig == signal.SIGTERM else -signal.SIGKILL), victim.tail()

@@ -1,0 +1,51 @@
+"""`create_app` wires the settings into Faust (built, not started: no broker needed)."""
+
+from __future__ import annotations
+
+import msgpack
+
+from recsys.settings import Settings
+from streams.app import Counters, create_app, dlq_record
+from streams.errors import InvalidEvent
+
+
+def test_app_uses_the_settings() -> None:
+    s = Settings(
+        kafka={"bootstrap_servers": "k1:9092,k2:9092", "partitions": 3},
+        topics={"actions": "a", "dlq": "a.dlq", "user_updates": "u"},
+        streams={"app_id": "app-x", "web_port": 7001, "broker_max_poll_records": 50, "instance_id": "w1"},
+    )
+    app = create_app(s)
+    assert app.conf.id == "app-x"
+    assert [str(u) for u in app.conf.broker] == ["kafka://k1:9092", "kafka://k2:9092"]
+    assert app.conf.topic_partitions == 3
+    assert app.conf.web_port == 7001 and app.conf.broker_max_poll_records == 50
+    assert app.conf.consumer_group_instance_id == "w1"
+    table = app.tables["sequences"]
+    assert table.changelog_topic.get_topic_name() == "app-x-sequences-changelog"
+    assert table.partitions == 3
+    # The changelog carries raw bytes (this package's msgpack), not Faust's JSON.
+    assert table.key_serializer == "raw" and table.value_serializer == "raw"
+    assert [t for agent in app.agents.values() for t in agent.channel.topics] == ["a"]
+
+
+def test_dlq_record_carries_reason_original_and_position() -> None:
+    rec = msgpack.unpackb(
+        dlq_record(InvalidEvent("oversized", "5000 bytes"), original=b"x" * 10, topic="a", partition=1, offset=7, max_original=4),
+        raw=False,
+    )
+    assert rec["reason"] == "oversized" and rec["detail"] == "5000 bytes"
+    assert rec["original"] == b"xxxx" and rec["original_size"] == 10 and rec["truncated"] is True
+    assert (rec["topic"], rec["partition"], rec["offset"]) == ("a", 1, 7) and rec["at"] > 0
+
+
+def test_counters_are_prometheus_text() -> None:
+    c = Counters()
+    c.events["applied"] += 3
+    c.invalid["not msgpack"] += 1
+    c.updates = 2
+    text = c.prometheus()
+    assert 'recsys_streams_events_total{outcome="applied"} 3' in text
+    assert 'recsys_streams_invalid_total{reason="not msgpack"} 1' in text
+    assert "recsys_streams_updates_total 2" in text
+    assert c.valid == 3
