@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/grpc_bench.py (the echo ceiling server)."""

@@ -1,0 +1,69 @@
+"""The ceiling for grpc_bench: a minimal grpc.aio server of the same service that does no work.
+
+GetCandidates echoes the request's user and surface back with no candidates: what remains is
+the cost of gRPC itself (HTTP/2, protobuf parsing, the asyncio handler dispatch) in Python.
+It runs the same way as `recsys serve`: the same server options, N spawned processes sharing
+the port with SO_REUSEPORT.
+
+    python -m benchmarks.grpc.echo_server --port 50060 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import signal
+import sys
+from typing import Any
+
+import grpc
+
+from recsys.settings import Settings
+from serving._proto import candidates_pb2 as pb
+from serving._proto import candidates_pb2_grpc as pb_grpc
+from serving.server import _server_options, run_event_loop
+
+
+class EchoServicer(pb_grpc.CandidatesServicer):
+    async def GetCandidates(self, request: pb.GetCandidatesRequest, context: Any) -> pb.GetCandidatesResponse:
+        return pb.GetCandidatesResponse(user_id=request.user_id, surface=request.surface)
+
+
+async def _serve(settings: Settings) -> None:
+    server = grpc.aio.server(options=_server_options(settings),
+                             maximum_concurrent_rpcs=settings.serving.max_concurrent_rpcs)
+    pb_grpc.add_CandidatesServicer_to_server(EchoServicer(), server)
+    server.add_insecure_port(f"{settings.serving.host}:{settings.serving.port}")
+    await server.start()
+    print(f"echo ready on port {settings.serving.port}", flush=True)  # grpc_bench counts these
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def _run(blob: str) -> None:
+    settings = Settings.model_validate_json(blob)
+    run_event_loop(_serve(settings), settings)  # the same event loop as `recsys serve`
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    settings = Settings(serving={"port": args.port, "workers": args.workers})
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_run, args=(settings.model_dump_json(),)) for _ in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for proc in procs:
+        proc.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""GetCandidates throughput and latency under ghz, side by side with a grpc.aio echo ceiling.
+
+    python -m benchmarks.grpc_bench                     # workers 1,2,3; 10 s per run
+    python -m benchmarks.grpc_bench --workers 2 --duration 5
+
+What runs (all real, on this machine):
+1. a local Kafka broker (recsys.kafka_broker) with a compacted `candidates` topic holding
+   `--users` users x 3 surfaces x `--items` items, written as the inference worker writes it;
+2. `recsys serve --workers W` (W processes sharing the port with SO_REUSEPORT), each reading
+   the topic whole before it reports SERVING: the production entry point, unchanged;
+3. ghz (a Go gRPC load generator, not ours; pinned GHZ_VERSION, installed with `go install`
+   into the cache dir when missing) asking GetCandidates(limit = `--limit`) for users round-robin
+   over the three surfaces, `--concurrency` calls in flight on `--connections` connections;
+4. the same ghz run against benchmarks/grpc/echo_server.py with the same W: the same service
+   answering with no work at all, i.e. the cost of Python gRPC itself: the ceiling.
+
+Writes benchmarks/results/grpc.json: the headline `qps`, `p50_ms`, `p99_ms`, `echo_qps` and
+`ratio` (= qps / echo_qps), and the server CPU per call for both (`cpu_us_per_call`,
+`echo_cpu_us_per_call`, `cpu_ratio` = echo / serve: load-independent) at the worker count with the most q/s whose p99 is within
+`--p99-target-ms` (else the most q/s), plus every run as `<metric>_w<W>`; and grpc.png.
+ghz shares the 2 cores with the servers (GOMAXPROCS = `--ghz-cpus`), as any co-located client
+would; the 1-minute load average before the runs is recorded because the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+
+from benchmarks.results_io import RESULTS_DIR, write_result
+from recsys.kafka_broker import LocalBroker, free_port
+from recsys.settings import CACHE_DIR, KafkaSettings
+from serving._proto import candidates_pb2 as pb
+from serving._proto import candidates_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO_ROOT = ROOT / "proto"
+PROTO = PROTO_ROOT / "recsys" / "v1" / "candidates.proto"
+METHOD = "recsys.v1.Candidates.GetCandidates"
+SURFACES = ("home", "search", "related")
+GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz"
+GHZ_VERSION = "v0.93.0"  # what `@latest` resolved to on the Go module proxy (2026-11)
+CATALOGUE = 12_101  # item ids are drawn from a catalogue of this size (Amazon Beauty's)
+
+
+def find_ghz() -> Path:
+    """ghz from $RECSYS_GHZ, PATH or the cache; otherwise `go install` it into the cache."""
+    for candidate in (os.environ.get("RECSYS_GHZ"), shutil.which("ghz"), str(CACHE_DIR / "gobin" / "ghz")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    go = shutil.which("go")
+    if go is None:
+        raise SystemExit("ghz is not installed and Go is missing: install Go, or set RECSYS_GHZ")
+    env = {**os.environ, "GOBIN": str(CACHE_DIR / "gobin"), "GOPATH": str(CACHE_DIR / "go")}
+    print(f"installing ghz {GHZ_VERSION} into {env['GOBIN']} ...", flush=True)
+    subprocess.run([go, "install", f"{GHZ_MODULE}@{GHZ_VERSION}"], env=env, check=True, cwd=tempfile.gettempdir())
+    return CACHE_DIR / "gobin" / "ghz"
+
+
+def candidates_record(user: int, items: int) -> dict[str, Any]:
+    """One user's `candidates` value (the brief's contract), distinct lists per surface."""
+    return {
+        "user_id": f"user-{user}", "model_version": "bench", "source_event_ts": 1_700_000_000_000 + user,
+        "generated_at": 1_700_000_000_100 + user,
+        "surfaces": {
+            s: {"items": [str(1_000_000 + (user * 7919 + (k + 31 * j) * 104_729) % CATALOGUE) for k in range(items)],
+                "scores": [1.0 - k / items for k in range(items)]}
+            for j, s in enumerate(SURFACES)
+        },
+    }
+
+
+async def fill_topic(bootstrap: str, topic: str, users: int, items: int) -> None:
+    from aiokafka import AIOKafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin.create_topics([NewTopic(topic, 2, 1, topic_configs={"cleanup.policy": "compact"})])
+    admin.close()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    try:
+        for start in range(0, users, 1000):
+            sends = [await producer.send(topic, key=f"user-{u}".encode(), value=msgpack.packb(candidates_record(u, items)))
+                     for u in range(start, min(users, start + 1000))]
+            await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+
+
+class Processes:
+    """A command that starts `workers` server processes; ready when each printed `marker`."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], marker: str, workers: int, log: Path) -> None:
+        self.log = log
+        self.marker, self.workers = marker, workers
+        self._out = log.open("w")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.log.read_text().count(self.marker) < self.workers:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._out.close()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (from /proc).
+
+    Per-call CPU is the robust figure on a shared machine: other tenants' load stretches wall
+    time and so q/s, but not the CPU a call costs the server."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents[int(entry.name)] = int(fields[1])
+        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, ppid in parents.items() if ppid in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def ghz(binary: Path, target: str, data: Path, args: argparse.Namespace, *, n: int | None = None,
+        duration_s: float | None = None) -> dict[str, Any]:
+    cmd = [str(binary), "--insecure", "--proto", str(PROTO), "--import-paths", str(PROTO_ROOT), "--call", METHOD,
+           "--data-file", str(data), "-c", str(args.concurrency), "--connections", str(args.connections),
+           "--cpus", str(args.ghz_cpus), "-O", "json"]
+    # -n (a count) for the measured runs: a -z (duration) run ends by closing connections under
+    # calls still in flight, which shows up as UNAVAILABLE errors that are ghz's, not the server's.
+    cmd += ["-n", str(n)] if n is not None else ["-z", f"{duration_s}s"]
+    report = json.loads(subprocess.run([*cmd, target], capture_output=True, text=True, check=True).stdout)
+    latency = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
+    codes = report.get("statusCodeDistribution") or {}
+    return {"qps": report["rps"], "p50_ms": latency.get(50, float("nan")), "p99_ms": latency.get(99, float("nan")),
+            "count": report["count"], "errors": sum(v for k, v in codes.items() if k != "OK")}
+
+
+def measure(binary: Path, target: str, data: Path, args: argparse.Namespace, server_pid: int) -> dict[str, Any]:
+    warm = ghz(binary, target, data, args, duration_s=args.warmup)
+    cpu_before = tree_cpu_seconds(server_pid)
+    result = ghz(binary, target, data, args, n=max(2000, int(warm["qps"] * args.duration)))
+    result["cpu_us_per_call"] = (tree_cpu_seconds(server_pid) - cpu_before) / result["count"] * 1e6
+    return result
+
+
+def check_served(port: int) -> None:
+    """Before timing: the server answers a known user from the topic, not with a fallback."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = pb_grpc.CandidatesStub(channel).GetCandidates(
+            pb.GetCandidatesRequest(user_id="user-1", surface="home", limit=5), timeout=10)
+    assert not reply.is_fallback and len(reply.candidates) == 5, reply
+
+
+def plot(rows: list[dict[str, Any]], path: Path, target_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_q, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["workers"] for r in rows]
+    ax_q.plot(xs, [r["echo_qps"] for r in rows], "o--", label="echo ceiling")
+    ax_q.plot(xs, [r["qps"] for r in rows], "o-", label="GetCandidates")
+    ax_q.set(xlabel="server processes", ylabel="queries/s", title="throughput (ghz)")
+    ax_l.plot(xs, [r["echo_p99_ms"] for r in rows], "o--", label="echo p99")
+    ax_l.plot(xs, [r["p99_ms"] for r in rows], "o-", label="GetCandidates p99")
+    ax_l.plot(xs, [r["p50_ms"] for r in rows], "s-", label="GetCandidates p50")
+    ax_l.axhline(target_ms, color="grey", linestyle=":", label=f"target p99 {target_ms} ms")
+    ax_l.set(xlabel="server processes", ylabel="ms", title="latency")
+    for ax in (ax_q, ax_l):
+        ax.set_xticks(xs)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpc_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", default="1,2,3", help="server process counts to measure, comma-separated")
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--items", type=int, default=100, help="candidates per surface in the topic")
+    parser.add_argument("--limit", type=int, default=100, help="candidates asked per request")
+    parser.add_argument("--concurrency", type=int, default=16, help="ghz -c: calls in flight")
+    parser.add_argument("--connections", type=int, default=12, help="ghz --connections (spread over processes)")
+    parser.add_argument("--ghz-cpus", type=int, default=1, help="GOMAXPROCS of ghz")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (approx.)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
+    parser.add_argument("--p99-target-ms", type=float, default=5.0)
+    parser.add_argument("--bootstrap", help="use this Kafka instead of starting a local broker")
+    args = parser.parse_args(argv)
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    binary = find_ghz()
+    load_before = os.getloadavg()[0]
+
+    with tempfile.TemporaryDirectory(prefix="grpc-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        broker = None
+        if args.bootstrap is None:
+            broker = LocalBroker(KafkaSettings(data_dir=tmp / "kafka", port=free_port(),
+                                               controller_port=free_port(), partitions=2))
+        try:
+            bootstrap = args.bootstrap or broker.start()  # type: ignore[union-attr]
+            topic = f"candidates-bench-{uuid.uuid4().hex[:8]}"
+            started = time.perf_counter()
+            asyncio.run(fill_topic(bootstrap, topic, args.users, args.items))
+            print(f"topic {topic}: {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
+            data = tmp / "requests.json"
+            data.write_text(json.dumps([{"user_id": f"user-{u}", "surface": SURFACES[u % 3], "limit": args.limit}
+                                        for u in range(args.users)]))
+            env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
+                   "RECSYS_INFERENCE__MODEL_DIR": str(tmp / "no-model")}
+            rows = []
+            for workers in worker_counts:
+                row: dict[str, Any] = {"workers": workers}
+                for name, argv_, marker in [
+                    ("echo", [sys.executable, "-m", "benchmarks.grpc.echo_server"], "echo ready"),
+                    ("serve", [sys.executable, "-m", "recsys.cli", "serve"], "serving on port"),
+                ]:
+                    port = free_port()
+                    procs = Processes([*argv_, "--port", str(port), "--workers", str(workers)], env, marker, workers,
+                                      tmp / f"{name}-{workers}.log")
+                    try:
+                        procs.wait_ready()
+                        if name == "serve":
+                            check_served(port)
+                        result = measure(binary, f"127.0.0.1:{port}", data, args, procs.proc.pid)
+                    finally:
+                        procs.stop()
+                    prefix = "echo_" if name == "echo" else ""
+                    row.update({f"{prefix}{k}": v for k, v in result.items()})
+                row["ratio"] = row["qps"] / row["echo_qps"]
+                row["cpu_ratio"] = row["echo_cpu_us_per_call"] / row["cpu_us_per_call"]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        finally:
+            if broker is not None:
+                broker.destroy()
+
+    within = [r for r in rows if r["p99_ms"] <= args.p99_target_ms]
+    best = max(within or rows, key=lambda r: r["qps"])
+    metrics: dict[str, Any] = {
+        "qps": round(best["qps"], 1), "p50_ms": round(best["p50_ms"], 3), "p99_ms": round(best["p99_ms"], 3),
+        "echo_qps": round(best["echo_qps"], 1), "ratio": round(best["ratio"], 3), "workers": best["workers"],
+        "echo_p99_ms": round(best["echo_p99_ms"], 3), "errors": best["errors"] + best["echo_errors"],
+        # server CPU per call (all its processes) and the echo's: robust to the shared machine's load
+        "cpu_us_per_call": round(best["cpu_us_per_call"], 1), "echo_cpu_us_per_call": round(best["echo_cpu_us_per_call"], 1),
+        "cpu_ratio": round(best["cpu_ratio"], 3),
+        "meets_target": int(best["qps"] >= 5000 and best["p99_ms"] <= args.p99_target_ms),
+        "users": args.users, "items_per_surface": args.items, "limit": args.limit,
+        "concurrency": args.concurrency, "connections": args.connections, "ghz_cpus": args.ghz_cpus,
+        "ghz_version": GHZ_VERSION, "loadavg_1m_before": round(load_before, 2),
+    }
+    for r in rows:
+        w = r["workers"]
+        metrics.update({f"qps_w{w}": round(r["qps"], 1), f"p50_ms_w{w}": round(r["p50_ms"], 3),
+                        f"p99_ms_w{w}": round(r["p99_ms"], 3), f"echo_qps_w{w}": round(r["echo_qps"], 1),
+                        f"echo_p99_ms_w{w}": round(r["echo_p99_ms"], 3), f"ratio_w{w}": round(r["ratio"], 3),
+                        f"cpu_us_per_call_w{w}": round(r["cpu_us_per_call"], 1),
+                        f"echo_cpu_us_per_call_w{w}": round(r["echo_cpu_us_per_call"], 1)})
+    path = write_result("grpc", metrics)
+    plot(rows, RESULTS_DIR / "grpc.png", args.p99_target_ms)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
