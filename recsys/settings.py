@@ -205,6 +205,7 @@ class ServingSettings(BaseModel):
     tls_key: Path | None = None  # PEM private key of tls_cert
     auth_token: str | None = None  # when set, requests need `authorization: Bearer <token>`
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); ~3k q/s per process
+    uvloop: bool = True  # run the event loop on uvloop when installed (~15% less CPU per call)
     follow: bool = True  # read the `candidates` topic (False: serve a snapshot / fallback only)
     snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker)
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
