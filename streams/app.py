@@ -169,21 +169,21 @@ def create_app(settings: Settings) -> faust.App:
         now = now_ms()
         pending: dict[bytes, _Pending] = {}
         dlq_futures = []
-        for ev in window:
-            msg = ev.message
+        for faust_event in window:
+            msg = faust_event.message
             try:
-                action = _check_key(decode_event(ev.value, settings, now=now), msg.key)
-                key = action.key.encode()
+                event = _check_key(decode_event(msg.value, settings, now=now), msg.key)
+                key = event.key.encode()
                 p = pending.get(key)
                 if p is None:
-                    token = _set_current_event(ev)
+                    token = _set_current_event(faust_event)
                     try:
                         stored = table.get(key)
                     finally:
                         _current_event.reset(token)
-                    state = decode_state(stored) if stored else UserState(action.user_id, 0, ())
-                    p = pending[key] = _Pending(key, state, state.events, ev)
-                folded = fold_event(p.seq, action, settings)
+                    state = decode_state(stored) if stored else UserState(event.user_id, 0, ())
+                    p = pending[key] = _Pending(key, state, state.events, faust_event)
+                folded = fold_event(p.seq, event, settings)
             except InvalidEvent as exc:
                 counters.invalid[exc.reason] += 1
                 dlq_futures.append(
@@ -201,8 +201,8 @@ def create_app(settings: Settings) -> faust.App:
                 )
                 continue
             counters.events[folded.outcome.value] += 1
-            p.seq, p.last_event = folded.seq, ev
-            p.last_event_ts = max(p.last_event_ts, action.ts)
+            p.seq, p.last_event = folded.seq, faust_event
+            p.last_event_ts = max(p.last_event_ts, event.ts)
             # Emit even when the fold changed nothing: a duplicate or stale event may be a replay
             # after a crash whose update never left; re-emitting under a new version repairs that.
             p.emit = True
@@ -255,11 +255,11 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def _check_key(action: ActionEvent, key: bytes | None) -> ActionEvent:
+def _check_key(event: ActionEvent, key: bytes | None) -> ActionEvent:
     # Per-user order and the table's partitioning both rest on key = str(user_id).
-    if key != action.key.encode():
-        raise InvalidEvent("wrong key", f"Kafka key {key!r} is not str(user_id)={action.key!r}")
-    return action
+    if key != event.key.encode():
+        raise InvalidEvent("wrong key", f"Kafka key {key!r} is not str(user_id)={event.key!r}")
+    return event
 
 
 def main(argv: list[str]) -> int:

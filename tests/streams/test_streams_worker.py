@@ -301,7 +301,7 @@ def test_10k_events_1pct_malformed_every_valid_event_sequenced_every_bad_one_dea
     assert dead == Counter({(raw, reason): 1 for raw, reason in expected_bad.items()})
 
 
-def test_out_of_order_events_within_lateness_end_up_in_order(worker: Worker) -> None:
+def test_out_of_order_events_within_lateness_end_up_in_order_later_ones_are_dead_lettered(worker: Worker) -> None:
     user = f"ooo-{uuid.uuid4().hex[:8]}"
     t = now_ms() - 120_000
     lateness = 60_000  # the default streams.lateness_ms
@@ -311,7 +311,8 @@ def test_out_of_order_events_within_lateness_end_up_in_order(worker: Worker) -> 
 
     sent = [ev(0, 1), ev(30_000, 2), ev(10_000, 3), ev(20_000, 4), ev(5_000, 5), ev(10_000, 3)]  # last: duplicate
     too_late = ev(30_000 - lateness - 1, 6)
-    produce([*sent, too_late], worker.bootstrap, worker.actions, progress=False)
+    miskeyed: Record = (f"not-{user}", encode_event(ev(15_000, 7)))  # key must be str(user_id)
+    produce([*sent, too_late, miskeyed], worker.bootstrap, worker.actions, progress=False)
 
     want = [(1, "click", "home", t), (5, "click", "home", t + 5_000), (3, "click", "home", t + 10_000),
             (4, "click", "home", t + 20_000), (2, "click", "home", t + 30_000)]  # fmt: skip
@@ -320,8 +321,8 @@ def test_out_of_order_events_within_lateness_end_up_in_order(worker: Worker) -> 
         60,
         "the out-of-order events in order",
     )
-    dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late)})
-    assert dead == Counter({(encode_event(too_late), "too late"): 1})
+    dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late), miskeyed[1]})
+    assert dead == Counter({(encode_event(too_late), "too late"): 1, (miskeyed[1], "wrong key"): 1})
 
 
 def test_a_burst_for_one_user_yields_a_handful_of_coalesced_updates(worker: Worker) -> None:
