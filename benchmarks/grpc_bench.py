@@ -153,10 +153,10 @@ def tree_cpu_seconds(root: int) -> float:
     return sum(ticks.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
-def ghz(binary: Path, target: str, data: Path, args: argparse.Namespace, *, n: int | None = None,
+def ghz(binary: Path, target: str, data: Path, args: argparse.Namespace, concurrency: int, *, n: int | None = None,
         duration_s: float | None = None) -> dict[str, Any]:
     cmd = [str(binary), "--insecure", "--proto", str(PROTO), "--import-paths", str(PROTO_ROOT), "--call", METHOD,
-           "--data-file", str(data), "-c", str(args.concurrency), "--connections", str(args.connections),
+           "--data-file", str(data), "-c", str(concurrency), "--connections", str(min(concurrency, args.connections)),
            "--cpus", str(args.ghz_cpus), "-O", "json"]
     # -n (a count) for the measured runs: a -z (duration) run ends by closing connections under
     # calls still in flight, which shows up as UNAVAILABLE errors that are ghz's, not the server's.
@@ -168,10 +168,11 @@ def ghz(binary: Path, target: str, data: Path, args: argparse.Namespace, *, n: i
             "count": report["count"], "errors": sum(v for k, v in codes.items() if k != "OK")}
 
 
-def measure(binary: Path, target: str, data: Path, args: argparse.Namespace, server_pid: int) -> dict[str, Any]:
-    warm = ghz(binary, target, data, args, duration_s=args.warmup)
+def measure(binary: Path, target: str, data: Path, args: argparse.Namespace, concurrency: int,
+            server_pid: int) -> dict[str, Any]:
+    warm = ghz(binary, target, data, args, concurrency, duration_s=args.warmup)
     cpu_before = tree_cpu_seconds(server_pid)
-    result = ghz(binary, target, data, args, n=max(2000, int(warm["qps"] * args.duration)))
+    result = ghz(binary, target, data, args, concurrency, n=max(2000, int(warm["qps"] * args.duration)))
     result["cpu_us_per_call"] = (tree_cpu_seconds(server_pid) - cpu_before) / result["count"] * 1e6
     return result
 
@@ -185,25 +186,30 @@ def check_served(port: int) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, target_ms: float) -> None:
+    """Throughput-latency curves: one per worker count, GetCandidates solid, echo dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, (ax_q, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
-    xs = [r["workers"] for r in rows]
-    ax_q.plot(xs, [r["echo_qps"] for r in rows], "o--", label="echo ceiling")
-    ax_q.plot(xs, [r["qps"] for r in rows], "o-", label="GetCandidates")
-    ax_q.set(xlabel="server processes", ylabel="queries/s", title="throughput (ghz)")
-    ax_l.plot(xs, [r["echo_p99_ms"] for r in rows], "o--", label="echo p99")
-    ax_l.plot(xs, [r["p99_ms"] for r in rows], "o-", label="GetCandidates p99")
-    ax_l.plot(xs, [r["p50_ms"] for r in rows], "s-", label="GetCandidates p50")
-    ax_l.axhline(target_ms, color="grey", linestyle=":", label=f"target p99 {target_ms} ms")
-    ax_l.set(xlabel="server processes", ylabel="ms", title="latency")
-    for ax in (ax_q, ax_l):
-        ax.set_xticks(xs)
-        ax.legend()
-        ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for workers in sorted({r["workers"] for r in rows}):
+        mine = sorted((r for r in rows if r["workers"] == workers), key=lambda r: r["concurrency"])
+        (line,) = ax.plot([r["qps"] for r in mine], [r["p99_ms"] for r in mine], "o-",
+                          label=f"GetCandidates, {workers} process(es)")
+        ax.plot([r["echo_qps"] for r in mine], [r["echo_p99_ms"] for r in mine], "o--", color=line.get_color(),
+                alpha=0.6, label=f"echo ceiling, {workers} process(es)")
+        for r in mine:
+            ax.annotate(f"c={r['concurrency']}", (r["qps"], r["p99_ms"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.axhline(target_ms, color="grey", linestyle=":", label=f"p99 target {target_ms} ms")
+    ax.axvline(5000, color="grey", linestyle="-.", label="5,000 q/s target")
+    ax.set(xlabel="queries/s (ghz)", ylabel="p99 latency (ms)", yscale="log",
+           title="GetCandidates vs grpc.aio echo on this machine")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -214,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--items", type=int, default=100, help="candidates per surface in the topic")
     parser.add_argument("--limit", type=int, default=100, help="candidates asked per request")
-    parser.add_argument("--concurrency", type=int, default=16, help="ghz -c: calls in flight")
+    parser.add_argument("--concurrency", default="4,8,16", help="ghz -c values (calls in flight), comma-separated")
     parser.add_argument("--connections", type=int, default=12, help="ghz --connections (spread over processes)")
     parser.add_argument("--ghz-cpus", type=int, default=1, help="GOMAXPROCS of ghz")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (approx.)")
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", help="use this Kafka instead of starting a local broker")
     args = parser.parse_args(argv)
     worker_counts = [int(w) for w in args.workers.split(",")]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary = find_ghz()
     load_before = os.getloadavg()[0]
 
@@ -243,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                         for u in range(args.users)]))
             env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
                    "RECSYS_INFERENCE__MODEL_DIR": str(tmp / "no-model")}
-            rows = []
+            runs: dict[tuple[int, int], dict[str, Any]] = {}
             for workers in worker_counts:
-                row: dict[str, Any] = {"workers": workers}
                 for name, argv_, marker in [
                     ("echo", [sys.executable, "-m", "benchmarks.grpc.echo_server"], "echo ready"),
                     ("serve", [sys.executable, "-m", "recsys.cli", "serve"], "serving on port"),
@@ -257,15 +263,18 @@ def main(argv: list[str] | None = None) -> int:
                         procs.wait_ready()
                         if name == "serve":
                             check_served(port)
-                        result = measure(binary, f"127.0.0.1:{port}", data, args, procs.proc.pid)
+                        for concurrency in concurrencies:
+                            result = measure(binary, f"127.0.0.1:{port}", data, args, concurrency, procs.proc.pid)
+                            row = runs.setdefault((workers, concurrency), {"workers": workers, "concurrency": concurrency})
+                            row.update({f"{'echo_' if name == 'echo' else ''}{k}": v for k, v in result.items()})
                     finally:
                         procs.stop()
-                    prefix = "echo_" if name == "echo" else ""
-                    row.update({f"{prefix}{k}": v for k, v in result.items()})
-                row["ratio"] = row["qps"] / row["echo_qps"]
-                row["cpu_ratio"] = row["echo_cpu_us_per_call"] / row["cpu_us_per_call"]
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for concurrency in concurrencies:
+                    row = runs[(workers, concurrency)]
+                    row["ratio"] = row["qps"] / row["echo_qps"]
+                    row["cpu_ratio"] = row["echo_cpu_us_per_call"] / row["cpu_us_per_call"]
+                    print(json.dumps(row), flush=True)
+            rows = list(runs.values())
         finally:
             if broker is not None:
                 broker.destroy()
@@ -275,22 +284,23 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = {
         "qps": round(best["qps"], 1), "p50_ms": round(best["p50_ms"], 3), "p99_ms": round(best["p99_ms"], 3),
         "echo_qps": round(best["echo_qps"], 1), "ratio": round(best["ratio"], 3), "workers": best["workers"],
-        "echo_p99_ms": round(best["echo_p99_ms"], 3), "errors": best["errors"] + best["echo_errors"],
+        "concurrency": best["concurrency"], "echo_p50_ms": round(best["echo_p50_ms"], 3),
+        "echo_p99_ms": round(best["echo_p99_ms"], 3),
         # server CPU per call (all its processes) and the echo's: robust to the shared machine's load
-        "cpu_us_per_call": round(best["cpu_us_per_call"], 1), "echo_cpu_us_per_call": round(best["echo_cpu_us_per_call"], 1),
-        "cpu_ratio": round(best["cpu_ratio"], 3),
+        "cpu_us_per_call": round(best["cpu_us_per_call"], 1),
+        "echo_cpu_us_per_call": round(best["echo_cpu_us_per_call"], 1), "cpu_ratio": round(best["cpu_ratio"], 3),
+        "errors": sum(r["errors"] + r["echo_errors"] for r in rows),
         "meets_target": int(best["qps"] >= 5000 and best["p99_ms"] <= args.p99_target_ms),
-        "users": args.users, "items_per_surface": args.items, "limit": args.limit,
-        "concurrency": args.concurrency, "connections": args.connections, "ghz_cpus": args.ghz_cpus,
-        "ghz_version": GHZ_VERSION, "loadavg_1m_before": round(load_before, 2),
+        "best_qps_any_latency": round(max(r["qps"] for r in rows), 1),
+        "best_echo_qps_any_latency": round(max(r["echo_qps"] for r in rows), 1),
+        "users": args.users, "items_per_surface": args.items, "limit": args.limit, "connections": args.connections,
+        "ghz_cpus": args.ghz_cpus, "ghz_version": GHZ_VERSION, "loadavg_1m_before": round(load_before, 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
     for r in rows:
-        w = r["workers"]
-        metrics.update({f"qps_w{w}": round(r["qps"], 1), f"p50_ms_w{w}": round(r["p50_ms"], 3),
-                        f"p99_ms_w{w}": round(r["p99_ms"], 3), f"echo_qps_w{w}": round(r["echo_qps"], 1),
-                        f"echo_p99_ms_w{w}": round(r["echo_p99_ms"], 3), f"ratio_w{w}": round(r["ratio"], 3),
-                        f"cpu_us_per_call_w{w}": round(r["cpu_us_per_call"], 1),
-                        f"echo_cpu_us_per_call_w{w}": round(r["echo_cpu_us_per_call"], 1)})
+        tag = f"w{r['workers']}_c{r['concurrency']}"
+        for key in ("qps", "p50_ms", "p99_ms", "echo_qps", "echo_p99_ms", "cpu_us_per_call", "echo_cpu_us_per_call"):
+            metrics[f"{key}_{tag}"] = round(r[key], 3 if key.endswith("_ms") else 1)
     path = write_result("grpc", metrics)
     plot(rows, RESULTS_DIR / "grpc.png", args.p99_target_ms)
     print(path.read_text())
