@@ -30,7 +30,17 @@ from recsys.settings import get_settings
 from streams.schema import ActionEvent, encode_event
 from streams.synthetic import synthetic_events
 
-__all__ = ["ensure_topic", "main", "produce", "read_csv", "read_events", "read_jsonl", "read_movielens"]
+__all__ = [
+    "Record",
+    "ensure_topic",
+    "main",
+    "produce",
+    "read_csv",
+    "read_events",
+    "read_jsonl",
+    "read_movielens",
+    "to_record",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,8 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor
         admin.close()
 
 
-def _record(item: Record) -> tuple[bytes | None, bytes]:
+def to_record(item: Record) -> tuple[bytes | None, bytes]:
+    """The Kafka (key, value) of one item: events and maps keyed by str(user_id), raw records as given."""
     if isinstance(item, ActionEvent):
         return item.key.encode(), encode_event(item)
     if isinstance(item, tuple):
@@ -107,7 +118,7 @@ def produce(
     try:
         with tqdm(total=total, unit="ev", disable=not progress, desc=f"produce -> {topic}") as bar:
             for item in events:
-                key, value = _record(item)
+                key, value = to_record(item)
                 producer.send(topic, key=key, value=value).add_errback(errors.append)
                 sent += 1
                 bar.update()

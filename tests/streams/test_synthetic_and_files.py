@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from recsys.settings import Settings
-from streams.produce import _record, read_events
+from streams.produce import to_record, read_events
 from streams.schema import ActionEvent, decode_event, now_ms
 from streams.synthetic import item_cluster, synthetic_events, user_interests
 
@@ -21,7 +21,7 @@ def test_synthetic_events_are_valid_deterministic_and_time_ordered() -> None:
     assert a != list(synthetic_events(2_000, 50, 300, seed=4, start_ts_ms=1_700_000_000_000))
     assert all(x.ts < y.ts for x, y in zip(a, a[1:], strict=False))
     for e in a:
-        assert decode_event(_record(e)[1], S, now=a[-1].ts) == e
+        assert decode_event(to_record(e)[1], S, now=a[-1].ts) == e
     assert {e.surface for e in a} == set(S.events.surfaces)
     assert {e.action for e in a} == set(S.events.actions)
     assert all(e.query for e in a if e.surface == "search")
@@ -31,7 +31,7 @@ def test_synthetic_default_times_end_now_and_pass_validation() -> None:
     events = list(synthetic_events(100, 5, 20))
     assert abs(events[-1].ts - now_ms()) < 60_000
     for e in events:
-        decode_event(_record(e)[1], S)
+        decode_event(to_record(e)[1], S)
 
 
 def test_synthetic_users_mostly_act_on_their_planted_interests() -> None:
@@ -57,7 +57,7 @@ def test_movielens_ratings_become_saves_and_clicks_in_time_order(tmp_path: Path)
     assert events[0] == ActionEvent(22, 377, "click", "home", 878_887_116_000)
     assert events[1] == ActionEvent(244, 51, "save", "home", 880_606_923_000)
     for e in events:
-        decode_event(_record(e)[1], S)  # MovieLens dates (1997) are valid event times
+        decode_event(to_record(e)[1], S)  # MovieLens dates (1997) are valid event times
 
 
 def test_jsonl_and_csv_are_read_as_event_maps(tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_jsonl_and_csv_are_read_as_event_maps(tmp_path: Path) -> None:
     rows = list(read_events(csv_path))
     assert rows[0] == good
     assert rows[1] == {"user_id": 2, "item_id": 17, "action": "save", "surface": "search", "ts": 1_700_000_000_001, "query": "hats"}
-    key, value = _record(rows[1])
+    key, value = to_record(rows[1])
     assert key == b"2" and decode_event(value, S, now=1_700_000_000_001).query == "hats"
 
 
