@@ -63,9 +63,17 @@ class ModelRuntime:
         options.log_severity_level = 3  # the CUDA-missing fallback warning is expected on CPU machines
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(
-            str(model_dir / "user_model.onnx"), sess_options=options, providers=choose_providers(provider)
-        )
+        providers = choose_providers(provider)
+        if provider == "auto":
+            # Without a GPU the CUDA EP fails to load its libraries and ORT logs that as an
+            # error; in auto mode that is expected, so we report the outcome ourselves below.
+            ort.set_default_logger_severity(4)
+        try:
+            session = ort.InferenceSession(str(model_dir / "user_model.onnx"), sess_options=options, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)
+        if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != providers[0]:
+            log.warning("CUDA execution provider unavailable (no GPU or CUDA libraries): running on CPU")
         items = np.load(model_dir / "items.npz", allow_pickle=False)
         ids = items["ids"].astype(str)
         runtime = cls(

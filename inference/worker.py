@@ -212,7 +212,7 @@ class Worker:
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
         while not self.stopping.is_set():
             if self.item_follower is not None:
-                self.item_follower.poll_once(timeout_ms=0)
+                self.item_follower.poll_once()  # non-blocking here: see main()
             updates = self.poll_batch()
             if updates:
                 self.process(updates)
@@ -320,9 +320,13 @@ def main(argv: list[str]) -> int:
     store = open_store(settings, dim=runtime.dim)
     follower = None
     if not args.no_follow_items:
-        from vector_store.indexer import ItemFollower
+        # Same thread as the queries: an Edge shard belongs to one process, and interleaving
+        # writes with reads here needs no locking. A zero poll timeout keeps batches moving.
+        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, _model_id_bucket
 
-        follower = ItemFollower(settings, store)
+        model_dir = settings.inference.model_dir
+        local = settings.model_copy(update={"vector_store": settings.vector_store.model_copy(update={"indexer_poll_ms": 0})})
+        follower = ItemsFollower(store, OnnxItemEncoder(model_dir, _model_id_bucket(model_dir)), local)
     worker = Worker(settings, runtime, store, follower)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stopping.set())

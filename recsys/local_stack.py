@@ -81,7 +81,14 @@ class LocalStack:
         for name in ("streams", "worker", "serve"):
             self.start_service(name)
         self.wait_serving()
+        self.check_alive()
         return self
+
+    def check_alive(self) -> None:
+        """Fail with the log tail of any service that has exited."""
+        for name, service in self.services.items():
+            if not service.running:
+                raise RuntimeError(f"{name} exited:\n{service.log_tail()}")
 
     def _create_topics(self) -> None:
         from kafka.admin import KafkaAdminClient, NewTopic
@@ -89,7 +96,8 @@ class LocalStack:
 
         from recsys.settings import TopicSettings
 
-        topics = TopicSettings()
+        names = {k.split(".", 1)[1]: v for k, v in self.overrides.items() if k.startswith("topics.")}
+        topics = TopicSettings(**names)
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
         try:
             for name, config in [

@@ -21,6 +21,7 @@ the process that queries the store (`ItemsFollower.run` in a thread), not beside
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import threading
@@ -336,15 +337,12 @@ class OnnxItemEncoder:
 
 
 def _model_id_bucket(model_dir: Path) -> IdBucket:
-    """The model's id -> bucket mapping (owned by inference/: a vocabulary over items.npz)."""
-    from inference.items import id_bucket, load_vocab
+    """The model's id -> bucket mapping (owned by inference/, described in meta.json)."""
+    from inference.hashing import id_bucket_fn
 
-    vocab = load_vocab(model_dir)
-
-    def buckets(item_ids: Sequence[ItemId]) -> np.ndarray:
-        return np.asarray([id_bucket(i, vocab) for i in item_ids], dtype=np.int64)
-
-    return buckets
+    meta: dict[str, Any] = json.loads((Path(model_dir) / "meta.json").read_text())
+    fn: IdBucket = id_bucket_fn(meta, model_dir)
+    return fn
 
 
 # -- CLI ---------------------------------------------------------------------------------------
