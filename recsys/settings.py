@@ -52,7 +52,7 @@ class TopicSettings(BaseModel):
 class EventSettings(BaseModel):
     """What a valid action event is; shared by the streams, the model and the worker."""
 
-    surfaces: list[str] = ["home", "search", "related"]
+    surfaces: list[str] = ["home", "search", "related"]  # where actions happen; the model has one embedding per surface
     actions: list[str] = ["click", "save", "hide"]  # the outcome types
     max_event_bytes: int = 4096  # larger raw events go to the DLQ (checked before unpacking)
     max_id_length: int = 256  # string ids longer than this (utf-8 bytes) are rejected
@@ -68,7 +68,7 @@ class StreamsSettings(BaseModel):
 
     app_id: str = "recsys-streams"  # Faust app id = consumer group; names the changelog topic
     store: str = "memory://"  # table store; memory:// replays the changelog at start, rocksdb:// needs rocksdict
-    data_dir: Path = Path("var/streams")
+    data_dir: Path = Path("var/streams")  # Faust table state (rocksdb) and the worker's local files
     max_sequence_len: int = 50  # events kept per user
     max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
     lateness_ms: int = 60 * 1000  # out-of-order events up to this old are inserted in order
@@ -131,7 +131,7 @@ class TrainSettings(BaseModel):
     eval_batch: int = 512  # users per evaluation batch
     max_minutes: float = 0.0  # stop after this wall time (0 = no limit)
     finetune_epochs: int = 10  # per-surface fine-tuning of the head
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 3e-4  # learning rate of per-surface fine-tuning
     datasets_dir: Path = Path("../shared/datasets")  # public data (benchmarks only)
 
 
@@ -163,9 +163,9 @@ class VectorStoreSettings(BaseModel):
     api_key: str | None = None  # Qdrant server API key (backend=server)
     prefer_grpc: bool = True  # server: batch queries over gRPC are cheaper than REST/JSON
     timeout_s: int = 30  # server: per-request timeout
-    collection: str = "items"
-    hnsw_m: int = 16
-    hnsw_ef_construct: int = 100
+    collection: str = "items"  # collection (or Edge shard) name
+    hnsw_m: int = 16  # HNSW graph degree
+    hnsw_ef_construct: int = 100  # HNSW build-time beam width
     search_ef: int = 128  # HNSW ef at query time
     exact_below: int = 20_000  # catalogues smaller than this are searched exactly
     # edge: below exact_below, answer from an in-RAM numpy copy (BLAS) instead of Qdrant's own
