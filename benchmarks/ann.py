@@ -289,6 +289,9 @@ def plot(metrics: dict[str, Any], path: Path, target: float, k: int) -> None:
                 ax.annotate(str(ef), (q, r), fontsize=7, xytext=(3, -9), textcoords="offset points")
         ax.axvline(metrics[f"exact_qps_{tag}"], color=color, ls="--",
                    label=f"exact (numpy BLAS), {tag}")
+        if f"filtered_exact_qps_{tag}" in metrics:
+            ax.axvline(metrics[f"filtered_exact_qps_{tag}"], color=color, ls="-.",
+                       label=f"exact (numpy BLAS), {tag}, filtered")
     ax.axhline(target, color="grey", ls=":", label=f"recall@{k} = {target}")
     ax.set_xscale("log")
     ax.set_xlabel(f"queries/s (log), batches of {metrics['batch']} through VectorStore.query_batch")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class EdgeStore(VectorStore):
         if (self.path / _CONFIG_FILE).exists():
             self._dim = _stored_dim(self.path)
             self._shard = _open(lambda: qe.EdgeShard.load(str(self.path)), self.path)
+            _ensure_payload_indexes(self._shard)  # a crash right after create() skipped them
             self._refresh_exact()
 
     # -- collection ------------------------------------------------------------------------
@@ -93,10 +94,7 @@ class EdgeStore(VectorStore):
         )
         self.path.mkdir(parents=True, exist_ok=True)
         shard = _open(lambda: qe.EdgeShard.create(str(self.path), config), self.path)
-        # Keyword index: surface filters; float index: ordering by popularity (fallback).
-        shard.update(qe.UpdateOperation.create_field_index(SURFACES, qe.PayloadSchemaType.Keyword))
-        shard.update(qe.UpdateOperation.create_field_index(POPULARITY, qe.PayloadSchemaType.Float))
-        shard.flush()
+        _ensure_payload_indexes(shard)
         self._shard, self._dim = shard, dim
         self._refresh_exact()
 
@@ -228,6 +226,16 @@ class EdgeStore(VectorStore):
         self._exact = ExactIndex.build(records, matrix)
 
 
+def _ensure_payload_indexes(shard: qe.EdgeShard) -> None:
+    """Keyword index on `surfaces` (filters), float index on `popularity` (order by)."""
+    existing = shard.info().payload_schema
+    wanted = {SURFACES: qe.PayloadSchemaType.Keyword, POPULARITY: qe.PayloadSchemaType.Float}
+    for name, kind in wanted.items():
+        if name not in existing:
+            shard.update(qe.UpdateOperation.create_field_index(name, kind))
+    shard.flush()
+
+
 def _filter(surface: str | None, exclude: Sequence[ItemId]) -> qe.Filter | None:
     must = None
     if surface is not None:
@@ -260,7 +268,7 @@ def _stored_dim(path: Path) -> int:
         raise VectorStoreError(f"{path / _CONFIG_FILE} is not a readable Edge config: {e}") from e
 
 
-def _open(opener: Any, path: Path) -> qe.EdgeShard:
+def _open(opener: Callable[[], qe.EdgeShard], path: Path) -> qe.EdgeShard:
     """Open or create a shard, turning the engine's lock failure into StoreLockedError."""
     try:
         return opener()

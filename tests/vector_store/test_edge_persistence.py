@@ -110,3 +110,19 @@ def test_snapshot_hands_over_to_the_engine(tmp_path: Path) -> None:
         assert store._exact is not None and len(store._exact) == 80  # loaded back from disk
         again = store.query_batch(queries, 5, surf, excl)
         assert [[i for i, _ in q] for q in again] == [[i for i, _ in q] for q in want]
+
+
+def test_payload_indexes_are_made_on_load_if_missing(tmp_path: Path) -> None:
+    """A shard created by the engine alone (as if we crashed before indexing) gets them."""
+    import qdrant_edge as qe
+
+    path = tmp_path / "shard"
+    config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine))
+    shard = qe.EdgeShard.create(str(path), config)
+    shard.close()
+    with EdgeStore(VectorStoreSettings(path=path)) as store:
+        store.upsert(make_records(30, seed=8), clustered(30, DIM, seed=8))
+        assert len(store.top_popular("home", 3)) == 3  # order-by needs the float index
+    shard = qe.EdgeShard.load(str(path))
+    assert {"surfaces", "popularity"} <= set(shard.info().payload_schema)
+    shard.close()
