@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"w{r['workers']}_c{r['concurrency']}"
         for key in ("qps", "p50_ms", "p99_ms", "echo_qps", "echo_p99_ms", "cpu_us_per_call", "echo_cpu_us_per_call"):
             metrics[f"{key}_{tag}"] = round(r[key], 3 if key.endswith("_ms") else 1)
-    path = write_result("grpc", metrics)
+    command = shlex.join(["python", "-m", "benchmarks.grpc_bench", *(sys.argv[1:] if argv is None else argv)])
+    path = write_result("grpc", metrics, command=command)
     plot(rows, RESULTS_DIR / "grpc.png", args.p99_target_ms)
     print(path.read_text())
     return 0
