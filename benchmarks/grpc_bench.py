@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -172,10 +173,17 @@ def ghz(binary: Path, target: str, data: Path, args: argparse.Namespace, concurr
 def measure(binary: Path, target: str, data: Path, args: argparse.Namespace, concurrency: int,
             server_pid: int) -> dict[str, Any]:
     warm = ghz(binary, target, data, args, concurrency, duration_s=args.warmup)
-    cpu_before = tree_cpu_seconds(server_pid)
+    cpu_before, ghz_before = tree_cpu_seconds(server_pid), _children_cpu_seconds()
     result = ghz(binary, target, data, args, concurrency, n=max(2000, int(warm["qps"] * args.duration)))
     result["cpu_us_per_call"] = (tree_cpu_seconds(server_pid) - cpu_before) / result["count"] * 1e6
+    # the load generator's own CPU: on 2 shared cores it is what the server cannot have
+    result["ghz_cpu_us_per_call"] = (_children_cpu_seconds() - ghz_before) / result["count"] * 1e6
     return result
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # finished (waited-for) children: the ghz runs
+    return usage.ru_utime + usage.ru_stime
 
 
 def check_served(port: int) -> None:
@@ -290,6 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         # server CPU per call (all its processes) and the echo's: robust to the shared machine's load
         "cpu_us_per_call": round(best["cpu_us_per_call"], 1),
         "echo_cpu_us_per_call": round(best["echo_cpu_us_per_call"], 1), "cpu_ratio": round(best["cpu_ratio"], 3),
+        "ghz_cpu_us_per_call": round(best["ghz_cpu_us_per_call"], 1),
+        "echo_ghz_cpu_us_per_call": round(best["echo_ghz_cpu_us_per_call"], 1),
+        # what one core could serve if the server had it alone (1e6 / CPU per call)
+        "qps_per_core_capacity": round(1e6 / best["cpu_us_per_call"], 1),
+        "echo_qps_per_core_capacity": round(1e6 / best["echo_cpu_us_per_call"], 1),
+        # the most this machine could do with this client if nothing else ran: all its cores
+        # divided by the server's plus ghz's CPU per call
+        "machine_bound_qps": round((os.cpu_count() or 1) * 1e6 / (best["cpu_us_per_call"] + best["ghz_cpu_us_per_call"]), 1),
+        "echo_machine_bound_qps": round(
+            (os.cpu_count() or 1) * 1e6 / (best["echo_cpu_us_per_call"] + best["echo_ghz_cpu_us_per_call"]), 1),
         "errors": sum(r["errors"] + r["echo_errors"] for r in rows),
         "meets_target": int(best["qps"] >= 5000 and best["p99_ms"] <= args.p99_target_ms),
         "best_qps_any_latency": round(max(r["qps"] for r in rows), 1),
