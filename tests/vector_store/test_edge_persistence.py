@@ -9,10 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SURFACES, clustered, make_records, reference_search
+from vs_helpers import SURFACES, clustered, make_records, reference_search
 
 from recsys.settings import Settings, VectorStoreSettings
-from vector_store import CollectionMissingError, DimensionMismatchError, StoreLockedError, open_store
+from vector_store import (
+    CollectionMissingError,
+    DimensionMismatchError,
+    StoreLockedError,
+    open_store,
+)
 from vector_store.edge import EdgeStore
 
 DIM = 8

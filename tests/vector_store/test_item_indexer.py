@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import onnx
 import pytest
-from conftest import clustered
+from vs_helpers import clustered
 from onnx import TensorProto, helper, numpy_helper
 
 from recsys.settings import VectorStoreSettings, get_settings
@@ -43,7 +43,8 @@ def _embed_by_id(items: Sequence[ItemMessage]) -> np.ndarray:
 def test_decode_item() -> None:
     value = msgpack.packb({"item_id": "sku-1", "features": [1, 2.5], "surfaces": ["home"],
                            "created_at": 1_700_000_000_000, "popularity": 3, "extra": "ignored"})
-    assert decode_item(value, 256) == ItemMessage("sku-1", (1.0, 2.5), ("home",), 1_700_000_000_000, 3.0)
+    want = ItemMessage("sku-1", (1.0, 2.5), ("home",), 1_700_000_000_000, 3.0)
+    assert decode_item(value, 256) == want
     assert decode_item(msgpack.packb({"item_id": 7}), 256) == ItemMessage(7)
     bad = [
         None, b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"item_id": True}),
@@ -62,8 +63,8 @@ def test_decode_item() -> None:
 def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) -> None:
     with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
         # The collection need not exist yet: the first embedding fixes its width.
-        stats = index_items(store, [ItemMessage(1, popularity=0.5), ItemMessage("a", surfaces=("search",))],
-                            _embed_by_id, SURFACES)
+        first = [ItemMessage(1, popularity=0.5), ItemMessage("a", surfaces=("search",))]
+        stats = index_items(store, first, _embed_by_id, SURFACES)
         assert (stats.embedded, stats.payload_only) == (2, 0)
         assert store.records([1])[1] == ItemRecord(1, SURFACES, 0, 0.5)  # missing surfaces = all
         v1 = store.retrieve([1])[1]
@@ -72,8 +73,9 @@ def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) ->
             raise AssertionError(f"{[i.item_id for i in items]} should not be re-embedded")
 
         # A known item without features: payload update only (later message per id wins).
-        stats = index_items(store, [ItemMessage(1, popularity=0.7), ItemMessage("1", surfaces=("home",), popularity=0.9)],
-                            fail, SURFACES)
+        updates = [ItemMessage(1, popularity=0.7),
+                   ItemMessage("1", surfaces=("home",), popularity=0.9)]
+        stats = index_items(store, updates, fail, SURFACES)
         assert (stats.embedded, stats.payload_only) == (0, 1)
         assert store.records([1])[1] == ItemRecord("1", ("home",), 0, 0.9)
         np.testing.assert_allclose(store.retrieve([1])[1], v1, atol=1e-6)
@@ -104,7 +106,8 @@ def test_bulk_load_keeps_payload_learned_from_the_topic(tmp_path: Path) -> None:
         assert store.count() == 300
         assert store.records(["i3"])["i3"] == ItemRecord("i3", ("search",), 5, 0.01)
         np.testing.assert_allclose(store.retrieve(["i3"])["i3"], table.embeddings[3], atol=1e-6)
-        assert store.records(["i4"])["i4"] == ItemRecord("i4", SURFACES, 0, pytest.approx(table.popularity[4]))
+        want = ItemRecord("i4", SURFACES, 0, pytest.approx(table.popularity[4]))
+        assert store.records(["i4"])["i4"] == want
         (hits,) = store.query_batch(table.embeddings[10:11], 1)
         assert hits[0][0] == "i10"
 
@@ -147,7 +150,8 @@ def _tiny_encoder(path: Path, table: np.ndarray, w: np.ndarray) -> None:
 
 def test_onnx_item_encoder(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    table, w = rng.normal(size=(5, DIM)).astype(np.float32), rng.normal(size=(3, DIM)).astype(np.float32)
+    table = rng.normal(size=(5, DIM)).astype(np.float32)
+    w = rng.normal(size=(3, DIM)).astype(np.float32)
     _tiny_encoder(tmp_path / "item_encoder.onnx", table, w)
     buckets = {"known": 2}
     encoder = OnnxItemEncoder(tmp_path, lambda ids: np.array([buckets.get(str(i), 0) for i in ids]))

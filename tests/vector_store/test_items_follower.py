@@ -48,7 +48,8 @@ def _produce(bootstrap: str, topic: str, values: list[bytes | None], keys: list[
 
 
 def _item(item_id: str, vec: list[float], **extra: object) -> bytes:
-    return msgpack.packb({"item_id": item_id, "features": vec, "created_at": 1_700_000_000_000, **extra})
+    value = {"item_id": item_id, "features": vec, "created_at": 1_700_000_000_000, **extra}
+    return msgpack.packb(value)
 
 
 def _poll_until(follower: ItemsFollower, done: Callable[[IndexStats], bool]) -> IndexStats:
@@ -80,7 +81,8 @@ def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_pat
             stats = _poll_until(follower, lambda s: s.embedded >= 1 and s.skipped >= 1)
             assert (stats.embedded, stats.skipped) == (1, 1)
             # Retrievable by the very next query, with its surface eligibility.
-            (on_search, on_home) = store.query_batch(np.stack([eye[5], eye[5]]), 1, ["search", "home"])
+            both = np.stack([eye[5], eye[5]])
+            (on_search, on_home) = store.query_batch(both, 1, ["search", "home"])
             assert on_search == [("new", pytest.approx(1.0))]
             assert on_home and on_home[0][0] != "new"
         finally:

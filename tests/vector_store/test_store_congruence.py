@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+from vs_helpers import (
     EXACT_BACKENDS,
     SURFACES,
     assert_same_hits,
@@ -27,7 +27,7 @@ from vector_store import ItemId, ItemRecord, VectorStore, point_id
 
 pytestmark = [
     # qdrant-client's local mode says (rightly) that it ignores indexes and search params.
-    pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local Qdrant:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local:UserWarning"),
     pytest.mark.filterwarnings("ignore:Local mode performs exact:UserWarning"),
 ]
 
@@ -116,7 +116,8 @@ def test_upsert_replaces_vector_and_payload(kind: str, stores: Callable[..., Vec
     # "42" is the same item as 42 (same point); it moves to `search` and turns around.
     store.upsert([ItemRecord("42", ("search",), 2, 0.9)], np.array([[-1, 0]], np.float32))
     assert store.count() == 2
-    assert store.query_batch(np.array([[1, 0]], np.float32), 5, ["home"])[0] == [("a", pytest.approx(0.0, abs=1e-6))]
+    (hits,) = store.query_batch(np.array([[1, 0]], np.float32), 5, ["home"])
+    assert hits == [("a", pytest.approx(0.0, abs=1e-6))]
     (hits,) = store.query_batch(np.array([[-1, 0]], np.float32), 5, ["search"])
     assert hits == [("42", pytest.approx(1.0))]
     assert store.records([42])[42] == ItemRecord("42", ("search",), 2, 0.9)
