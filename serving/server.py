@@ -97,14 +97,17 @@ def validate_request(request: pb.GetCandidatesRequest, limits: Limits) -> str | 
 def encode_candidates(lists: SurfaceList) -> tuple[bytes, tuple[int, ...]]:
     """A list as the wire bytes of `GetCandidatesResponse.candidates`, and the byte offset at
     which each entry ends (offsets[k] = end of the first k), so the first k candidates are
-    `encoded[:offsets[k]]`. Memoised on the list: building 100 Candidate messages in Python
-    costs ~100 us, merging the bytes ~5 us (protobuf merges repeated fields by concatenation).
+    `encoded[:offsets[k]]`. Memoised on the list: encoding 100 candidates costs ~60 us in
+    Python, merging a prefix of the bytes ~5 us (protobuf merges repeated fields by
+    concatenation), so a list served again costs next to nothing.
     """
     if (cached := lists.memo.get("pb")) is not None:
         return cached  # type: ignore[no-any-return]
-    encoded = pb.GetCandidatesResponse(
-        candidates=[pb.Candidate(item_id=i, score=s) for i, s in zip(lists.items, lists.scores, strict=True)]
-    ).SerializeToString()
+    message = pb.GetCandidatesResponse()
+    add = message.candidates.add  # ~2x cheaper than building Candidate objects and extending
+    for item_id, score in zip(lists.items, lists.scores, strict=True):
+        add(item_id=item_id, score=score)
+    encoded = message.SerializeToString()
     offsets, pos = [0], 0
     while pos < len(encoded):  # each entry: tag 0x1a (field 3, length-delimited), varint length, body
         pos, length, shift = pos + 1, 0, 0
