@@ -9,8 +9,8 @@ What runs (all real, on this machine):
 2. `recsys serve --workers W` (W processes sharing the port with SO_REUSEPORT), each reading
    the topic whole before it reports SERVING: the production entry point, unchanged;
 3. ghz (a Go gRPC load generator, not ours; pinned GHZ_VERSION, installed with `go install`
-   into the cache dir when missing) asking GetCandidates(limit = `--limit`) for users round-robin
-   over the three surfaces, `--concurrency` calls in flight on `--connections` connections;
+   into the cache dir when missing) asking GetCandidates(limit = `--limit`) for every
+   (user, surface) pair in turn, `--concurrency` calls in flight on `--connections` connections;
 4. the same ghz run against benchmarks/grpc/echo_server.py with the same W: the same service
    answering with no work at all, i.e. the cost of Python gRPC itself: the ceiling.
 
@@ -255,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(fill_topic(bootstrap, topic, args.users, args.items))
             print(f"topic {topic}: {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
             data = tmp / "requests.json"
-            data.write_text(json.dumps([{"user_id": f"user-{u}", "surface": SURFACES[u % 3], "limit": args.limit}
-                                        for u in range(args.users)]))
+            # every (user, surface) pair once, in a cycle: with 10k users a 10 s run serves each
+            # list about once, like real traffic (a list is read after each update), so the
+            # server's memoised encoding is mostly cold: the pessimistic case
+            data.write_text(json.dumps([{"user_id": f"user-{u}", "surface": s, "limit": args.limit}
+                                        for s in SURFACES for u in range(args.users)]))
             env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
                    "RECSYS_INFERENCE__MODEL_DIR": str(tmp / "no-model")}
             runs: dict[tuple[int, int], dict[str, Any]] = {}
