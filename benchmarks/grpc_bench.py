@@ -14,12 +14,14 @@ What runs (all real, on this machine):
 4. the same ghz run against benchmarks/grpc/echo_server.py with the same W: the same service
    answering with no work at all, i.e. the cost of Python gRPC itself: the ceiling.
 
-Writes benchmarks/results/grpc.json: the headline `qps`, `p50_ms`, `p99_ms`, `echo_qps` and
-`ratio` (= qps / echo_qps), and the server CPU per call for both (`cpu_us_per_call`,
-`echo_cpu_us_per_call`, `cpu_ratio` = echo / serve: load-independent) at the worker count with the most q/s whose p99 is within
-`--p99-target-ms` (else the most q/s), plus every run as `<metric>_w<W>`; and grpc.png.
-ghz shares the 2 cores with the servers (GOMAXPROCS = `--ghz-cpus`), as any co-located client
-would; the 1-minute load average before the runs is recorded because the machine is shared.
+Writes benchmarks/results/grpc.json: the headline `qps`, `p50_ms`, `p99_ms`, `echo_qps`,
+`ratio` (= qps / echo_qps) of the run (workers W, concurrency c) with the most q/s whose p99 is
+within `--p99-target-ms` (else the most q/s); the CPU per call of the server, of the echo and of
+ghz itself (`cpu_us_per_call`, ...; on a shared machine CPU per call moves far less than q/s,
+and `cpu_ratio` = echo / serve is the load-independent ratio); `machine_bound_qps` = cores /
+(server + ghz CPU per call); every run as `<metric>_w<W>_c<c>`; and grpc.png.
+ghz shares the cores with the servers (GOMAXPROCS = `--ghz-cpus`), as any co-located client
+would; the 1-minute load average before and after is recorded because the machine is shared.
 """
 
 from __future__ import annotations
