@@ -31,18 +31,33 @@ _BLOCK_SCORES = 1 << 22
 def topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Unfiltered exact top-k by dot product: (indices [Q, k], scores [Q, k]), best first.
 
-    Both inputs are float32 rows; normalise them first for cosine.
+    Both inputs are float32 rows; normalise them first for cosine. The catalogue is walked in
+    column blocks (all queries against each block, then a merge of the per-block winners), so
+    every item vector is read once per call however many queries there are.
     """
     n = vectors.shape[0]
     k = min(k, n)
-    idx = np.empty((queries.shape[0], k), dtype=np.int64)
-    val = np.empty((queries.shape[0], k), dtype=np.float32)
-    rows = max(1, _BLOCK_SCORES // max(n, 1))
-    for start in range(0, queries.shape[0], rows):
-        scores = queries[start : start + rows] @ vectors.T  # [q, N]
-        i, v = _select(scores, k)
-        idx[start : start + rows], val[start : start + rows] = i, v
-    return idx, val
+    cols = max(k, _BLOCK_SCORES // max(queries.shape[0], 1))
+    if cols >= n:
+        return _select(queries @ vectors.T, k)
+    idx, val = [], []
+    for start in range(0, n, cols):
+        scores = queries @ vectors[start : start + cols].T  # [Q, cols]
+        i, v = _select(scores, min(k, scores.shape[1]))
+        idx.append(i + start)
+        val.append(v)
+    return _merge(idx, val, k)
+
+
+def _merge(
+    idx: list[np.ndarray], val: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of per-block winners (global column indices ``idx``, scores ``val``)."""
+    if len(idx) == 1:
+        return idx[0], val[0]
+    cand_idx, cand_val = np.concatenate(idx, axis=1), np.concatenate(val, axis=1)
+    best, best_val = _select(cand_val, k)
+    return np.take_along_axis(cand_idx, best, axis=1), best_val
 
 
 def _select(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,27 +135,36 @@ class ExactIndex:
             return [[] for _ in range(len(queries))]
         q = normalise(queries)
         k = min(limit, n)
-        # Filters as column lists, once per call: ineligible columns per surface, and
-        # (query, column) pairs of excluded items.
-        ineligible = {
-            s: np.flatnonzero(~self.surface_masks[s]) if s in self.surface_masks else slice(None)
+        # Filters, once per call: the queries of each surface, and the (query, column) pairs
+        # of excluded items.
+        by_surface = {
+            s: np.array([j for j, x in enumerate(surfaces) if x == s], dtype=np.int64)
             for s in set(surfaces)
             if s is not None
         }
-        banned = [
-            [self.rows[p] for p in map(point_id, excl) if p in self.rows] for excl in exclude
+        pairs = [
+            (j, self.rows[p]) for j, excl in enumerate(exclude)
+            for p in map(point_id, excl) if p in self.rows
         ]
+        ban = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        # Column blocks, as in topk: every item vector is read once per call.
+        cols = max(k, _BLOCK_SCORES // max(len(q), 1))
+        idx_parts, val_parts = [], []
+        for start in range(0, n, cols):
+            end = min(n, start + cols)
+            scores = q @ self.vectors[start:end].T  # [Q, end - start]
+            for surface, qs in by_surface.items():
+                mask = self.surface_masks.get(surface)
+                off = slice(None) if mask is None else np.flatnonzero(~mask[start:end])
+                scores[np.ix_(qs, np.arange(end - start)[off])] = -np.inf
+            here = (ban[:, 1] >= start) & (ban[:, 1] < end)
+            scores[ban[here, 0], ban[here, 1] - start] = -np.inf
+            i, v = _select(scores, min(k, end - start))
+            idx_parts.append(i + start)
+            val_parts.append(v)
+        idx, val = _merge(idx_parts, val_parts, k)
         out: list[list[tuple[ItemId, float]]] = []
-        step = max(1, _BLOCK_SCORES // n)
-        for start in range(0, len(q), step):
-            scores = q[start : start + step] @ self.vectors.T  # [q, N]
-            for j in range(scores.shape[0]):
-                surface = surfaces[start + j]
-                if surface is not None:
-                    scores[j, ineligible[surface]] = -np.inf
-                scores[j, banned[start + j]] = -np.inf
-            idx, val = _select(scores, k)
-            for i_row, v_row in zip(idx.tolist(), val.tolist(), strict=True):
-                hits = zip(i_row, v_row, strict=True)
-                out.append([(self.item_ids[i], v) for i, v in hits if v != -np.inf])
+        for i_row, v_row in zip(idx.tolist(), val.tolist(), strict=True):
+            hits = zip(i_row, v_row, strict=True)
+            out.append([(self.item_ids[i], v) for i, v in hits if v != -np.inf])
         return out

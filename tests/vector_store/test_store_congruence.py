@@ -200,3 +200,39 @@ def test_generated_catalogues_agree(case: tuple) -> None:  # type: ignore[type-a
                 store.upsert(records, vectors)
                 got = store.query_batch(queries, limit, surfaces, exclude)
                 assert_same_hits(got, want, score, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 300), n_q=st.integers(1, 20), k=st.integers(1, 40),
+    block=st.sampled_from([1, 7, 64, 1 << 22]), seed=st.integers(0, 2**32 - 1),
+)
+def test_blocked_topk_is_exact(n: int, n_q: int, k: int, block: int, seed: int) -> None:
+    """The column-blocked top-k (any block size) equals a full sort."""
+    import vector_store.exact as exact
+
+    rng = np.random.default_rng(seed)
+    x, q = rng.normal(size=(n, 5)).astype(np.float32), rng.normal(size=(n_q, 5)).astype(np.float32)
+    old, exact._BLOCK_SCORES = exact._BLOCK_SCORES, block
+    try:
+        idx, val = exact.topk(q, x, k)
+    finally:
+        exact._BLOCK_SCORES = old
+    full = q @ x.T
+    want = -np.sort(-full, axis=1)[:, : min(k, n)]
+    np.testing.assert_allclose(val, want, rtol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1), val, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 50, 1 << 22])
+def test_exact_index_blocks_agree(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters hold across column blocks of any size (blocks split surfaces and exclusions)."""
+    import vector_store.exact as exact
+
+    records, vectors, queries, surfaces, exclude = _workload(300, 30, seed=13)
+    monkeypatch.setattr(exact, "_BLOCK_SCORES", block)
+    index = exact.ExactIndex.build(records, vectors)
+    for limit in (1, 10, 400):
+        got = index.search(queries, limit, surfaces, exclude)
+        want = reference_search(records, vectors, queries, limit, surfaces, exclude)
+        assert_same_hits(got, want, _scorer(records, vectors, queries, surfaces, exclude))
