@@ -158,7 +158,7 @@ class VectorStoreSettings(BaseModel):
 
     backend: str = "edge"  # edge (embedded Qdrant Edge) | server (qdrant-client)
     path: Path = Path("var/qdrant")  # Qdrant Edge shard directory
-    # Qdrant server, e.g. http://qdrant:6333 (backend=server); ":memory:" = qdrant-client local mode
+    # Qdrant server URL, e.g. http://qdrant:6333 (backend=server); ":memory:" = local mode (tests)
     url: str | None = None
     api_key: str | None = None  # Qdrant server API key (backend=server)
     prefer_grpc: bool = True  # server: batch queries over gRPC are cheaper than REST/JSON
@@ -166,22 +166,17 @@ class VectorStoreSettings(BaseModel):
     collection: str = "items"  # collection (or Edge shard) name
     hnsw_m: int = 16  # HNSW graph degree
     hnsw_ef_construct: int = 100  # HNSW build-time beam width
-    search_ef: int = 128  # HNSW ef at query time
+    search_ef: int = 128  # HNSW ef at query time (at least the query's limit)
     exact_below: int = 20_000  # catalogues smaller than this are searched exactly
-    # edge: below exact_below, answer from an in-RAM numpy copy (BLAS) instead of Qdrant's own
-    # full scan; valid because one process owns the shard. False = always ask Qdrant.
+    # Edge below exact_below: search an in-RAM numpy copy with BLAS (false: ask Qdrant)
     numpy_exact: bool = True
     upsert_batch: int = 4096  # points per update call (bounds the request/WAL entry size)
-    # edge: segments above this size (KB) get an HNSW graph on optimize(); Qdrant's default.
-    indexing_threshold_kb: int = 10_000
-    # edge: search threads (None = one per CPU). The machine is shared, so keep this small.
-    max_search_threads: int | None = None
+    indexing_threshold_kb: int = 10_000  # Edge segments above this (KB) get HNSW on optimize()
+    max_search_threads: int | None = None  # Edge search thread pool size (None = one per CPU)
     indexer_group_id: str = "recsys-indexer"  # consumer group following the `items` topic
     indexer_poll_ms: int = 500  # how long one poll of `items` waits for records
     indexer_max_records: int = 512  # items embedded and upserted per batch
-    # items the follower upserts before it rebuilds the HNSW graph (edge); 0 = never.
-    # New points are searchable (brute force) before that; this only keeps queries fast.
-    optimize_every: int = 50_000
+    optimize_every: int = 50_000  # new items before the follower rebuilds Edge's HNSW (0 = never)
 
 
 class ServingSettings(BaseModel):
