@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -375,6 +376,8 @@ def main(argv: list[str]) -> int:
         encoder = OnnxItemEncoder(model_dir, _model_id_bucket(model_dir))
         follower = ItemsFollower(store, encoder, settings)
         stop = threading.Event()
+        # `docker stop` sends SIGTERM: finish the current batch, close cleanly.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             log.info("following %r", settings.topics.items)
             follower.run(stop)
