@@ -1,0 +1,268 @@
+"""Offline evaluation of the generative retriever (`recsys evaluate`).
+
+- `ranking_metrics`: full-ranking Recall@K / NDCG@K of single held-out targets over every item
+  of the catalogue (no sampled negatives). `exclude_history` masks the items the user already
+  interacted with; the benchmark reports both variants and says which is headline.
+- `window_recall`: PinRec's unordered recall: the merged candidate list of the M generated
+  embeddings against every item the user engages with in a future window.
+- `diversity`: intra-list diversity and category coverage of merged lists (model-independent:
+  measured on item features such as genres, not on the model's own embeddings).
+- per-outcome recall: `ranking_metrics(..., outcome=...)` conditions every query on a given
+  outcome (or the target's true one, or none) and `target_action` restricts to targets of one
+  outcome.
+
+Queries are generated through `GenerativeRetriever.forward`, the very graph that is exported
+to ONNX, fed with item-side embeddings exactly as the worker feeds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inference.data import EventLog, eval_histories
+from inference.model import GenerativeRetriever
+
+OutcomeChoice = str | int  # "true" (the target's own), "none" (0), an action name or an index
+
+
+@dataclass
+class QueryBatch:
+    rows: np.ndarray  # int64 [B] target rows in the log
+    queries: torch.Tensor  # float32 [B, M, D]
+
+
+@torch.no_grad()
+def item_matrix(model: GenerativeRetriever, features: np.ndarray | None) -> torch.Tensor:
+    """The L2-normalised item table (N, D) the vector store would index."""
+    model.eval()
+    feats = None if features is None else torch.as_tensor(features, dtype=torch.float32, device=_device(model))
+    return model.item_table(feats).float()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _resolve(choice: OutcomeChoice, true_values: np.ndarray, vocab: Sequence[str]) -> np.ndarray:
+    if isinstance(choice, (int, np.integer)):
+        return np.full_like(true_values, int(choice))
+    if choice == "true":
+        return true_values
+    if choice == "none":
+        return np.zeros_like(true_values)
+    if choice in vocab:
+        return np.full_like(true_values, list(vocab).index(choice) + 1)
+    raise ValueError(f"unknown conditioning {choice!r}: use true, none or one of {list(vocab)}")
+
+
+@torch.no_grad()
+def generate(
+    model: GenerativeRetriever,
+    log: EventLog,
+    rows: np.ndarray,
+    items: torch.Tensor,
+    *,
+    outcome: OutcomeChoice = "true",
+    surface: OutcomeChoice = "true",
+    batch_size: int = 512,
+) -> Iterator[QueryBatch]:
+    """Queries (B, M, D) for predicting each target row from the events before it."""
+    model.eval()
+    device = _device(model)
+    pad = torch.cat([torch.zeros(1, items.shape[1], device=device), items])  # index 0 = padding
+    for s in range(0, len(rows), batch_size):
+        r = rows[s : s + batch_size]
+        h = eval_histories(log, r, model.cfg.max_len)
+        t_out = _resolve(outcome, log.action[r], log.actions)
+        t_surf = _resolve(surface, log.surface[r], log.surfaces)
+        q = model(
+            pad[torch.as_tensor(h.item, device=device)],
+            torch.as_tensor(h.action, device=device),
+            torch.as_tensor(h.surface, device=device),
+            torch.as_tensor(h.ts, device=device),
+            torch.as_tensor(log.ts[r], device=device),
+            torch.as_tensor(t_surf[:, None], device=device),
+            torch.as_tensor(t_out[:, None], device=device),
+        )
+        yield QueryBatch(r, q[:, 0].float())
+
+
+def _history_mask(log: EventLog, rows: np.ndarray, n_items: int) -> torch.Tensor:
+    """(B, N) bool: items the user touched before each target row."""
+    starts = log.offsets[log.user[rows]]
+    lengths = rows - starts
+    r = np.repeat(np.arange(len(rows)), lengths)
+    from inference.data import _ranges
+
+    cols = log.item[_ranges(starts, rows)] - 1
+    mask = torch.zeros(len(rows), n_items, dtype=torch.bool)
+    mask[torch.as_tensor(r), torch.as_tensor(cols)] = True
+    return mask
+
+
+@torch.no_grad()
+def ranking_metrics(
+    model: GenerativeRetriever,
+    log: EventLog,
+    rows: np.ndarray,
+    *,
+    ks: Sequence[int] = (5, 10),
+    exclude_history: bool = False,
+    outcome: OutcomeChoice = "true",
+    surface: OutcomeChoice = "true",
+    target_action: str | None = None,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Full-ranking Recall@K and NDCG@K of each target row (one held-out item per row).
+
+    With M > 1 queries an item's score is its best cosine over the M queries."""
+    if target_action is not None:
+        rows = rows[log.action[rows] == log.actions.index(target_action) + 1]
+    items = item_matrix(model, log.features)
+    hits = {k: 0.0 for k in ks}
+    gains = {k: 0.0 for k in ks}
+    for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
+        scores = (qb.queries @ items.T).amax(dim=1).cpu()  # (B, N)
+        target = torch.as_tensor(log.item[qb.rows] - 1)
+        if exclude_history:
+            scores[_history_mask(log, qb.rows, items.shape[0])] = -torch.inf
+        t_score = scores.gather(1, target[:, None])
+        rank = (scores > t_score).sum(dim=1).numpy()  # 0 = top
+        for k in ks:
+            hit = rank < k
+            hits[k] += float(hit.sum())
+            gains[k] += float((hit / np.log2(rank + 2.0)).sum())
+    n = max(len(rows), 1)
+    out = {f"recall@{k}": hits[k] / n for k in ks} | {f"ndcg@{k}": gains[k] / n for k in ks}
+    out["n_targets"] = float(len(rows))
+    return out
+
+
+def merge_round_robin(ranked: np.ndarray, limit: int) -> np.ndarray:
+    """Merge M ranked lists (M, L) into one de-duplicated list of `limit`: every list gets an
+    equal share of the budget, in turns (PinRec's budget split across generated embeddings)."""
+    out: list[int] = []
+    seen: set[int] = set()
+    for col in range(ranked.shape[1]):
+        for m in range(ranked.shape[0]):
+            item = int(ranked[m, col])
+            if item not in seen:
+                seen.add(item)
+                out.append(item)
+                if len(out) == limit:
+                    return np.asarray(out)
+    return np.asarray(out)
+
+
+@torch.no_grad()
+def merged_candidates(
+    model: GenerativeRetriever,
+    log: EventLog,
+    rows: np.ndarray,
+    limit: int,
+    *,
+    outcome: OutcomeChoice = "none",
+    surface: OutcomeChoice = "true",
+    exclude_history: bool = True,
+    batch_size: int = 512,
+) -> list[np.ndarray]:
+    """Per row, the merged top-`limit` item indices (1..N) of the M generated queries."""
+    items = item_matrix(model, log.features)
+    out: list[np.ndarray] = []
+    for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
+        scores = (qb.queries @ items.T).cpu()  # (B, M, N)
+        if exclude_history:
+            scores.masked_fill_(_history_mask(log, qb.rows, items.shape[0])[:, None, :], -torch.inf)
+        top = scores.topk(min(limit, scores.shape[-1]), dim=-1).indices.numpy()  # (B, M, limit)
+        out += [merge_round_robin(t, limit) + 1 for t in top]
+    return out
+
+
+def future_window(log: EventLog, rows: np.ndarray, window: int, positive: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Item indices the user engages with in rows r .. r+window-1 (same user; optional action filter)."""
+    ends = log.offsets[log.user[rows] + 1]
+    out = []
+    for r, e in zip(rows, ends, strict=True):
+        sl = slice(r, min(r + window, e))
+        items = log.item[sl]
+        if positive is not None:
+            items = items[np.isin(log.action[sl], positive)]
+        out.append(np.unique(items))
+    return out
+
+
+def window_recall(candidates: Sequence[np.ndarray], future: Sequence[np.ndarray]) -> float:
+    """Mean over users of |candidates ∩ future| / |future| (users with an empty future skipped)."""
+    vals = [np.isin(f, c).mean() for c, f in zip(candidates, future, strict=True) if len(f)]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def diversity(candidates: Sequence[np.ndarray], item_features: np.ndarray) -> dict[str, float]:
+    """Intra-list diversity (1 - mean pairwise cosine of the items' feature vectors), the mean
+    number of distinct feature categories per list, and catalogue coverage."""
+    feats = item_features / np.maximum(np.linalg.norm(item_features, axis=1, keepdims=True), 1e-9)
+    ild, cats = [], []
+    for c in candidates:
+        f = feats[c - 1]
+        sim = f @ f.T
+        n = len(c)
+        ild.append(1.0 - (sim.sum() - np.trace(sim)) / max(n * (n - 1), 1))
+        cats.append(float((item_features[c - 1].sum(axis=0) > 0).sum()))
+    covered = np.unique(np.concatenate(list(candidates))) if candidates else np.zeros(0)
+    return {
+        "intra_list_diversity": float(np.mean(ild)),
+        "categories_per_list": float(np.mean(cats)),
+        "coverage": float(len(covered) / item_features.shape[0]),
+    }
+
+
+def popularity_metrics(log: EventLog, rows: np.ndarray, train_end: np.ndarray, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
+    """The most-popular baseline (training counts), same protocol as `ranking_metrics`."""
+    starts = log.offsets[:-1]
+    from inference.data import _ranges
+
+    counts = log.item_counts(_ranges(starts, train_end))[1:]
+    order = np.argsort(-counts, kind="stable")
+    rank_of = np.empty_like(order)
+    rank_of[order] = np.arange(len(order))
+    rank = rank_of[log.item[rows] - 1]
+    out = {f"recall@{k}": float((rank < k).mean()) for k in ks}
+    out |= {f"ndcg@{k}": float(((rank < k) / np.log2(rank + 2.0)).mean()) for k in ks}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    from inference.checkpoint import load_checkpoint
+    from inference.datasets import load_dataset, make_split
+    from recsys.settings import get_settings
+
+    settings = get_settings()
+    p = argparse.ArgumentParser(prog="recsys evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=settings.train.out_dir / "ckpt_best.pt")
+    p.add_argument("--dataset", default="beauty", help="beauty | ml100k | events | synthetic")
+    p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
+    p.add_argument("--split", default="auto", help="loo | tail | auto")
+    p.add_argument("--on", default="test", choices=["valid", "test"])
+    p.add_argument("--exclude-history", action="store_true")
+    p.add_argument("--outcome", default="true", help="true | none | an action name")
+    args = p.parse_args(argv)
+    model, ckpt = load_checkpoint(args.checkpoint)
+    log = load_dataset(args.dataset, args.path, settings)
+    log = ckpt.align(log)
+    split = make_split(log, args.split, args.dataset)
+    rows = split.test if args.on == "test" else split.valid
+    metrics = ranking_metrics(
+        model, log, rows, exclude_history=args.exclude_history, outcome=args.outcome, ks=(5, 10, 20, 50)
+    )
+    json.dump(metrics, sys.stdout, indent=2)
+    print()
+    return 0 if all(math.isfinite(v) for v in metrics.values()) else 1

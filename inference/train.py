@@ -1,0 +1,571 @@
+"""Training of the generative retriever (`recsys train`): pretraining, per-surface fine-tuning.
+
+Objective (shared/DESIGN.md, PinRec): every position t of every training window predicts
+the items engaged in its future window (the next `train.window` events that are not negative
+actions), each target conditioned on its own surface and outcome (randomly dropped to 0 =
+"unconditioned" so both modes are learned). Each target is scored by all M query slots and the
+slots form a mixture: loss = -log( mean_m softmax_m(target) ). A slot is rewarded for the
+targets it explains best, so slots specialise (future steps / distinct interests) instead of
+collapsing; for M = 1 this is plain softmax cross-entropy (SASRec with a full softmax).
+
+The softmax runs over the whole catalogue when it is small enough (`loss = full`; 12k Beauty
+items cost less than the transformer), else over the batch's own targets plus uniformly drawn
+items with log-Q correction (`loss = sampled`, the expected-inclusion probability of each
+candidate is subtracted from its logit; Yi et al. 2019, PinRec).
+
+Stages:
+1. pretrain: all surfaces, every parameter.
+2. finetune (`--finetune`): per surface, only that surface's head MLP (the item tower and the
+   transformer stay frozen, so the exported item vectors do not move); targets on that surface;
+   shown-but-not-engaged events (`train.negative_actions`, e.g. "hide") in the target window are
+   hard negatives counted `hard_negative_weight` times in the softmax.
+
+Loop: nanoGPT-shaped, one visible `while` over epochs: lr schedule -> batches (AMP, clip, step)
+-> validation every `eval_every` epochs -> best / last checkpoints -> early stopping. Seeds are
+set, `--resume` continues from ckpt_last.pt, a progress bar shows steps, curves.png plots the
+loss and validation metric. GPU and mixed precision when present; CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from inference.checkpoint import Checkpoint, load_blob, save_checkpoint
+from inference.data import EventLog, Split, TrainBatch, _ranges, iterate_train_batches, n_train_batches
+from inference.evaluate import ranking_metrics
+from inference.model import GenerativeRetriever, ModelConfig
+from recsys.settings import ModelSettings, Settings, TrainSettings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16/fp16 autocast on CUDA. On the CPU autocast costs more in casts than it saves for a
+    model this small; there only the softmax matmuls go bf16 (`softmax_dtype`)."""
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def softmax_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 for the (P, N) softmax matmuls on CPUs with native bf16 (AMX / AVX512-BF16)."""
+    if enabled and device.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def model_config(settings: ModelSettings, log_: EventLog) -> ModelConfig:
+    return ModelConfig(
+        n_buckets=log_.n_items + 1,
+        n_actions=len(log_.actions),
+        n_surfaces=len(log_.surfaces),
+        feature_dim=log_.feature_dim,
+        dim=settings.dim,
+        n_layers=settings.n_layers,
+        n_heads=settings.n_heads,
+        max_len=settings.max_len,
+        num_queries=settings.num_queries,
+        dropout=settings.dropout,
+        item_mlp=settings.item_mlp,
+        head_mult=settings.head_mult,
+        init_temperature=settings.init_temperature,
+    )
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@dataclass
+class LossSpec:
+    """What one training stage optimises."""
+
+    full_softmax: bool
+    n_negatives: int
+    negative_actions: torch.Tensor  # int64 action indices that are never targets
+    log_pop: torch.Tensor  # float32 [N+1] log training frequency (index 0 unused)
+    outcome_dropout: float
+    surface_dropout: float
+    id_dropout: float
+    surface: int | None = None  # fine-tuning: only targets on this surface
+    hard_negative_weight: float = 0.0  # 0 = no hard negatives (pretraining)
+    mm_dtype: torch.dtype | None = None  # bf16 softmax matmuls (CPU mixed precision)
+
+
+class _SoftmaxXent(torch.autograd.Function):
+    """Softmax cross-entropy of queries against an item matrix, fused for the CPU.
+
+    The (P, N) logits are the only large tensor: they are computed once, turned into
+    probabilities in place and reused as the gradient, so the step costs one matmul forward,
+    two backward and a single exp pass (3x faster than matmul + F.cross_entropy here)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,  # (P, D), temperature already folded in
+        items: torch.Tensor,  # (N, D)
+        target: torch.Tensor,  # (P,) column of the positive
+        col_bias: torch.Tensor | None,  # (N,) added to every row (log-Q correction)
+        hard: tuple[torch.Tensor, torch.Tensor, float] | None,  # (rows, cols, bias) hard negatives
+        mm_dtype: torch.dtype | None,  # bf16 matmuls under mixed precision
+    ) -> torch.Tensor:
+        qm, im = (q, items) if mm_dtype is None else (q.to(mm_dtype), items.to(mm_dtype))
+        logits = (qm @ im.T).float()
+        if col_bias is not None:
+            logits += col_bias[None, :]
+        if hard is not None:
+            rows, cols, value = hard
+            logits.index_put_((rows, cols), torch.full_like(rows, value, dtype=logits.dtype), accumulate=True)
+        tgt_logit = logits.gather(1, target[:, None]).squeeze(1)
+        m = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(m).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        probs.div_(total)
+        ctx.save_for_backward(qm, im, target, probs)
+        ctx.dtypes = (q.dtype, items.dtype)
+        return m.squeeze(1) + total.squeeze(1).log() - tgt_logit
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        qm, im, target, probs = ctx.saved_tensors
+        probs[torch.arange(len(target), device=probs.device), target] -= 1.0
+        probs.mul_(grad[:, None])
+        g = probs.to(qm.dtype)
+        return (g @ im).to(ctx.dtypes[0]), (g.T @ qm).to(ctx.dtypes[1]), None, None, None, None
+
+
+def softmax_xent(
+    q: torch.Tensor,
+    items: torch.Tensor,
+    target: torch.Tensor,
+    col_bias: torch.Tensor | None = None,
+    hard: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    mm_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Per-row cross-entropy (P,) of softmax(q @ items.T + biases) at `target`."""
+    out: torch.Tensor = _SoftmaxXent.apply(q, items, target, col_bias, hard, mm_dtype)
+    return out
+
+
+def batch_loss(
+    model: GenerativeRetriever,
+    batch: TrainBatch,
+    features: torch.Tensor | None,
+    spec: LossSpec,
+    device: torch.device,
+    frozen_trunk: bool = False,
+) -> tuple[torch.Tensor, int] | None:
+    """Mixture-of-slots softmax loss over every (position, future target) of a batch."""
+    h = batch.history
+    grad = contextlib.nullcontext() if not frozen_trunk else torch.no_grad()
+    with grad:
+        items = model.item_table(features, drop_ids=spec.id_dropout if model.training else 0.0)  # (N, D)
+        pad = F.pad(items, (0, 0, 1, 0))  # row 0 = padding
+        hidden = model.encode(
+            pad[torch.as_tensor(h.item, device=device)],
+            torch.as_tensor(h.action, device=device),
+            torch.as_tensor(h.surface, device=device),
+            torch.as_tensor(h.ts, device=device),
+        )  # (B, T, D)
+    tgt = torch.as_tensor(batch.target_item, device=device)  # (B, T, W)
+    t_act = torch.as_tensor(batch.target_action, device=device)
+    t_surf = torch.as_tensor(batch.target_surface, device=device)
+    negative = torch.isin(t_act, spec.negative_actions) & (tgt > 0)
+    positive = (tgt > 0) & ~negative
+    if spec.surface is not None:
+        positive &= t_surf == spec.surface
+    b, t, k = positive.nonzero(as_tuple=True)
+    P = len(b)
+    if P == 0:
+        return None
+    surf, out = t_surf[b, t, k], t_act[b, t, k]
+    if model.training and spec.outcome_dropout > 0:
+        out = torch.where(torch.rand(P, device=device) < spec.outcome_dropout, torch.zeros_like(out), out)
+    if model.training and spec.surface_dropout > 0:
+        surf = torch.where(torch.rand(P, device=device) < spec.surface_dropout, torch.zeros_like(surf), surf)
+    ts = torch.as_tensor(h.ts, device=device)
+    gap = torch.as_tensor(batch.target_ts, device=device)[b, t, k] - ts[b, t]
+    q = model.head(hidden[b, t], surf, out, gap)  # (P, M, D)
+    M = q.shape[1]
+    qs = (q * model.scale()).reshape(P * M, -1)  # fold the temperature into the queries
+    target = tgt[b, t, k]
+    if spec.full_softmax:
+        cand_items, col_bias = items, None
+        cols = target - 1
+        neg_cols = (tgt[b, t] - 1).clamp(min=0)  # (P, W)
+    else:
+        n = items.shape[0]
+        sampled = torch.randint(1, n + 1, (spec.n_negatives,), device=device)
+        cand = torch.unique(torch.cat([tgt[tgt > 0], sampled]))  # sorted item indices
+        # log-Q: probability that each candidate is in the set (batch targets or the uniform draw).
+        n_targets = float((tgt > 0).sum())
+        p_batch = -torch.expm1(n_targets * torch.log1p(-spec.log_pop[cand].exp().clamp(max=1 - 1e-6)))
+        p_uniform = min(1.0, spec.n_negatives / n)
+        cand_items, col_bias = items[cand - 1], -torch.log1p(-(1 - p_batch) * (1 - p_uniform))
+        cols = torch.searchsorted(cand, target)
+        neg_cols = torch.searchsorted(cand, tgt[b, t].clamp(min=1))
+    hard = None
+    if spec.hard_negative_weight > 0:
+        pr, w = negative[b, t].nonzero(as_tuple=True)  # (position row, window slot) of each hard negative
+        rows = (pr[:, None] * M + torch.arange(M, device=device)[None, :]).reshape(-1)
+        hard = (rows, neg_cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
+    ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M), col_bias, hard, spec.mm_dtype).view(P, M)
+    loss = -(torch.logsumexp(-ce, dim=1) - math.log(M))
+    return loss.mean(), P
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Stage:
+    name: str  # "pretrain" | "finetune-<surface>"
+    epochs: int
+    lr: float
+    spec: LossSpec
+    valid_rows: np.ndarray
+    trainable: list[torch.nn.Parameter] | None = None  # None = all
+    frozen_trunk: bool = False
+
+
+@dataclass
+class TrainResult:
+    best: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint: Path
+    seconds: float
+    epochs: int
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0
+
+
+def loss_spec(log_: EventLog, train_end: np.ndarray, tcfg: TrainSettings, device: torch.device) -> LossSpec:
+    counts = log_.item_counts(_ranges(log_.offsets[:-1], train_end))
+    pop = (counts + 1e-3) / (counts.sum() + 1e-3 * len(counts))
+    full = tcfg.loss == "full" or (tcfg.loss == "auto" and log_.n_items <= tcfg.full_softmax_max_items)
+    neg = [log_.actions.index(a) + 1 for a in tcfg.negative_actions if a in log_.actions]
+    return LossSpec(
+        full_softmax=full,
+        n_negatives=tcfg.n_negatives,
+        negative_actions=torch.as_tensor(neg, dtype=torch.int64, device=device),
+        log_pop=torch.as_tensor(np.log(pop), dtype=torch.float32, device=device),
+        outcome_dropout=tcfg.outcome_dropout,
+        surface_dropout=tcfg.surface_dropout,
+        id_dropout=tcfg.id_dropout,
+        mm_dtype=softmax_dtype(device, tcfg.amp),
+    )
+
+
+def fit(
+    model: GenerativeRetriever,
+    log_: EventLog,
+    split: Split,
+    tcfg: TrainSettings,
+    stage: Stage,
+    info: Checkpoint,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Run one stage to its end (epochs, early stopping or time limit); keep the best weights."""
+    device = pick_device(tcfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = stage.trainable if stage.trainable is not None else list(model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(stage.trainable is None)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = model.configure_optimizer(stage.lr, tcfg.weight_decay, (0.9, 0.98))
+    features = None if log_.features is None else torch.as_tensor(log_.features, device=device)
+    st = RunState()
+    last, best_path = out_dir / f"{stage.name}_last.pt", out_dir / f"{stage.name}_best.pt"
+    if resume and last.exists():
+        blob = load_blob(last)
+        model.load_state_dict(blob["model"])
+        if blob["optimizer"] is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+        st = RunState(**blob["state"]["run"])
+        torch.set_rng_state(blob["state"]["torch_rng"])
+        log.info("resumed %s at epoch %d", stage.name, st.epoch)
+    rng = np.random.default_rng(tcfg.seed + st.epoch)
+    steps_per_epoch = n_train_batches(log_, split.train_end, model.cfg.max_len, tcfg.batch_size)
+    total_steps = max(1, stage.epochs * steps_per_epoch)
+    metric = tcfg.eval_metric
+
+    def lr_at(step: int) -> float:
+        # Linear warm-up, then cosine decay to min_lr over the planned epochs (nanoGPT's get_lr).
+        if step < tcfg.warmup_steps:
+            return stage.lr * (step + 1) / tcfg.warmup_steps
+        ratio = min(1.0, (step - tcfg.warmup_steps) / max(1, total_steps - tcfg.warmup_steps))
+        floor = min(tcfg.min_lr, stage.lr)
+        return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (stage.lr - floor)
+
+    def checkpoint(path: Path, with_optimizer: bool) -> None:
+        info.state = {
+            "stage": stage.name,
+            "run": st.__dict__.copy(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        save_checkpoint(path, model, info, optimizer if with_optimizer else None)
+
+    t_start = time.time() - st.seconds
+    while st.epoch < stage.epochs:
+        model.train()
+        losses: list[float] = []
+        bar = tqdm(
+            iterate_train_batches(log_, split.train_end, model.cfg.max_len, tcfg.batch_size, tcfg.window, rng),
+            total=steps_per_epoch,
+            desc=f"{stage.name} {st.epoch + 1}/{stage.epochs}",
+            disable=not progress,
+            leave=False,
+            mininterval=5.0,
+            file=sys.stderr,
+        )
+        for batch in bar:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(st.step)
+            with autocast(device, tcfg.amp):
+                out = batch_loss(model, batch, features, stage.spec, device, stage.frozen_trunk)
+            if out is None:
+                continue
+            loss, _ = out
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tcfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+            optimizer.step()
+            st.step += 1
+            losses.append(loss.item())
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        st.epoch += 1
+        st.seconds = time.time() - t_start
+        row: dict[str, float] = {"epoch": st.epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
+        out_of_time = tcfg.max_minutes > 0 and st.seconds > tcfg.max_minutes * 60
+        if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time:
+            val = ranking_metrics(model, log_, stage.valid_rows, batch_size=tcfg.eval_batch)
+            row |= {f"valid_{k}": v for k, v in val.items() if k != "n_targets"}
+            if not st.best or val[metric] > st.best[f"valid_{metric}"]:
+                st.best = dict(row)
+                st.bad_evals = 0
+                checkpoint(best_path, with_optimizer=False)
+            else:
+                st.bad_evals += 1
+            log.info("%s epoch %d %s", stage.name, st.epoch, json.dumps(row))
+            st.history.append(row)
+            checkpoint(last, with_optimizer=True)
+            plot_curves(st.history, out_dir / f"{stage.name}_curves.png", metric)
+            with open(out_dir / "train.log", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"stage": stage.name, "seconds": round(st.seconds, 1)} | row) + "\n")
+            if st.bad_evals >= tcfg.patience or out_of_time:
+                break
+        else:
+            st.history.append(row)
+    if not best_path.exists():
+        checkpoint(best_path, with_optimizer=False)
+    best = load_blob(best_path)
+    model.load_state_dict(best["model"])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return TrainResult(best=st.best, history=st.history, checkpoint=best_path, seconds=st.seconds, epochs=st.epoch)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path, metric: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ep = [h["epoch"] for h in history]
+    ax.plot(ep, [h["loss"] for h in history], color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    val = [(h["epoch"], h[f"valid_{metric}"]) for h in history if f"valid_{metric}" in h]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val, strict=True), color="tab:orange", marker="o", label=f"valid {metric}")
+        ax2.set_ylabel(f"valid {metric}", color="tab:orange")
+    ax.set_title(path.stem)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def train(
+    log_: EventLog,
+    split: Split,
+    settings: Settings,
+    out_dir: Path | None = None,
+    *,
+    name: str = "model",
+    finetune: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[GenerativeRetriever, Checkpoint, list[TrainResult]]:
+    """Pretrain on every surface, optionally fine-tune each surface's head; returns the model,
+    its checkpoint info and the per-stage results. Writes `<out_dir>/ckpt_best.pt`."""
+    tcfg = settings.train
+    out_dir = Path(out_dir or tcfg.out_dir)
+    torch.set_num_threads(tcfg.num_threads)
+    seed_everything(tcfg.seed)
+    device = pick_device(tcfg.device)
+    model = GenerativeRetriever(model_config(settings.model, log_)).to(device)
+    spec = loss_spec(log_, split.train_end, tcfg, device)
+    counts = log_.item_counts(_ranges(log_.offsets[:-1], split.train_end))[1:]
+    info = Checkpoint(
+        model_args=model.cfg.to_dict(),
+        item_ids=log_.item_ids,
+        features=log_.features,
+        popularity=(counts / max(counts.sum(), 1.0)).astype(np.float32),
+        actions=tuple(log_.actions),
+        surfaces=tuple(log_.surfaces),
+        version=f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}",
+    )
+    log.info("model %s: %d parameters, %s softmax", info.version, model.n_params(), "full" if spec.full_softmax else "sampled")
+    results = [
+        fit(model, log_, split, tcfg, Stage("pretrain", tcfg.epochs, tcfg.lr, spec, split.valid), info, out_dir, resume=resume, progress=progress)
+    ]
+    if finetune:
+        for s, surface_name in enumerate(log_.surfaces, start=1):
+            rows = split.valid[log_.surface[split.valid] == s]
+            if len(rows) == 0:
+                continue
+            ft = LossSpec(**{**spec.__dict__, "surface": s, "surface_dropout": 0.0, "hard_negative_weight": tcfg.hard_negative_weight})
+            stage = Stage(
+                f"finetune-{surface_name}",
+                tcfg.finetune_epochs,
+                tcfg.finetune_lr,
+                ft,
+                rows,
+                trainable=list(model.head.mlps[s].parameters()),
+                frozen_trunk=True,
+            )
+            results.append(fit(model, log_, split, tcfg, stage, info, out_dir, resume=resume, progress=progress))
+    info.state = {"stages": [{"epochs": r.epochs, "seconds": r.seconds, "best": r.best} for r in results]}
+    save_checkpoint(out_dir / "ckpt_best.pt", model, info)
+    return model, info, results
+
+
+def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: Path, *, max_seconds: float = 45.0) -> Path:
+    """The demo's fast path: a small model trained on `events` for at most ~`max_seconds` on the
+    CPU, then exported into `out_dir` (user_model.onnx, item_encoder.onnx, items.npz, meta.json).
+    Returns `out_dir`."""
+    from inference.data import events_from_dicts, tail_split
+    from inference.export import export_model
+
+    log_ = events_from_dicts(events, settings.events.actions, settings.events.surfaces)
+    small = settings.model_copy(
+        update={
+            "model": settings.model.model_copy(update={"dim": 32, "n_layers": 1, "n_heads": 1, "dropout": 0.1}),
+            "train": settings.train.model_copy(
+                update={"epochs": 30, "eval_every": 5, "patience": 2, "max_minutes": max_seconds / 60.0, "warmup_steps": 20, "batch_size": 64}
+            ),
+        }
+    )
+    split = tail_split(log_, test_frac=0.0, valid_frac=0.1)
+    work = Path(out_dir) / "train"
+    model, info, _ = train(log_, split, small, work, name="demo", progress=False)
+    export_model(model, info, Path(out_dir))
+    return Path(out_dir)
+
+
+def main(argv: list[str]) -> int:
+    from inference.datasets import DATASETS, load_dataset, make_split
+
+    settings = get_settings()
+    p = argparse.ArgumentParser(prog="recsys train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthetic", choices=DATASETS)
+    p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
+    p.add_argument("--split", default="auto", help="loo | tail | auto (loo for beauty)")
+    p.add_argument("--out", type=Path, default=settings.train.out_dir, help="checkpoint directory")
+    p.add_argument("--finetune", action="store_true", help="fine-tune every surface's head after pretraining")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/*_last.pt")
+    p.add_argument("--export", type=Path, nargs="?", const=settings.inference.model_dir, help="also export to this model dir")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting, e.g. train.epochs=50")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    settings = apply_overrides(settings, args.set)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log_ = load_dataset(args.dataset, args.path, settings)
+    split = make_split(log_, args.split, args.dataset)
+    model, info, results = train(log_, split, settings, args.out, name=args.dataset, finetune=args.finetune, resume=args.resume, progress=not args.quiet)
+    summary = {"checkpoint": str(args.out / "ckpt_best.pt"), "version": info.version, "stages": info.state["stages"]}
+    if args.export:
+        from inference.export import export_model
+
+        export_model(model, info, args.export)
+        summary["exported"] = str(args.export)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
+
+
+def apply_overrides(settings: Settings, overrides: Iterable[str]) -> Settings:
+    """`section.field=value` pairs (value parsed as JSON when it parses) on top of `settings`."""
+    data = settings.model_dump()
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in data or name not in data[section]:
+            raise SystemExit(f"unknown setting {key!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        data[section][name] = value
+    return Settings(**data)
+
+
+def _iter_chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(x), n):
+        yield x[i : i + n]

@@ -1,0 +1,121 @@
+"""Loaders, splits and batch building: vectorised, left-padded, each target used once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference.data import (
+    eval_histories,
+    events_from_dicts,
+    iterate_train_batches,
+    leave_one_out,
+    load_movielens,
+    load_sequences,
+    reindex_items,
+    tail_split,
+    train_until,
+)
+
+
+def test_sequence_file_keeps_order_and_ids(tmp_path: Path) -> None:
+    path = tmp_path / "seq.txt"
+    path.write_text("1 10 11 12 13\n2 11 14 10\n")
+    log = load_sequences(path)
+    assert log.n_users == 2 and log.n_items == 5
+    u1 = log.item_ids[log.item[log.offsets[0] : log.offsets[1]] - 1]
+    assert u1.tolist() == ["10", "11", "12", "13"]
+    split = leave_one_out(log)
+    assert log.item_ids[log.item[split.test] - 1].tolist() == ["13", "10"]
+    assert log.item_ids[log.item[split.valid] - 1].tolist() == ["12", "14"]
+    assert split.train_end.tolist() == [2, 5]
+
+
+def test_movielens_ratings_become_outcomes(tmp_path: Path) -> None:
+    path = tmp_path / "u.data"
+    path.write_text("1\t5\t5\t300\n1\t6\t2\t100\n2\t5\t4\t200\t\t\n")
+    log = load_movielens(path)
+    assert log.actions == ("click", "save")
+    # user 1 in time order: item 6 (rating 2 -> click), item 5 (rating 5 -> save)
+    assert log.item_ids[log.item[:2] - 1].tolist() == ["6", "5"]
+    assert log.action[:2].tolist() == [1, 2]
+    assert log.ts[:2].tolist() == [100.0, 300.0]
+
+
+def test_events_are_sorted_per_user_and_validated() -> None:
+    events = [
+        {"user_id": 7, "item_id": "b", "action": "save", "surface": "home", "ts": 2000},
+        {"user_id": 7, "item_id": "a", "action": "click", "surface": "search", "ts": 1000},
+        {"user_id": "x", "item_id": "a", "action": "hide", "surface": "related", "ts": 1500},
+    ]
+    log = events_from_dicts(events, ["click", "save", "hide"], ["home", "search", "related"])
+    assert log.user_ids.tolist() == ["7", "x"]
+    assert log.item_ids[log.item - 1].tolist() == ["a", "b", "a"]
+    assert log.ts.tolist() == [1.0, 2.0, 1.5]  # seconds
+    assert log.surface.tolist() == [2, 1, 3]
+    with pytest.raises(ValueError, match="unknown action"):
+        events_from_dicts([{**events[0], "action": "buy"}], ["click"], ["home"])
+
+
+def _log(n_users: int = 30, seed: int = 0):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    events = []
+    for u in range(n_users):
+        for t in range(int(rng.integers(3, 40))):
+            events.append({"user_id": u, "item_id": int(rng.integers(50)), "action": "click", "surface": "home", "ts": 1000 * t})
+    return events_from_dicts(events, ["click"], ["home"])
+
+
+def test_every_trainable_event_is_a_target_exactly_once() -> None:
+    log = _log()
+    split = tail_split(log)
+    seen: list[int] = []
+    for batch in iterate_train_batches(log, split.train_end, 8, 4, 1, np.random.default_rng(0)):
+        rows = batch.history.rows
+        assert (batch.history.item[rows < 0] == 0).all()
+        # left padding: once a row starts, it never pads again
+        started = np.maximum.accumulate(rows >= 0, axis=1)
+        assert ((rows >= 0) == started).all()
+        tgt = batch.target_item[..., 0]
+        seen += (rows[tgt > 0] + 1).tolist()
+    starts = log.offsets[:-1]
+    expected = [r for u in range(log.n_users) for r in range(starts[u] + 1, split.train_end[u])]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_future_window_targets_stop_at_the_training_cut() -> None:
+    log = _log(seed=1)
+    split = tail_split(log, test_frac=0.2)
+    for batch in iterate_train_batches(log, split.train_end, 8, 4, 3, np.random.default_rng(0)):
+        rows = batch.history.rows
+        for k in range(3):
+            has = batch.target_item[..., k] > 0
+            target_rows = rows[has] + 1 + k
+            assert (target_rows < split.train_end[log.user[rows[has]]]).all()
+            assert (log.item[target_rows] == batch.target_item[..., k][has]).all()
+
+
+def test_eval_histories_are_the_events_before_the_target() -> None:
+    log = _log(seed=2)
+    split = tail_split(log)
+    h = eval_histories(log, split.test, 5)
+    for i, r in enumerate(split.test):
+        start = log.offsets[log.user[r]]
+        expect = log.item[max(start, r - 5) : r]
+        assert h.item[i, 5 - len(expect) :].tolist() == expect.tolist()
+        assert (h.item[i, : 5 - len(expect)] == 0).all()
+    end = train_until(split, split.valid, log)
+    assert (end >= split.train_end).all()
+
+
+def test_reindex_drops_unknown_items() -> None:
+    log = events_from_dicts(
+        [{"user_id": 1, "item_id": i, "action": "click", "surface": "home", "ts": t} for t, i in enumerate("abcab")],
+        ["click"],
+        ["home"],
+    )
+    other = reindex_items(log, np.array(["b", "z", "a"]))
+    assert other.item.tolist() == [3, 1, 3, 1]
+    assert other.offsets.tolist() == [0, 4]

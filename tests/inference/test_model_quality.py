@@ -1,0 +1,86 @@
+"""The tiny model learns the planted structure: beats popularity, follows the outcome it is
+conditioned on, and embeds an item it never saw from its content features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gr_helpers import HELD_OUT, N_CLUSTERS, N_ITEMS, features_of
+from inference.checkpoint import Checkpoint
+from inference.data import EventLog, Split
+from inference.evaluate import generate, item_matrix, popularity_metrics, ranking_metrics
+from inference.hashing import UNKNOWN_BUCKET
+from inference.model import GenerativeRetriever
+from planted import is_save_item
+
+Trained = tuple[GenerativeRetriever, Checkpoint, Path]
+
+
+def test_tiny_model_beats_popularity(tiny_model: Trained, planted_log: EventLog, planted_split: Split) -> None:
+    model, _, _ = tiny_model
+    rows = planted_split.test[planted_log.action[planted_split.test] != planted_log.actions.index("hide") + 1]
+    ours = ranking_metrics(model, planted_log, rows, ks=(10,))
+    pop = popularity_metrics(planted_log, rows, planted_split.train_end, ks=(10,))
+    assert ours["recall@10"] > pop["recall@10"] + 0.2, (ours, pop)
+    assert ours["ndcg@10"] > pop["ndcg@10"] * 1.5, (ours, pop)
+
+
+def _item_ids(log: EventLog) -> np.ndarray:
+    return np.asarray([int(i[1:]) for i in log.item_ids])
+
+
+def test_outcome_conditioning_moves_queries_to_the_matching_items(
+    tiny_model: Trained, planted_log: EventLog, planted_split: Split
+) -> None:
+    model, _, _ = tiny_model
+    rows = planted_split.test
+    items = item_matrix(model, planted_log.features)
+    save_like = torch.as_tensor([is_save_item(i, N_CLUSTERS) for i in _item_ids(planted_log)])
+
+    def queries(outcome: str) -> torch.Tensor:
+        (qb,) = list(generate(model, planted_log, rows, items, outcome=outcome, batch_size=len(rows)))
+        return qb.queries
+
+    q_save, q_click, q_none = queries("save"), queries("click"), queries("none")
+    assert (q_save - q_click).abs().max() > 0.02
+    assert (q_save - q_none).abs().max() > 0.01
+
+    # The planted save-items fill more of the top-3 under "save" than under "click" ...
+    def save_share(q: torch.Tensor) -> float:
+        top = (q @ items.T).amax(dim=1).topk(3, dim=1).indices
+        return float(save_like[top].float().mean())
+
+    assert save_share(q_save) > save_share(q_click) + 0.08
+    # ... and conditioning on the target's true outcome ranks it better than the wrong one.
+    for target, wrong in (("save", "click"), ("click", "save")):
+        right = ranking_metrics(model, planted_log, rows, ks=(3,), outcome=target, target_action=target)
+        other = ranking_metrics(model, planted_log, rows, ks=(3,), outcome=wrong, target_action=target)
+        assert right["ndcg@3"] > other["ndcg@3"], (target, right, other)
+
+
+def test_unseen_item_is_embedded_from_its_content_features(tiny_model: Trained, planted_log: EventLog) -> None:
+    model, _, _ = tiny_model
+    known = item_matrix(model, planted_log.features).numpy()
+    known_cluster = _item_ids(planted_log) % N_CLUSTERS
+    held = sorted(HELD_OUT)
+    assert not set(f"i{i}" for i in held) & set(planted_log.item_ids)  # really never seen
+    with torch.no_grad():
+        emb = model.items(
+            torch.full((len(held),), UNKNOWN_BUCKET, dtype=torch.int64), torch.as_tensor(features_of(held))
+        ).numpy()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    sims = emb @ known.T  # (H, N)
+    for row, item in enumerate(held):
+        same = known_cluster == item % N_CLUSTERS
+        top5 = np.argsort(-sims[row])[:5]
+        assert same[top5].sum() >= 4, (item, known_cluster[top5])
+        assert sims[row, same].mean() > sims[row, ~same].mean() + 0.2
+    # ...and different clusters' unseen items get different embeddings.
+    assert (emb @ emb.T)[~np.eye(len(held), dtype=bool)].max() < 0.95
+
+
+def test_planted_catalogue_is_complete(planted_log: EventLog) -> None:
+    assert planted_log.n_items == N_ITEMS - len(HELD_OUT)

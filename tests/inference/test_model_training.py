@@ -1,0 +1,103 @@
+"""Training mechanics: the fused softmax, log-Q sampled softmax, resume, fine-tuning, the demo path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gr_helpers import tiny_settings
+from inference.checkpoint import load_blob, load_checkpoint
+from inference.data import EventLog, Split
+from inference.evaluate import item_matrix, ranking_metrics
+from inference.train import Stage, fit, loss_spec, model_config, softmax_xent, train, train_small_demo_model
+from inference.model import GenerativeRetriever
+from inference.checkpoint import Checkpoint
+from planted import planted_events
+
+
+@pytest.mark.parametrize("mm_dtype", [None, torch.bfloat16])
+def test_fused_softmax_matches_cross_entropy(mm_dtype: torch.dtype | None) -> None:
+    g = torch.Generator().manual_seed(0)
+    P, N, D = 37, 101, 8
+    q = torch.randn(P, D, generator=g, requires_grad=True)
+    items = torch.randn(N, D, generator=g, requires_grad=True)
+    target = torch.randint(0, N, (P,), generator=g)
+    col_bias = torch.randn(N, generator=g)
+    rows, cols = torch.tensor([0, 0, 5]), torch.tensor([3, 7, 9])
+    weights = torch.rand(P, generator=g)
+
+    ours = softmax_xent(q, items, target, col_bias, (rows, cols, 1.5), mm_dtype)
+    (ours * weights).sum().backward()
+    grads = q.grad.clone(), items.grad.clone()  # type: ignore[union-attr]
+    q.grad = items.grad = None
+
+    logits = q @ items.T + col_bias
+    logits = logits.index_put((rows, cols), torch.full((3,), 1.5), accumulate=True)
+    ref = F.cross_entropy(logits, target, reduction="none")
+    (ref * weights).sum().backward()
+    tol = 1e-5 if mm_dtype is None else 0.1  # bf16 matmuls: ~3 significant digits
+    assert torch.allclose(ours, ref, atol=tol)
+    assert torch.allclose(grads[0], q.grad, atol=tol)  # type: ignore[arg-type]
+    assert torch.allclose(grads[1], items.grad, atol=tol)  # type: ignore[arg-type]
+
+
+def _fresh(log: EventLog, tmp: Path, *extra: str) -> tuple[GenerativeRetriever, Checkpoint, object]:
+    settings = tiny_settings(tmp, *extra)
+    torch.manual_seed(0)
+    model = GenerativeRetriever(model_config(settings.model, log))
+    info = Checkpoint(model.cfg.to_dict(), log.item_ids, log.features, np.ones(log.n_items, np.float32) / log.n_items, log.actions, log.surfaces, "test")
+    return model, info, settings
+
+
+def test_resume_continues_where_the_run_stopped(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
+    model, info, settings = _fresh(planted_log, tmp_path, "train.eval_every=1", "train.patience=100")
+    tcfg = settings.train  # type: ignore[attr-defined]
+    spec = loss_spec(planted_log, planted_split.train_end, tcfg, torch.device("cpu"))
+    stage = Stage("pretrain", 2, tcfg.lr, spec, planted_split.valid)
+    first = fit(model, planted_log, planted_split, tcfg, stage, info, tmp_path, progress=False)
+    assert first.epochs == 2 and (tmp_path / "pretrain_last.pt").exists()
+    assert (tmp_path / "pretrain_curves.png").stat().st_size > 0
+
+    model2, info2, _ = _fresh(planted_log, tmp_path)
+    stage2 = Stage("pretrain", 4, tcfg.lr, spec, planted_split.valid)
+    second = fit(model2, planted_log, planted_split, tcfg, stage2, info2, tmp_path, resume=True, progress=False)
+    assert second.epochs == 4
+    assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
+    assert load_blob(tmp_path / "pretrain_last.pt")["state"]["run"]["epoch"] == 4
+
+
+def test_sampled_softmax_with_log_q_learns(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
+    settings = tiny_settings(tmp_path, "train.loss=sampled", "train.n_negatives=8", "train.epochs=10")
+    model, _, results = train(planted_log, planted_split, settings, tmp_path, progress=False)
+    assert results[0].history[0]["loss"] > results[0].history[-1]["loss"]
+    assert ranking_metrics(model, planted_log, planted_split.valid, ks=(10,))["recall@10"] > 0.3
+
+
+def test_finetuning_moves_only_that_surfaces_head(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path]) -> None:
+    """The fixture fine-tuned every surface; pretrain_best.pt holds the weights before that."""
+    model, _, out = tiny_model
+    before = load_blob(out / "pretrain_best.pt")["model"]
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k].cpu())}
+    assert changed, "fine-tuning changed nothing"
+    assert all(k.startswith("head.mlps.") and not k.startswith("head.mlps.0.") for k in changed), changed
+    assert (out / "finetune-home_curves.png").exists()
+
+
+def test_checkpoint_round_trip(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], planted_log: EventLog) -> None:
+    model, info, out = tiny_model
+    loaded, linfo = load_checkpoint(out / "ckpt_best.pt")
+    assert linfo.version == info.version and list(linfo.item_ids) == list(info.item_ids)
+    assert torch.equal(item_matrix(loaded, planted_log.features), item_matrix(model, planted_log.features))
+
+
+def test_small_demo_model_trains_and_exports(tmp_path: Path) -> None:
+    events = planted_events(n_users=60, n_items=30, length=12, seed=3)
+    settings = tiny_settings(tmp_path)
+    out = train_small_demo_model(events, settings, tmp_path / "model", max_seconds=15)
+    for name in ("user_model.onnx", "item_encoder.onnx", "items.npz", "meta.json"):
+        assert (out / name).stat().st_size > 0, name
