@@ -4,10 +4,13 @@ The follower (serving/follower.py) feeds it every record of the compacted topic;
 handlers read it. Three rules:
 
 - **Newest wins, whatever the arrival order.** A record replaces the stored one only if its
-  `(source_event_ts, generated_at)` is larger: a list built from a newer action always wins, and
-  for the same action the later generation (e.g. a new model) wins. A replayed or late older
-  record (a worker retry, a partition read out of order, a snapshot older than the topic) never
-  overwrites a newer one, so applying the whole topic again is harmless.
+  `(version, source_event_ts, generated_at)` is larger. `version` is the user-update version the
+  worker copies into the record (strictly increasing per user): it orders correctly even when a
+  late event, older than the user's newest, was folded in (its update's source_event_ts is
+  older, yet the update is newer). Records without it (-1) fall back to the source event time.
+  For the same update, the later generation (e.g. by a new model) wins. A replayed or older
+  record (a worker retry, a snapshot older than the topic) never overwrites a newer one, so
+  applying the whole topic again is harmless.
 - **Bounded memory.** At most `max_users` users, least recently used (read or written) evicted
   first; an evicted user is served the popularity fallback until their next update. Item ids
   are interned and scores kept as float32 arrays: ~4 KB per user at 3 surfaces x 100 items,
@@ -60,11 +63,12 @@ class UserCandidates:
     source_event_ts: int  # ms, event time of the newest action folded in
     generated_at: int  # ms, when the worker produced the lists
     surfaces: Mapping[str, SurfaceList]
+    version: int = -1  # the user-update version the lists were built from; -1 = not given
 
     @property
-    def order_key(self) -> tuple[int, int]:
-        """Larger is newer: the source event first, then the generation time."""
-        return (self.source_event_ts, self.generated_at)
+    def order_key(self) -> tuple[int, int, int]:
+        """Larger is newer: the update version, then the source event, then the generation."""
+        return (self.version, self.source_event_ts, self.generated_at)
 
     def to_wire(self) -> dict[str, Any]:
         """Back to the topic's msgpack map (used by snapshots and tests)."""
@@ -74,6 +78,7 @@ class UserCandidates:
             "source_event_ts": self.source_event_ts,
             "generated_at": self.generated_at,
             "surfaces": {s: {"items": list(v.items), "scores": list(v.scores)} for s, v in self.surfaces.items()},
+            **({"version": self.version} if self.version >= 0 else {}),
         }
 
 
@@ -97,6 +102,7 @@ def parse_candidates(value: Any, *, max_items: int | None = None) -> UserCandida
         model_version = value.get("model_version", "")
         source_event_ts = _int(value["source_event_ts"], "source_event_ts")
         generated_at = _int(value["generated_at"], "generated_at")
+        version = _int(value.get("version", -1), "version")
     except KeyError as missing:
         raise MalformedCandidates(f"missing field {missing}") from None
     if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or user_id == "":
@@ -125,7 +131,7 @@ def parse_candidates(value: Any, *, max_items: int | None = None) -> UserCandida
         if not {type(s) for s in scores} <= {float, int}:  # bool is its own type here
             raise MalformedCandidates(f"surface {surface!r}: scores must be numbers")
         surfaces[surface] = SurfaceList(tuple(map(sys.intern, items)), array("f", scores))
-    return UserCandidates(str(user_id), model_version, source_event_ts, generated_at, surfaces)
+    return UserCandidates(str(user_id), model_version, source_event_ts, generated_at, surfaces, version)
 
 
 class CandidateStore:

@@ -22,7 +22,7 @@ def test_parse_turns_ids_into_strings_and_cuts_lists(make_candidates: Make) -> N
     assert record.user_id == "7"
     assert record.surfaces["home"].items == ("0", "1", "2", "3", "4")
     assert tuple(record.surfaces["home"].scores) == (30.0, 29.0, 28.0, 27.0, 26.0)
-    assert record.order_key == (10, 11)
+    assert record.order_key == (-1, 10, 11)  # no update version on the record
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_newest_wins_in_any_arrival_order(make_candidates: Make) -> None:
         for ts, gen in order + order:  # a full replay on top changes nothing
             store.apply(make_candidates("u", source_event_ts=ts, generated_at=gen, tag=f"{ts}/{gen}"))
         record = store.get("u")
-        assert record is not None and record.order_key == (30, 31)
+        assert record is not None and record.order_key == (-1, 30, 31)
         assert record.surfaces["home"].items[0] == "home30/31-u-0"
 
 
@@ -82,6 +82,21 @@ def test_an_older_record_never_overwrites_a_newer_one(make_candidates: Make) -> 
     record = store.get("u")
     assert record is not None and record.model_version == "new"
     assert store.stale == 2
+
+
+def test_the_update_version_orders_before_event_time(make_candidates: Make) -> None:
+    """A late event (older than the user's newest) folded into update v2 gives v2 an older
+    source_event_ts than v1; v2 is still the newer list."""
+    store = CandidateStore(10)
+    v1 = {**make_candidates("u", source_event_ts=1_000, tag="v1"), "version": 1}
+    v2 = {**make_candidates("u", source_event_ts=900, tag="v2"), "version": 2}
+    for order in ([v1, v2], [v2, v1]):
+        store = CandidateStore(10)
+        for value in order:
+            store.apply(value)
+        record = store.get("u")
+        assert record is not None and record.version == 2 and record.surfaces["home"].items[0] == "homev2-u-0"
+    assert not store.apply({**make_candidates("u", source_event_ts=5, tag="x"), "version": "3"})  # malformed
 
 
 def test_lru_bound_evicts_the_least_recently_used(make_candidates: Make) -> None:
