@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from recsys.settings import Settings
+from recsys.settings import ServingSettings, Settings
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
 from serving.server import _server_options, run_event_loop
@@ -53,12 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
-    settings = Settings(serving={"port": args.port, "workers": args.workers})
+    settings = Settings(serving=ServingSettings(port=args.port, workers=args.workers))
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_run, args=(settings.model_dump_json(),)) for _ in range(args.workers)]
     for proc in procs:
         proc.start()
-    signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
+    def forward(signum: int, frame: object) -> None:
+        for proc in procs:
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for proc in procs:
         proc.join()
