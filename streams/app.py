@@ -25,21 +25,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 import mode
 import msgpack
-from faust.streams import _current_event  # the context Faust sets while it iterates a stream
-from faust.types import EventT
+from faust.streams import _current_event  # the context var Faust's tables read the event from
+from faust.types import EventT, Message
 
 from recsys.settings import Settings, get_settings
 from streams.errors import InvalidEvent
-from streams.schema import ActionEvent, decode_event, now_ms
+from streams.delivery import WindowedApp, partition_event, set_current_event
+from streams.schema import decode_event, now_ms
 from streams.sequences import SeqEvent, UserState, decode_state, encode_state, fold_event, user_update
 
 __all__ = ["Counters", "create_app", "dlq_record", "main"]
@@ -110,22 +110,18 @@ class _Pending:
     key: bytes
     state: UserState
     seq: tuple[SeqEvent, ...]
-    last_event: EventT  # the user's newest Faust event: the partition its table write belongs to
+    event: EventT  # a Faust event of the user's source partition: table writes are routed by it
     last_event_ts: int = 0
     emit: bool = False
 
 
-def _set_current_event(event: EventT) -> Any:
-    # take_events hands us events outside Faust's per-event context, but a table write needs it
-    # (the changelog partition is the partition the user's events came from).
-    return _current_event.set(weakref.ref(event))
-
-
 def create_app(settings: Settings) -> faust.App:
-    """Build the Faust app (agent, table, topics, metrics page) without starting it."""
+    """Build the Faust app (agent, table, topics, window delivery, metrics page) without starting it."""
     cfg = settings.streams
     partitions = settings.kafka.partitions
-    app = faust.App(
+    if cfg.delivery not in ("window", "stream"):
+        raise ValueError(f"streams.delivery must be 'window' or 'stream', not {cfg.delivery!r}")
+    app = WindowedApp(
         cfg.app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka.bootstrap_servers.split(",")],
         store=cfg.store,
@@ -144,6 +140,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_max_poll_records=cfg.broker_max_poll_records,
         broker_session_timeout=cfg.session_timeout_s,
         consumer_group_instance_id=cfg.instance_id,
+        producer_max_batch_size=cfg.producer_max_batch_bytes,
         table_standby_replicas=0,  # the changelog is the replica; standbys only slow rebalances
         web_enabled=True,
         web_bind=cfg.web_host,
@@ -164,84 +161,112 @@ def create_app(settings: Settings) -> faust.App:
         "sequences", partitions=partitions, key_type=bytes, value_type=bytes, help="user -> last N events (UserState)"
     )
     counters = Counters()
+    declared: list[bool] = []
 
-    async def process_window(window: Sequence[EventT]) -> None:
+    async def declare_outputs() -> None:
+        # Faust creates the topics it consumes and the changelog; the outputs are created here,
+        # before the first send, with the app's partition count (not the broker's defaults).
+        if not declared:
+            await dlq.maybe_declare()
+            await updates.maybe_declare()
+            declared.append(True)
+
+    async def process_window(messages: Sequence[Message]) -> None:
+        """Decode, fold and write one window; return once every effect of it is durable."""
+        await declare_outputs()
+        producer = app.producer
         now = now_ms()
         pending: dict[bytes, _Pending] = {}
-        dlq_futures = []
-        for faust_event in window:
-            msg = faust_event.message
-            try:
-                event = _check_key(decode_event(msg.value, settings, now=now), msg.key)
-                key = event.key.encode()
-                p = pending.get(key)
-                if p is None:
-                    token = _set_current_event(faust_event)
-                    try:
+        sends: list[Awaitable[Any]] = []  # DLQ records and user-updates in flight
+        events: dict[int, EventT] = {}  # source partition -> a Faust event of it (table routing)
+        token = None
+        current_partition = -1
+        try:
+            for msg in messages:
+                try:
+                    event = decode_event(msg.value, settings, now=now)
+                    key = event.key.encode()
+                    if key != msg.key:  # per-user order and the table's partitioning rest on it
+                        raise InvalidEvent("wrong key", f"Kafka key {msg.key!r} is not str(user_id)={event.key!r}")
+                    p = pending.get(key)
+                    if p is None:
+                        if msg.partition != current_partition:
+                            # Table reads and writes go to the store of this source partition.
+                            current_partition = msg.partition
+                            pe = events.get(current_partition)
+                            if pe is None:
+                                pe = events[current_partition] = partition_event(app, msg)
+                            if token is not None:
+                                _current_event.reset(token)
+                            token = set_current_event(pe)
                         stored = table.get(key)
-                    finally:
-                        _current_event.reset(token)
-                    state = decode_state(stored) if stored else UserState(event.user_id, 0, ())
-                    p = pending[key] = _Pending(key, state, state.events, faust_event)
-                folded = fold_event(p.seq, event, settings)
-            except InvalidEvent as exc:
-                counters.invalid[exc.reason] += 1
-                dlq_futures.append(
-                    await dlq.send(
-                        key=msg.key,
-                        value=dlq_record(
-                            exc,
-                            original=msg.value,
-                            topic=msg.topic,
-                            partition=msg.partition,
-                            offset=msg.offset,
-                            max_original=cfg.dlq_max_original_bytes,
-                        ),
-                    )
-                )
-                continue
-            counters.events[folded.outcome.value] += 1
-            p.seq, p.last_event = folded.seq, faust_event
-            p.last_event_ts = max(p.last_event_ts, event.ts)
-            # Emit even when the fold changed nothing: a duplicate or stale event may be a replay
-            # after a crash whose update never left; re-emitting under a new version repairs that.
-            p.emit = True
+                        state = decode_state(stored) if stored else UserState(event.user_id, 0, ())
+                        p = pending[key] = _Pending(key, state, state.events, events[msg.partition])
+                    folded = fold_event(p.seq, event, settings)
+                except InvalidEvent as exc:
+                    counters.invalid[exc.reason] += 1
+                    record = dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition,
+                                        offset=msg.offset, max_original=cfg.dlq_max_original_bytes)
+                    sends.append(await producer.send(dlq.get_topic_name(), msg.key, record, None, None, None))
+                    continue
+                counters.events[folded.outcome.value] += 1
+                p.seq = folded.seq
+                if event.ts > p.last_event_ts:
+                    p.last_event_ts = event.ts
+                # Emit even when the fold changed nothing: a duplicate or stale event may be a
+                # replay after a crash whose update never left; re-emitting under a new version
+                # repairs that.
+                p.emit = True
 
-        emitted: list[tuple[bytes, UserState, int]] = []
-        for p in pending.values():
-            if not p.emit:
-                continue
-            new_state = UserState(p.state.user_id, p.state.version + 1, p.seq)
-            token = _set_current_event(p.last_event)
-            try:
-                table[p.key] = encode_state(new_state)
-            finally:
+            # The changelog first: an update is only visible once the state it shows is
+            # durable, so a restarted worker never reuses a version consumers have seen. The
+            # store is written directly and the changelog record produced and awaited here,
+            # not through `table[key] = ...` and Faust's send_soon buffer, whose flush gives
+            # up after 0.1 s with records still queued (ProducerBuffer.flush_atmost) and would
+            # let offsets be committed ahead of the changelog.
+            changelog = table.changelog_topic.get_topic_name()
+            emitted: list[tuple[bytes, UserState, int]] = []
+            written: list[Awaitable[Any]] = []
+            for p in pending.values():
+                if not p.emit:
+                    continue
+                new_state = UserState(p.state.user_id, p.state.version + 1, p.seq)
+                value = encode_state(new_state)
+                if token is not None:
+                    _current_event.reset(token)
+                token = set_current_event(p.event)
+                table.data[p.key] = value
+                written.append(await producer.send(changelog, p.key, value, p.event.message.partition, None, None))
+                emitted.append((p.key, new_state, p.last_event_ts))
+        finally:
+            if token is not None:
                 _current_event.reset(token)
-            emitted.append((p.key, new_state, p.last_event_ts))
-        # The changelog first: an update is only visible once the state it shows is durable,
-        # so a restarted worker never reuses a version that consumers have already seen.
-        await app.producer.flush()
+        store = table.data
+        for fut in written:
+            meta = await fut  # raises if the record could not be written
+            store.set_persisted_offset(meta.topic_partition, meta.offset)  # as Table._on_changelog_sent
         emitted_at = now_ms()
-        update_futures = [
-            await updates.send(key=key, value=msgpack.packb(user_update(state, last_event_ts=ts, emitted_at=emitted_at)))
-            for key, state, ts in emitted
-        ]
-        for fut in [*update_futures, *dlq_futures]:
+        topic = updates.get_topic_name()
+        for key, state, ts in emitted:
+            value = msgpack.packb(user_update(state, last_event_ts=ts, emitted_at=emitted_at))
+            sends.append(await producer.send(topic, key, value, None, None, None))
+        for fut in sends:
             await fut
         counters.updates += len(emitted)
         counters.windows += 1
 
+    if cfg.delivery == "window":
+        # The consumer hands `actions` to process_window a window at a time (streams/delivery.py);
+        # the agent below then only subscribes the topic and never receives an event.
+        app.window(actions.get_topic_name(), process_window, max_events=cfg.max_batch_events,
+                   within_s=cfg.flush_interval_s)
+
     @app.agent(actions)
     async def sequences_agent(stream: faust.StreamT) -> None:
-        # Faust creates the topics it consumes and the changelog; the outputs are created here,
-        # before the first send, with the app's partition count (not the broker's defaults).
-        await dlq.maybe_declare()
-        await updates.maybe_declare()
-        # A window writes one changelog record per user; Faust warns ("producer buffer full")
-        # whenever its send buffer holds more than 100, which a window of many users always does.
-        app.producer.buffer.max_messages = max(app.producer.buffer.max_messages, cfg.max_batch_events)
+        await declare_outputs()
+        # delivery = "stream": Faust's own per-event path, batched afterwards by take_events.
         async for window in stream.take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
-            await process_window(window)
+            await process_window([event.message for event in window])
 
     @app.timer(interval=cfg.stats_interval_s)
     async def log_counters() -> None:
@@ -255,13 +280,6 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def _check_key(event: ActionEvent, key: bytes | None) -> ActionEvent:
-    # Per-user order and the table's partitioning both rest on key = str(user_id).
-    if key != event.key.encode():
-        raise InvalidEvent("wrong key", f"Kafka key {key!r} is not str(user_id)={event.key!r}")
-    return event
-
-
 def main(argv: list[str]) -> int:
     """`recsys streams [--loglevel LEVEL]`: run the worker until SIGTERM / SIGINT."""
     settings = get_settings()
@@ -271,6 +289,9 @@ def main(argv: list[str]) -> int:
     settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=args.loglevel, redirect_stdouts=False)
+    # Faust's progress spinner sets the root logger to DEBUG at log levels >= WARNING, and then
+    # every debug call of aiokafka and Faust builds a log record: ~8% of the worker's time.
+    worker.spinner = None
     try:
         worker.execute_from_commandline()  # handles SIGTERM / SIGINT: stops cleanly, commits acked offsets
     except SystemExit as exc:

@@ -78,6 +78,13 @@ def fold_event(seq: tuple[SeqEvent, ...], event: ActionEvent, settings: Settings
     """
     cfg = settings.streams
     new = SeqEvent(event.ts, event.item_id, event.action, event.surface)
+    if not seq or new.ts > seq[-1].ts:
+        # The common case, an event newer than all kept: it goes last, nothing can be a
+        # duplicate, stale or late. Same result as the general path, without its key list.
+        out = (*seq, new)
+        cutoff = new.ts - cfg.max_age_ms
+        start = bisect_left([e.ts for e in out], cutoff) if out[0].ts < cutoff else 0
+        return Folded(out[max(start, len(out) - cfg.max_sequence_len) :], Outcome.APPLIED)
     key = order_key(new)
     keys = [order_key(e) for e in seq]  # len <= max_sequence_len: a scan is cheaper than an index
     i = bisect_left(keys, key)
@@ -108,15 +115,13 @@ class UserState:
 
 def encode_state(state: UserState) -> bytes:
     """msgpack value of the changelog topic: {"user_id", "version", "events": [[ts, item, action, surface]]}."""
-    return msgpack.packb(
-        {"user_id": state.user_id, "version": state.version, "events": [list(e) for e in state.events]},
-        use_bin_type=True,
-    )
+    # msgpack writes the SeqEvent tuples as arrays: no per-event conversion.
+    return msgpack.packb({"user_id": state.user_id, "version": state.version, "events": state.events}, use_bin_type=True)
 
 
 def decode_state(raw: bytes) -> UserState:
-    obj = msgpack.unpackb(raw, raw=False)
-    return UserState(obj["user_id"], obj["version"], tuple(SeqEvent(*e) for e in obj["events"]))
+    obj = msgpack.unpackb(raw, raw=False, use_list=False)
+    return UserState(obj["user_id"], obj["version"], tuple(map(SeqEvent._make, obj["events"])))
 
 
 def user_update(state: UserState, *, last_event_ts: int, emitted_at: int) -> dict[str, Any]:
