@@ -1,6 +1,6 @@
 """GetCandidates throughput and latency under ghz, side by side with a grpc.aio echo ceiling.
 
-    python -m benchmarks.grpc_bench                     # workers 1,2,3; 10 s per run
+    python -m benchmarks.grpc_bench                     # workers 1,2 x concurrency 4,8,16; ~6 min
     python -m benchmarks.grpc_bench --workers 2 --duration 5
 
 What runs (all real, on this machine):
@@ -12,7 +12,10 @@ What runs (all real, on this machine):
    into the cache dir when missing) asking GetCandidates(limit = `--limit`) for every
    (user, surface) pair in turn, `--concurrency` calls in flight on `--connections` connections;
 4. the same ghz run against benchmarks/grpc/echo_server.py with the same W: the same service
-   answering with no work at all, i.e. the cost of Python gRPC itself: the ceiling.
+   answering with no work at all, i.e. the cost of Python gRPC itself: the ceiling (`echo_*`);
+   and again with answers of the same size (a prebuilt list of `--limit` candidates), so that
+   transport and ghz's decoding cost the same as for GetCandidates (`sized_echo_*`): what is
+   left between that and GetCandidates is our lookup and encoding.
 
 Writes benchmarks/results/grpc.json: the headline `qps`, `p50_ms`, `p99_ms`, `echo_qps`,
 `ratio` (= qps / echo_qps) of the run (workers W, concurrency c) with the most q/s whose p99 is
@@ -211,6 +214,8 @@ def plot(rows: list[dict[str, Any]], path: Path, target_ms: float) -> None:
                           label=f"GetCandidates, {workers} process(es)")
         ax.plot([r["echo_qps"] for r in mine], [r["echo_p99_ms"] for r in mine], "o--", color=line.get_color(),
                 alpha=0.6, label=f"echo ceiling, {workers} process(es)")
+        ax.plot([r["sized_echo_qps"] for r in mine], [r["sized_echo_p99_ms"] for r in mine], "^:",
+                color=line.get_color(), alpha=0.6, label=f"echo, same-size answers, {workers} process(es)")
         for r in mine:
             ax.annotate(f"c={r['concurrency']}", (r["qps"], r["p99_ms"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
@@ -227,7 +232,7 @@ def plot(rows: list[dict[str, Any]], path: Path, target_ms: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.grpc_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", default="1,2,3", help="server process counts to measure, comma-separated")
+    parser.add_argument("--workers", default="1,2", help="server process counts to measure, comma-separated")
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--items", type=int, default=100, help="candidates per surface in the topic")
     parser.add_argument("--limit", type=int, default=100, help="candidates asked per request")
@@ -266,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                    "RECSYS_INFERENCE__MODEL_DIR": str(tmp / "no-model")}
             runs: dict[tuple[int, int], dict[str, Any]] = {}
             for workers in worker_counts:
+                echo = [sys.executable, "-m", "benchmarks.grpc.echo_server"]
                 for name, argv_, marker in [
-                    ("echo", [sys.executable, "-m", "benchmarks.grpc.echo_server"], "echo ready"),
+                    ("echo", echo, "echo ready"),
+                    ("sized_echo", [*echo, "--payload", str(args.limit)], "echo ready"),
                     ("serve", [sys.executable, "-m", "recsys.cli", "serve"], "serving on port"),
                 ]:
                     port = free_port()
@@ -280,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
                         for concurrency in concurrencies:
                             result = measure(binary, f"127.0.0.1:{port}", data, args, concurrency, procs.proc.pid)
                             row = runs.setdefault((workers, concurrency), {"workers": workers, "concurrency": concurrency})
-                            row.update({f"{'echo_' if name == 'echo' else ''}{k}": v for k, v in result.items()})
+                            row.update({f"{'' if name == 'serve' else name + '_'}{k}": v for k, v in result.items()})
                     finally:
                         procs.stop()
                 for concurrency in concurrencies:
                     row = runs[(workers, concurrency)]
                     row["ratio"] = row["qps"] / row["echo_qps"]
                     row["cpu_ratio"] = row["echo_cpu_us_per_call"] / row["cpu_us_per_call"]
+                    row["sized_ratio"] = row["qps"] / row["sized_echo_qps"]
+                    row["sized_cpu_ratio"] = row["sized_echo_cpu_us_per_call"] / row["cpu_us_per_call"]
                     print(json.dumps(row), flush=True)
             rows = list(runs.values())
         finally:
@@ -313,17 +322,24 @@ def main(argv: list[str] | None = None) -> int:
         "machine_bound_qps": round((os.cpu_count() or 1) * 1e6 / (best["cpu_us_per_call"] + best["ghz_cpu_us_per_call"]), 1),
         "echo_machine_bound_qps": round(
             (os.cpu_count() or 1) * 1e6 / (best["echo_cpu_us_per_call"] + best["echo_ghz_cpu_us_per_call"]), 1),
-        "errors": sum(r["errors"] + r["echo_errors"] for r in rows),
+        # the same-size ceiling: an echo answering with a prebuilt list of `limit` candidates
+        "sized_echo_qps": round(best["sized_echo_qps"], 1), "sized_echo_p99_ms": round(best["sized_echo_p99_ms"], 3),
+        "sized_ratio": round(best["sized_ratio"], 3),
+        "sized_echo_cpu_us_per_call": round(best["sized_echo_cpu_us_per_call"], 1),
+        "sized_cpu_ratio": round(best["sized_cpu_ratio"], 3),
+        "errors": sum(r["errors"] + r["echo_errors"] + r["sized_echo_errors"] for r in rows),
         "meets_target": int(best["qps"] >= 5000 and best["p99_ms"] <= args.p99_target_ms),
         "best_qps_any_latency": round(max(r["qps"] for r in rows), 1),
         "best_echo_qps_any_latency": round(max(r["echo_qps"] for r in rows), 1),
+        "best_sized_echo_qps_any_latency": round(max(r["sized_echo_qps"] for r in rows), 1),
         "users": args.users, "items_per_surface": args.items, "limit": args.limit, "connections": args.connections,
         "ghz_cpus": args.ghz_cpus, "ghz_version": GHZ_VERSION, "loadavg_1m_before": round(load_before, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
     for r in rows:
         tag = f"w{r['workers']}_c{r['concurrency']}"
-        for key in ("qps", "p50_ms", "p99_ms", "echo_qps", "echo_p99_ms", "cpu_us_per_call", "echo_cpu_us_per_call"):
+        for key in ("qps", "p50_ms", "p99_ms", "echo_qps", "echo_p99_ms", "sized_echo_qps", "sized_echo_p99_ms",
+                    "cpu_us_per_call", "echo_cpu_us_per_call", "sized_echo_cpu_us_per_call"):
             metrics[f"{key}_{tag}"] = round(r[key], 3 if key.endswith("_ms") else 1)
     command = shlex.join(["python", "-m", "benchmarks.grpc_bench", *(sys.argv[1:] if argv is None else argv)])
     path = write_result("grpc", metrics, command=command)
