@@ -57,8 +57,9 @@ TARGET_RATIO = 0.5
 # ---------------------------------------------------------------- the ceiling
 
 
-async def raw_consume(bootstrap: str, topic: str, n_events: int, settings: Settings) -> float:
-    """Events/s of a bare aiokafka consumer reading `topic` whole: fetch and count, no processing."""
+async def raw_consume(bootstrap: str, topic: str, n_events: int, settings: Settings) -> tuple[float, float]:
+    """Events/s of a bare aiokafka consumer reading `topic` whole (fetch and count, no
+    processing), and its CPU time per event in microseconds."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from streams.app import create_app
@@ -79,16 +80,16 @@ async def raw_consume(bootstrap: str, topic: str, n_events: int, settings: Setti
         tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        seen, first = 0, None
+        seen, first, cpu = 0, None, 0.0
         while seen < n_events:
             batches = await consumer.getmany(timeout_ms=1000)
             got = sum(len(records) for records in batches.values())
             if got and first is None:
                 # The clock starts at the first batch, as the worker's does at its first event.
-                first, seen = time.perf_counter(), 0
+                first, cpu, seen = time.perf_counter(), time.process_time(), 0
             seen += got
         assert first is not None
-        return seen / (time.perf_counter() - first)
+        return seen / (time.perf_counter() - first), 1e6 * (time.process_time() - cpu) / seen
     finally:
         await consumer.stop()
 
@@ -138,7 +139,7 @@ class WorkerRun:
         with self.log.open("wb") as log:
             proc = subprocess.Popen(cmd, cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            samples: list[tuple[float, int]] = []
+            samples: list[tuple[float, int, float]] = []  # (time, events done, worker CPU seconds)
             deadline = time.monotonic() + timeout_s
             last: dict[str, float] = {}
             while True:
@@ -151,7 +152,7 @@ class WorkerRun:
                     done = int(sum(v for k, v in m.items() if k.startswith(("recsys_streams_events_total",
                                                                              "recsys_streams_invalid_total"))))
                     if done:
-                        samples.append((t, done))
+                        samples.append((t, done, _cpu_seconds(proc.pid)))
                     if done >= n_events:
                         break
                 time.sleep(poll_s)
@@ -166,10 +167,11 @@ class WorkerRun:
                 proc.kill()
                 proc.wait()
         # Rate between the first sample that saw events and the first that saw them all.
-        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        (t0, n0, c0), (t1, n1, c1) = samples[0], samples[-1]
         rate = (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
         return {
             "events_per_s": rate,
+            "cpu_us_per_event": 1e6 * (c1 - c0) / max(n1 - n0, 1),
             "updates": int(last.get("recsys_streams_updates_total", 0)),
             "windows": int(last.get("recsys_streams_windows_total", 0)),
             "invalid": int(sum(v for k, v in last.items() if k.startswith("recsys_streams_invalid_total"))),
@@ -178,6 +180,12 @@ class WorkerRun:
 
 
 # ---------------------------------------------------------------- the profile
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; clock ticks of 10 ms)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _children(pid: int) -> list[int]:
@@ -291,10 +299,11 @@ def main(argv: list[str] | None = None) -> int:
 
             repeats: list[dict[str, Any]] = []
             for i in range(args.repeats):
-                raw_rate = asyncio.run(raw_consume(bootstrap, topic, args.events, settings))
+                raw_rate, raw_cpu = asyncio.run(raw_consume(bootstrap, topic, args.events, settings))
                 worker = worker_run()
-                row = {"raw_consumer_events_per_s": raw_rate, **worker,
-                       "ratio": worker["events_per_s"] / raw_rate, "loadavg_1m": os.getloadavg()[0]}
+                row = {"raw_consumer_events_per_s": raw_rate, **worker, "raw_consumer_cpu_us_per_event": raw_cpu,
+                       "ratio": worker["events_per_s"] / raw_rate,
+                       "cpu_ratio": raw_cpu / worker["cpu_us_per_event"], "loadavg_1m": os.getloadavg()[0]}
                 repeats.append(row)
                 print(f"repeat {i + 1}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                       for k, v in row.items()), flush=True)
@@ -309,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         "events_per_s": round(median("events_per_s")),
         "raw_consumer_events_per_s": round(median("raw_consumer_events_per_s")),
         "ratio": round(median("ratio"), 3),
+        # CPU per event of each (load-independent, unlike events/s on a shared machine); cpu_ratio
+        # = raw consumer's / worker's, what `ratio` would be if each had a core to itself
+        "cpu_us_per_event": round(median("cpu_us_per_event"), 1),
+        "raw_consumer_cpu_us_per_event": round(median("raw_consumer_cpu_us_per_event"), 2),
+        "cpu_ratio": round(median("cpu_ratio"), 4),
+        "events_per_cpu_s": round(1e6 / median("cpu_us_per_event")),
         "meets_target": int(median("events_per_s") >= TARGET_EVENTS_PER_S and median("ratio") >= TARGET_RATIO),
         "events": args.events, "users": args.users, "partitions": args.partitions, "repeats": args.repeats,
         "updates_per_event": round(statistics.median(r["updates"] / args.events for r in repeats), 3),

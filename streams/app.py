@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +39,9 @@ from faust.types import EventT, Message
 from recsys.settings import Settings, get_settings
 from streams.errors import InvalidEvent
 from streams.delivery import WindowedApp, partition_event, set_current_event
+from streams.outbox import Outbox
 from streams.schema import decode_event, now_ms
-from streams.sequences import SeqEvent, UserState, decode_state, encode_state, fold_event, user_update
+from streams.sequences import PackedSeq
 
 __all__ = ["Counters", "create_app", "dlq_record", "main"]
 
@@ -108,8 +109,7 @@ class _Pending:
     """One user's state while a flush window is folded."""
 
     key: bytes
-    state: UserState
-    seq: tuple[SeqEvent, ...]
+    seq: PackedSeq  # the table value, folded in place
     event: EventT  # a Faust event of the user's source partition: table writes are routed by it
     last_event_ts: int = 0
     emit: bool = False
@@ -158,7 +158,7 @@ def create_app(settings: Settings) -> faust.App:
     updates = app.topic(settings.topics.user_updates, partitions=partitions, schema=raw())
     # key_type / value_type bytes is what makes Faust pick the raw codec for the changelog.
     table = app.Table(
-        "sequences", partitions=partitions, key_type=bytes, value_type=bytes, help="user -> last N events (UserState)"
+        "sequences", partitions=partitions, key_type=bytes, value_type=bytes, help="user -> last N events (streams.sequences.PackedSeq)"
     )
     counters = Counters()
     declared: list[bool] = []
@@ -174,10 +174,11 @@ def create_app(settings: Settings) -> faust.App:
     async def process_window(messages: Sequence[Message]) -> None:
         """Decode, fold and write one window; return once every effect of it is durable."""
         await declare_outputs()
-        producer = app.producer
+        # Faust's Producer wraps one AIOKafkaProducer; its batch API is not exposed.
+        producer = app.producer._ensure_producer()
         now = now_ms()
         pending: dict[bytes, _Pending] = {}
-        sends: list[Awaitable[Any]] = []  # DLQ records and user-updates in flight
+        first = Outbox(producer)  # changelog records and DLQ records
         events: dict[int, EventT] = {}  # source partition -> a Faust event of it (table routing)
         token = None
         current_partition = -1
@@ -200,17 +201,16 @@ def create_app(settings: Settings) -> faust.App:
                                 _current_event.reset(token)
                             token = set_current_event(pe)
                         stored = table.get(key)
-                        state = decode_state(stored) if stored else UserState(event.user_id, 0, ())
-                        p = pending[key] = _Pending(key, state, state.events, events[msg.partition])
-                    folded = fold_event(p.seq, event, settings)
+                        seq = PackedSeq.decode(stored) if stored else PackedSeq(event.user_id, 0, [], [], b"")
+                        p = pending[key] = _Pending(key, seq, events[msg.partition])
+                    outcome = p.seq.fold(event, settings)
                 except InvalidEvent as exc:
                     counters.invalid[exc.reason] += 1
                     record = dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition,
                                         offset=msg.offset, max_original=cfg.dlq_max_original_bytes)
-                    sends.append(await producer.send(dlq.get_topic_name(), msg.key, record, None, None, None))
+                    await first.add(dlq.get_topic_name(), msg.key, record)
                     continue
-                counters.events[folded.outcome.value] += 1
-                p.seq = folded.seq
+                counters.events[outcome.value] += 1
                 if event.ts > p.last_event_ts:
                     p.last_event_ts = event.ts
                 # Emit even when the fold changed nothing: a duplicate or stale event may be a
@@ -220,38 +220,35 @@ def create_app(settings: Settings) -> faust.App:
 
             # The changelog first: an update is only visible once the state it shows is
             # durable, so a restarted worker never reuses a version consumers have seen. The
-            # store is written directly and the changelog record produced and awaited here,
+            # store is written directly and the changelog records produced and awaited here,
             # not through `table[key] = ...` and Faust's send_soon buffer, whose flush gives
             # up after 0.1 s with records still queued (ProducerBuffer.flush_atmost) and would
             # let offsets be committed ahead of the changelog.
             changelog = table.changelog_topic.get_topic_name()
-            emitted: list[tuple[bytes, UserState, int]] = []
-            written: list[Awaitable[Any]] = []
+            emitted: list[_Pending] = []
             for p in pending.values():
                 if not p.emit:
                     continue
-                new_state = UserState(p.state.user_id, p.state.version + 1, p.seq)
-                value = encode_state(new_state)
+                p.seq.version += 1
+                value = p.seq.encode()
                 if token is not None:
                     _current_event.reset(token)
                 token = set_current_event(p.event)
                 table.data[p.key] = value
-                written.append(await producer.send(changelog, p.key, value, p.event.message.partition, None, None))
-                emitted.append((p.key, new_state, p.last_event_ts))
+                await first.add(changelog, p.key, value, p.event.message.partition)
+                emitted.append(p)
         finally:
             if token is not None:
                 _current_event.reset(token)
-        store = table.data
-        for fut in written:
-            meta = await fut  # raises if the record could not be written
-            store.set_persisted_offset(meta.topic_partition, meta.offset)  # as Table._on_changelog_sent
+        for tp, offset in (await first.flush()).items():  # raises if a record could not be written
+            if tp.topic == changelog:
+                table.data.set_persisted_offset(tp, offset)  # what Table._on_changelog_sent records
         emitted_at = now_ms()
         topic = updates.get_topic_name()
-        for key, state, ts in emitted:
-            value = msgpack.packb(user_update(state, last_event_ts=ts, emitted_at=emitted_at))
-            sends.append(await producer.send(topic, key, value, None, None, None))
-        for fut in sends:
-            await fut
+        then = Outbox(producer)
+        for p in emitted:
+            await then.add(topic, p.key, p.seq.update(last_event_ts=p.last_event_ts, emitted_at=emitted_at))
+        await then.flush()
         counters.updates += len(emitted)
         counters.windows += 1
 

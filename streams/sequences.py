@@ -13,6 +13,14 @@ behind the user's newest event by more than `streams.lateness_ms`. An event that
 off at once (older than everything in a full sequence, or beyond the age bound) is `stale`:
 counted, not stored, not dead-lettered - which is also exactly how a replayed, long-evicted
 event must be treated.
+
+Two forms of the same thing: `fold_event` on a tuple of `SeqEvent`s is the reference (pure,
+simple, what the tests reason with); `PackedSeq` is what the worker folds and stores. It keeps
+each event already encoded in its `user-updates` wire form, so that a window costs per user
+one small msgpack decode, an append, one small encode, and an update assembled by
+concatenation instead of re-encoding the whole sequence three times (the profile in
+benchmarks/sections/ingest.md). Anything but an append delegates to `fold_event`, and
+tests/streams/test_fold.py checks that both give the same sequences, outcomes and bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass
 from enum import StrEnum
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack
@@ -31,6 +40,7 @@ from streams.schema import ActionEvent, Id
 __all__ = [
     "Folded",
     "Outcome",
+    "PackedSeq",
     "SeqEvent",
     "UserState",
     "decode_state",
@@ -78,13 +88,6 @@ def fold_event(seq: tuple[SeqEvent, ...], event: ActionEvent, settings: Settings
     """
     cfg = settings.streams
     new = SeqEvent(event.ts, event.item_id, event.action, event.surface)
-    if not seq or new.ts > seq[-1].ts:
-        # The common case, an event newer than all kept: it goes last, nothing can be a
-        # duplicate, stale or late. Same result as the general path, without its key list.
-        out = (*seq, new)
-        cutoff = new.ts - cfg.max_age_ms
-        start = bisect_left([e.ts for e in out], cutoff) if out[0].ts < cutoff else 0
-        return Folded(out[max(start, len(out) - cfg.max_sequence_len) :], Outcome.APPLIED)
     key = order_key(new)
     keys = [order_key(e) for e in seq]  # len <= max_sequence_len: a scan is cheaper than an index
     i = bisect_left(keys, key)
@@ -114,14 +117,14 @@ class UserState:
 
 
 def encode_state(state: UserState) -> bytes:
-    """msgpack value of the changelog topic: {"user_id", "version", "events": [[ts, item, action, surface]]}."""
-    # msgpack writes the SeqEvent tuples as arrays: no per-event conversion.
-    return msgpack.packb({"user_id": state.user_id, "version": state.version, "events": state.events}, use_bin_type=True)
+    """The table (changelog) value of `state`: `PackedSeq`'s form."""
+    return PackedSeq.of(state.user_id, state.version, state.events).encode()
 
 
 def decode_state(raw: bytes) -> UserState:
-    obj = msgpack.unpackb(raw, raw=False, use_list=False)
-    return UserState(obj["user_id"], obj["version"], tuple(map(SeqEvent._make, obj["events"])))
+    """A table (changelog) value as a `UserState` (either form: `PackedSeq.decode`)."""
+    packed = PackedSeq.decode(raw)
+    return UserState(packed.user_id, packed.version, packed.events())
 
 
 def user_update(state: UserState, *, last_event_ts: int, emitted_at: int) -> dict[str, Any]:
@@ -133,3 +136,99 @@ def user_update(state: UserState, *, last_event_ts: int, emitted_at: int) -> dic
         "last_event_ts": last_event_ts,
         "emitted_at": emitted_at,
     }
+
+
+def _wire_event(ts: int, item_id: Id, action: str, surface: str) -> bytes:
+    # Exactly SeqEvent.to_wire packed: an update assembled from these equals packb(user_update(...)).
+    return msgpack.packb({"item_id": item_id, "action": action, "surface": surface, "ts": ts})
+
+
+def _array_header(n: int) -> bytes:
+    if n <= 0x0F:
+        return bytes((0x90 | n,))
+    if n <= 0xFFFF:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+_UPDATE_USER_ID = b"\x85" + msgpack.packb("user_id")  # a map of 5 entries, in user_update's order
+_UPDATE_VERSION = msgpack.packb("version")
+_UPDATE_EVENTS = msgpack.packb("events")
+_UPDATE_LAST_EVENT_TS = msgpack.packb("last_event_ts")
+_UPDATE_EMITTED_AT = msgpack.packb("emitted_at")
+
+
+class PackedSeq:
+    """One user's sequence as the worker folds and the table stores it (mutable).
+
+    Table value: msgpack {"user_id", "version", "ts": [event time, ...], "sizes": [bytes, ...],
+    "events": bin}, where "events" is the events' user-updates maps (`SeqEvent.to_wire`),
+    msgpack-encoded and concatenated, oldest -> newest, and "sizes" their lengths. The earlier
+    form, "events": [[ts, item, action, surface], ...], is still read.
+    """
+
+    __slots__ = ("sizes", "ts", "user_id", "version", "wire")
+
+    def __init__(self, user_id: Id, version: int, ts: list[int], sizes: list[int], wire: bytes) -> None:
+        self.user_id = user_id
+        self.version = version
+        self.ts = ts  # event times, oldest -> newest (what the age bound and appends look at)
+        self.sizes = sizes  # byte length of each event's wire form in `wire`
+        self.wire = wire  # the events' wire forms, concatenated
+
+    @classmethod
+    def of(cls, user_id: Id, version: int, events: Sequence[SeqEvent]) -> PackedSeq:
+        wires = [_wire_event(*e) for e in events]
+        return cls(user_id, version, [e.ts for e in events], [len(w) for w in wires], b"".join(wires))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PackedSeq:
+        obj = msgpack.unpackb(raw, raw=False)
+        events = obj["events"]
+        if isinstance(events, bytes):
+            return cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events)
+        return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events])  # the earlier form
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}
+        )
+
+    def events(self) -> tuple[SeqEvent, ...]:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(self.wire)
+        return tuple(SeqEvent(m["ts"], m["item_id"], m["action"], m["surface"]) for m in unpacker)
+
+    def fold(self, event: ActionEvent, settings: Settings) -> Outcome:
+        """`fold_event` in place: same sequence, same outcome, same `TooLate`."""
+        ts = self.ts
+        if ts and event.ts <= ts[-1]:
+            # Not an append (out of order, duplicate, stale, too late): the reference decides.
+            folded = fold_event(self.events(), event, settings)
+            if folded.outcome is Outcome.APPLIED:
+                other = PackedSeq.of(self.user_id, self.version, folded.seq)
+                self.ts, self.sizes, self.wire = other.ts, other.sizes, other.wire
+            return folded.outcome
+        # The common case, an event newer than all kept: it goes last and nothing can be a
+        # duplicate, stale or late; then the same trim as fold_event (age, then count).
+        cfg = settings.streams
+        wire = _wire_event(event.ts, event.item_id, event.action, event.surface)
+        ts.append(event.ts)
+        self.sizes.append(len(wire))
+        self.wire += wire
+        drop = len(ts) - cfg.max_sequence_len
+        cutoff = event.ts - cfg.max_age_ms
+        if ts[0] < cutoff:
+            drop = max(drop, bisect_left(ts, cutoff))
+        if drop > 0:
+            self.wire = self.wire[sum(self.sizes[:drop]) :]
+            del ts[:drop], self.sizes[:drop]
+        return Outcome.APPLIED
+
+    def update(self, *, last_event_ts: int, emitted_at: int) -> bytes:
+        """The `user-updates` value: the bytes of packb(user_update(...)), by concatenation."""
+        return b"".join((
+            _UPDATE_USER_ID, msgpack.packb(self.user_id), _UPDATE_VERSION, msgpack.packb(self.version),
+            _UPDATE_EVENTS, _array_header(len(self.ts)), self.wire,
+            _UPDATE_LAST_EVENT_TS, msgpack.packb(last_event_ts), _UPDATE_EMITTED_AT, msgpack.packb(emitted_at),
+        ))  # fmt: skip

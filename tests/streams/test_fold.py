@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgpack
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
@@ -12,6 +13,7 @@ from streams.errors import TooLate
 from streams.schema import ActionEvent
 from streams.sequences import (
     Outcome,
+    PackedSeq,
     SeqEvent,
     UserState,
     decode_state,
@@ -163,3 +165,47 @@ def test_replaying_from_an_earlier_offset_changes_nothing_and_dead_letters_nothi
         except TooLate:
             assert i not in accepted_at, "a re-delivered, once accepted event was dead-lettered"
     assert replayed == uninterrupted
+
+
+# ---------------------------------------------------------------- PackedSeq: the worker's form
+
+
+def test_packed_update_is_the_contract_update_byte_for_byte() -> None:
+    state = UserState(42, 7, fold_all([ev(0, 1), ev(10, "x", "save", "search"), ev(20, 3)]))
+    packed = PackedSeq.decode(encode_state(state))
+    assert packed.update(last_event_ts=T0 + 20, emitted_at=T0 + 30) == msgpack.packb(
+        user_update(state, last_event_ts=T0 + 20, emitted_at=T0 + 30)
+    )
+
+
+def test_the_earlier_table_form_is_still_read() -> None:
+    seq = fold_all([ev(0, 1), ev(10, "x", "save", "search")])
+    earlier = msgpack.packb({"user_id": "u", "version": 3, "events": [list(e) for e in seq]})
+    assert decode_state(earlier) == UserState("u", 3, seq)
+
+
+# Sequences long enough (17 > 15 entries) to cross msgpack's short-array header.
+long_settings = Settings(streams={"max_sequence_len": 17, "max_age_ms": 2_500, "lateness_ms": 800})
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.builds(ev, st.integers(0, 3_000), st.integers(0, 6) | st.text(max_size=3),
+                          st.sampled_from(["click", "save"]), st.sampled_from(["home", "search"])), max_size=60),
+       st.sampled_from([S, long_settings]))  # fmt: skip
+def test_packed_fold_matches_the_reference_fold(evs: list[ActionEvent], settings: Settings) -> None:
+    """Same outcome, same TooLate, same sequence, same table and update bytes, event by event."""
+    seq: tuple[SeqEvent, ...] = ()
+    packed = PackedSeq("u", 0, [], [], b"")
+    for e in evs:
+        try:
+            want = fold_event(seq, e, settings)
+        except TooLate:
+            with pytest.raises(TooLate):
+                packed.fold(e, settings)
+            continue
+        assert packed.fold(e, settings) is want.outcome
+        seq = want.seq
+        assert packed.events() == seq and packed.ts == [x.ts for x in seq]
+    state = UserState("u", 0, seq)
+    assert packed.encode() == encode_state(state) and decode_state(packed.encode()) == state
+    assert packed.update(last_event_ts=1, emitted_at=2) == msgpack.packb(user_update(state, last_event_ts=1, emitted_at=2))
