@@ -207,7 +207,7 @@ def plot(rows: list[dict[str, Any]], path: Path, target_ms: float) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     for workers in sorted({r["workers"] for r in rows}):
         mine = sorted((r for r in rows if r["workers"] == workers), key=lambda r: r["concurrency"])
         (line,) = ax.plot([r["qps"] for r in mine], [r["p99_ms"] for r in mine], "o-",
@@ -225,9 +225,21 @@ def plot(rows: list[dict[str, Any]], path: Path, target_ms: float) -> None:
            title="GetCandidates vs grpc.aio echo on this machine")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def rows_from_result(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-run rows back from grpc.json's `<metric>_w<W>_c<c>` keys (for --replot)."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for key, value in metrics.items():
+        name, sep, tag = key.rpartition("_w")
+        if not sep or "_c" not in tag:
+            continue
+        workers, concurrency = (int(x) for x in tag.split("_c"))
+        rows.setdefault((workers, concurrency), {"workers": workers, "concurrency": concurrency})[name] = value
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per run")
     parser.add_argument("--p99-target-ms", type=float, default=5.0)
     parser.add_argument("--bootstrap", help="use this Kafka instead of starting a local broker")
+    parser.add_argument("--replot", action="store_true", help="only redraw grpc.png from grpc.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(rows_from_result(json.loads((RESULTS_DIR / "grpc.json").read_text())), RESULTS_DIR / "grpc.png",
+             args.p99_target_ms)
+        return 0
     worker_counts = [int(w) for w in args.workers.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     binary = find_ghz()
