@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -376,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "target_recall": args.target_recall,
     }
-    path = write_result(args.name, {**headline, **dict(sorted(metrics.items()))})
+    # Recorded as the module invocation: `python benchmarks/ann.py` cannot import its package.
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "-m", "benchmarks.ann", *given])
+    path = write_result(args.name, {**headline, **dict(sorted(metrics.items()))}, command=command)
     plot({**headline, **metrics}, RESULTS_DIR / f"{args.name}.png", args.target_recall, args.k)
     print(f"wrote {path}")
     return 0
