@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,8 +171,12 @@ def create_app(settings: Settings) -> faust.App:
             await updates.maybe_declare()
             declared.append(True)
 
-    async def process_window(messages: Sequence[Message]) -> None:
-        """Decode, fold and write one window; return once every effect of it is durable."""
+    async def process_window(messages: Sequence[Message]) -> Awaitable[None]:
+        """Decode, fold and write one window to the table; return its output, to be awaited.
+
+        The output (changelog, then user-updates and DLQ records) is awaited by the caller
+        before the window is acked; window delivery awaits it while it processes the next
+        window, so the CPU work of one window overlaps the broker round trips of the other."""
         await declare_outputs()
         # Faust's Producer wraps one AIOKafkaProducer; its batch API is not exposed.
         producer = app.producer._ensure_producer()
@@ -200,7 +204,7 @@ def create_app(settings: Settings) -> faust.App:
                             if token is not None:
                                 _current_event.reset(token)
                             token = set_current_event(pe)
-                        stored = table.get(key)
+                        stored = table.data.get(key)
                         seq = PackedSeq.decode(stored) if stored else PackedSeq(event.user_id, 0, [], [], b"")
                         p = pending[key] = _Pending(key, seq, events[msg.partition])
                     outcome = p.seq.fold(event, settings)
@@ -240,12 +244,15 @@ def create_app(settings: Settings) -> faust.App:
         finally:
             if token is not None:
                 _current_event.reset(token)
+        return send_output(first, changelog, emitted)
+
+    async def send_output(first: Outbox, changelog: str, emitted: list[_Pending]) -> None:
         for tp, offset in (await first.flush()).items():  # raises if a record could not be written
             if tp.topic == changelog:
                 table.data.set_persisted_offset(tp, offset)  # what Table._on_changelog_sent records
         emitted_at = now_ms()
         topic = updates.get_topic_name()
-        then = Outbox(producer)
+        then = Outbox(first.producer)
         for p in emitted:
             await then.add(topic, p.key, p.seq.update(last_event_ts=p.last_event_ts, emitted_at=emitted_at))
         await then.flush()
@@ -263,7 +270,7 @@ def create_app(settings: Settings) -> faust.App:
         await declare_outputs()
         # delivery = "stream": Faust's own per-event path, batched afterwards by take_events.
         async for window in stream.take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
-            await process_window([event.message for event in window])
+            await (await process_window([event.message for event in window]))
 
     @app.timer(interval=cfg.stats_interval_s)
     async def log_counters() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
+from functools import cached_property
 from time import monotonic
 from typing import Any, NamedTuple, cast
 
@@ -49,7 +50,8 @@ from faust.types import EventT, Message
 
 __all__ = ["WindowHandler", "WindowSpec", "WindowedApp", "partition_event", "set_current_event"]
 
-WindowHandler = Callable[[Sequence[Message]], Awaitable[None]]
+# Processes a window and returns what is left to await (its output) before the window is acked.
+WindowHandler = Callable[[Sequence[Message]], Awaitable[Awaitable[None]]]
 
 
 class WindowSpec(NamedTuple):
@@ -152,25 +154,54 @@ class WindowConsumer(aiokafka_driver.Consumer):
             return
         for message in live:
             self.track_message(message)  # unacked: a rebalance or shutdown waits for it
+        completion: Awaitable[None] | None = None
         try:
-            await app.windowed[topic].handler(live)
+            completion = await app.windowed[topic].handler(live)
+            # One window's output in flight at a time, in window order: this window's I/O
+            # starts only once the previous window's is done (and acked).
+            previous, self._in_flight = self._in_flight, None
+            if previous is not None:
+                await previous
         except BaseException as exc:
-            unacked = self._unacked_messages
-            for message in live:
-                unacked.discard(message)
-            if not isinstance(exc, asyncio.CancelledError):
-                self.log.exception("window handler for %r failed: %r", topic, exc)
-                await app.crash(exc)  # a bug: end the worker (CrashingSupervisor's behaviour)
+            if asyncio.iscoroutine(completion):
+                completion.close()
+            await self._failed(topic, live, exc)
+            raise
+        self._in_flight = asyncio.ensure_future(self._complete(topic, completion, live))
+
+    _in_flight: asyncio.Future[None] | None = None
+
+    async def _complete(self, topic: str, completion: Awaitable[None], live: list[Message]) -> None:
+        """Await a window's output, then ack it (runs while the next window is processed)."""
+        app = cast(WindowedApp, self.app)
+        try:
+            await completion
+        except BaseException as exc:
+            await self._failed(topic, live, exc)
             raise
         ack = self.ack
         on_message_out = app.sensors.on_message_out
         for message in live:
             if ack(message):
                 on_message_out(message.tp, message.offset, message)
-        inbound = app.monitor.stream_inbound_time  # what Faust's stall detector reads per partition
+        inbound = self._stream_inbound_time  # what Faust's stall detector reads per partition
         now = monotonic()
         for tp in {m.tp for m in live}:
             inbound[tp] = now
+
+    @cached_property
+    def _stream_inbound_time(self) -> dict[Any, float]:
+        return cast(dict[Any, float], self.app.monitor.stream_inbound_time)
+
+    async def _failed(self, topic: str, live: list[Message], exc: BaseException) -> None:
+        # Not acked: untracked, so that shutdown and rebalances do not wait for it; it is read
+        # again from the committed offset by whoever owns the partition next.
+        unacked = self._unacked_messages
+        for message in live:
+            unacked.discard(message)
+        if not isinstance(exc, asyncio.CancelledError):
+            self.log.exception("window of %r failed: %r", topic, exc)
+            await self.app.crash(exc)  # a bug or a lost broker: end the worker, as CrashingSupervisor does
 
 
 class WindowTransport(aiokafka_driver.Transport):
