@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
                 raw = args.profile.resolve() / "faust.txt"
-                result = worker_run([py_spy, "record", "--rate", "250", "--format", "raw", "--nonblocking",
+                result = worker_run([py_spy, "record", "--rate", "250", "--format", "raw", "--nonblocking", "--gil",
                                      "-o", str(raw), "--"])
                 print(f"profiled run: {result['events_per_s']:.0f} events/s (slowed by sampling)", flush=True)
                 print(summarise_profile(raw, args.profile / "top.txt"), flush=True)

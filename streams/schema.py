@@ -28,6 +28,7 @@ __all__ = ["REQUIRED_FIELDS", "ActionEvent", "Id", "decode_event", "encode_event
 Id = int | str
 REQUIRED_FIELDS: tuple[str, ...] = ("user_id", "item_id", "action", "surface", "ts")
 _OPTIONAL_FIELDS: tuple[str, ...] = ("query", "context_item", "dwell_ms")
+_KNOWN_FIELDS = frozenset(REQUIRED_FIELDS + _OPTIONAL_FIELDS)
 
 
 def now_ms() -> int:
@@ -134,7 +135,7 @@ def decode_event(raw: bytes | None, settings: Settings, *, now: int | None = Non
         if dwell_ms < 0:
             raise InvalidEvent("bad value", f"dwell_ms={dwell_ms} < 0")
 
-    extra = {k: v for k, v in obj.items() if k not in REQUIRED_FIELDS and k not in _OPTIONAL_FIELDS}
+    extra = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
     for k, v in extra.items():
         if _depth(v, cfg.max_nesting) > cfg.max_nesting:
             raise InvalidEvent("bad value", f"value of unknown key {str(k)[:50]!r} nested deeper than {cfg.max_nesting}")
