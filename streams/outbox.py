@@ -5,12 +5,14 @@ accumulator, a future per record) - a sixth of the worker's CPU per event at one
 one changelog record per event. Here records are appended to `BatchBuilder`s per (topic,
 partition) (C code) and each batch is handed over with `send_batch`, one future per batch.
 Records without a partition get the producer's default one (murmur2 of the key, as
-`producer.send` and the Java client pick it), so the user-updates partitioning is unchanged.
+`producer.send` and the Java client pick it, or a random one without a key), so the
+user-updates partitioning is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,9 +37,9 @@ class Outbox:
             if parts is None:
                 # Also waits for the topic's metadata, as producer.send would.
                 parts = self._partitions[topic] = sorted(await self.producer.partitions_for(topic))
-            if key is None:
-                raise ValueError(f"a record for {topic} needs a key or a partition")
-            partition = parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
+            # As producer.send: murmur2 of the key, or any partition for a record without one
+            # (a keyless event on its way to the DLQ).
+            partition = random.choice(parts) if key is None else parts[(murmur2(key) & 0x7FFFFFFF) % len(parts)]
         builders = self._batches.setdefault((topic, partition), [])
         if not builders or builders[-1].append(key=key, value=value, timestamp=None) is None:
             builder = self.producer.create_batch()

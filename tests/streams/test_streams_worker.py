@@ -1,8 +1,10 @@
 """The Faust worker against the real broker, run as `python -m recsys streams` subprocesses.
 
 One worker (module fixture) serves the acceptance checks that need no restart: 10,000 events
-with 1% malformed, out-of-order events, a burst. The restart test runs its own app through
-SIGTERM and SIGKILL and compares its final state with the shared, uninterrupted worker's.
+with 1% malformed, out-of-order events, a burst, every hostile payload of
+scripts/fuzz_events.py into the DLQ. The restart test runs its own app through SIGTERM and
+SIGKILL and compares its final state with the shared, uninterrupted worker's; the crash test
+makes a window fail.
 The oracle is independent of the fold: a user's expected sequence is the last N of their
 valid events sorted by event time.
 """
@@ -108,6 +110,7 @@ class Worker:
     web_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def actions(self) -> str:
@@ -147,6 +150,7 @@ class Worker:
             RECSYS_TOPICS__DLQ=self.dlq,
             RECSYS_TOPICS__USER_UPDATES=self.updates,
         )
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:
@@ -404,3 +408,127 @@ def test_sigterm_and_sigkill_mid_stream_lose_nothing_and_match_an_uninterrupted_
     finally:
         if victim.proc is not None:
             victim.stop(signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- hostile payloads, failures
+
+
+def fuzz_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_events", ROOT / "scripts" / "fuzz_events.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason_and_the_counters_add_up(
+    worker: Worker,
+) -> None:
+    from kafka import KafkaProducer
+
+    from recsys.settings import Settings
+
+    settings = Settings()  # the worker's event rules: its environment sets no RECSYS_EVENTS__*
+    now = now_ms()
+    user = f"hostile-{uuid.uuid4().hex[:8]}"
+    valid = [ActionEvent(user, i, "click", "home", now - 10_000 + i) for i in range(3)]
+    cut = settings.streams.dlq_max_original_bytes
+    hostile: list[tuple[bytes, bytes | None, str]] = [
+        (b"7", raw, reason) for _, raw, reason in fuzz_module().hostile_payloads(settings, now, seed=5)
+    ]
+    hostile += [
+        (f"not-{user}".encode(), encode_event(valid[0]), "wrong key"),
+        (None, encode_event(valid[1]), "wrong key"),  # no key at all
+        (user.encode(), b"\xc1" + os.urandom(cut + 1000), "oversized"),  # cut short in the DLQ record
+    ]
+    before_valid, before_invalid = worker.valid(), worker.invalid()
+    producer = KafkaProducer(bootstrap_servers=worker.bootstrap, acks="all", max_request_size=4 << 20)
+    try:
+        sent = [(producer.send(worker.actions, key=key, value=raw), raw, reason) for key, raw, reason in hostile]
+        for e in valid:
+            producer.send(worker.actions, key=e.key.encode(), value=encode_event(e))
+        producer.flush()
+        where = {(f.get().partition, f.get().offset): (raw, reason) for f, raw, reason in sent}
+    finally:
+        producer.close()
+
+    total = len(hostile) + len(valid)
+    wait_until(
+        lambda: worker.valid() - before_valid + sum((worker.invalid() - before_invalid).values()) >= total,
+        60,
+        "the worker to take every hostile payload",
+    )
+    assert worker.valid() - before_valid == len(valid)
+    assert worker.invalid() - before_invalid == Counter(reason for _, _, reason in hostile)
+    # Each one is in the DLQ exactly once, found by its position, with its reason and original.
+    found: Counter[tuple[int, int]] = Counter()
+    for r in read_topic(worker.bootstrap, worker.dlq):
+        rec = msgpack.unpackb(r.value, raw=False)
+        position = (rec["partition"], rec["offset"])
+        if rec["topic"] != worker.actions or position not in where:
+            continue
+        raw, reason = where[position]
+        found[position] += 1
+        assert rec["reason"] == reason and rec["detail"], rec
+        assert rec["original"] == (raw or b"")[:cut] and rec["original_size"] == len(raw or b"")
+        assert rec["truncated"] == (len(raw or b"") > cut)
+    assert found == Counter(dict.fromkeys(where, 1))
+
+
+def test_a_failing_window_ends_the_worker_unacked_and_a_restart_reads_it_again(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / "sitecustomize.py").write_text(  # a bug in the fold, for this process only
+        "import streams.sequences as s\n"
+        "def fold(self, event, settings):\n"
+        "    raise RuntimeError('planted failure')\n"
+        "s.PackedSeq.fold = fold\n"
+    )
+    victim = Worker(kafka_bootstrap, f"crash-{uuid.uuid4().hex[:8]}", tmp_path,
+                    extra_env={"PYTHONPATH": f"{plant}{os.pathsep}{ROOT}"})  # fmt: skip
+    ensure_topic(kafka_bootstrap, victim.actions, PARTITIONS)
+    events = list(synthetic_events(20, 5, 10, seed=3, user_prefix=f"{victim.name}-"))
+    try:
+        victim.start()
+        produce(events, kafka_bootstrap, victim.actions, progress=False)
+        assert victim.proc is not None
+        assert victim.proc.wait(timeout=60) == 1, victim.tail()  # crashed, not restarted in place
+        assert "planted failure" in victim.tail(20_000)
+        victim.proc = None
+        victim.extra_env = {}
+        victim.start()  # the same group: whatever was not acked is read again
+        wait_until(lambda: victim.valid() >= len(events), 60, f"the restarted worker to take the events ({victim.tail()})")
+        assert victim.valid() == len(events) and not victim.invalid()
+        final = {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, victim.updates).items()}
+        assert final == expected_sequences(events)
+    finally:
+        if victim.proc is not None:
+            victim.stop(signal.SIGTERM)
+
+
+def test_stock_faust_delivery_gives_the_same_sequences(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """delivery = "stream" (Faust's per-event stream + take_events, streams/app.py) still works."""
+    stock = Worker(kafka_bootstrap, f"stock-{uuid.uuid4().hex[:8]}", tmp_path,
+                   extra_env={"RECSYS_STREAMS__DELIVERY": "stream"})  # fmt: skip
+    ensure_topic(kafka_bootstrap, stock.actions, PARTITIONS)
+    now = now_ms()
+    events = list(synthetic_events(300, 30, 50, seed=4, start_ts_ms=now - 3_000, step_ms=10, user_prefix=f"{stock.name}-"))
+    bad = [malformed(stock.name, i, events[i].key, now) for i in range(5)]
+    try:
+        stock.start()
+        produce([*events, *(rec for rec, _ in bad)], kafka_bootstrap, stock.actions, progress=False)
+        wait_until(lambda: stock.valid() + sum(stock.invalid().values()) >= 305, 60, f"the stock worker ({stock.tail()})")
+        assert stock.valid() == 300 and stock.invalid() == Counter(reason for _, reason in bad)
+        expected = expected_sequences(events)
+        wait_until(
+            lambda: {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, stock.updates).items()} == expected,
+            60,
+            "the stock worker's final state",
+        )
+    finally:
+        if stock.proc is not None:
+            assert stock.stop(signal.SIGTERM) == 0, stock.tail()
