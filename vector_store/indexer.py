@@ -337,13 +337,17 @@ class OnnxItemEncoder:
         return np.asarray(emb, dtype=np.float32)
 
 
-def _model_id_bucket(model_dir: Path) -> IdBucket:
-    """The model's id -> bucket mapping (owned by inference/, described in meta.json)."""
+def model_id_bucket(model_dir: Path) -> IdBucket:
+    """The model's id -> encoder bucket mapping, as exported with it (owned by inference/:
+    `inference.hashing.id_bucket_fn` over meta.json, falling back to items.npz's ids)."""
     from inference.hashing import id_bucket_fn
 
-    meta: dict[str, Any] = json.loads((Path(model_dir) / "meta.json").read_text())
+    meta = json.loads((Path(model_dir) / "meta.json").read_text(encoding="utf-8"))
     fn: IdBucket = id_bucket_fn(meta, model_dir)
     return fn
+
+
+_model_id_bucket = model_id_bucket  # the name inference.worker imports today
 
 
 # -- CLI ---------------------------------------------------------------------------------------
@@ -373,7 +377,7 @@ def main(argv: list[str]) -> int:
             log.info("store holds %d items; no bulk load (--reindex forces one)", store.count())
         if not args.follow:
             return 0
-        encoder = OnnxItemEncoder(model_dir, _model_id_bucket(model_dir))
+        encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
         follower = ItemsFollower(store, encoder, settings)
         stop = threading.Event()
         # `docker stop` sends SIGTERM: finish the current batch, close cleanly.

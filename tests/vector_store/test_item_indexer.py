@@ -174,3 +174,20 @@ def test_items_the_encoder_rejects_are_skipped_alone(tmp_path: Path) -> None:
         stats = index_items(store, batch, encoder, SURFACES)
         assert (stats.embedded, stats.skipped) == (2, 1)
         assert set(store.retrieve(["ok1", "bad", "ok2"])) == {"ok1", "ok2"}
+
+
+def test_model_id_bucket_follows_the_exported_vocabulary(tmp_path: Path) -> None:
+    """Training ids own buckets 1..N in items.npz order; anything else is bucket 0."""
+    import json
+
+    from inference.hashing import id_hashing_meta
+    from vector_store.indexer import model_id_bucket
+
+    table = _write_model(tmp_path, 3, 0)
+    (tmp_path / "meta.json").write_text(json.dumps({"id_hashing": id_hashing_meta(table.ids)}))
+    buckets = model_id_bucket(tmp_path)(["i2", "i0", "never-seen", "i1"])
+    assert buckets.tolist() == [3, 1, 0, 2]
+    meta = id_hashing_meta(table.ids)
+    del meta["vocab_ids"]  # not inline: read from items.npz
+    (tmp_path / "meta.json").write_text(json.dumps({"id_hashing": meta}))
+    assert model_id_bucket(tmp_path)(["i1"]).tolist() == [2]
