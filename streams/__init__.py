@@ -6,6 +6,8 @@
     synthetic.py  a synthetic stream with planted user interests
     produce.py    `recsys produce`: replay files / synthetic events into `actions`
     app.py        `recsys streams`: the Faust worker (imports faust; not imported here)
+    delivery.py   Faust's consumer handing `actions` to the worker a window at a time
+    outbox.py     a window's output records, one record batch per partition
 """
 
 from streams.errors import REASONS, InvalidEvent, StreamsError, TooLate

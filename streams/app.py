@@ -3,19 +3,25 @@
     actions --decode/validate--> fold into Table `sequences` --coalesce--> user-updates
                      \\--invalid / too late--> actions.dlq (reason + original bytes)
 
-One agent reads `actions` in flush windows (`stream.take_events`: up to
-`streams.max_batch_events` events or `streams.flush_interval_s` seconds). Per window:
+`actions` is read in flush windows: up to `streams.max_batch_events` events, or what arrived
+within `streams.flush_interval_s` of a window's first event. By default Faust's consumer hands
+each window straight to `process_window` (`streams.delivery = "window"`, streams/delivery.py:
+Faust's per-event stream machinery alone caps a worker at ~5k events/s here); with
+`"stream"` an agent collects the same windows from Faust's stream (`take_events`). Per window:
 
 1. every event is decoded (`streams.schema.decode_event`); a bad one goes to the DLQ;
-2. each user's table value is read once, folded with all of the user's events of the window
-   (`streams.sequences.fold_event`) and written back once, so its changelog carries one
+2. each user's table value (`streams.sequences.PackedSeq`) is read once, folded with all of
+   the user's events of the window and written back once, so its changelog carries one
    record per user per window;
-3. the changelog writes are awaited, then one `user-updates` message per touched user is sent
-   (a burst of 1,000 events for one user in a second yields a handful of updates), and the
-   DLQ and update sends are awaited;
-4. only then does Faust ack the window's events, so committed offsets never run ahead of
-   what is durable. A crash replays uncommitted events; the fold drops them as duplicates or
-   stale and the user is re-emitted with a new version, so nothing is lost or double-counted.
+3. the changelog (and DLQ) records are produced and awaited, then one `user-updates` message
+   per touched user (a burst of 1,000 events for one user in a second yields a handful of
+   updates), and those are awaited (streams/outbox.py: one record batch per partition);
+4. only then are the window's events acked, so committed offsets never run ahead of what is
+   durable. A crash replays uncommitted events; the fold drops them as duplicates or stale
+   and the user is re-emitted with a new version, so nothing is lost or double-counted.
+
+Steps 3-4 of a window run while the next window goes through steps 1-2 (one window's output
+in flight at a time, in order), which hides the broker's round trips.
 
 Counters (events by outcome, invalid by reason, updates emitted) are served as Prometheus
 text on `http://<web_host>:<web_port>/metrics` and logged every `streams.stats_interval_s`.

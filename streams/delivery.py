@@ -11,19 +11,23 @@ consumer reads there. `take_events` only batches *after* all of that.
 recovery and the changelog, commits of acked offsets, rebalances, the web server - and
 changes only the last step for the topics registered with `WindowedApp.window`: in the
 fetch loop their messages are collected into a window (up to `max_events`, or `within_s`
-seconds after its first message) and the window is awaited in one call of the handler, in
-the fetch task. Messages of every other topic (changelogs during recovery, ...) take Faust's
-usual path. The bookkeeping a stream does is kept, so Faust's guarantees hold:
+seconds after its first message) and the window is handed to the handler in one call, in
+the fetch task. The handler does the window's CPU work and returns its output still to be
+awaited (sends); that is awaited in a task of its own while the next window is processed,
+one window's output at a time, in window order. Messages of every other topic (changelogs
+during recovery, ...) take Faust's usual path. The bookkeeping a stream does is kept, so
+Faust's guarantees hold:
 
 - a window is tracked as unacked before the handler runs and acked, message by message, only
-  after it returns: committed offsets never pass a message whose effects are not durable;
+  after its output completed: committed offsets never pass a message whose effects are not
+  durable;
 - a rebalance waits for the window in the handler (`Consumer.wait_empty`, as for a stream);
 - messages fetched under an older consumer generation, or while the flow is stopped for a
   rebalance, are dropped unprocessed and unacked, as a stream skips them; Faust seeks back to
   the committed offsets, so they are read again by whoever owns the partition then;
-- if the fetch task is cancelled (shutdown) or the handler fails, the window is untracked
-  without an ack (re-read after a restart), and a handler failure crashes the worker, as the
-  app's `CrashingSupervisor` does for an agent.
+- if the fetch task is cancelled (shutdown) or the handler or its output fails, the window is
+  untracked without an ack (re-read after a restart), and a failure crashes the worker, as
+  the app's `CrashingSupervisor` does for an agent (tests/streams/test_streams_worker.py).
 
 The table writes of a handler need Faust's current event (it routes them to the changelog
 partition of the source partition): `partition_event` makes one per source partition.
