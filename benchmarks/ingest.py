@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -121,8 +123,8 @@ class WorkerRun:
             RECSYS_TOPICS__ACTIONS=topic,
             RECSYS_TOPICS__DLQ=f"{self.name}.dlq",
             RECSYS_TOPICS__USER_UPDATES=f"{self.name}.user-updates",
-            **extra_env,
         )
+        self.env.update(extra_env)
         self.log = self.dir / "worker.log"
 
     def counts(self, proc: subprocess.Popen[bytes]) -> dict[str, float] | None:
@@ -268,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per worker run")
     parser.add_argument("--profile", type=Path, help="also sample one worker run with py-spy into this folder")
     parser.add_argument("--profile-only", action="store_true", help="only the profiled run; writes no result")
+    parser.add_argument("--no-save", action="store_true", help="print the result, write no JSON / PNG")
     parser.add_argument("--bootstrap", help="use this Kafka instead of starting a local broker")
     parser.add_argument("--topic", help="with --bootstrap: an actions topic filled by an earlier run (--keep)")
     parser.add_argument("--keep", action="store_true", help="print the topic and leave it (for --topic)")
@@ -360,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics[f"events_per_s_r{i}"] = round(r["events_per_s"])
         metrics[f"raw_consumer_events_per_s_r{i}"] = round(r["raw_consumer_events_per_s"])
         metrics[f"ratio_r{i}"] = round(r["ratio"], 3)
-    path = write_result("ingest", metrics)
+    command = shlex.join(["python", "-m", "benchmarks.ingest", *(sys.argv[1:] if argv is None else argv)])
+    if args.no_save:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    path = write_result("ingest", metrics, command=command)
     plot(repeats, RESULTS_DIR / "ingest.png")
     print(path.read_text())
     return 0
