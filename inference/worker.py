@@ -211,8 +211,6 @@ class Worker:
     def run(self) -> None:
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
         while not self.stopping.is_set():
-            if self.item_follower is not None:
-                self.item_follower.poll_once()  # non-blocking here: see main()
             updates = self.poll_batch()
             if updates:
                 self.process(updates)
@@ -302,6 +300,25 @@ class Worker:
         self.producer.close()
 
 
+class SerialisedStore:
+    """A vector store whose calls, from any thread, run one at a time."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
+
+
 def _budget_sanity(settings: Settings) -> None:
     if settings.inference.candidates_per_surface <= 0 or not math.isfinite(settings.inference.merge_cosine):
         raise ValueError("inference.candidates_per_surface must be > 0 and merge_cosine finite")
@@ -320,14 +337,16 @@ def main(argv: list[str]) -> int:
     store = open_store(settings, dim=runtime.dim)
     follower = None
     if not args.no_follow_items:
-        # Same thread as the queries: an Edge shard belongs to one process, and interleaving
-        # writes with reads here needs no locking. A zero poll timeout keeps batches moving.
-        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, _model_id_bucket
+        # An Edge shard belongs to one process, so the `items` follower runs here, in a thread
+        # of its own (it blocks on Kafka); every store call of both threads goes through one lock.
+        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, model_id_bucket
 
+        store = SerialisedStore(store)
         model_dir = settings.inference.model_dir
-        local = settings.model_copy(update={"vector_store": settings.vector_store.model_copy(update={"indexer_poll_ms": 0})})
-        follower = ItemsFollower(store, OnnxItemEncoder(model_dir, _model_id_bucket(model_dir)), local)
+        follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings)
     worker = Worker(settings, runtime, store, follower)
+    if follower is not None:
+        threading.Thread(target=follower.run, args=(worker.stopping,), name="items-follower", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stopping.set())
     try:

@@ -234,7 +234,7 @@ class LocalBroker:
         if not (log_dir / "meta.properties").exists():
             cluster_id = _kafka_cluster_id()
             proc = subprocess.run(
-                self._java_cmd(lib, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                self._java_cmd(lib, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(props)),
                 capture_output=True, text=True,
             )
             if proc.returncode != 0:
@@ -291,7 +291,8 @@ def _alive(pid: int) -> bool:
 
 
 def _kafka_cluster_id() -> str:
-    # Kafka cluster ids are 16 random bytes, url-safe base64 without padding.
+    # Kafka cluster ids are 16 random bytes, url-safe base64 without padding; one may start
+    # with "-", which is why it is passed as --cluster-id=<id>, never as a separate argument.
     import base64
 
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
