@@ -34,17 +34,17 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import faust
 import mode
 import msgpack
 from faust.streams import _current_event  # the context var Faust's tables read the event from
-from faust.types import EventT, Message
+from faust.types import EventT, Message, StoreT
 
 from recsys.settings import Settings, get_settings
-from streams.errors import InvalidEvent
 from streams.delivery import WindowedApp, partition_event, set_current_event
+from streams.errors import InvalidEvent
 from streams.outbox import Outbox
 from streams.schema import decode_event, now_ms
 from streams.sequences import PackedSeq
@@ -185,7 +185,7 @@ def create_app(settings: Settings) -> faust.App:
         window, so the CPU work of one window overlaps the broker round trips of the other."""
         await declare_outputs()
         # Faust's Producer wraps one AIOKafkaProducer; its batch API is not exposed.
-        producer = app.producer._ensure_producer()
+        producer = cast(Any, app.producer)._ensure_producer()
         now = now_ms()
         pending: dict[bytes, _Pending] = {}
         first = Outbox(producer)  # changelog records and DLQ records
@@ -221,8 +221,7 @@ def create_app(settings: Settings) -> faust.App:
                     await first.add(dlq.get_topic_name(), msg.key, record)
                     continue
                 counters.events[outcome.value] += 1
-                if event.ts > p.last_event_ts:
-                    p.last_event_ts = event.ts
+                p.last_event_ts = max(p.last_event_ts, event.ts)
                 # Emit even when the fold changed nothing: a duplicate or stale event may be a
                 # replay after a crash whose update never left; re-emitting under a new version
                 # repairs that.
@@ -255,7 +254,7 @@ def create_app(settings: Settings) -> faust.App:
     async def send_output(first: Outbox, changelog: str, emitted: list[_Pending]) -> None:
         for tp, offset in (await first.flush()).items():  # raises if a record could not be written
             if tp.topic == changelog:
-                table.data.set_persisted_offset(tp, offset)  # what Table._on_changelog_sent records
+                cast(StoreT, table.data).set_persisted_offset(tp, offset)  # what Table._on_changelog_sent records
         emitted_at = now_ms()
         topic = updates.get_topic_name()
         then = Outbox(first.producer)
@@ -275,7 +274,7 @@ def create_app(settings: Settings) -> faust.App:
     async def sequences_agent(stream: faust.StreamT) -> None:
         await declare_outputs()
         # delivery = "stream": Faust's own per-event path, batched afterwards by take_events.
-        async for window in stream.take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
+        async for window in cast(faust.Stream, stream).take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
             await (await process_window([event.message for event in window]))
 
     @app.timer(interval=cfg.stats_interval_s)

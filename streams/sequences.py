@@ -26,9 +26,9 @@ tests/streams/test_fold.py checks that both give the same sequences, outcomes an
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgpack

@@ -19,7 +19,9 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from streams.app import dlq_record
 from streams.errors import REASONS, InvalidEvent
@@ -87,7 +89,7 @@ def _fuzz(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subp
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--artifacts", str(tmp_path / "findings"), *args],
         cwd=tmp_path, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        timeout=240,
+        timeout=240, check=False,
     )  # fmt: skip
 
 
@@ -116,6 +118,6 @@ def test_the_fuzzer_reports_a_planted_bug_as_a_finding(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "KeyError: 'planted'" in proc.stdout
     findings = list((tmp_path / "findings").glob("crash-*"))
     assert findings
-    replay = subprocess.run([sys.executable, str(SCRIPT), str(findings[0])], capture_output=True, text=True,
+    replay = subprocess.run([sys.executable, str(SCRIPT), str(findings[0])], capture_output=True, text=True, check=False,
                             env={**os.environ, "PYTHONPATH": f"{plant}{os.pathsep}{ROOT}"}, timeout=120)  # fmt: skip
     assert replay.returncode != 0 and "KeyError: 'planted'" in replay.stderr

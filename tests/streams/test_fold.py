@@ -6,7 +6,9 @@ from collections.abc import Iterable
 
 import msgpack
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from recsys.settings import Settings
 from streams.errors import TooLate
