@@ -218,7 +218,7 @@ def create_app(settings: Settings) -> faust.App:
                     counters.invalid[exc.reason] += 1
                     record = dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition,
                                         offset=msg.offset, max_original=cfg.dlq_max_original_bytes)
-                    await first.add(dlq.get_topic_name(), msg.key, record)
+                    await first.add_beside(dlq.get_topic_name(), msg.key, record, msg.partition)
                     continue
                 counters.events[outcome.value] += 1
                 p.last_event_ts = max(p.last_event_ts, event.ts)

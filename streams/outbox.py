@@ -46,6 +46,15 @@ class Outbox:
             builder.append(key=key, value=value, timestamp=None)  # a batch always takes its first record
             builders.append(builder)
 
+    async def add_beside(self, topic: str, key: bytes | None, value: bytes, source_partition: int) -> None:
+        """Queue one record on the partition of `topic` numbered like `source_partition` (modulo
+        its count): per-key order without hashing a key that may be hostile (DLQ records; a
+        Kafka key can be as large as a message, and murmur2 here is pure Python)."""
+        parts = self._partitions.get(topic)
+        if parts is None:
+            parts = self._partitions[topic] = sorted(await self.producer.partitions_for(topic))
+        await self.add(topic, key, value, parts[source_partition % len(parts)])
+
     async def flush(self) -> dict[TopicPartition, int]:
         """Send every queued record; once all are acknowledged, the last offset per partition.
 

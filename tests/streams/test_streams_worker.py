@@ -441,6 +441,7 @@ def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason
     hostile += [
         (f"not-{user}".encode(), encode_event(valid[0]), "wrong key"),
         (None, encode_event(valid[1]), "wrong key"),  # no key at all
+        (b"k" * 200_000, encode_event(valid[2]), "wrong key"),  # a huge key
         (user.encode(), b"\xc1" + os.urandom(cut + 1000), "oversized"),  # cut short in the DLQ record
     ]
     before_valid, before_invalid = worker.valid(), worker.invalid()
