@@ -150,6 +150,9 @@ def main() -> None:
         loader.join()
         stack.check_alive()
     latencies, missed = result["p"]
+    if not latencies:
+        raise SystemExit(f"no sampled action became visible within 10 s ({missed} missed): the worker cannot keep up "
+                         f"with {args.rate:.0f} events/s here; see {stack.work_dir / 'logs'}")
     metrics = {
         "events_per_s": round(achieved, 1),
         "users": args.users,

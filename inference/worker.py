@@ -210,11 +210,15 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
+        report_at, reported = time.monotonic() + 10.0, 0
         while not self.stopping.is_set():
             updates = self.poll_batch()
             if updates:
                 self.process(updates)
                 self.consumer.commit()
+            if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
+                log.info("worker: %d users regenerated (%.0f/s)", self.users_done, (self.users_done - reported) / 10.0)
+                report_at, reported = time.monotonic() + 10.0, self.users_done
 
     def poll_batch(self) -> list[dict[str, Any]]:
         """Up to max_batch updates, waiting at most max_wait_ms once the first has arrived."""
