@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS, write_result  # noqa: E402
-from inference.data import load_movielens, tail_split  # noqa: E402
-from inference.evaluate import ranking_metrics  # noqa: E402
-from inference.train import apply_overrides, train  # noqa: E402
-from recsys.settings import Settings  # noqa: E402
+from benchmarks._common import RESULTS, write_result
+from inference.data import load_movielens, tail_split
+from inference.evaluate import ranking_metrics
+from inference.train import apply_overrides, train
+from recsys.settings import Settings
 
 ML100K = [
     "model.dim=64",

@@ -259,8 +259,8 @@ def tail_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1, m
     valid_start = test_start - n_valid
     return Split(
         train_end=valid_start,
-        valid=_ranges(valid_start, test_start),
-        test=_ranges(test_start, ends),
+        valid=concat_ranges(valid_start, test_start),
+        test=concat_ranges(test_start, ends),
     )
 
 
@@ -271,7 +271,7 @@ def train_until(split: Split, rows: np.ndarray, log: EventLog) -> np.ndarray:
     return end
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, e) for each pair, vectorised."""
     lengths = ends - starts
     total = int(lengths.sum())
@@ -330,7 +330,7 @@ def training_windows(log: EventLog, train_end: np.ndarray, max_len: int) -> tupl
     n_inputs = np.maximum(train_end - starts - 1, 0)
     n_windows = -(-n_inputs // max_len)  # ceil
     user = np.repeat(np.arange(log.n_users), n_windows)
-    k = _ranges(np.zeros_like(n_windows), n_windows)  # window number from the newest, 0..
+    k = concat_ranges(np.zeros_like(n_windows), n_windows)  # window number from the newest, 0..
     end = train_end[user] - 1 - k * max_len  # exclusive end of this window's inputs
     start = np.maximum(starts[user], end - max_len)
     return start.astype(np.int64), end.astype(np.int64)

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from inference.data import EventLog, Split, events_from_dicts, leave_one_out, load_events_jsonl, load_movielens, load_sequences, tail_split
+from inference.data import (
+    EventLog,
+    Split,
+    events_from_dicts,
+    leave_one_out,
+    load_events_jsonl,
+    load_movielens,
+    load_sequences,
+    tail_split,
+)
 from recsys.settings import Settings
 
 DATASETS = ("beauty", "ml100k", "events", "synthetic")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.data import EventLog, eval_histories
+from inference.data import EventLog, concat_ranges, eval_histories
 from inference.model import GenerativeRetriever
 
 OutcomeChoice = str | int  # "true" (the target's own), "none" (0), an action name or an index
@@ -101,9 +101,7 @@ def _history_mask(log: EventLog, rows: np.ndarray, n_items: int) -> torch.Tensor
     starts = log.offsets[log.user[rows]]
     lengths = rows - starts
     r = np.repeat(np.arange(len(rows)), lengths)
-    from inference.data import _ranges
-
-    cols = log.item[_ranges(starts, rows)] - 1
+    cols = log.item[concat_ranges(starts, rows)] - 1
     mask = torch.zeros(len(rows), n_items, dtype=torch.bool)
     mask[torch.as_tensor(r), torch.as_tensor(cols)] = True
     return mask
@@ -173,17 +171,24 @@ def merged_candidates(
     outcome: OutcomeChoice = "none",
     surface: OutcomeChoice = "true",
     exclude_history: bool = True,
+    merge: str = "round_robin",
     batch_size: int = 512,
 ) -> list[np.ndarray]:
-    """Per row, the merged top-`limit` item indices (1..N) of the M generated queries."""
+    """Per row, the merged top-`limit` item indices (1..N) of the M generated queries: equal
+    budget shares in turns (`round_robin`, what the worker does), or every item ranked by its
+    best cosine over the queries (`max_score`)."""
     items = item_matrix(model, log.features)
     out: list[np.ndarray] = []
     for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
         scores = (qb.queries @ items.T).cpu()  # (B, M, N)
         if exclude_history:
             scores.masked_fill_(_history_mask(log, qb.rows, items.shape[0])[:, None, :], -torch.inf)
-        top = scores.topk(min(limit, scores.shape[-1]), dim=-1).indices.numpy()  # (B, M, limit)
-        out += [merge_round_robin(t, limit) + 1 for t in top]
+        k = min(limit, scores.shape[-1])
+        if merge == "max_score":
+            out += list(scores.amax(dim=1).topk(k, dim=-1).indices.numpy() + 1)
+        else:
+            top = scores.topk(k, dim=-1).indices.numpy()  # (B, M, limit)
+            out += [merge_round_robin(t, limit) + 1 for t in top]
     return out
 
 
@@ -228,9 +233,7 @@ def diversity(candidates: Sequence[np.ndarray], item_features: np.ndarray) -> di
 def popularity_metrics(log: EventLog, rows: np.ndarray, train_end: np.ndarray, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
     """The most-popular baseline (training counts), same protocol as `ranking_metrics`."""
     starts = log.offsets[:-1]
-    from inference.data import _ranges
-
-    counts = log.item_counts(_ranges(starts, train_end))[1:]
+    counts = log.item_counts(concat_ranges(starts, train_end))[1:]
     order = np.argsort(-counts, kind="stable")
     rank_of = np.empty_like(order)
     rank_of[order] = np.arange(len(order))

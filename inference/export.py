@@ -43,17 +43,24 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-import torch.nn as nn
+from torch import nn
 
 from inference.checkpoint import Checkpoint, load_checkpoint
 from inference.evaluate import item_matrix
 from inference.hashing import id_hashing_meta
 from inference.items import ItemTable
-from inference.model import ITEM_INPUTS, ITEM_OUTPUTS, USER_INPUTS, USER_OUTPUTS, GenerativeRetriever, ItemEncoder
+from inference.model import (
+    ITEM_INPUTS,
+    ITEM_OUTPUTS,
+    USER_INPUTS,
+    USER_OUTPUTS,
+    GenerativeRetriever,
+    ItemEncoder,
+)
 
 OPSET = 18
 
-USER_MODEL_SPEC: dict[str, dict[str, Any]] = {
+USER_MODEL_SPEC: dict[str, Any] = {
     "inputs": {
         "item_emb": {"dtype": "float32", "shape": ["B", "T", "D"], "doc": "history items' rows of items.npz; 0 = padding/unknown"},
         "action": {"dtype": "int64", "shape": ["B", "T"], "doc": "actions index + 1; 0 = padding"},

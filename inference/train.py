@@ -2,11 +2,12 @@
 
 Objective (shared/DESIGN.md, PinRec): every position t of every training window predicts
 the items engaged in its future window (the next `train.window` events that are not negative
-actions), each target conditioned on its own surface and outcome (randomly dropped to 0 =
-"unconditioned" so both modes are learned). Each target is scored by all M query slots and the
-slots form a mixture: loss = -log( mean_m softmax_m(target) ). A slot is rewarded for the
-targets it explains best, so slots specialise (future steps / distinct interests) instead of
-collapsing; for M = 1 this is plain softmax cross-entropy (SASRec with a full softmax).
+actions). The position's M queries are conditioned on its next engagement: surface, outcome
+(randomly dropped to 0 = "unconditioned" so both modes are learned) and the time until it.
+Every window target is scored by all M query slots and the slots form a mixture:
+loss = -log( mean_m softmax_m(target) ). A slot is rewarded for the targets it explains best,
+so slots specialise (future steps / distinct interests) instead of collapsing; for M = 1 and a
+window of 1 this is plain softmax cross-entropy (SASRec with a full softmax).
 
 The softmax runs over the whole catalogue when it is small enough (`loss = full`; 12k Beauty
 items cost less than the transformer), else over the batch's own targets plus uniformly drawn
@@ -36,7 +37,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,10 +46,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from inference.checkpoint import Checkpoint, load_blob, save_checkpoint
-from inference.data import EventLog, Split, TrainBatch, _ranges, iterate_train_batches, n_train_batches
+from inference.data import (
+    EventLog,
+    Split,
+    TrainBatch,
+    concat_ranges,
+    iterate_train_batches,
+    n_train_batches,
+)
 from inference.evaluate import ranking_metrics
 from inference.model import GenerativeRetriever, ModelConfig
 from recsys.settings import ModelSettings, Settings, TrainSettings, get_settings
@@ -107,6 +115,7 @@ def model_config(settings: ModelSettings, log_: EventLog) -> ModelConfig:
         dropout=settings.dropout,
         item_mlp=settings.item_mlp,
         head_mult=settings.head_mult,
+        slot_spread=settings.slot_spread,
         init_temperature=settings.init_temperature,
     )
 
@@ -128,21 +137,23 @@ class LossSpec:
     surface: int | None = None  # fine-tuning: only targets on this surface
     hard_negative_weight: float = 0.0  # 0 = no hard negatives (pretraining)
     mm_dtype: torch.dtype | None = None  # bf16 softmax matmuls (CPU mixed precision)
+    slots: str = "offset"  # offset (slot m <-> m-th block of the future window) | mixture | hybrid
 
 
 class _SoftmaxXent(torch.autograd.Function):
     """Softmax cross-entropy of queries against an item matrix, fused for the CPU.
 
-    The (P, N) logits are the only large tensor: they are computed once, turned into
-    probabilities in place and reused as the gradient, so the step costs one matmul forward,
-    two backward and a single exp pass (3x faster than matmul + F.cross_entropy here)."""
+    The (R, N) logits are the only large tensor: they are computed once, turned into
+    probabilities in place and reused as the gradient, so a step costs one matmul forward,
+    two backward and a single exp pass (3x faster than matmul + F.cross_entropy here). Each row
+    may have several targets (a future window) sharing its softmax."""
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
-        q: torch.Tensor,  # (P, D), temperature already folded in
+        q: torch.Tensor,  # (R, D), temperature already folded in
         items: torch.Tensor,  # (N, D)
-        target: torch.Tensor,  # (P,) column of the positive
+        target: torch.Tensor,  # (R, W) columns of the positives
         col_bias: torch.Tensor | None,  # (N,) added to every row (log-Q correction)
         hard: tuple[torch.Tensor, torch.Tensor, float] | None,  # (rows, cols, bias) hard negatives
         mm_dtype: torch.dtype | None,  # bf16 matmuls under mixed precision
@@ -154,20 +165,21 @@ class _SoftmaxXent(torch.autograd.Function):
         if hard is not None:
             rows, cols, value = hard
             logits.index_put_((rows, cols), torch.full_like(rows, value, dtype=logits.dtype), accumulate=True)
-        tgt_logit = logits.gather(1, target[:, None]).squeeze(1)
+        tgt_logit = logits.gather(1, target)  # (R, W)
         m = logits.amax(dim=1, keepdim=True)
         probs = logits.sub_(m).exp_()
         total = probs.sum(dim=1, keepdim=True)
         probs.div_(total)
         ctx.save_for_backward(qm, im, target, probs)
         ctx.dtypes = (q.dtype, items.dtype)
-        return m.squeeze(1) + total.squeeze(1).log() - tgt_logit
+        return m + total.log() - tgt_logit
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         qm, im, target, probs = ctx.saved_tensors
-        probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-        probs.mul_(grad[:, None])
+        # d/dlogits of sum_w g_w * (lse - logit_w) = (sum_w g_w) * softmax - sum_w g_w * onehot_w
+        probs.mul_(grad.sum(dim=1, keepdim=True))
+        probs.scatter_add_(1, target, -grad)
         g = probs.to(qm.dtype)
         return (g @ im).to(ctx.dtypes[0]), (g.T @ qm).to(ctx.dtypes[1]), None, None, None, None
 
@@ -180,9 +192,11 @@ def softmax_xent(
     hard: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     mm_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Per-row cross-entropy (P,) of softmax(q @ items.T + biases) at `target`."""
-    out: torch.Tensor = _SoftmaxXent.apply(q, items, target, col_bias, hard, mm_dtype)
-    return out
+    """Cross-entropy of softmax(q @ items.T + biases) at `target`: (R,) for targets (R,), or
+    (R, W) for targets (R, W) sharing each row's softmax."""
+    flat = target.dim() == 1
+    out: torch.Tensor = _SoftmaxXent.apply(q, items, target[:, None] if flat else target, col_bias, hard, mm_dtype)
+    return out[:, 0] if flat else out
 
 
 def batch_loss(
@@ -193,14 +207,18 @@ def batch_loss(
     device: torch.device,
     frozen_trunk: bool = False,
 ) -> tuple[torch.Tensor, int] | None:
-    """Mixture-of-slots softmax loss over every (position, future target) of a batch."""
+    """Mixture-of-slots softmax loss over every (position, future target) of a batch.
+
+    One query set per position, conditioned on its next engagement (surface, outcome, time to
+    it); all the position's window targets share that softmax (PinRec's unordered window)."""
     h = batch.history
     grad = contextlib.nullcontext() if not frozen_trunk else torch.no_grad()
     with grad:
         items = model.item_table(features, drop_ids=spec.id_dropout if model.training else 0.0)  # (N, D)
         pad = F.pad(items, (0, 0, 1, 0))  # row 0 = padding
+        inputs = pad[torch.as_tensor(h.item, device=device)]  # (B, T, D)
         hidden = model.encode(
-            pad[torch.as_tensor(h.item, device=device)],
+            inputs,
             torch.as_tensor(h.action, device=device),
             torch.as_tensor(h.surface, device=device),
             torch.as_tensor(h.ts, device=device),
@@ -212,25 +230,26 @@ def batch_loss(
     positive = (tgt > 0) & ~negative
     if spec.surface is not None:
         positive &= t_surf == spec.surface
-    b, t, k = positive.nonzero(as_tuple=True)
+    b, t = positive.any(dim=2).nonzero(as_tuple=True)
     P = len(b)
     if P == 0:
         return None
-    surf, out = t_surf[b, t, k], t_act[b, t, k]
+    pos = positive[b, t]  # (P, W)
+    first = pos.to(torch.int8).argmax(dim=1)  # the next engagement conditions the queries
+    surf, out = t_surf[b, t, first], t_act[b, t, first]
     if model.training and spec.outcome_dropout > 0:
         out = torch.where(torch.rand(P, device=device) < spec.outcome_dropout, torch.zeros_like(out), out)
     if model.training and spec.surface_dropout > 0:
         surf = torch.where(torch.rand(P, device=device) < spec.surface_dropout, torch.zeros_like(surf), surf)
     ts = torch.as_tensor(h.ts, device=device)
-    gap = torch.as_tensor(batch.target_ts, device=device)[b, t, k] - ts[b, t]
-    q = model.head(hidden[b, t], surf, out, gap)  # (P, M, D)
+    gap = torch.as_tensor(batch.target_ts, device=device)[b, t, first] - ts[b, t]
+    q = model.head(hidden[b, t], surf, out, gap, inputs[b, t])  # (P, M, D)
     M = q.shape[1]
     qs = (q * model.scale()).reshape(P * M, -1)  # fold the temperature into the queries
-    target = tgt[b, t, k]
+    targets = tgt[b, t]  # (P, W), 0 where no target
     if spec.full_softmax:
         cand_items, col_bias = items, None
-        cols = target - 1
-        neg_cols = (tgt[b, t] - 1).clamp(min=0)  # (P, W)
+        cols = (targets - 1).clamp(min=0)
     else:
         n = items.shape[0]
         sampled = torch.randint(1, n + 1, (spec.n_negatives,), device=device)
@@ -240,16 +259,27 @@ def batch_loss(
         p_batch = -torch.expm1(n_targets * torch.log1p(-spec.log_pop[cand].exp().clamp(max=1 - 1e-6)))
         p_uniform = min(1.0, spec.n_negatives / n)
         cand_items, col_bias = items[cand - 1], -torch.log1p(-(1 - p_batch) * (1 - p_uniform))
-        cols = torch.searchsorted(cand, target)
-        neg_cols = torch.searchsorted(cand, tgt[b, t].clamp(min=1))
+        cols = torch.searchsorted(cand, targets.clamp(min=1))
     hard = None
     if spec.hard_negative_weight > 0:
-        pr, w = negative[b, t].nonzero(as_tuple=True)  # (position row, window slot) of each hard negative
+        pr, w = negative[b, t].nonzero(as_tuple=True)  # (position, window slot) of each hard negative
         rows = (pr[:, None] * M + torch.arange(M, device=device)[None, :]).reshape(-1)
-        hard = (rows, neg_cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
-    ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M), col_bias, hard, spec.mm_dtype).view(P, M)
-    loss = -(torch.logsumexp(-ce, dim=1) - math.log(M))
-    return loss.mean(), P
+        hard = (rows, cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
+    ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
+    ce = ce.view(P, M, -1)  # (P, M, W)
+    if spec.slots == "offset" and M > 1:
+        # PinRec: slot m answers for the m-th block of the future window (near -> far future).
+        W = ce.shape[2]
+        slot = (torch.arange(W, device=device) * M) // W  # (W,)
+        per_target = ce.gather(1, slot[None, None, :].expand(P, 1, W)).squeeze(1)  # (P, W)
+    else:
+        # Mixture over slots: -log mean_m p_m(target), for every target of the window.
+        per_target = -(torch.logsumexp(-ce, dim=1) - math.log(M))  # (P, W)
+        if spec.slots == "hybrid":
+            # ... plus every slot on every target: slots specialise but each stays a full retriever.
+            per_target = 0.5 * per_target + 0.5 * ce.mean(dim=1)
+    n_pos = pos.sum()
+    return (per_target * pos).sum() / n_pos, int(n_pos)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -286,7 +316,7 @@ class RunState:
 
 
 def loss_spec(log_: EventLog, train_end: np.ndarray, tcfg: TrainSettings, device: torch.device) -> LossSpec:
-    counts = log_.item_counts(_ranges(log_.offsets[:-1], train_end))
+    counts = log_.item_counts(concat_ranges(log_.offsets[:-1], train_end))
     pop = (counts + 1e-3) / (counts.sum() + 1e-3 * len(counts))
     full = tcfg.loss == "full" or (tcfg.loss == "auto" and log_.n_items <= tcfg.full_softmax_max_items)
     neg = [log_.actions.index(a) + 1 for a in tcfg.negative_actions if a in log_.actions]
@@ -299,6 +329,7 @@ def loss_spec(log_: EventLog, train_end: np.ndarray, tcfg: TrainSettings, device
         surface_dropout=tcfg.surface_dropout,
         id_dropout=tcfg.id_dropout,
         mm_dtype=softmax_dtype(device, tcfg.amp),
+        slots=tcfg.slots,
     )
 
 
@@ -389,15 +420,20 @@ def fit(
         st.seconds = time.time() - t_start
         row: dict[str, float] = {"epoch": st.epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
         out_of_time = tcfg.max_minutes > 0 and st.seconds > tcfg.max_minutes * 60
+        validating = len(stage.valid_rows) > 0  # none in a final refit: the last weights are kept
         if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time:
-            val = ranking_metrics(model, log_, stage.valid_rows, batch_size=tcfg.eval_batch)
-            row |= {f"valid_{k}": v for k, v in val.items() if k != "n_targets"}
-            if not st.best or val[metric] > st.best[f"valid_{metric}"]:
-                st.best = dict(row)
-                st.bad_evals = 0
-                checkpoint(best_path, with_optimizer=False)
+            if validating:
+                val = ranking_metrics(model, log_, stage.valid_rows, batch_size=tcfg.eval_batch)
+                row |= {f"valid_{k}": v for k, v in val.items() if k != "n_targets"}
+                if f"valid_{metric}" not in st.best or val[metric] > st.best[f"valid_{metric}"]:
+                    st.best = dict(row)
+                    st.bad_evals = 0
+                    checkpoint(best_path, with_optimizer=False)
+                else:
+                    st.bad_evals += 1
             else:
-                st.bad_evals += 1
+                st.best = dict(row)
+                checkpoint(best_path, with_optimizer=False)
             log.info("%s epoch %d %s", stage.name, st.epoch, json.dumps(row))
             st.history.append(row)
             checkpoint(last, with_optimizer=True)
@@ -462,7 +498,7 @@ def train(
     device = pick_device(tcfg.device)
     model = GenerativeRetriever(model_config(settings.model, log_)).to(device)
     spec = loss_spec(log_, split.train_end, tcfg, device)
-    counts = log_.item_counts(_ranges(log_.offsets[:-1], split.train_end))[1:]
+    counts = log_.item_counts(concat_ranges(log_.offsets[:-1], split.train_end))[1:]
     info = Checkpoint(
         model_args=model.cfg.to_dict(),
         item_ids=log_.item_ids,
@@ -539,7 +575,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     log_ = load_dataset(args.dataset, args.path, settings)
     split = make_split(log_, args.split, args.dataset)
-    model, info, results = train(log_, split, settings, args.out, name=args.dataset, finetune=args.finetune, resume=args.resume, progress=not args.quiet)
+    model, info, _results = train(log_, split, settings, args.out, name=args.dataset, finetune=args.finetune, resume=args.resume, progress=not args.quiet)
     summary = {"checkpoint": str(args.out / "ckpt_best.pt"), "version": info.version, "stages": info.state["stages"]}
     if args.export:
         from inference.export import export_model
@@ -564,8 +600,3 @@ def apply_overrides(settings: Settings, overrides: Iterable[str]) -> Settings:
             value = raw
         data[section][name] = value
     return Settings(**data)
-
-
-def _iter_chunks(x: np.ndarray, n: int) -> Iterator[np.ndarray]:
-    for i in range(0, len(x), n):
-        yield x[i : i + n]

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from gr_helpers import HELD_OUT, N_CLUSTERS, N_ITEMS, tiny_settings
+from planted import ACTIONS, SURFACES, item_features, planted_events
+
 from inference.checkpoint import Checkpoint
 from inference.data import EventLog, Split, events_from_dicts, tail_split
 from inference.model import GenerativeRetriever
 from inference.train import train
-from planted import ACTIONS, SURFACES, item_features, planted_events
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from planted import item_features
 
 from inference.train import apply_overrides
-from planted import item_features
 from recsys.settings import Settings
 
 N_ITEMS, N_CLUSTERS = 48, 6

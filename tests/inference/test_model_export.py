@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from gr_helpers import HELD_OUT, features_of
+
 from inference.checkpoint import Checkpoint
 from inference.data import EventLog, Split, eval_histories
 from inference.evaluate import item_matrix

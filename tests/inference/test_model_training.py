@@ -8,15 +8,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from gr_helpers import tiny_settings
-from inference.checkpoint import load_blob, load_checkpoint
+from planted import planted_events
+
+from inference.checkpoint import Checkpoint, load_blob, load_checkpoint
 from inference.data import EventLog, Split
 from inference.evaluate import item_matrix, ranking_metrics
-from inference.train import Stage, fit, loss_spec, model_config, softmax_xent, train, train_small_demo_model
 from inference.model import GenerativeRetriever
-from inference.checkpoint import Checkpoint
-from planted import planted_events
+from inference.train import (
+    Stage,
+    fit,
+    loss_spec,
+    model_config,
+    softmax_xent,
+    train,
+    train_small_demo_model,
+)
 
 
 @pytest.mark.parametrize("mm_dtype", [None, torch.bfloat16])
@@ -101,3 +108,40 @@ def test_small_demo_model_trains_and_exports(tmp_path: Path) -> None:
     out = train_small_demo_model(events, settings, tmp_path / "model", max_seconds=15)
     for name in ("user_model.onnx", "item_encoder.onnx", "items.npz", "meta.json"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_cli_export_and_evaluate(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`recsys export` and `recsys evaluate` on the fixture's checkpoint and its events as JSONL."""
+    import json
+
+    from gr_helpers import HELD_OUT, N_CLUSTERS, N_ITEMS
+
+    from inference import evaluate, export
+
+    _, info, out = tiny_model
+    assert export.main(["--checkpoint", str(out / "ckpt_best.pt"), "--out", str(tmp_path / "model")]) == 0
+    assert json.loads((tmp_path / "model" / "meta.json").read_text())["version"] == info.version
+    capsys.readouterr()
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(e) for e in planted_events(n_items=N_ITEMS, n_clusters=N_CLUSTERS, exclude_items=HELD_OUT)))
+    assert evaluate.main(["--checkpoint", str(out / "ckpt_best.pt"), "--dataset", "events", "--path", str(events)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["recall@10"] > 0.3 and metrics["n_targets"] > 100
+
+
+def test_fused_softmax_with_a_window_of_targets_sums_their_cross_entropies() -> None:
+    g = torch.Generator().manual_seed(1)
+    R, N, D, W = 11, 40, 6, 3
+    q = torch.randn(R, D, generator=g, requires_grad=True)
+    items = torch.randn(N, D, generator=g, requires_grad=True)
+    target = torch.randint(0, N, (R, W), generator=g)
+    target[0, 1] = target[0, 0]  # a repeated target counts twice
+    weights = torch.rand(R, W, generator=g)
+    (softmax_xent(q, items, target) * weights).sum().backward()
+    grads = q.grad.clone(), items.grad.clone()  # type: ignore[union-attr]
+    q.grad = items.grad = None
+    logits = q @ items.T
+    ref = torch.stack([F.cross_entropy(logits, target[:, w], reduction="none") for w in range(W)], dim=1)
+    (ref * weights).sum().backward()
+    assert torch.allclose(grads[0], q.grad, atol=1e-5)  # type: ignore[arg-type]
+    assert torch.allclose(grads[1], items.grad, atol=1e-5)  # type: ignore[arg-type]
