@@ -13,7 +13,7 @@ for "click", unconditioned (same model, outcome 0) and from the unconditioned mo
 same for click targets. PinRec's claim, reproduced: the matching outcome wins, the wrong one
 loses.
 
-    python benchmarks/ml100k_outcomes.py     # ~5 min on the 2-core dev CPU
+    python -m benchmarks.ml100k_outcomes     # ~5 min on the 2-core dev CPU
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import RESULTS, write_result
+from benchmarks.results_io import write_result
 from inference.data import load_movielens, tail_split
 from inference.evaluate import ranking_metrics
 from inference.train import apply_overrides, train
@@ -57,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k/u.data"))
     p.add_argument("--out", type=Path, default=Path("var/bench/ml100k_outcomes"))
-    p.add_argument("--result", type=Path, default=RESULTS / "ml100k_outcomes.json")
+    p.add_argument("--name", default="ml100k_outcomes", help="results file name (benchmarks/results/<name>.json)")
     p.add_argument("--set", action="append", default=[], help="override, e.g. train.epochs=20")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["recall@10_save_given_click"] = metrics["save_recall@10_cond_click"]
     metrics["recall@10_save_unconditioned"] = metrics["save_recall@10_unconditioned_model"]
     metrics["history_excluded"] = True
-    path = write_result("ml100k_outcomes", metrics, args.result)
+    path = write_result(args.name, metrics)
     print(path.read_text())
     return 0
 

@@ -14,7 +14,7 @@ movies masked. Reported: recall@BUDGET of the merged list against the future win
 intra-list diversity (1 - mean pairwise cosine of genre vectors), distinct genres per list,
 catalogue coverage across users.
 
-    python benchmarks/multitoken.py      # ~10 min on the 2-core dev CPU
+    python -m benchmarks.multitoken      # ~10 min on the 2-core dev CPU
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import RESULTS, write_result
+from benchmarks.results_io import write_result
 from inference.data import load_movielens, load_movielens_genres, tail_split
 from inference.evaluate import (
     diversity,
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k"))
     p.add_argument("--out", type=Path, default=Path("var/bench/multitoken"))
-    p.add_argument("--result", type=Path, default=RESULTS / "multitoken.json")
+    p.add_argument("--name", default="multitoken", help="results file name (benchmarks/results/<name>.json)")
     p.add_argument("--set", action="append", default=[], help="override for both models")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["train_seconds"] = round(time.time() - t0, 1)
     metrics["m4_wins_recall"] = bool(metrics[f"m4_recall@{BUDGET}"] > metrics[f"m1_recall@{BUDGET}"])  # type: ignore[operator]
     metrics["m4_wins_diversity"] = bool(metrics["m4_intra_list_diversity"] > metrics["m1_intra_list_diversity"])  # type: ignore[operator]
-    path = write_result("multitoken", metrics, args.result)
+    path = write_result(args.name, metrics)
     print(path.read_text())
     return 0
 

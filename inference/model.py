@@ -71,7 +71,6 @@ class ModelConfig:
     dropout: float = 0.2
     item_mlp: bool = False  # residual MLP in the item tower (PinRec's fusion MLP)
     head_mult: int = 4  # hidden width of the head MLP, in multiples of dim
-    slot_spread: float = 0.5  # initial noise of the per-slot maps of slots 1..M-1
     init_temperature: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,30 +150,22 @@ class QueryHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_surfaces = cfg.n_surfaces
-        self.surface = nn.Embedding(cfg.n_surfaces + 1, cfg.dim)  # 0 = any surface
-        self.outcome = nn.Embedding(cfg.n_actions + 1, cfg.dim)  # 0 = unconditioned
-        self.slot = nn.Parameter(torch.randn(cfg.num_queries, cfg.dim) * 0.5)
-        # Each slot reads the user state through its own map: slot 0 the identity, the others the
-        # identity plus noise (cosine ~0.9 to slot 0). Slots that start as near-copies of each
-        # other stay copies under a mixture loss; these start apart but all still useful.
         D, M = cfg.dim, cfg.num_queries
-        proj = torch.eye(D).repeat(M, 1, 1)
-        proj[1:] += torch.randn(M - 1, D, D) * (cfg.slot_spread / math.sqrt(D))
-        self.slot_proj = nn.Parameter(proj)  # (M, D, D)
-        self.self_exclusion = nn.Parameter(torch.tensor(1.0))
-        self.gap = nn.Linear(1, cfg.dim)
-        self.ln = nn.LayerNorm(cfg.dim)
+        self.n_surfaces = cfg.n_surfaces
+        self.surface = nn.Embedding(cfg.n_surfaces + 1, D)  # 0 = any surface
+        self.outcome = nn.Embedding(cfg.n_actions + 1, D)  # 0 = unconditioned
+        self.slot = nn.Parameter(torch.randn(M, D) * 0.5)
+        # Slot 0 reads the user state as is (SASRec's query); slots 1..M-1 through their own maps,
+        # the identity plus noise (cosine ~0.9 to slot 0). Slots that start as near-copies of
+        # each other stay copies under a mixture loss; these start apart but all useful.
+        self.slot_maps = nn.Parameter(torch.eye(D).repeat(M - 1, 1, 1) + torch.randn(M - 1, D, D) * (0.5 / math.sqrt(D)))
+        self.gap = nn.Linear(1, D)
+        self.ln = nn.LayerNorm(D)
         # One MLP per surface (index 0 = unconditioned), so fine-tuning a surface is local to it.
-        self.mlps = nn.ModuleList(
-            MLP(cfg.dim, cfg.head_mult * cfg.dim, cfg.dropout, cfg.n_layers) for _ in range(cfg.n_surfaces + 1)
-        )
+        self.mlps = nn.ModuleList(MLP(D, cfg.head_mult * D, cfg.dropout, cfg.n_layers) for _ in range(cfg.n_surfaces + 1))
 
-    def forward(
-        self, h: torch.Tensor, surface: torch.Tensor, outcome: torch.Tensor, gap_s: torch.Tensor, last_item: torch.Tensor
-    ) -> torch.Tensor:
-        # h (N, D), surface/outcome int64 (N,), gap_s float64 (N,) seconds,
-        # last_item (N, D) the newest event's item vector (0 if unknown) -> (N, M, D)
+    def forward(self, h: torch.Tensor, surface: torch.Tensor, outcome: torch.Tensor, gap_s: torch.Tensor) -> torch.Tensor:
+        # h (N, D), surface/outcome int64 (N,), gap_s float64 (N,) seconds -> (N, M, D)
         gap = (torch.log1p(gap_s.clamp(min=0.0)) / LOG_TIME_SCALE).to(h.dtype)
         cond = self.surface(surface) + self.outcome(outcome) + self.gap(gap[:, None])  # (N, D)
         x = self.ln(h)[:, None, :] + cond[:, None, :] + self.slot[None, :, :].to(h.dtype)  # (N, M, D)
@@ -182,14 +173,10 @@ class QueryHead(nn.Module):
         # mask-and-sum exports to ONNX as plain arithmetic.
         pick = (surface[None, :] == torch.arange(self.n_surfaces + 1, device=h.device)[:, None]).to(h.dtype)
         delta = sum(mlp(x) * pick[s][:, None, None] for s, mlp in enumerate(self.mlps))
-        q = torch.einsum("nd,mde->nme", h, self.slot_proj.to(h.dtype)) + delta  # (N, M, D)
-        # Learned self-exclusion: remove `self_exclusion` of the query's component along the item
-        # just engaged with. The tied identity path otherwise makes that item the top candidate
-        # although the next engagement is rarely a repeat; where repeats are common (re-clicks),
-        # training drives the factor to 0.
-        last = last_item.to(q.dtype)[:, None, :]  # (N, 1, D)
-        q = q - self.self_exclusion * (q * last).sum(-1, keepdim=True) * last
-        return F.normalize(q, dim=-1)
+        base = h[:, None, :]  # (N, 1, D)
+        if self.slot_maps.shape[0]:
+            base = torch.cat([base, torch.einsum("nd,mde->nme", h, self.slot_maps.to(h.dtype))], dim=1)  # (N, M, D)
+        return F.normalize(base + delta, dim=-1)
 
 
 def time_features(event_ts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -288,12 +275,12 @@ class GenerativeRetriever(nn.Module):
     ) -> torch.Tensor:
         """The exported user model: (B, Q, M, D) L2-normalised queries."""
         B, Q = target_surface.shape
+        D, M = self.cfg.dim, self.cfg.num_queries
         h = self.encode(item_emb, action, surface, event_ts)[:, -1]  # (B, D): newest event
         gap = (request_ts - event_ts[:, -1])[:, None].expand(B, Q).reshape(B * Q)
-        hq = h[:, None, :].expand(B, Q, h.shape[-1]).reshape(B * Q, h.shape[-1])
-        last = item_emb[:, -1][:, None, :].expand(B, Q, h.shape[-1]).reshape(B * Q, h.shape[-1])
-        q = self.head(hq, target_surface.reshape(B * Q), target_outcome.reshape(B * Q), gap, last)
-        return q.reshape(B, Q, self.cfg.num_queries, self.cfg.dim)
+        hq = h[:, None, :].expand(B, Q, D).reshape(B * Q, D)
+        q = self.head(hq, target_surface.reshape(B * Q), target_outcome.reshape(B * Q), gap)
+        return q.reshape(B, Q, M, D)
 
     def item_table(self, features: torch.Tensor | None, drop_ids: float = 0.0) -> torch.Tensor:
         """Embeddings of the whole training vocabulary (N, D); row i-1 = item index / bucket i.

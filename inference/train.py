@@ -115,7 +115,6 @@ def model_config(settings: ModelSettings, log_: EventLog) -> ModelConfig:
         dropout=settings.dropout,
         item_mlp=settings.item_mlp,
         head_mult=settings.head_mult,
-        slot_spread=settings.slot_spread,
         init_temperature=settings.init_temperature,
     )
 
@@ -137,7 +136,7 @@ class LossSpec:
     surface: int | None = None  # fine-tuning: only targets on this surface
     hard_negative_weight: float = 0.0  # 0 = no hard negatives (pretraining)
     mm_dtype: torch.dtype | None = None  # bf16 softmax matmuls (CPU mixed precision)
-    slots: str = "offset"  # offset (slot m <-> m-th block of the future window) | mixture | hybrid
+    slots: str = "offset"  # offset (slot m <-> m-th block of the window) | mixture (each target to its best slot)
 
 
 class _SoftmaxXent(torch.autograd.Function):
@@ -216,9 +215,8 @@ def batch_loss(
     with grad:
         items = model.item_table(features, drop_ids=spec.id_dropout if model.training else 0.0)  # (N, D)
         pad = F.pad(items, (0, 0, 1, 0))  # row 0 = padding
-        inputs = pad[torch.as_tensor(h.item, device=device)]  # (B, T, D)
         hidden = model.encode(
-            inputs,
+            pad[torch.as_tensor(h.item, device=device)],
             torch.as_tensor(h.action, device=device),
             torch.as_tensor(h.surface, device=device),
             torch.as_tensor(h.ts, device=device),
@@ -243,7 +241,7 @@ def batch_loss(
         surf = torch.where(torch.rand(P, device=device) < spec.surface_dropout, torch.zeros_like(surf), surf)
     ts = torch.as_tensor(h.ts, device=device)
     gap = torch.as_tensor(batch.target_ts, device=device)[b, t, first] - ts[b, t]
-    q = model.head(hidden[b, t], surf, out, gap, inputs[b, t])  # (P, M, D)
+    q = model.head(hidden[b, t], surf, out, gap)  # (P, M, D)
     M = q.shape[1]
     qs = (q * model.scale()).reshape(P * M, -1)  # fold the temperature into the queries
     targets = tgt[b, t]  # (P, W), 0 where no target
@@ -275,11 +273,13 @@ def batch_loss(
     else:
         # Mixture over slots: -log mean_m p_m(target), for every target of the window.
         per_target = -(torch.logsumexp(-ce, dim=1) - math.log(M))  # (P, W)
-        if spec.slots == "hybrid":
-            # ... plus every slot on every target: slots specialise but each stays a full retriever.
-            per_target = 0.5 * per_target + 0.5 * ce.mean(dim=1)
     n_pos = pos.sum()
-    return (per_target * pos).sum() / n_pos, int(n_pos)
+    loss = (per_target * pos).sum() / n_pos
+    if M > 1 and spec.slots == "mixture":
+        # Slot 0 also answers alone for the next engagement, the target its condition describes:
+        # without this the mixture lets other slots absorb it and outcome conditioning fades.
+        loss = loss + ce[torch.arange(P, device=device), 0, first].mean()
+    return loss, int(n_pos)
 
 
 # ----------------------------------------------------------------------------- the loop

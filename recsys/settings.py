@@ -100,7 +100,6 @@ class ModelSettings(BaseModel):
     dropout: float = 0.2  # embeddings, attention, residual branches; ~0.5 suits tiny data sets
     item_mlp: bool = False  # residual MLP fusing id and content in the item tower (PinRec)
     head_mult: int = 4  # width of the query head's MLP, in multiples of dim
-    slot_spread: float = 0.5  # initial noise of query slots 1..M-1's maps (slot 0 starts as identity)
     init_temperature: float = 0.05  # initial softmax temperature of cosine scores (learned)
 
 
@@ -120,7 +119,7 @@ class TrainSettings(BaseModel):
     weight_decay: float = 0.0  # on matrices only
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     window: int = 1  # targets per position: the next `window` engaged items (PinRec's future window)
-    slots: str = "offset"  # how M query slots share the window: offset (slot m: m-th block) | mixture | hybrid
+    slots: str = "offset"  # how M query slots share the window: offset (slot m: m-th block) | mixture (of softmaxes)
     loss: str = "auto"  # full (softmax over every item) | sampled (in-batch + random, log-Q) | auto
     full_softmax_max_items: int = 200_000  # auto picks the full softmax up to this catalogue size
     n_negatives: int = 2048  # random negatives per step for the sampled softmax

@@ -5,9 +5,10 @@
 - Every user has a home cluster. Most steps move to the *successor* of the previous item in
   that cluster (`prev + n_clusters`, wrapping), some to a random item of the cluster, a few to
   a random item anywhere: a sequence model can predict far better than popularity.
-- Outcomes are planted: "save" mostly lands on items of even rank within their cluster
-  (`(i // n_clusters) % 2 == 0`), "click" mostly on odd ones, so conditioning on the outcome
-  should move the generated queries towards the matching half of the catalogue.
+- Outcomes are planted: each step first draws its outcome ("save" 40%, else "click"), then
+  the item from the half of the cluster that outcome belongs to (`is_save_item`: even rank
+  within the cluster), so the outcome decides which item comes next and conditioning on it
+  should move the generated queries towards the matching half.
 - A few "hide" events on random off-cluster items (shown but not engaged); surfaces random.
 """
 
@@ -58,17 +59,20 @@ def planted_events(
         item = home + n_clusters * int(rng.integers(per_cluster))
         ts = t0 + u * 1000
         for _ in range(length):
+            action = "save" if rng.random() < 0.4 else "click"
+            parity = 0 if action == "save" else 1  # save-items have even rank in their cluster
+            rank = item // n_clusters
             r = rng.random()
-            if r < 0.7:
-                item = (item + n_clusters) % n_items  # the successor within the cluster
-            elif r < 0.92:
-                item = home + n_clusters * int(rng.integers(per_cluster))
-            else:
+            if r < 0.7:  # the successor within the outcome's half of the cluster
+                rank = rank + 1 if (rank + 1) % 2 == parity else rank + 2
+            elif r < 0.92:  # any item of that half
+                rank = parity + 2 * int(rng.integers(per_cluster // 2))
+            else:  # noise: anything
                 item = int(rng.integers(n_items))
+            if r < 0.92:
+                item = home + n_clusters * (rank % per_cluster)
             if item in exclude_items:
                 continue
-            save_like = is_save_item(item, n_clusters)
-            action = "save" if (rng.random() < 0.85) == save_like else "click"
             ts += int(rng.integers(30_000, 3_600_000))
             events.append(
                 {"user_id": f"u{u}", "item_id": f"i{item}", "action": action, "surface": SURFACES[int(rng.integers(3))], "ts": ts}
