@@ -275,9 +275,10 @@ def batch_loss(
         per_target = -(torch.logsumexp(-ce, dim=1) - math.log(M))  # (P, W)
     n_pos = pos.sum()
     loss = (per_target * pos).sum() / n_pos
-    if M > 1 and spec.slots == "mixture":
+    if spec.slots == "mixture" and (M > 1 or ce.shape[2] > 1):
         # Slot 0 also answers alone for the next engagement, the target its condition describes:
         # without this the mixture lets other slots absorb it and outcome conditioning fades.
+        # (With M = 1 and a window of 1 this term would only repeat the loss above.)
         loss = loss + ce[torch.arange(P, device=device), 0, first].mean()
     return loss, int(n_pos)
 
