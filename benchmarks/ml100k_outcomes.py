@@ -51,6 +51,29 @@ ML100K = [
 ]
 
 
+def plot(metrics: dict[str, object], path: Path) -> None:
+    """Recall@10 of save and click targets under each conditioning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, target in zip(axes, ("save", "click"), strict=True):
+        other = "click" if target == "save" else "save"
+        labels = [f"gen. for {target}", f"gen. for {other}", "unconditioned\n(same model)", "unconditioned\nmodel"]
+        keys = [f"cond_{target}", f"cond_{other}", "cond_none", "unconditioned_model"]
+        values = [float(metrics[f"{target}_recall@10_{k}"]) for k in keys]  # type: ignore[arg-type]
+        bars = ax.bar(labels, values, color=["tab:green", "tab:red", "tab:gray", "tab:gray"])
+        ax.bar_label(bars, fmt="%.4f")
+        ax.set_ylim(min(values) * 0.9, max(values) * 1.05)
+        ax.set_title(f"next {target}: Recall@10")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k/u.data"))
@@ -98,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics["recall@10_save_unconditioned"] = metrics["save_recall@10_unconditioned_model"]
     metrics["history_excluded"] = True
     path = write_result(args.name, metrics)
+    plot(metrics, path.with_suffix(".png"))
     print(path.read_text())
     return 0
 
