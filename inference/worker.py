@@ -34,6 +34,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from inference.guards import RetryingStore, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime
 from recsys.settings import Settings, get_settings
 
@@ -186,6 +187,9 @@ def merge_hits(
 class Worker:
     """Consumes `user-updates`, publishes `candidates`; owns the session and the store."""
 
+    updates_skipped = 0  # unusable `user-updates` records (inference/guards.py: clean_update)
+    users_failed = 0  # users whose data made compute raise; skipped, the rest of the batch served
+
     def __init__(self, settings: Settings, runtime: ModelRuntime, store: Any, item_follower: Any = None) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
@@ -215,21 +219,40 @@ class Worker:
             updates = self.poll_batch()
             if updates:
                 self.process(updates)
-                self.consumer.commit()
+                self.commit()
             if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
                 log.info("worker: %d users regenerated (%.0f/s)", self.users_done, (self.users_done - reported) / 10.0)
                 report_at, reported = time.monotonic() + 10.0, self.users_done
 
+    def commit(self) -> None:
+        """Commit the polled offsets; a group that rebalanced meanwhile (e.g. during a long store
+        outage) refuses, and its next owner re-reads and recomputes those updates: none lost."""
+        from kafka.errors import CommitFailedError
+
+        try:
+            self.consumer.commit()
+        except CommitFailedError as exc:
+            log.warning("worker: commit refused after a rebalance (%s); the batch will be re-read", exc)
+
     def poll_batch(self) -> list[dict[str, Any]]:
-        """Up to max_batch updates, waiting at most max_wait_ms once the first has arrived."""
+        """Up to max_batch updates, waiting at most max_wait_ms once the first has arrived.
+        Malformed records are skipped and counted (inference/guards.py: clean_update)."""
         cfg = self.settings.inference
+        keep = max(self.runtime.max_len, self.settings.streams.max_sequence_len)
         batch: list[dict[str, Any]] = []
         deadline: float | None = None
         while len(batch) < cfg.max_batch and not self.stopping.is_set():
             timeout = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             records = self.consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
             for part in records.values():
-                batch += [msgpack.unpackb(r.value, raw=False) for r in part]
+                for record in part:
+                    update = clean_update(record.value, keep)
+                    if update is None:
+                        self.updates_skipped += 1
+                        log.warning("worker: skipped an unusable update at %s:%d:%d (no user or no valid event)",
+                                    record.topic, record.partition, record.offset)
+                    else:
+                        batch.append(update)
             if batch and deadline is None:
                 deadline = time.monotonic() + cfg.max_wait_ms / 1000.0
             if deadline is None or time.monotonic() >= deadline:
@@ -241,16 +264,43 @@ class Worker:
         fresh = [u for u in coalesce(updates) if u.get("events")]
         if not fresh:
             return 0
-        results = self.compute(fresh)
-        for update, surfaces in zip(fresh, results):
+        fresh, results = self.compute_isolated(fresh)
+        sent = [
             self.producer.send(
                 self.settings.topics.candidates,
                 key=str(update["user_id"]).encode(),
                 value=msgpack.packb(self.candidates_record(update, surfaces)),
             )
+            for update, surfaces in zip(fresh, results)
+        ]
         self.producer.flush()
+        for future in sent:  # a record the broker never took raises here, before any commit
+            future.get()
         self.users_done += len(fresh)
         return len(fresh)
+
+    def compute_isolated(self, updates: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
+        """`compute` for the batch; if the data makes it raise, user by user, skipping (and
+        counting) only the users that fail. A store that is down is not data: it raises
+        StoreUnavailable from the retrying store and ends the loop uncommitted."""
+        try:
+            return updates, self.compute(updates)
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - isolated below; the loop must not die on one user's data
+            log.exception("worker: a batch of %d users failed; recomputing them one by one", len(updates))
+        kept: list[dict[str, Any]] = []
+        results: list[Any] = []
+        for update in updates:
+            try:
+                results += self.compute([update])
+                kept.append(update)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                self.users_failed += 1
+                log.error("worker: user %r skipped (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
+        return kept, results
 
     def compute(self, updates: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, list[Any]]]]:
         """Per user, per surface: {"items": [...], "scores": [...]} (no I/O besides the store)."""
@@ -338,7 +388,18 @@ def main(argv: list[str]) -> int:
     settings = get_settings()
     _budget_sanity(settings)
     runtime = ModelRuntime.load(settings.inference.model_dir, settings.inference.provider)
-    store = open_store(settings, dim=runtime.dim)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    retry = {"initial_s": settings.inference.store_retry_initial_s, "max_s": settings.inference.store_retry_max_s}
+    try:
+        # The store may be down at start too (a Qdrant server not up yet, an Edge shard still
+        # locked by the process that held it): wait for it, consuming nothing meanwhile.
+        store = call_with_retry(lambda: open_store(settings, dim=runtime.dim), what="opening the vector store",
+                                stopping=stopping, **retry)
+    except StoreUnavailable:
+        log.warning("worker: stopped before the vector store could be opened")
+        return 0
     follower = None
     if not args.no_follow_items:
         # An Edge shard belongs to one process, so the `items` follower runs here, in a thread
@@ -346,15 +407,19 @@ def main(argv: list[str]) -> int:
         from vector_store.indexer import ItemsFollower, OnnxItemEncoder, model_id_bucket
 
         store = SerialisedStore(store)
+    # Every store call of the worker and the follower waits out a store outage (the lock is not held while waiting).
+    store = RetryingStore(store, stopping=stopping, **retry)
+    if not args.no_follow_items:
         model_dir = settings.inference.model_dir
         follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings)
     worker = Worker(settings, runtime, store, follower)
+    worker.stopping = stopping
     if follower is not None:
         threading.Thread(target=follower.run, args=(worker.stopping,), name="items-follower", daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stopping.set())
     try:
         worker.run()
+    except StoreUnavailable:
+        log.warning("worker: stopped while the vector store was down; the batch in hand stays uncommitted")
     finally:
         worker.close()
         if follower is not None:

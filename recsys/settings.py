@@ -148,6 +148,10 @@ class InferenceSettings(BaseModel):
     provider: str = "auto"  # auto | cuda | cpu
     candidates_per_surface: int = 100  # top-N written per surface
     merge_cosine: float = 0.98  # generated embeddings closer than this are merged
+    # A vector-store call that fails transiently (store down, connection refused, engine I/O
+    # error) is retried with a doubling back-off; its batch waits uncommitted, so nothing is lost.
+    store_retry_initial_s: float = 0.1  # first back-off after a failed vector-store call
+    store_retry_max_s: float = 5.0  # cap of the doubling back-off between store retries
     # Each surface splits its budget across outcomes by its business goal.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},

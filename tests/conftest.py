@@ -39,3 +39,16 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def unique() -> str:
     """A short suffix that keeps topics, groups and app ids of one test apart from others."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small exported model (~25 s to train and export, once per session) for the tests of the
+    worker's and the system's behaviour, not of the model's quality."""
+    from inference.train import train_small_demo_model
+    from recsys.settings import Settings
+    from streams.synthetic import synthetic_events
+
+    events = [e.to_wire() for e in synthetic_events(2000, 100, 64, seed=5)]
+    return train_small_demo_model(events, Settings(train={"num_threads": 1}), tmp_path_factory.mktemp("small-model"),
+                                  max_seconds=3)

@@ -1,0 +1,187 @@
+"""Model edge cases and hostile `user-updates` through the real worker loop (issue 6).
+
+Real Kafka, the real ONNX Runtime session of a small exported model, a real Qdrant Edge shard.
+Every case has a defined answer and none may end the loop:
+
+    empty history / no usable event / not an update  -> skipped, counted, no candidates record
+    only unknown items, an item id never seen         -> candidates from action/surface/time
+    more events than the model reads                  -> the newest max_len are read
+    unknown action or surface names                   -> read as padding; candidates served
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
+
+from inference.guards import RetryingStore, clean_update
+from inference.runtime import ModelRuntime
+from inference.worker import Worker
+from recsys.settings import Settings
+from vector_store import open_store
+from vector_store.indexer import ItemTable, index_item_table
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
+
+LIMIT = 10
+NOW = int(time.time() * 1000)
+
+
+def ev(item: Any, ts: int = NOW, action: Any = "click", surface: Any = "home") -> dict[str, Any]:
+    return {"item_id": item, "action": action, "surface": surface, "ts": ts}
+
+
+def update(user: Any, events: Any, version: int = 1, **extra: Any) -> bytes:
+    return msgpack.packb({"user_id": user, "version": version, "events": events, **extra})
+
+
+# user key -> raw record; the *served* ones must get a candidates record, the others none.
+SERVED: dict[str, bytes] = {
+    "good": update("good", [ev(1, NOW - 2), ev(9, NOW - 1), ev(17)]),
+    "unknown-only": update("unknown-only", [ev("never-seen-a"), ev("never-seen-b", NOW + 1)]),
+    "int-id-never-seen": update("int-id-never-seen", [ev(2**64 - 1), ev(-7), ev(3)]),
+    "too-long": update("too-long", [ev(i % 64, NOW - 5000 + i) for i in range(5000)]),
+    "odd-names": update("odd-names", [ev(5, action="purchase", surface="checkout"), ev(6)]),
+    "some-bad-events": update("some-bad-events", [ev(None), ev(1, ts="yesterday"), ev([1]), ev(2, ts=-1),
+                                                  ev(3, ts=2**64 - 1), ev(4, ts=float("nan")), "junk", ev(8)]),
+    "7": update(7, [ev(2)]),  # integer user id
+}
+SKIPPED: dict[str, bytes] = {
+    "empty-history": update("empty-history", []),
+    "all-events-bad": update("all-events-bad", [ev(None), ev(1, ts="x"), {"ts": NOW}]),
+    "no-events-key": msgpack.packb({"user_id": "no-events-key", "version": 1}),
+    "events-not-list": update("events-not-list", {"0": ev(1)}),
+    "no-user": update(None, [ev(1)]),
+    "bool-user": update(True, [ev(1)]),
+    "not-msgpack": b"\xc1\xff\x00garbage",
+    "not-a-map": msgpack.packb([1, 2, 3]),
+    "empty-value": b"",
+}
+
+
+@pytest.fixture
+def worker(kafka_bootstrap: str, small_model_dir: Path, tmp_path: Path, unique: str) -> Iterator[Worker]:
+    settings = Settings(
+        kafka={"bootstrap_servers": kafka_bootstrap},
+        topics={"user_updates": f"uu-{unique}", "candidates": f"cand-{unique}"},
+        inference={"group_id": f"w-{unique}", "candidates_per_surface": LIMIT, "max_wait_ms": 5},
+        vector_store={"path": tmp_path / "qdrant"},
+    )
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    store = open_store(settings, dim=runtime.dim)
+    index_item_table(store, ItemTable.load(small_model_dir), settings.events.surfaces)
+    w = Worker(settings, runtime, RetryingStore(store, initial_s=0.05, max_s=0.2))
+    try:
+        yield w
+    finally:
+        w.stopping.set()
+        w.close()
+        store.close()
+
+
+def _read_candidates(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=1500)
+    out = {m.key.decode(): msgpack.unpackb(m.value, raw=False) for m in consumer}
+    consumer.close()
+    return out
+
+
+def committed_and_end(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int], dict[int, int]]:
+    """The group's committed offset (0 = none) and the end offset of each partition of ``topic``."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        ends = consumer.end_offsets(tps)
+        return {tp.partition: consumer.committed(tp) or 0 for tp in tps}, {tp.partition: ends[tp] for tp in tps}
+    finally:
+        consumer.close()
+
+
+def test_hostile_updates_through_the_loop_get_their_defined_answer(worker: Worker, kafka_bootstrap: str) -> None:
+    settings = worker.settings
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for key, value in {**SKIPPED, **SERVED}.items():
+        producer.send(settings.topics.user_updates, key=key.encode(), value=value)
+    producer.flush()
+    producer.close()
+
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    served: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline and set(served) != set(SERVED):
+        served = _read_candidates(kafka_bootstrap, settings.topics.candidates)
+    # All offsets committed: nothing is stuck behind a record the worker could not use.
+    deadline = time.monotonic() + 20
+    committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    while time.monotonic() < deadline and committed != ends:
+        time.sleep(0.2)
+        committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    worker.stopping.set()
+    thread.join(30)
+
+    assert not errors, errors
+    assert set(served) == set(SERVED), sorted(set(SERVED) - set(served))
+    assert committed == ends
+    assert worker.updates_skipped == len(SKIPPED)
+    assert worker.users_failed == 0
+    for user, record in served.items():
+        assert set(record["surfaces"]) == {"home", "search", "related"}, user
+        for lists in record["surfaces"].values():
+            assert len(lists["items"]) == LIMIT and len(set(lists["items"])) == LIMIT, user
+            assert all(np.isfinite(lists["scores"])), user
+    # The kept events' newest ts is the source time: the bad events of "some-bad-events" are gone.
+    assert served["some-bad-events"]["source_event_ts"] == NOW
+    assert served["good"]["source_event_ts"] == NOW
+    # Recent items are excluded, unknown ones included (they simply match nothing).
+    assert not {"1", "9", "17"} & set(served["good"]["surfaces"]["home"]["items"])
+
+
+def test_clean_update_defined_answers() -> None:
+    assert clean_update(SKIPPED["empty-history"], 50) is None
+    assert clean_update(None, 50) is None
+    assert clean_update(b"\x00" * (5 << 20), 50) is None  # oversized record: not even unpacked
+    long = clean_update(SERVED["too-long"], 50)
+    assert long is not None and len(long["events"]) == 50
+    assert [e["ts"] for e in long["events"]] == [NOW - 5000 + i for i in range(4950, 5000)]  # the newest
+    some = clean_update(SERVED["some-bad-events"], 50)
+    assert some is not None and [e["item_id"] for e in some["events"]] == [8]
+    assert some["version"] == 1 and some["last_event_ts"] == NOW
+    weird = clean_update(msgpack.packb({"user_id": "u", "version": "x", "events": [ev(1)]}), 50)
+    assert weird is not None and weird["version"] == 0
+
+
+def test_history_longer_than_the_model_reads_and_unknown_items(worker: Worker) -> None:
+    """compute() on the edge histories directly: a defined, full answer for each."""
+    runtime = worker.runtime
+    long_history = [ev(i % 20, NOW - 1000 + i) for i in range(3 * runtime.max_len)]
+    updates = [
+        {"user_id": "long", "version": 1, "events": long_history},
+        {"user_id": "unknown", "version": 1, "events": [ev("nope-1"), ev("nope-2")]},
+        {"user_id": "one", "version": 1, "events": [ev(3)]},
+    ]
+    inputs = worker.encode(updates, NOW) if hasattr(worker, "encode") else None
+    if inputs is not None:
+        assert inputs["item_emb"].shape[1] == runtime.max_len
+        assert not inputs["item_emb"][1].any()  # unknown items: zero vectors, not an error
+    kept, results = worker.compute_isolated(updates)
+    assert [u["user_id"] for u in kept] == ["long", "unknown", "one"]
+    for per_surface in results:
+        assert all(len(lists["items"]) == LIMIT for lists in per_surface.values())
