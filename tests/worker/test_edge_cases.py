@@ -21,7 +21,6 @@ import msgpack
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.structs import TopicPartition
 
 from inference.guards import RetryingStore, clean_update
 from inference.runtime import ModelRuntime
@@ -29,6 +28,7 @@ from inference.worker import Worker
 from recsys.settings import Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
+from worker_helpers import committed_and_end
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -93,17 +93,6 @@ def _read_candidates(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
     out = {m.key.decode(): msgpack.unpackb(m.value, raw=False) for m in consumer}
     consumer.close()
     return out
-
-
-def committed_and_end(bootstrap: str, group: str, topic: str) -> tuple[dict[int, int], dict[int, int]]:
-    """The group's committed offset (0 = none) and the end offset of each partition of ``topic``."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        ends = consumer.end_offsets(tps)
-        return {tp.partition: consumer.committed(tp) or 0 for tp in tps}, {tp.partition: ends[tp] for tp in tps}
-    finally:
-        consumer.close()
 
 
 def test_hostile_updates_through_the_loop_get_their_defined_answer(worker: Worker, kafka_bootstrap: str) -> None:
