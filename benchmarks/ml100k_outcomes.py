@@ -19,6 +19,7 @@ loses.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results_io import write_result
+from benchmarks.results_io import RESULTS_DIR, write_result
 from inference.data import load_movielens, tail_split
 from inference.evaluate import ranking_metrics
 from inference.train import apply_overrides, train
@@ -81,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="ml100k_outcomes", help="results file name (benchmarks/results/<name>.json)")
     p.add_argument("--set", action="append", default=[], help="override, e.g. train.epochs=20")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only redraw <name>.png from the stored <name>.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.replot:
+        stored = RESULTS_DIR / f"{args.name}.json"
+        plot(json.loads(stored.read_text()), stored.with_suffix(".png"))
+        return 0
 
     log = load_movielens(args.data)
     split = tail_split(log, test_frac=0.1, valid_frac=0.1)

@@ -1,35 +1,51 @@
-"""Multi-token generation, M = 4 vs M = 1 on MovieLens-100K: benchmarks/results/multitoken.json.
+"""Multi-token generation, M = 4 vs M = 1: benchmarks/results/multitoken.json (+ .png).
 
-Both models are trained identically on the future window (every position's next `WINDOW`
-events are its targets, PinRec's unordered future-window loss); they differ only in M, the
-number of query embeddings the head emits. With M > 1 each target is scored by a mixture of
-the M slots' softmaxes, so slots specialise.
+Two data sets: `synthetic` (streams.synthetic: 2,000 users with 1-3 of 8 planted interest
+clusters, 4,000 items skewed by popularity within each cluster, 60k events; diversity measured
+on the planted clusters) and `ml100k` (MovieLens-100K ratings replayed as events; diversity on
+the movies' genres). On each, two models are trained identically on the future window (every
+position's next `WINDOW` engaged items are its targets, PinRec's unordered future-window loss);
+they differ only in M, the number of query embeddings the head emits. Slots are trained as a
+mixture of softmaxes (`train.slots=mixture`, inference/train.py `slot_loss`): each window
+target is scored by -log mean_m p_m(target), so slots specialise on the targets they explain
+best; slot 0 also answers alone for the next engagement (for M = 1 the same two terms apply,
+so both models share one objective).
 
 Evaluation, per test user: the history is everything before the user's last 10% of events;
-the future window is the next `WINDOW` events after it. Each model produces one merged list of
-`BUDGET` candidates (M = 4: every embedding gets an equal share, merged round-robin and
-de-duplicated, as the worker's budget split does; M = 1: its top `BUDGET`), the user's rated
-movies masked. Reported: recall@BUDGET of the merged list against the future window
-(PinRec's unordered recall), and diversity measured on the movies' genres (model-independent):
-intra-list diversity (1 - mean pairwise cosine of genre vectors), distinct genres per list,
-catalogue coverage across users.
+the future window is the next `WINDOW` engaged (non-"hide") events after it. Each model
+produces one merged list of `BUDGET` candidates (M = 4: every embedding gets an equal share,
+merged round-robin and de-duplicated, which is what the worker's `merge_hits` fair share does
+with equal budgets; M = 1: its top `BUDGET`), the user's earlier items masked. Reported:
+recall@BUDGET of the merged list against the future window (PinRec's unordered recall), and
+diversity measured on model-independent item features: intra-list diversity (1 - mean
+pairwise cosine of the feature vectors), distinct categories per list, catalogue coverage.
+The max-score merge (every item ranked by its best cosine over the M queries) is reported
+beside it for M = 4.
 
-    python -m benchmarks.multitoken      # ~10 min on the 2-core dev CPU
+    python -m benchmarks.multitoken --set train.num_threads=1   # 4 models, 2 at a time
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.results_io import write_result
-from inference.data import load_movielens, load_movielens_genres, tail_split
+from inference.data import (
+    EventLog,
+    events_from_dicts,
+    load_movielens,
+    load_movielens_genres,
+    tail_split,
+)
 from inference.evaluate import (
     diversity,
     future_window,
@@ -41,6 +57,9 @@ from recsys.settings import Settings
 
 WINDOW = 10  # future events per position (training) and per user (evaluation)
 BUDGET = 50  # merged candidates per user
+# streams.synthetic: users with 1-3 of 8 interest clusters, popularity-skewed items within each
+SYNTH_USERS, SYNTH_ITEMS, SYNTH_PER_USER = 2000, 4000, 30
+SYNTH_START_MS = 1_700_000_000_000  # fixed event times: the time features, hence the run, reproduce
 
 SHARED = [
     "model.dim=64",
@@ -58,47 +77,107 @@ SHARED = [
     f"train.window={WINDOW}",
     "train.outcome_dropout=1.0",
     "train.surface_dropout=0.0",
+    "train.slots=mixture",
 ]
+
+
+def plot(metrics: dict[str, object], path: Path, names: list[str]) -> None:
+    """Merged-list recall and intra-list diversity, M = 1 vs M = 4, per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        for ax, (key, label) in zip(axes[row], ((f"recall@{BUDGET}", f"window recall@{BUDGET}"), ("intra_list_diversity", "intra-list diversity")), strict=True):
+            values = [float(metrics[f"{name}_m{m}_{key}"]) for m in (1, 4)]  # type: ignore[arg-type]
+            bars = ax.bar(["M = 1", "M = 4"], values, color=["tab:gray", "tab:blue"])
+            ax.bar_label(bars, fmt="%.4f")
+            ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
+            ax.set_title(f"{name}: {label}")
+    fig.suptitle(f"{BUDGET} merged candidates, future window {WINDOW}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load(name: str, data: Path) -> tuple[EventLog, np.ndarray]:
+    """The event log of a data set and the item features diversity is measured on."""
+    if name == "ml100k":
+        log = load_movielens(data / "u.data")
+        return log, load_movielens_genres(data / "u.item", log)
+    if name == "synthetic":
+        return synthetic_log(SYNTH_USERS, SYNTH_ITEMS, SYNTH_PER_USER, seed=0)
+    raise SystemExit(f"unknown dataset {name!r}")
+
+
+def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quiet: bool) -> dict[str, object]:
+    """Train one model with M = `m` on data set `name`; its merged lists' recall and diversity."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log, features = load(name, data)
+    split = tail_split(log, test_frac=0.1, valid_frac=0.1)
+    positive = [i + 1 for i, a in enumerate(log.actions) if a not in ("hide",)]
+    # One evaluation point per user: the first test event; its future = the next WINDOW events.
+    first = np.unique(log.user[split.test], return_index=True)[1]
+    rows = split.test[first]
+    future = future_window(log, rows, WINDOW, positive)
+    settings = apply_overrides(Settings(), [*SHARED, f"model.num_queries={m}", *overrides])
+    torch.set_num_threads(settings.train.num_threads)
+    t0 = time.time()
+    model, _, results = train(log, split, settings, out / f"{name}-m{m}", name=f"{name}-m{m}", progress=not quiet)
+    metrics: dict[str, object] = {f"{name}_n_users": len(rows)}
+    cands = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True)
+    metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(window_recall(cands, future), 4)
+    for key, value in diversity(cands, features).items():
+        metrics[f"{name}_m{m}_{key}"] = round(value, 4)
+    if m > 1:  # the alternative merge: every item ranked by its best score over the M queries
+        best = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True, merge="max_score")
+        metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(window_recall(best, future), 4)
+        metrics[f"{name}_m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, features)["intra_list_diversity"], 4)
+    metrics[f"{name}_m{m}_epochs"] = results[0].epochs
+    metrics[f"{name}_m{m}_best_epoch"] = int(results[0].best.get("epoch", results[0].epochs))
+    metrics[f"{name}_m{m}_train_seconds"] = round(time.time() - t0, 1)
+    return metrics
+
+
+def synthetic_log(n_users: int, n_items: int, per_user: int, seed: int) -> tuple[EventLog, np.ndarray]:
+    """streams.synthetic's stream (users with 1-3 interest clusters) and one-hot item clusters."""
+    from streams.synthetic import item_cluster, synthetic_events
+
+    ev = Settings().events
+    events = synthetic_events(n_users * per_user, n_users, n_items, seed, start_ts_ms=SYNTH_START_MS)
+    log = events_from_dicts(events, ev.actions, ev.surfaces)
+    clusters = np.asarray([item_cluster(int(i), 8) for i in log.item_ids])
+    return log, np.eye(8, dtype=np.float32)[clusters]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("../shared/datasets/ml-100k"))
+    p.add_argument("--datasets", default="synthetic,ml100k", help="comma-separated: synthetic, ml100k")
     p.add_argument("--out", type=Path, default=Path("var/bench/multitoken"))
     p.add_argument("--name", default="multitoken", help="results file name (benchmarks/results/<name>.json)")
-    p.add_argument("--set", action="append", default=[], help="override for both models")
+    p.add_argument("--set", action="append", default=[], help="override for every model")
+    p.add_argument("--jobs", type=int, default=2, help="models trained at once (one process each)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    log = load_movielens(args.data / "u.data")
-    genres = load_movielens_genres(args.data / "u.item", log)
-    split = tail_split(log, test_frac=0.1, valid_frac=0.1)
-    # One evaluation point per user: the first test event; its future = the next WINDOW events.
-    first = np.unique(log.user[split.test], return_index=True)[1]
-    rows = split.test[first]
-    future = future_window(log, rows, WINDOW)
-
-    metrics: dict[str, object] = {"window": WINDOW, "budget": BUDGET, "n_users": len(rows)}
+    names = args.datasets.split(",")
+    metrics: dict[str, object] = {"window": WINDOW, "budget": BUDGET}
+    jobs = [(name, m, args.data, args.out, args.set, args.quiet) for name in names for m in (1, 4)]
     t0 = time.time()
-    for m in (1, 4):
-        settings = apply_overrides(Settings(), [*SHARED, f"model.num_queries={m}", *args.set])
-        torch.set_num_threads(settings.train.num_threads)
-        model, _, results = train(log, split, settings, args.out / f"m{m}", name=f"ml100k-m{m}", progress=not args.quiet)
-        cands = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True)
-        metrics[f"m{m}_recall@{BUDGET}"] = round(window_recall(cands, future), 4)
-        for key, value in diversity(cands, genres).items():
-            metrics[f"m{m}_{key}"] = round(value, 4)
-        if m > 1:  # the alternative merge: every item ranked by its best score over the M queries
-            best = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True, merge="max_score")
-            metrics[f"m{m}_recall@{BUDGET}_max_score_merge"] = round(window_recall(best, future), 4)
-            metrics[f"m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, genres)["intra_list_diversity"], 4)
-        metrics[f"m{m}_epochs"] = results[0].epochs
-        metrics[f"m{m}_train_seconds"] = round(results[0].seconds, 1)
-    metrics["train_seconds"] = round(time.time() - t0, 1)
-    metrics["m4_wins_recall"] = bool(metrics[f"m4_recall@{BUDGET}"] > metrics[f"m1_recall@{BUDGET}"])  # type: ignore[operator]
-    metrics["m4_wins_diversity"] = bool(metrics["m4_intra_list_diversity"] > metrics["m1_intra_list_diversity"])  # type: ignore[operator]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for part in pool.map(run_one, *zip(*jobs, strict=True)):
+            metrics |= part
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    for name in names:
+        metrics[f"{name}_m4_wins_recall"] = bool(metrics[f"{name}_m4_recall@{BUDGET}"] > metrics[f"{name}_m1_recall@{BUDGET}"])  # type: ignore[operator]
+        metrics[f"{name}_m4_wins_diversity"] = bool(metrics[f"{name}_m4_intra_list_diversity"] > metrics[f"{name}_m1_intra_list_diversity"])  # type: ignore[operator]
+    metrics["settings_overrides"] = [*SHARED, *args.set]
     path = write_result(args.name, metrics)
+    plot(metrics, path.with_suffix(".png"), names)
     print(path.read_text())
     return 0
 

@@ -4,10 +4,12 @@ Objective (shared/DESIGN.md, PinRec): every position t of every training window 
 the items engaged in its future window (the next `train.window` events that are not negative
 actions). The position's M queries are conditioned on its next engagement: surface, outcome
 (randomly dropped to 0 = "unconditioned" so both modes are learned) and the time until it.
-Every window target is scored by all M query slots and the slots form a mixture:
-loss = -log( mean_m softmax_m(target) ). A slot is rewarded for the targets it explains best,
-so slots specialise (future steps / distinct interests) instead of collapsing; for M = 1 and a
-window of 1 this is plain softmax cross-entropy (SASRec with a full softmax).
+Every window target is scored by all M query slots, and `train.slots` (`slot_loss`) says how
+the slots share it: `offset` (PinRec: slot m answers for the m-th block of the window),
+`mixture` (loss = -log mean_m softmax_m(target): a slot is rewarded for the targets it explains
+best, so slots specialise on future steps / distinct interests instead of collapsing) or `wta`
+(relaxed winner-takes-all: each target trains its best slot). For M = 1 and a window of 1 every
+mode is plain softmax cross-entropy (SASRec with a full softmax).
 
 The softmax runs over the whole catalogue when it is small enough (`loss = full`; 12k Beauty
 items cost less than the transformer), else over the batch's own targets plus uniformly drawn
@@ -198,6 +200,35 @@ def softmax_xent(
     return out[:, 0] if flat else out
 
 
+def slot_loss(ce: torch.Tensor, slots: str) -> torch.Tensor:
+    """Combine each target's cross-entropy under the M query slots, (P, M, W) -> (P, W).
+
+    - offset (PinRec): slot m answers for the m-th block of the future window (near -> far).
+    - mixture: -log mean_m p_m(target), a mixture of the slots' softmaxes; a slot is pulled
+      towards the targets it already explains best, so slots specialise softly.
+    - wta (multiple-choice learning, relaxed winner-takes-all as in MIND / ComiRec-style
+      multi-interest training): each target trains its best slot with weight 1 - eps and the
+      others with eps / (M - 1), so slots specialise hard but none goes dead.
+    With M = 1 every mode is the plain cross-entropy."""
+    P, M, W = ce.shape
+    if M == 1:
+        return ce[:, 0]
+    if slots == "offset":
+        slot = (torch.arange(W, device=ce.device) * M) // W  # (W,)
+        return ce.gather(1, slot[None, None, :].expand(P, 1, W)).squeeze(1)
+    if slots == "wta":
+        eps = WTA_EPS
+        best = ce.detach().argmin(dim=1, keepdim=True)  # (P, 1, W)
+        w = torch.full_like(ce, eps / (M - 1)).scatter_(1, best, 1.0 - eps)
+        return (ce * w).sum(dim=1)
+    if slots == "mixture":
+        return -(torch.logsumexp(-ce, dim=1) - math.log(M))
+    raise ValueError(f"unknown train.slots {slots!r}: offset | mixture | wta")
+
+
+WTA_EPS = 0.05  # share of a target's weight spread over the slots that did not win it
+
+
 def batch_loss(
     model: GenerativeRetriever,
     batch: TrainBatch,
@@ -265,17 +296,10 @@ def batch_loss(
         hard = (rows, cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
     ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
     ce = ce.view(P, M, -1)  # (P, M, W)
-    if spec.slots == "offset" and M > 1:
-        # PinRec: slot m answers for the m-th block of the future window (near -> far future).
-        W = ce.shape[2]
-        slot = (torch.arange(W, device=device) * M) // W  # (W,)
-        per_target = ce.gather(1, slot[None, None, :].expand(P, 1, W)).squeeze(1)  # (P, W)
-    else:
-        # Mixture over slots: -log mean_m p_m(target), for every target of the window.
-        per_target = -(torch.logsumexp(-ce, dim=1) - math.log(M))  # (P, W)
+    per_target = slot_loss(ce, spec.slots)  # (P, W)
     n_pos = pos.sum()
     loss = (per_target * pos).sum() / n_pos
-    if spec.slots == "mixture" and (M > 1 or ce.shape[2] > 1):
+    if spec.slots in ("mixture", "wta") and (M > 1 or ce.shape[2] > 1):
         # Slot 0 also answers alone for the next engagement, the target its condition describes:
         # without this the mixture lets other slots absorb it and outcome conditioning fades.
         # (With M = 1 and a window of 1 this term would only repeat the loss above.)

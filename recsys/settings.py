@@ -119,7 +119,7 @@ class TrainSettings(BaseModel):
     weight_decay: float = 0.0  # on matrices only
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     window: int = 1  # targets per position: the next `window` engaged items (PinRec's future window)
-    slots: str = "offset"  # how M query slots share the window: offset (slot m: m-th block) | mixture (of softmaxes)
+    slots: str = "offset"  # how M query slots share the window: offset (slot m: m-th block) | mixture (of softmaxes) | wta (each target trains its best slot)
     loss: str = "auto"  # full (softmax over every item) | sampled (in-batch + random, log-Q) | auto
     full_softmax_max_items: int = 200_000  # auto picks the full softmax up to this catalogue size
     n_negatives: int = 2048  # random negatives per step for the sampled softmax

@@ -19,7 +19,9 @@ from inference.train import (
     Stage,
     fit,
     loss_spec,
+    WTA_EPS,
     model_config,
+    slot_loss,
     softmax_xent,
     train,
     train_small_demo_model,
@@ -145,3 +147,22 @@ def test_fused_softmax_with_a_window_of_targets_sums_their_cross_entropies() -> 
     (ref * weights).sum().backward()
     assert torch.allclose(grads[0], q.grad, atol=1e-5)  # type: ignore[arg-type]
     assert torch.allclose(grads[1], items.grad, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_slot_losses_route_each_target_as_their_mode_says() -> None:
+    # ce (P=1, M=2, W=4): slot 0 explains targets 0 and 2 best, slot 1 targets 1 and 3.
+    ce = torch.tensor([[[1.0, 5.0, 2.0, 6.0], [4.0, 0.5, 3.0, 1.5]]], requires_grad=True)
+    # offset (PinRec): slot 0 answers for the near half of the window, slot 1 for the far half.
+    assert slot_loss(ce, "offset").tolist() == [[1.0, 5.0, 3.0, 1.5]]
+    mix = slot_loss(ce, "mixture")
+    assert torch.allclose(mix, -torch.log(torch.exp(-ce).mean(dim=1)))
+    # wta: the winning slot carries 1 - eps of each target, the other eps / (M - 1) = eps.
+    slot_loss(ce, "wta").sum().backward()
+    win, lose = 1.0 - WTA_EPS, WTA_EPS
+    assert torch.allclose(ce.grad, torch.tensor([[[win, lose, win, lose], [lose, win, lose, win]]]))  # type: ignore[arg-type]
+    # M = 1: every mode is the plain cross-entropy.
+    one = ce[:, :1].detach()
+    for mode in ("offset", "mixture", "wta"):
+        assert torch.equal(slot_loss(one, mode), one[:, 0])
+    with pytest.raises(ValueError, match="unknown train.slots"):
+        slot_loss(ce, "nope")
