@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+from kafka.errors import KafkaError
 
 from inference.guards import RetryingStore, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime
@@ -184,10 +185,14 @@ def merge_hits(
     return items, scores
 
 
+_KAFKA_BACKOFF_S = (0.1, 2.0)  # back-off after a failed poll/commit: first, cap (kafka-python raises while the broker is down)
+
+
 class Worker:
     """Consumes `user-updates`, publishes `candidates`; owns the session and the store."""
 
     updates_skipped = 0  # unusable `user-updates` records (inference/guards.py: clean_update)
+    _kafka_delay = 0.1  # current back-off after a failed poll or commit (broker unreachable)
     users_failed = 0  # users whose data made compute raise; skipped, the rest of the batch served
 
     def __init__(self, settings: Settings, runtime: ModelRuntime, store: Any, item_follower: Any = None) -> None:
@@ -233,6 +238,14 @@ class Worker:
             self.consumer.commit()
         except CommitFailedError as exc:
             log.warning("worker: commit refused after a rebalance (%s); the batch will be re-read", exc)
+        except KafkaError as exc:  # broker unreachable: the next commit covers these offsets too
+            self._kafka_backoff("commit", exc)
+
+    def _kafka_backoff(self, what: str, exc: Exception) -> None:
+        """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""
+        log.warning("worker: %s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, self._kafka_delay)
+        self.stopping.wait(self._kafka_delay)
+        self._kafka_delay = min(_KAFKA_BACKOFF_S[1], self._kafka_delay * 2)
 
     def poll_batch(self) -> list[dict[str, Any]]:
         """Up to max_batch updates, waiting at most max_wait_ms once the first has arrived.
@@ -243,7 +256,12 @@ class Worker:
         deadline: float | None = None
         while len(batch) < cfg.max_batch and not self.stopping.is_set():
             timeout = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            records = self.consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
+            try:
+                records = self.consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
+            except KafkaError as exc:  # broker unreachable (e.g. restarting): keep what was fetched, back off
+                self._kafka_backoff("poll", exc)
+                break
+            self._kafka_delay = _KAFKA_BACKOFF_S[0]
             for part in records.values():
                 for record in part:
                     update = clean_update(record.value, keep)

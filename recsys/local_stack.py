@@ -44,6 +44,10 @@ class LocalStack:
         self.broker: LocalBroker | None = None
         self.bootstrap = bootstrap
         self.grpc_port = free_port()
+        # Fixed for the stack's life, as in a deployment: a Faust worker restarted with static
+        # membership (streams.instance_id) gets its old assignment back, whose metadata names
+        # the worker's web URL, and faust's assignor asserts that it is unchanged.
+        self.streams_web_port = free_port()
         self.overrides = dict(overrides or {})
         self.services: dict[str, Service] = {}
 
@@ -60,7 +64,7 @@ class LocalStack:
             "vector_store.backend": "edge",
             "vector_store.path": self.work_dir / "qdrant",
             "streams.data_dir": self.work_dir / "streams",
-            "streams.web_port": free_port(),
+            "streams.web_port": self.streams_web_port,
             "serving.port": self.grpc_port,
         }
         return settings_env({**base, **self.overrides})

@@ -289,9 +289,20 @@ class ItemsFollower:
         return stats
 
     def run(self, stop: threading.Event) -> None:
-        """Follow until ``stop`` is set (poll_once errors propagate: offsets stay uncommitted)."""
+        """Follow until ``stop`` is set. A broker that cannot be reached (a restart) is waited
+        out with a doubling back-off (0.1 s to 2 s); other errors propagate. Either way a batch
+        is committed only after its upsert and flush, so nothing is skipped."""
+        from kafka.errors import KafkaError
+
+        delay = 0.1
         while not stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+                delay = 0.1
+            except KafkaError as exc:
+                log.warning("items follower: Kafka failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                stop.wait(delay)
+                delay = min(2.0, delay * 2)
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
