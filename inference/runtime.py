@@ -51,7 +51,7 @@ class ModelRuntime:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # items indexed after export
 
     @classmethod
-    def load(cls, model_dir: Path, provider: str = "auto", threads: int = 0) -> ModelRuntime:
+    def load(cls, model_dir: Path, provider: str = "auto", threads: int = 0, spinning: bool = False) -> ModelRuntime:
         model_dir = Path(model_dir)
         meta_path = model_dir / "meta.json"
         if not meta_path.exists():
@@ -63,6 +63,9 @@ class ModelRuntime:
         options.log_severity_level = 3  # the CUDA-missing fallback warning is expected on CPU machines
         if threads:
             options.intra_op_num_threads = threads
+        # ORT's pool threads busy-wait after each run by default; on a few shared cores that
+        # spinning steals the CPU the rest of the micro-batch (numpy, Kafka) needs: 2x slower here.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers = choose_providers(provider)
         if provider == "auto":
             # Without a GPU the CUDA EP fails to load its libraries and ORT logs that as an

@@ -6,14 +6,21 @@ An update's journey, top to bottom (`Worker.process`):
     coalesce                      only the newest version of each user is worth computing
     encode_histories              left-padded arrays: item embeddings, actions, surfaces, times
     runtime.generate              ONE ONNX Runtime call: every surface x outcome x M queries
-    plan_queries                  each surface's budget split across outcomes by its weights;
-                                  near-identical query embeddings merged, budgets summed (PinRec)
-    store.query_batch             ONE vector-store call for the whole micro-batch, the user's
+    plan_batch                    each surface's budget split across outcomes by its weights;
+                                  near-identical query embeddings merged, budgets summed (PinRec);
+                                  each query asks for limit_headroom x its share, not the budget
+    store.query_arrays            ONE vector-store call for the whole micro-batch, the user's
                                   recent items excluded, surface eligibility filtered
-    merge_hits                    fair-share interleave of the queries' lists, de-dup, top-N
+    merge_batch                   fair-share interleave of the queries' lists (merge_key), de-dup,
+                                  top-N; a surface whose cut lists might hide a candidate is
+                                  searched again at the full budget, so the lists are exactly
+                                  what full-budget queries give
     produce `candidates`          compacted, key = user id
     commit offsets                only after the candidates write is acknowledged, so a crash
                                   re-delivers (and recomputes) rather than loses an update
+
+Every step after the model works on arrays for the whole micro-batch: `plan_queries` and
+`merge_hits` are the per-user references they are tested against (tests/worker).
 
 In the embedded default the Qdrant Edge shard allows one process, so this worker also
 follows the `items` topic and indexes new items between micro-batches.
@@ -27,7 +34,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +53,16 @@ __all__ = [
     "Worker",
     "coalesce",
     "conditions_for",
+    "MergedLists",
+    "QueryPlan",
     "encode_histories",
     "main",
+    "merge_batch",
     "merge_hits",
+    "merge_key",
+    "plan_batch",
     "plan_queries",
+    "query_limits",
 ]
 
 
@@ -92,7 +105,7 @@ def encode_histories(
     runtime: ModelRuntime,
     conditions: Sequence[Condition],
     now_ms: int,
-    vectors: dict[str, np.ndarray],
+    vectors: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
     """The user model's inputs for a micro-batch (see inference/export.py for the contract).
 
@@ -102,20 +115,31 @@ def encode_histories(
     action_ix = {a: i + 1 for i, a in enumerate(runtime.actions)}
     surface_ix = {s: i + 1 for i, s in enumerate(runtime.surfaces)}
     histories = [u["events"][-runtime.max_len :] for u in updates]
-    b, t, d = len(updates), max(1, max(len(h) for h in histories)), runtime.dim
+    lengths = np.array([len(h) for h in histories], dtype=np.int64)
+    b, t, d = len(updates), max(1, int(lengths.max(initial=0))), runtime.dim
+    events = [e for h in histories for e in h]  # all events, user by user
+    # Event j of the flat list sits at (row[j], col[j]) of the left-padded [B, T] grid.
+    row = np.repeat(np.arange(b), lengths)
+    col = np.arange(len(events)) - np.repeat(np.cumsum(lengths) - lengths - (t - lengths), lengths)
+    ids = [str(e["item_id"]) for e in events]
+    code_of: dict[str, int] = {}  # item id -> row of `table` (0: no vector, stays zero)
+    found: list[np.ndarray] = []
+    for item in dict.fromkeys(ids):
+        vector = vectors.get(item)
+        if vector is not None:
+            found.append(vector)
+            code_of[item] = len(found)
+    table = np.zeros((len(found) + 1, d), np.float32)
+    if found:
+        table[1:] = np.stack(found)
     item_emb = np.zeros((b, t, d), np.float32)
     action = np.zeros((b, t), np.int64)
     surface = np.zeros((b, t), np.int64)
     event_ts = np.zeros((b, t), np.float64)
-    for row, events in enumerate(histories):
-        offset = t - len(events)
-        for col, event in enumerate(events, start=offset):
-            vector = vectors.get(str(event["item_id"]))
-            if vector is not None:
-                item_emb[row, col] = vector
-            action[row, col] = action_ix.get(event["action"], 0)
-            surface[row, col] = surface_ix.get(event["surface"], 0)
-            event_ts[row, col] = event["ts"] / 1000.0
+    item_emb[row, col] = table[np.array([code_of.get(i, 0) for i in ids], dtype=np.int64)]
+    action[row, col] = [action_ix.get(e["action"], 0) for e in events]
+    surface[row, col] = [surface_ix.get(e["surface"], 0) for e in events]
+    event_ts[row, col] = np.array([e["ts"] for e in events], dtype=np.float64) / 1000.0
     q = len(conditions)
     return {
         "item_emb": item_emb,
@@ -156,6 +180,83 @@ def plan_queries(
     return plans
 
 
+@dataclass(frozen=True)
+class QueryPlan:
+    """A micro-batch's ANN queries (`plan_queries` for every user at once, as arrays),
+    ordered user by user, surface by surface, kept queries in the reference's order."""
+
+    vectors: np.ndarray  # [K, D] float32 unit query embeddings
+    budgets: np.ndarray  # [K] float64: each query's share of its surface's candidate budget
+    user: np.ndarray  # [K] int64: the query's row of the micro-batch
+    surface: np.ndarray  # [K] int64: index into `surfaces`
+    surfaces: tuple[str, ...]  # the conditions' surfaces, in order
+    generated: int  # query embeddings the model produced, before near-duplicates were merged
+
+    @property
+    def group(self) -> np.ndarray:
+        """[K] int64: the (user, surface) list each query feeds, user * S + surface."""
+        return self.user * len(self.surfaces) + self.surface
+
+    @property
+    def n_groups(self) -> int:
+        return (int(self.user.max()) + 1 if len(self.user) else 0) * len(self.surfaces)
+
+
+def plan_batch(queries: np.ndarray, conditions: Sequence[Condition], budget: int, merge_cosine: float) -> QueryPlan:
+    """`plan_queries` vectorised over the batch: the same queries, budgets and order.
+
+    Per surface, the greedy merge walks its K = outcomes x M embeddings once, for all users at
+    a time: embedding j joins the first kept embedding i < j whose cosine exceeds
+    ``merge_cosine`` (a [B, K, K] Gram matrix), else it is kept itself.
+    """
+    b, _, m, _ = queries.shape
+    surfaces = tuple(dict.fromkeys(c.surface for c in conditions))
+    parts: list[tuple[np.ndarray, ...]] = []
+    for si, name in enumerate(surfaces):
+        cols = [qi for qi, c in enumerate(conditions) if c.surface == name]
+        x = queries[:, cols].reshape(b, len(cols) * m, -1)  # [B, K, D]: condition-major, as the reference walks
+        k = x.shape[1]
+        share = np.repeat([budget * conditions[qi].weight / m for qi in cols], m)  # [K]
+        gram = x @ x.transpose(0, 2, 1)  # [B, K, K]
+        kept = np.zeros((b, k), dtype=bool)
+        kept[:, 0] = True
+        target = np.zeros((b, k), dtype=np.int64)
+        for j in range(1, k):
+            joins = (gram[:, :j, j] > merge_cosine) & kept[:, :j]
+            has = joins.any(axis=1)
+            target[:, j] = np.where(has, joins.argmax(axis=1), j)
+            kept[:, j] = ~has
+        # Budgets summed into the kept embedding, in j order (bincount adds in input order).
+        into = (np.arange(b)[:, None] * k + target).ravel()
+        budgets = np.bincount(into, weights=np.tile(share, b), minlength=b * k).reshape(b, k)
+        users, slots = np.nonzero(kept)
+        parts.append((x[users, slots], budgets[users, slots], users, np.full(len(users), si)))
+    vectors, budgets, users, surface = (np.concatenate(p) for p in zip(*parts, strict=True))
+    order = np.lexsort((surface, users))  # stable: kept order within (user, surface)
+    return QueryPlan(
+        vectors=np.ascontiguousarray(vectors[order], dtype=np.float32),
+        budgets=budgets[order].astype(np.float64),
+        user=users[order].astype(np.int64),
+        surface=surface[order].astype(np.int64),
+        surfaces=surfaces,
+        generated=int(np.prod(queries.shape[:3])),
+    )
+
+
+def query_limits(budgets: np.ndarray, budget: int, headroom: float) -> np.ndarray:
+    """Hits to ask of each query: ``headroom`` times its share, at least 1, at most the
+    surface's budget (what every query asked for before per-query limits)."""
+    return np.clip(np.ceil(budgets * headroom), 1, budget).astype(np.int64)
+
+
+def merge_key(rank: Any, budget: Any) -> Any:
+    """Where the hit at ``rank`` of a query with ``budget`` is placed in its surface's merged
+    list (lower first; ties go to the earlier query). Fair share: rank / budget, so each query
+    contributes in proportion to its budget. Scalars or arrays; `merge_hits` and `merge_batch`
+    both order by it, and must stay consistent (a merge consumes each list in rank order)."""
+    return rank / np.maximum(budget, 1e-9)
+
+
 def merge_hits(
     hit_lists: Sequence[Sequence[tuple[Any, float]]], budgets: Sequence[float], limit: int
 ) -> tuple[list[str], list[float]]:
@@ -167,8 +268,7 @@ def merge_hits(
     """
     placed: list[tuple[float, int, Any, float]] = []
     for qi, (hits, weight) in enumerate(zip(hit_lists, budgets)):
-        w = max(weight, 1e-9)
-        placed += [(rank / w, qi, item, score) for rank, (item, score) in enumerate(hits)]
+        placed += [(float(merge_key(rank, weight)), qi, item, score) for rank, (item, score) in enumerate(hits)]
     placed.sort(key=lambda p: (p[0], p[1]))
     items: list[str] = []
     scores: list[float] = []
@@ -185,6 +285,65 @@ def merge_hits(
     return items, scores
 
 
+@dataclass(frozen=True)
+class MergedLists:
+    """`merge_batch`'s answer: every group's merged list, group after group."""
+
+    codes: np.ndarray  # [total] int64 item codes (BatchHits.codes values), best-placed first
+    scores: np.ndarray  # [total] float32
+    counts: np.ndarray  # [G] int64: items of each group (its slice of codes / scores)
+    short: np.ndarray  # [G] bool: a query's list was cut before the merge was done with it
+
+
+def merge_batch(
+    codes: np.ndarray, scores: np.ndarray, budgets: np.ndarray, group: np.ndarray,
+    n_groups: int, limits: np.ndarray, limit: int,
+) -> MergedLists:
+    """`merge_hits` for every (user, surface) group of a micro-batch at once, as arrays.
+
+    ``codes`` / ``scores`` [K, L] are the queries' hits (code -1: none), ``group`` [K] is
+    sorted (the queries of a group are contiguous, in merge order). Per group: all hits ordered
+    by (merge_key, query), first occurrence of each item kept, the first ``limit`` taken.
+
+    A query asked for ``limits[k]`` < ``limit`` hits and got them all may have had more: its
+    group is `short` when the merge read that query's last hit before it filled the group
+    (what a longer list would have placed there is unknown). Groups not short are exactly what
+    lists of ``limit`` hits give; a short group is searched again at the full limit.
+    """
+    nq = len(group)
+    valid = codes >= 0
+    qk, rank = np.nonzero(valid)  # query by query, rank ascending
+    start = np.searchsorted(group, group)  # first query of each query's group
+    order = np.lexsort(((np.arange(nq) - start)[qk], merge_key(rank, budgets[qk]), group[qk]))
+    g_sorted = group[qk][order]
+    c_sorted = codes[qk, rank][order]
+    # First occurrence of each (group, item) in merge order (np.unique's index is the first).
+    width = int(c_sorted.max(initial=0)) + 1
+    _, first = np.unique(g_sorted * width + c_sorted, return_index=True)
+    kept = np.zeros(len(order), dtype=bool)
+    kept[first] = True
+    at = np.flatnonzero(kept)  # merge positions of the distinct items, group by group
+    g_kept = g_sorted[at]
+    pos = np.arange(len(at)) - np.searchsorted(g_kept, g_kept)  # place within the group
+    take = at[pos < limit]
+    counts = np.bincount(g_sorted[take], minlength=n_groups)
+    # Where each full group stopped reading (its limit-th item); never, for groups not full.
+    stop = np.full(n_groups, np.iinfo(np.int64).max, dtype=np.int64)
+    full = pos == limit - 1
+    stop[g_kept[full]] = at[full]
+    # Each query's last hit, in merge positions.
+    n_hits = valid.sum(axis=1)
+    where = np.empty(len(order), dtype=np.int64)
+    where[order] = np.arange(len(order))
+    last = np.full(nq, -1, dtype=np.int64)
+    some = n_hits > 0
+    last[some] = where[np.cumsum(n_hits)[some] - 1]
+    cut = (n_hits >= limits) & (limits < limit) & (last <= stop[group])
+    short = np.zeros(n_groups, dtype=bool)
+    short[group[cut]] = True
+    return MergedLists(c_sorted[take], scores[qk, rank][order][take], counts, short)
+
+
 _KAFKA_BACKOFF_S = (0.1, 2.0)  # back-off after a failed poll/commit: first, cap (kafka-python raises while the broker is down)
 
 
@@ -198,11 +357,8 @@ class Worker:
     def __init__(self, settings: Settings, runtime: ModelRuntime, store: Any, item_follower: Any = None) -> None:
         from kafka import KafkaConsumer, KafkaProducer
 
-        self.settings = settings
-        self.runtime = runtime
-        self.store = store
+        self._init_compute(settings, runtime, store)
         self.item_follower = item_follower
-        self.conditions = conditions_for(settings, runtime.surfaces, runtime.actions)
         kafka = settings.kafka.bootstrap_servers
         self.consumer = KafkaConsumer(
             settings.topics.user_updates,
@@ -215,6 +371,21 @@ class Worker:
         self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=2)
         self.stopping = threading.Event()
         self.users_done = 0
+
+    @classmethod
+    def offline(cls, settings: Settings, runtime: ModelRuntime, store: Any) -> Worker:
+        """A worker without Kafka clients: `compute` only (benchmarks, tests)."""
+        worker = cls.__new__(cls)
+        worker._init_compute(settings, runtime, store)
+        return worker
+
+    def _init_compute(self, settings: Settings, runtime: ModelRuntime, store: Any) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+        self.conditions = conditions_for(settings, runtime.surfaces, runtime.actions)
+        # (embeddings generated, queries searched, queries searched again) in the last compute
+        self.last_plan_size = (0, 0, 0)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -320,39 +491,48 @@ class Worker:
                 log.error("worker: user %r skipped (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
         return kept, results
 
-    def compute(self, updates: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, list[Any]]]]:
-        """Per user, per surface: {"items": [...], "scores": [...]} (no I/O besides the store)."""
+    def compute(
+        self, updates: Sequence[dict[str, Any]], now_ms: int | None = None
+    ) -> list[dict[str, dict[str, list[Any]]]]:
+        """Per user, per surface: {"items": [...], "scores": [...]} (no I/O besides the store).
+        ``now_ms`` is the request time the model conditions on (default: the wall clock)."""
         cfg = self.settings.inference
-        now_ms = int(time.time() * 1000)
+        budget = cfg.candidates_per_surface
+        inputs = self.encode(updates, int(time.time() * 1000) if now_ms is None else now_ms)
+        queries = self.runtime.generate(inputs)  # [B, Q, M, D]
+        plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine)
+        recent = [[str(e["item_id"]) for e in u["events"]] for u in updates]  # excluded, per user
+        names = [plan.surfaces[s] for s in plan.surface.tolist()]
+
+        def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:
+            # ONE store call for these queries; the user's recent items excluded, eligibility filtered.
+            hits = self.store.query_arrays(plan.vectors[rows], limits, [names[r] for r in rows.tolist()],
+                                           recent, plan.user[rows])
+            merged = merge_batch(hits.codes, hits.scores, plan.budgets[rows], plan.group[rows],
+                                 plan.n_groups, limits, budget)
+            return merged, hits.ids
+
+        everything = np.arange(len(plan.budgets))
+        merged, ids = search_and_merge(everything, query_limits(plan.budgets, budget, cfg.limit_headroom))
+        lists = _group_lists(merged, ids)
+        again = np.flatnonzero(np.isin(plan.group, np.flatnonzero(merged.short)))
+        if len(again):  # lists cut too short for an exact merge: those surfaces at the full budget
+            merged_again, ids_again = search_and_merge(again, np.full(len(again), budget))
+            redone = _group_lists(merged_again, ids_again)
+            for g in np.flatnonzero(merged.short).tolist():
+                lists[g] = redone[g]
+        self.last_plan_size = (plan.generated, len(plan.budgets), len(again))
+        n_s = len(plan.surfaces)
+        return [
+            {name: lists[u * n_s + s] for s, name in enumerate(plan.surfaces)}
+            for u in range(len(updates))
+        ]
+
+    def encode(self, updates: Sequence[dict[str, Any]], now_ms: int) -> dict[str, np.ndarray]:
+        """The session's inputs for a micro-batch (history vectors looked up or fetched)."""
         history_ids = {str(e["item_id"]) for u in updates for e in u["events"]}
         vectors = self.runtime.item_vectors_for(history_ids, fetch=self._fetch_vectors)
-        inputs = encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
-        queries = self.runtime.generate(inputs)
-        plans = plan_queries(queries, self.conditions, cfg.candidates_per_surface, cfg.merge_cosine)
-
-        # One store call for the micro-batch: flatten (user, surface, query) in order.
-        matrix: list[np.ndarray] = []
-        surfaces: list[str] = []
-        exclude: list[list[str]] = []
-        for update, plan in zip(updates, plans):
-            recent = sorted({str(e["item_id"]) for e in update["events"]})
-            for surface, planned in plan.items():
-                matrix += [vector for vector, _ in planned]
-                surfaces += [surface] * len(planned)
-                exclude += [recent] * len(planned)
-        hits = self.store.query_batch(np.stack(matrix), cfg.candidates_per_surface, surfaces, exclude)
-
-        results: list[dict[str, dict[str, list[Any]]]] = []
-        cursor = 0
-        for plan in plans:
-            per_surface: dict[str, dict[str, list[Any]]] = {}
-            for surface, planned in plan.items():
-                lists = hits[cursor : cursor + len(planned)]
-                cursor += len(planned)
-                items, scores = merge_hits(lists, [budget for _, budget in planned], cfg.candidates_per_surface)
-                per_surface[surface] = {"items": items, "scores": scores}
-            results.append(per_surface)
-        return results
+        return encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
 
     def candidates_record(self, update: dict[str, Any], surfaces: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -370,6 +550,18 @@ class Worker:
     def close(self) -> None:
         self.consumer.close(autocommit=False)
         self.producer.close()
+
+
+def _group_lists(merged: MergedLists, ids: np.ndarray) -> list[dict[str, list[Any]]]:
+    """Per group: {"items": [str ids], "scores": [floats]} from merge_batch's flat arrays."""
+    items = [str(i) for i in ids[merged.codes].tolist()] if len(merged.codes) else []
+    scores = merged.scores.tolist()
+    ends = np.cumsum(merged.counts).tolist()
+    out, begin = [], 0
+    for end in ends:
+        out.append({"items": items[begin:end], "scores": scores[begin:end]})
+        begin = end
+    return out
 
 
 class SerialisedStore:
@@ -405,7 +597,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     _budget_sanity(settings)
-    runtime = ModelRuntime.load(settings.inference.model_dir, settings.inference.provider)
+    runtime = ModelRuntime.load(settings.inference.model_dir, settings.inference.provider, threads=settings.inference.ort_threads)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

@@ -146,8 +146,12 @@ class InferenceSettings(BaseModel):
     max_batch: int = 256  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
     provider: str = "auto"  # auto | cuda | cpu
+    ort_threads: int = 0  # ONNX Runtime intra-op threads of the model's session (0 = one per core)
     candidates_per_surface: int = 100  # top-N written per surface
     merge_cosine: float = 0.98  # generated embeddings closer than this are merged
+    # Each ANN query asks for this many times its share of the budget (not the whole budget);
+    # a surface whose merge ran past the end of a list that was cut is searched again in full.
+    limit_headroom: float = 2.0
     # A vector-store call that fails transiently (store down, connection refused, engine I/O
     # error) is retried with a doubling back-off; its batch waits uncommitted, so nothing is lost.
     store_retry_initial_s: float = 0.1  # first back-off after a failed vector-store call

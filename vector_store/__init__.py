@@ -10,7 +10,7 @@ indexer (`recsys index`) lives in vector_store.indexer.
 from __future__ import annotations
 
 from recsys.settings import Settings, VectorStoreSettings
-from vector_store.base import Hit, VectorStore
+from vector_store.base import BatchHits, Hit, VectorStore
 from vector_store.errors import (
     CollectionMissingError,
     DimensionMismatchError,
@@ -20,6 +20,7 @@ from vector_store.errors import (
 from vector_store.schema import ItemId, ItemRecord, point_id
 
 __all__ = [
+    "BatchHits",
     "CollectionMissingError",
     "DimensionMismatchError",
     "Hit",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
@@ -18,6 +19,23 @@ from vector_store.errors import CollectionMissingError, DimensionMismatchError
 from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query
 
 Hit = tuple[ItemId, float]  # (item id, cosine similarity | popularity)
+
+
+@dataclass(frozen=True)
+class BatchHits:
+    """`VectorStore.query_arrays`' answer: row ``i`` holds query ``i``'s hits, best first."""
+
+    codes: np.ndarray  # [Q, L] int64: index into `ids`; -1 past the query's last hit
+    scores: np.ndarray  # [Q, L] float32 cosine; -inf where codes is -1
+    ids: np.ndarray  # [C] object: the item id of each code (one code per distinct item)
+
+    def lists(self) -> list[list[Hit]]:
+        """The same hits as `query_batch` returns them."""
+        ids = self.ids
+        return [
+            [(ids[c], s) for c, s in zip(c_row, s_row, strict=True) if c >= 0]
+            for c_row, s_row in zip(self.codes.tolist(), self.scores.tolist(), strict=True)
+        ]
 
 
 class VectorStore(ABC):
@@ -93,6 +111,54 @@ class VectorStore(ABC):
             return [[] for _ in range(n)]
         return self._query_batch(normalise(q), limit, surf, excl)
 
+    def query_arrays(
+        self,
+        vectors: np.ndarray,
+        limits: np.ndarray | Sequence[int],
+        surfaces: Sequence[str | None] | None = None,
+        exclude: Sequence[Sequence[ItemId]] | None = None,
+        exclude_of: np.ndarray | None = None,
+    ) -> BatchHits:
+        """`query_batch` for a hot path: a limit per query, results as arrays.
+
+        Query ``i`` gets up to ``limits[i]`` hits, is filtered on ``surfaces[i]`` and excludes
+        ``exclude[exclude_of[i]]`` (``exclude[i]`` when ``exclude_of`` is None): many queries
+        can share one exclusion list (a user's recent items), which backends map once.
+        """
+        dim = self._require_dim()
+        q = self._check(vectors, dim, "query vectors")
+        n = q.shape[0]
+        lim = np.asarray(limits, dtype=np.int64).reshape(-1)
+        if len(lim) != n:
+            raise ValueError(f"limits: expected one entry per query ({n}), got {len(lim)}")
+        if n and lim.min() < 0:
+            raise ValueError(f"limits must be >= 0, got {int(lim.min())}")
+        surf = per_query(surfaces, n, "surfaces", None)
+        if exclude_of is None:
+            excl = per_query(exclude, n, "exclude", ())
+            owner = np.arange(n, dtype=np.int64)
+        else:
+            excl = list(exclude or [])
+            owner = np.asarray(exclude_of, dtype=np.int64).reshape(-1)
+            if len(owner) != n or (n and (owner.min() < 0 or owner.max() >= len(excl))):
+                raise ValueError(f"exclude_of: expected {n} indices into {len(excl)} exclusion lists")
+        if n == 0 or not lim.any():
+            empty = np.zeros((n, 0), np.int64)
+            return BatchHits(empty, empty.astype(np.float32), np.empty(0, dtype=object))
+        return self._query_arrays(normalise(q), lim, surf, excl, owner)
+
+    def _query_arrays(
+        self,
+        queries: np.ndarray,
+        limits: np.ndarray,
+        surfaces: list[str | None],
+        exclude: list[Sequence[ItemId]],
+        exclude_of: np.ndarray,
+    ) -> BatchHits:
+        """Default: `_query_batch` at the largest limit, each query's list cut to its own."""
+        lists = self._query_batch(queries, int(limits.max()), surfaces, [exclude[o] for o in exclude_of])
+        return hits_to_arrays([hits[:lim] for hits, lim in zip(lists, limits.tolist(), strict=True)])
+
     @abstractmethod
     def _query_batch(
         self,
@@ -148,3 +214,18 @@ class VectorStore(ABC):
         if x.ndim == 2 and x.shape[1] != dim:
             raise DimensionMismatchError(f"{what}: collection has dim {dim}, got {x.shape[1]}")
         return check_matrix(x, dim, what)
+
+
+def hits_to_arrays(lists: Sequence[Sequence[Hit]]) -> BatchHits:
+    """Hit lists as `BatchHits` (codes numbered by first appearance of each item id)."""
+    code_of: dict[ItemId, int] = {}
+    width = max((len(h) for h in lists), default=0)
+    codes = np.full((len(lists), width), -1, dtype=np.int64)
+    scores = np.full((len(lists), width), -np.inf, dtype=np.float32)
+    for i, hits in enumerate(lists):
+        if hits:
+            codes[i, : len(hits)] = [code_of.setdefault(item, len(code_of)) for item, _ in hits]
+            scores[i, : len(hits)] = [s for _, s in hits]
+    ids = np.empty(len(code_of), dtype=object)
+    ids[:] = list(code_of)
+    return BatchHits(codes, scores, ids)

@@ -24,7 +24,7 @@ import numpy as np
 import qdrant_edge as qe
 
 from recsys.settings import VectorStoreSettings
-from vector_store.base import Hit, VectorStore
+from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays
 from vector_store.errors import (
     CollectionMissingError,
     DimensionMismatchError,
@@ -146,6 +146,38 @@ class EdgeStore(VectorStore):
         ]
         results = self._live().query_batch(qe.QueryBatchRequest(requests))
         return [[(_payload(p)[ITEM_ID], float(p.score)) for p in hits] for hits in results]
+
+    def _query_arrays(
+        self,
+        queries: np.ndarray,
+        limits: np.ndarray,
+        surfaces: list[str | None],
+        exclude: list[Sequence[ItemId]],
+        exclude_of: np.ndarray,
+    ) -> BatchHits:
+        exact = self._exact
+        if exact is not None:
+            rows, scores = exact.search_rows(queries, limits, surfaces, exclude, exclude_of)
+            return BatchHits(rows, scores, exact.id_array)
+        # One filter object per (exclusion list, surface) pair, shared by its queries.
+        filters: dict[tuple[int, str | None], qe.Filter | None] = {}
+        requests = []
+        for q, limit, surface, owner in zip(queries.tolist(), limits.tolist(), surfaces, exclude_of.tolist(), strict=True):
+            key = (owner, surface)
+            if key not in filters:
+                filters[key] = _filter(surface, exclude[owner])
+            requests.append(qe.QueryRequest(
+                limit=max(limit, 1),
+                query=qe.Query.Nearest(q),
+                filter=filters[key],
+                params=qe.SearchParams(hnsw_ef=max(self.settings.search_ef, limit)),
+                with_payload=[ITEM_ID],
+            ))
+        results = self._live().query_batch(qe.QueryBatchRequest(requests))
+        return hits_to_arrays([
+            [(_payload(p)[ITEM_ID], float(p.score)) for p in hits][:limit]
+            for hits, limit in zip(results, limits.tolist(), strict=True)
+        ])
 
     def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:
         return {

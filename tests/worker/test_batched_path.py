@@ -1,0 +1,183 @@
+"""The worker's batched hot path against its per-user references: `plan_batch` vs
+`plan_queries`, `merge_batch` vs `merge_hits`, and `Worker.compute` (real ONNX Runtime, real
+Qdrant Edge) vs the reference pipeline that asks every query for the whole budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from inference.runtime import ModelRuntime
+from inference.worker import (
+    Condition,
+    Worker,
+    merge_batch,
+    merge_hits,
+    plan_batch,
+    plan_queries,
+    query_limits,
+)
+from recsys.settings import Settings
+from vector_store import ItemRecord, open_store
+from vector_store.indexer import ItemTable
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 4), m=st.integers(1, 4), dim=st.integers(3, 8), seed=st.integers(0, 2**32 - 1),
+    layout=st.lists(st.tuples(st.sampled_from(["home", "search", "related"]), st.floats(0.05, 1.0)), min_size=1, max_size=5),
+)
+def test_plan_batch_is_plan_queries(b: int, m: int, dim: int, seed: int, layout: list[tuple[str, float]]) -> None:
+    rng = np.random.default_rng(seed)
+    conditions = [Condition(surface, f"o{i}", w) for i, (surface, w) in enumerate(layout)]
+    q = len(conditions)
+    queries = _unit(rng.normal(size=(b, q, m, dim)))
+    # Plant near-duplicates (cosine ~0.999) so that merging happens, chains included.
+    dup = rng.random((b, q, m)) < 0.5
+    src = queries.reshape(b, q * m, dim)[np.arange(b)[:, None], rng.integers(0, q * m, (b, q * m))].reshape(b, q, m, dim)
+    queries = np.where(dup[..., None], _unit(src + 0.01 * rng.normal(size=src.shape)), queries).astype(np.float32)
+    want = plan_queries(queries, conditions, budget=100, merge_cosine=0.98)
+    got = plan_batch(queries, conditions, budget=100, merge_cosine=0.98)
+    assert got.generated == b * q * m
+    k = 0
+    for user, per_surface in enumerate(want):
+        for s, (surface, planned) in enumerate(per_surface.items()):
+            assert got.surfaces[s] == surface
+            for vector, budget in planned:
+                assert (got.user[k], got.surface[k]) == (user, s)
+                np.testing.assert_array_equal(got.vectors[k], vector)
+                assert got.budgets[k] == budget  # summed in the same order: bit-identical
+                assert got.group[k] == user * len(got.surfaces) + s
+                k += 1
+    assert k == len(got.budgets)
+
+
+@st.composite
+def _groups(draw: Any) -> tuple[list[list[list[int]]], list[list[float]], list[list[int]], int]:
+    """Groups of queries: each query's full ranked list (distinct codes from a small universe,
+    so queries overlap), its budget, and the cut it is searched with."""
+    limit = draw(st.integers(1, 12))
+    universe = draw(st.integers(1, 30))
+    n_groups = draw(st.integers(1, 4))
+    lists, budgets, cuts = [], [], []
+    for _ in range(n_groups):
+        k = draw(st.integers(1, 4))
+        lists.append([draw(st.lists(st.integers(0, universe - 1), max_size=limit, unique=True)) for _ in range(k)])
+        budgets.append([draw(st.sampled_from([1e-12, 0.5, 1.0, 2.5, 3.0, 7.5, 17.5])) for _ in range(k)])
+        cuts.append([draw(st.integers(1, limit)) for _ in range(k)])
+    return lists, budgets, cuts, limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_groups())
+def test_merge_batch_is_merge_hits(case: tuple[list[list[list[int]]], list[list[float]], list[list[int]], int]) -> None:
+    """A group not flagged short merges exactly as merge_hits does on the uncut lists; with
+    every cut at the full limit, no group is short."""
+    lists, budgets, cuts, limit = case
+    score = {c: float(np.float32(1.0 - c / 64)) for c in range(64)}
+
+    def batch(cut_lists: list[list[list[int]]], limits: list[list[int]]) -> tuple[list[Any], np.ndarray]:
+        flat = [hits for group in cut_lists for hits in group]
+        width = max(1, max(len(h) for h in flat))
+        codes = np.full((len(flat), width), -1, np.int64)
+        scores = np.full((len(flat), width), -np.inf, np.float32)
+        for i, hits in enumerate(flat):
+            codes[i, : len(hits)] = hits
+            scores[i, : len(hits)] = [score[c] for c in hits]
+        group = np.repeat(np.arange(len(cut_lists)), [len(g) for g in cut_lists])
+        merged = merge_batch(codes, scores, np.array([b for g in budgets for b in g]), group, len(cut_lists),
+                             np.array([c for g in limits for c in g]), limit)
+        out, begin = [], 0
+        for count in merged.counts.tolist():
+            out.append(([str(c) for c in merged.codes[begin : begin + count].tolist()],
+                        merged.scores[begin : begin + count].tolist()))
+            begin += count
+        return out, merged.short
+
+    want = [merge_hits([[(c, score[c]) for c in hits] for hits in group], b, limit) for group, b in zip(lists, budgets, strict=True)]
+    cut = [[hits[:c] for hits, c in zip(group, cs, strict=True)] for group, cs in zip(lists, cuts, strict=True)]
+    got, short = batch(cut, cuts)
+    for g, (w, (items, scores)) in enumerate(zip(want, got, strict=True)):
+        if not short[g]:
+            assert (items, scores) == (w[0], w[1])
+    full, short = batch(lists, [[limit] * len(group) for group in lists])
+    assert not short.any()
+    assert full == [(items, scores) for items, scores in want]
+
+
+def test_query_limits() -> None:
+    assert query_limits(np.array([7.5, 17.5, 100.0, 0.2]), 100, 2.0).tolist() == [15, 35, 100, 1]
+
+
+def _reference_compute(worker: Worker, updates: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    """The worker's path as it was: per-user plan, every query asks for the whole budget."""
+    cfg = worker.settings.inference
+    queries = worker.runtime.generate(worker.encode(updates, now_ms))
+    plans = plan_queries(queries, worker.conditions, cfg.candidates_per_surface, cfg.merge_cosine)
+    matrix, surfaces, exclude = [], [], []
+    for update, plan in zip(updates, plans, strict=True):
+        recent = sorted({str(e["item_id"]) for e in update["events"]})
+        for surface, planned in plan.items():
+            matrix += [vector for vector, _ in planned]
+            surfaces += [surface] * len(planned)
+            exclude += [recent] * len(planned)
+    hits = worker.store.query_batch(np.stack(matrix), cfg.candidates_per_surface, surfaces, exclude)
+    out, cursor = [], 0
+    for plan in plans:
+        per_surface = {}
+        for surface, planned in plan.items():
+            items, scores = merge_hits(hits[cursor : cursor + len(planned)], [b for _, b in planned], cfg.candidates_per_surface)
+            cursor += len(planned)
+            per_surface[surface] = {"items": items, "scores": scores}
+        out.append(per_surface)
+    return out
+
+
+@pytest.mark.parametrize(("numpy_exact", "headroom"), [(True, 2.0), (True, 1.0), (True, 0.1), (False, 1.0)])
+def test_compute_equals_the_reference_pipeline(
+    small_model_dir: Path, tmp_path: Path, numpy_exact: bool, headroom: float
+) -> None:
+    """Real session, real Edge store (exact snapshot, or Qdrant's own search), items eligible on
+    some surfaces only: the batched path serves exactly the reference's lists, whatever the
+    headroom (a small one only means more surfaces searched again)."""
+    settings = Settings(
+        inference={"candidates_per_surface": 20, "limit_headroom": headroom},
+        vector_store={"path": tmp_path / "qdrant", "numpy_exact": numpy_exact},
+    )
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    table = ItemTable.load(small_model_dir)
+    rng = np.random.default_rng(0)
+    surfaces = settings.events.surfaces
+    records = [ItemRecord(i, tuple(s for s in surfaces if rng.random() < 0.7), 0, float(p))
+               for i, p in zip(table.ids, table.popularity.tolist(), strict=True)]
+    store = open_store(settings, dim=runtime.dim)
+    try:
+        store.upsert(records, table.embeddings)
+        worker = Worker.offline(settings, runtime, store)
+        updates = []
+        for u in range(40):
+            n = int(rng.integers(1, 30))
+            events = [{"item_id": table.ids[int(rng.integers(0, len(table.ids)))], "action": ["click", "save"][int(rng.integers(0, 2))],
+                       "surface": surfaces[int(rng.integers(0, 3))], "ts": 1_700_000_000_000 + 1000 * j} for j in range(n)]
+            updates.append({"user_id": f"u{u}", "version": 1, "events": events})
+        now = 1_700_000_100_000
+        got = worker.compute(updates, now_ms=now)
+        want = _reference_compute(worker, updates, now)
+        for g, w in zip(got, want, strict=True):
+            assert g.keys() == w.keys()
+            for surface in g:
+                assert g[surface]["items"] == w[surface]["items"]
+                np.testing.assert_allclose(g[surface]["scores"], w[surface]["scores"], atol=1e-5)
+        if headroom < 1:
+            assert worker.last_plan_size[2] > 0  # the re-search path ran
+    finally:
+        store.close()
