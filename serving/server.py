@@ -7,7 +7,8 @@ Shape (grpc's examples/python): pure helpers at module level (`validate_request`
 and returns `(server, port)` apart from `serve()` that runs one until SIGTERM, and `main()`.
 
 What the server guarantees:
-- INVALID_ARGUMENT with a reason for an empty or oversized user_id, an unknown surface, a limit
+- INVALID_ARGUMENT with a reason for bytes that are not the method's message (bad UTF-8, a
+  truncated field: grpc alone would answer UNKNOWN with the parser's exception), an empty or oversized user_id, an unknown surface, a limit
   outside [0, max_limit] (0 = default_limit) or a batch larger than max_batch; deadlines are
   enforced by gRPC and checked between the lookups of a batch; RESOURCE_EXHAUSTED beyond
   max_concurrent_rpcs; message sizes capped both ways.
@@ -164,15 +165,19 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
         self.limits = limits
 
     async def GetCandidates(
-        self, request: pb.GetCandidatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.GetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetCandidatesResponse:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if (error := validate_request(request, self.limits)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
         return build_response(request, self.store.get(request.user_id), self.fallback, self.limits)
 
     async def BatchGetCandidates(
-        self, request: pb.BatchGetCandidatesRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self, request: pb.BatchGetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchGetCandidatesResponse:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if len(request.requests) > self.limits.max_batch:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -189,6 +194,38 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded mid-batch")
             response.responses.append(build_response(item, self.store.get(item.user_id), self.fallback, self.limits))
         return response
+
+
+_UNDECODABLE = "the request is not a valid protobuf message of this method (e.g. a string field with bad UTF-8)"
+
+
+def _lenient(message: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that returns None for bytes that do not parse, so the handler can
+    answer INVALID_ARGUMENT; grpc would otherwise answer UNKNOWN with the DecodeError's text."""
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
+def _add_servicer(servicer: CandidatesServicer, server: grpc.aio.Server) -> None:
+    """`add_CandidatesServicer_to_server` of the generated stubs, with lenient deserializers."""
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=_lenient(request),
+            response_serializer=response.SerializeToString)
+        for name, request, response in (
+            ("GetCandidates", pb.GetCandidatesRequest, pb.GetCandidatesResponse),
+            ("BatchGetCandidates", pb.BatchGetCandidatesRequest, pb.BatchGetCandidatesResponse),
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _deny(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
@@ -255,7 +292,7 @@ def create_server(
         options=_server_options(settings),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
-    pb_grpc.add_CandidatesServicer_to_server(CandidatesServicer(store, fallback, Limits(settings)), server)
+    _add_servicer(CandidatesServicer(store, fallback, Limits(settings)), server)
     if health_servicer is None:
         health_servicer = health.aio.HealthServicer()  # reports "" (the whole server) SERVING
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
