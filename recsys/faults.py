@@ -191,7 +191,7 @@ class FaultRun:
             updates_lost=comparison["users_update_missing"],
             converged_s=converged_s,
             details={"acked_missing_from_actions_log": acked_missing, **comparison, "users": len(reference),
-                     "first_event_ts": start_ts,
+                     "first_event_ts": start_ts, "faults_planned": len(self.faults),
                      "users_with_reordered_updates": self.users_with_reordered_updates},
             state=state,
         )
@@ -241,6 +241,8 @@ class FaultRun:
             future.add_errback(on_err)
         if faults_thread is not None:
             faults_thread.join()
+        if len(injected) < len(self.faults):  # the load ended first: say so, never pretend
+            self.progress(f"only {len(injected)} of {len(self.faults)} faults fitted into {self.seconds:.0f} s of load")
         producer.flush()
         producer.close()
         sent_done = time.monotonic()
