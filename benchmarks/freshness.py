@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import statistics
 import threading
 import time
@@ -129,6 +130,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model_dir = ensure_model(args.work_dir.resolve() / "model", args.users, args.items)
+    # A fresh broker, shard and state every run: a previous run's topics would leave a backlog
+    # of user-updates (and its consumer offsets) for this run's worker to work through first.
+    shutil.rmtree(args.work_dir / "run", ignore_errors=True)
     with LocalStack(args.work_dir / "run", model_dir, partitions=2) as stack:
         assert stack.bootstrap is not None
         load = Load(stack.bootstrap, stack.env().get("RECSYS_TOPICS__ACTIONS", "actions"), args.users, args.items, args.rate)

@@ -368,9 +368,11 @@ class Worker:
             auto_offset_reset="earliest",
             max_poll_records=settings.inference.max_batch,
         )
-        self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=2)
+        # One record batch per partition for a whole micro-batch (~3 KB per user; 16 KB default).
+        self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=2, batch_size=1 << 18)
         self.stopping = threading.Event()
         self.users_done = 0
+        self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
 
     @classmethod
     def offline(cls, settings: Settings, runtime: ModelRuntime, store: Any) -> Worker:
@@ -389,24 +391,48 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
+        """Poll, compute, send; commit a batch's offsets once its candidates are acknowledged.
+
+        Pipelined by one batch: batch N's records are acknowledged (and its offsets committed)
+        while batch N+1 is polled and computed, so the broker's round trip is not spent idle.
+        A batch is committed only after every one of its records was acknowledged; a crash
+        re-reads (and recomputes) the at most two batches not yet committed.
+        """
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
         report_at, reported = time.monotonic() + 10.0, 0
+        inflight: tuple[list[Any], dict[Any, int]] | None = None  # (send futures, offsets) of the last batch
         while not self.stopping.is_set():
             updates = self.poll_batch()
-            if updates:
-                self.process(updates)
-                self.commit()
+            offsets, self._polled = self._polled, {}
+            sent = self.process(updates) if updates else []
+            if inflight is not None:
+                self.settle(*inflight)
+            inflight = (sent, offsets) if offsets else None
             if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
                 log.info("worker: %d users regenerated (%.0f/s)", self.users_done, (self.users_done - reported) / 10.0)
                 report_at, reported = time.monotonic() + 10.0, self.users_done
+        if inflight is not None:
+            self.settle(*inflight)
 
-    def commit(self) -> None:
-        """Commit the polled offsets; a group that rebalanced meanwhile (e.g. during a long store
-        outage) refuses, and its next owner re-reads and recomputes those updates: none lost."""
+    def settle(self, sent: Sequence[Any], offsets: dict[Any, int]) -> None:
+        """Wait until the broker has every record of a batch (a record it refused raises here,
+        before any commit), then commit that batch's offsets."""
+        for future in sent:
+            future.get()
+        self.commit(offsets)
+
+    def commit(self, offsets: dict[Any, int] | None = None) -> None:
+        """Commit ``offsets`` (partition -> next offset to read; default: everything polled). A
+        group that rebalanced meanwhile (e.g. during a long store outage) refuses, and its next
+        owner re-reads and recomputes those updates: none lost."""
         from kafka.errors import CommitFailedError
+        from kafka.structs import OffsetAndMetadata
 
         try:
-            self.consumer.commit()
+            if offsets is None:
+                self.consumer.commit()
+            else:
+                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
         except CommitFailedError as exc:
             log.warning("worker: commit refused after a rebalance (%s); the batch will be re-read", exc)
         except KafkaError as exc:  # broker unreachable: the next commit covers these offsets too
@@ -433,7 +459,9 @@ class Worker:
                 self._kafka_backoff("poll", exc)
                 break
             self._kafka_delay = _KAFKA_BACKOFF_S[0]
-            for part in records.values():
+            for tp, part in records.items():
+                if part:
+                    self._polled[tp] = part[-1].offset + 1
                 for record in part:
                     update = clean_update(record.value, keep)
                     if update is None:
@@ -448,25 +476,24 @@ class Worker:
                 break
         return batch
 
-    def process(self, updates: Sequence[dict[str, Any]]) -> int:
-        """Compute and publish candidates for a micro-batch; returns the number of users."""
+    def process(self, updates: Sequence[dict[str, Any]]) -> list[Any]:
+        """Compute a micro-batch's candidates and send them (not waiting for the broker);
+        returns the send futures, to be settled before the batch's offsets are committed."""
         fresh = [u for u in coalesce(updates) if u.get("events")]
         if not fresh:
-            return 0
+            return []
         fresh, results = self.compute_isolated(fresh)
         sent = [
             self.producer.send(
                 self.settings.topics.candidates,
                 key=str(update["user_id"]).encode(),
-                value=msgpack.packb(self.candidates_record(update, surfaces)),
+                # scores are float32: packed as such, 4 bytes less each
+                value=msgpack.packb(self.candidates_record(update, surfaces), use_single_float=True),
             )
             for update, surfaces in zip(fresh, results)
         ]
-        self.producer.flush()
-        for future in sent:  # a record the broker never took raises here, before any commit
-            future.get()
         self.users_done += len(fresh)
-        return len(fresh)
+        return sent
 
     def compute_isolated(self, updates: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """`compute` for the batch; if the data makes it raise, user by user, skipping (and
