@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.results_io import RESULTS_DIR, write_result
-from recsys.settings import InferenceSettings, Settings, VectorStoreSettings
+from recsys.settings import Settings, VectorStoreSettings
 
 # -- defaults (each is a flag) ------------------------------------------------------------------
 USERS = 10_000
@@ -64,12 +64,15 @@ def ensure_model(model_dir: Path, events: list[dict[str, Any]], train_seconds: f
     return model_dir
 
 
-def open_indexed_store(model_dir: Path, path: Path, surfaces: Sequence[str]) -> Any:
-    """A Qdrant Edge store holding the model's item table (built once under ``path``)."""
+def open_indexed_store(model_dir: Path, path: Path, surfaces: Sequence[str], n_items: int | None = None) -> Any:
+    """A Qdrant Edge store holding the model's item table, or its first ``n_items`` items
+    (built once under ``path``)."""
     from vector_store import open_store
     from vector_store.indexer import ItemTable, index_item_table
 
     table = ItemTable.load(model_dir)
+    if n_items is not None:
+        table = ItemTable(table.ids[:n_items], table.embeddings[:n_items], table.popularity[:n_items])
     settings = VectorStoreSettings(backend="edge", path=path)
     store = open_store(settings, dim=table.embeddings.shape[1])
     if store.count() != len(table.ids):
@@ -100,7 +103,8 @@ def best_rate(fn: Callable[[], int], repeats: int) -> tuple[float, list[float]]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--users", type=int, default=USERS)
-    p.add_argument("--items", type=int, default=ITEMS)
+    p.add_argument("--items", type=int, default=ITEMS, help="the model's item vocabulary (and catalogue)")
+    p.add_argument("--catalogues", default="", help="also measure with only the first N items indexed, e.g. 2000,5000")
     p.add_argument("--events", type=int, default=EVENTS)
     p.add_argument("--batch", type=int, default=BATCH)
     p.add_argument("--batches", type=int, default=BATCHES)
@@ -121,58 +125,76 @@ def main(argv: list[str] | None = None) -> None:
     events = [e.to_wire() for e in synthetic_events(args.events, args.users, args.items, seed=21)]
     model_dir = ensure_model(work / "model", events, args.train_seconds)
     runtime = ModelRuntime.load(model_dir, "cpu", threads=args.threads)
-    store = open_indexed_store(model_dir, work / "qdrant", runtime.surfaces)
-    worker = Worker.offline(settings, runtime, store)
     updates = user_updates(events, settings.streams.max_sequence_len)
     batches = [updates[i * args.batch : (i + 1) * args.batch] for i in range(args.batches)]
     assert all(len(b) == args.batch for b in batches), f"need {args.batch * args.batches} users with events"
-    now_ms = int(time.time() * 1000)
-    # The ceiling's inputs: exactly what the compute path feeds the session.
-    encoded = [worker.encode(b, now_ms) for b in batches]
-
-    def full() -> int:
-        for b in batches:
-            worker.compute(b)
-        return sum(len(b) for b in batches)
-
-    def ort_only() -> int:
-        for x in encoded:
-            runtime.generate(x)
-        return sum(len(b) for b in batches)
-
-    full(), ort_only()  # warm-up: first-call allocations, page cache
-    if args.profile:
-        _profile(args.profile, full)
-        return
-    full_rates, ort_rates = [], []
-    for _ in range(args.repeats):  # interleaved, so both see the same load
-        full_rates.append(best_rate(full, 1)[0])
-        ort_rates.append(best_rate(ort_only, 1)[0])
-    users_per_s, ort_per_s = max(full_rates), max(ort_rates)
-    generated, searched, again = worker.last_plan_size
-    metrics = {
-        "users_per_s": round(users_per_s, 1),
-        "ort_only_users_per_s": round(ort_per_s, 1),
-        "ratio": round(users_per_s / ort_per_s, 3),
-        "users_per_s_median": round(statistics.median(full_rates), 1),
-        "ort_only_users_per_s_median": round(statistics.median(ort_rates), 1),
+    sizes = [len(runtime.item_ids)] + [int(n) for n in args.catalogues.split(",") if n]
+    metrics: dict[str, Any] = {}
+    for n_items in sizes:
+        store = open_indexed_store(model_dir, work / f"qdrant-{n_items}", runtime.surfaces, n_items)
+        try:
+            worker = Worker.offline(settings, runtime, store)
+            if args.profile:
+                _profile(args.profile, lambda: sum(len(b) for b in batches if worker.compute(b) is not None))
+                return
+            row = measure(worker, runtime, batches, args.repeats)
+        finally:
+            store.close()
+        row["n_items"] = n_items
+        print(n_items, row)
+        suffix = "" if n_items == sizes[0] else f"_{n_items // 1000}k"
+        metrics.update({f"{k}{suffix}": v for k, v in row.items()})
+    metrics.update({
         "batch": args.batch,
-        "n_items": len(runtime.item_ids),
         "surfaces": len(runtime.surfaces),
         "m": int(runtime.meta["config"]["num_queries"]),
         "dim": runtime.dim,
+        "n_layers": int(runtime.meta["config"]["n_layers"]),
         "candidates_per_surface": settings.inference.candidates_per_surface,
-        "queries_generated_per_user": generated / args.batch,
-        "queries_searched_per_user": round(searched / args.batch, 2),
-        "queries_searched_again_per_user": round(again / args.batch, 3),
+        "limit_headroom": settings.inference.limit_headroom,
         "ort_threads": args.threads,
         "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
-    store.close()
+    })
     print(metrics)
     if not args.no_save:
         command = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.inference", *sys.argv[1:]])
         print(write_result("inference", metrics, command=command))
+
+
+def measure(worker: Any, runtime: Any, batches: list[list[dict[str, Any]]], repeats: int) -> dict[str, Any]:
+    """Users/s of Worker.compute and of the session alone on the same inputs, interleaved."""
+    now_ms = int(time.time() * 1000)
+    encoded = [worker.encode(b, now_ms) for b in batches]  # exactly what compute feeds the session
+    users = sum(len(b) for b in batches)
+
+    def full() -> int:
+        for b in batches:
+            worker.compute(b, now_ms=now_ms)
+        return users
+
+    def ort_only() -> int:
+        for x in encoded:
+            runtime.generate(x)
+        return users
+
+    full(), ort_only()  # warm-up: first-call allocations, page cache
+    full_rates, ort_rates, again = [], [], 0
+    for _ in range(repeats):  # interleaved, so both see the same load
+        full_rates.append(best_rate(full, 1)[0])
+        again += worker.last_plan_size[2]
+        ort_rates.append(best_rate(ort_only, 1)[0])
+    generated, searched, _ = worker.last_plan_size
+    per_user = len(batches[-1])
+    return {
+        "users_per_s": round(max(full_rates), 1),
+        "ort_only_users_per_s": round(max(ort_rates), 1),
+        "ratio": round(max(full_rates) / max(ort_rates), 3),
+        "users_per_s_median": round(statistics.median(full_rates), 1),
+        "ort_only_users_per_s_median": round(statistics.median(ort_rates), 1),
+        "ratio_of_medians": round(statistics.median(full_rates) / statistics.median(ort_rates), 3),
+        "queries_generated_per_user": generated / per_user,
+        "queries_searched_per_user": round(searched / per_user, 2),
+    }
 
 
 def _profile(out: Path, fn: Callable[[], int]) -> None:
