@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelRuntime", "choose_providers"]
+__all__ = ["ModelRuntime", "VectorLookup", "choose_providers"]
 
 
 def choose_providers(provider: str) -> list[str]:
@@ -129,7 +129,53 @@ class ModelRuntime:
                 out[str(item_id)] = self.extra[str(item_id)]
         return out
 
+    def vector_lookup(
+        self, item_ids: Iterable[str], fetch: Callable[[Sequence[str]], dict[Any, np.ndarray]] | None = None
+    ) -> Mapping[str, np.ndarray]:
+        """`item_vectors_for` as a read-only mapping that looks vectors up when asked, without
+        building a dict of every id (the worker's hot path). Unknown ids are fetched first."""
+        missing = [i for i in set(item_ids) if i not in self.index and i not in self.extra]
+        if missing and fetch is not None:
+            for item_id, vector in fetch(missing).items():
+                self.extra[str(item_id)] = np.asarray(vector, dtype=np.float32)
+        return VectorLookup(self)
+
     def generate(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Run the user model: [B, Q, M, D] unit query embeddings."""
         (queries,) = self.session.run(["queries"], inputs)
         return np.asarray(queries, dtype=np.float32)
+
+
+class VectorLookup(Mapping[str, np.ndarray]):
+    """Item id -> embedding over a runtime's exported table and the vectors fetched since."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self._rt = runtime
+
+    def __getitem__(self, item_id: str) -> np.ndarray:
+        row = self._rt.index.get(item_id)
+        return self._rt.item_vectors[row] if row is not None else self._rt.extra[item_id]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._rt.index
+        yield from self._rt.extra
+
+    def __len__(self) -> int:
+        return len(self._rt.index) + len(self._rt.extra)
+
+    def table(self, item_ids: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """([1 + U, D] vectors: row 0 zeros, then one per known id; each id's row, 0 = unknown),
+        gathered from the exported table in one indexing step."""
+        rt = self._rt
+        rows = [rt.index.get(i, -1) for i in item_ids]
+        extra = [j for j, r in enumerate(rows) if r < 0 and item_ids[j] in rt.extra]
+        known = np.array([r >= 0 for r in rows], dtype=bool)
+        known[extra] = True
+        codes = np.zeros(len(item_ids), dtype=np.int64)
+        codes[known] = np.arange(1, int(known.sum()) + 1)
+        table = np.zeros((int(known.sum()) + 1, rt.item_vectors.shape[1]), np.float32)
+        exported = np.array(rows, dtype=np.int64)
+        table[codes[exported >= 0]] = rt.item_vectors[exported[exported >= 0]]
+        for j in extra:
+            table[codes[j]] = rt.extra[item_ids[j]]
+        return table, codes.tolist()

@@ -43,7 +43,7 @@ import numpy as np
 from kafka.errors import KafkaError
 
 from inference.guards import RetryingStore, StoreUnavailable, call_with_retry, clean_update
-from inference.runtime import ModelRuntime
+from inference.runtime import ModelRuntime, VectorLookup
 from recsys.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,21 @@ def encode_histories(
     row = np.repeat(np.arange(b), lengths)
     col = np.arange(len(events)) - np.repeat(np.cumsum(lengths) - lengths - (t - lengths), lengths)
     ids = [str(e["item_id"]) for e in events]
-    code_of: dict[str, int] = {}  # item id -> row of `table` (0: no vector, stays zero)
-    found: list[np.ndarray] = []
-    for item in dict.fromkeys(ids):
-        vector = vectors.get(item)
-        if vector is not None:
-            found.append(vector)
-            code_of[item] = len(found)
-    table = np.zeros((len(found) + 1, d), np.float32)
-    if found:
-        table[1:] = np.stack(found)
+    uniq = list(dict.fromkeys(ids))
+    if isinstance(vectors, VectorLookup):  # the runtime's table: one gather, no per-id arrays
+        table, codes = vectors.table(uniq)
+        code_of = dict(zip(uniq, codes, strict=True))  # item id -> row of `table` (0: no vector)
+    else:
+        code_of = {}
+        found: list[np.ndarray] = []
+        for item in uniq:
+            vector = vectors.get(item)
+            if vector is not None:
+                found.append(vector)
+                code_of[item] = len(found)
+        table = np.zeros((len(found) + 1, d), np.float32)
+        if found:
+            table[1:] = np.stack(found)
     item_emb = np.zeros((b, t, d), np.float32)
     action = np.zeros((b, t), np.int64)
     surface = np.zeros((b, t), np.int64)
@@ -139,7 +144,7 @@ def encode_histories(
     item_emb[row, col] = table[np.array([code_of.get(i, 0) for i in ids], dtype=np.int64)]
     action[row, col] = [action_ix.get(e["action"], 0) for e in events]
     surface[row, col] = [surface_ix.get(e["surface"], 0) for e in events]
-    event_ts[row, col] = np.array([e["ts"] for e in events], dtype=np.float64) / 1000.0
+    event_ts[row, col] = np.array([e["ts"] for e in events], dtype=np.int64) / 1000.0
     q = len(conditions)
     return {
         "item_emb": item_emb,
@@ -285,6 +290,9 @@ def merge_hits(
     return items, scores
 
 
+_DEDUP_TABLE = 1 << 22  # (group, item) pairs up to this many: de-duplicated by scatter, not by sorting
+
+
 @dataclass(frozen=True)
 class MergedLists:
     """`merge_batch`'s answer: every group's merged list, group after group."""
@@ -313,15 +321,21 @@ def merge_batch(
     nq = len(group)
     valid = codes >= 0
     qk, rank = np.nonzero(valid)  # query by query, rank ascending
-    start = np.searchsorted(group, group)  # first query of each query's group
-    order = np.lexsort(((np.arange(nq) - start)[qk], merge_key(rank, budgets[qk]), group[qk]))
+    # Hits come group by group, query by query, rank by rank (`group` is sorted), so a stable
+    # sort on (group, key) leaves ties in query order, as merge_hits breaks them.
+    order = np.lexsort((merge_key(rank, budgets[qk]), group[qk]))
     g_sorted = group[qk][order]
     c_sorted = codes[qk, rank][order]
-    # First occurrence of each (group, item) in merge order (np.unique's index is the first).
+    # First occurrence of each (group, item) in merge order.
     width = int(c_sorted.max(initial=0)) + 1
-    _, first = np.unique(g_sorted * width + c_sorted, return_index=True)
+    pair = g_sorted * width + c_sorted
     kept = np.zeros(len(order), dtype=bool)
-    kept[first] = True
+    if n_groups * width <= _DEDUP_TABLE:  # the lowest merge position of each pair, by scatter
+        first_at = np.full(n_groups * width, len(order), dtype=np.int64)
+        np.minimum.at(first_at, pair, np.arange(len(order)))
+        kept[first_at[pair] == np.arange(len(order))] = True
+    else:  # np.unique's index is the first occurrence
+        kept[np.unique(pair, return_index=True)[1]] = True
     at = np.flatnonzero(kept)  # merge positions of the distinct items, group by group
     g_kept = g_sorted[at]
     pos = np.arange(len(at)) - np.searchsorted(g_kept, g_kept)  # place within the group
@@ -558,7 +572,7 @@ class Worker:
     def encode(self, updates: Sequence[dict[str, Any]], now_ms: int) -> dict[str, np.ndarray]:
         """The session's inputs for a micro-batch (history vectors looked up or fetched)."""
         history_ids = {str(e["item_id"]) for u in updates for e in u["events"]}
-        vectors = self.runtime.item_vectors_for(history_ids, fetch=self._fetch_vectors)
+        vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors)
         return encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
 
     def candidates_record(self, update: dict[str, Any], surfaces: dict[str, Any]) -> dict[str, Any]:

@@ -181,3 +181,28 @@ def test_compute_equals_the_reference_pipeline(
             assert worker.last_plan_size[2] > 0  # the re-search path ran
     finally:
         store.close()
+
+
+def test_encode_with_the_runtime_lookup_equals_a_plain_dict(small_model_dir: Path) -> None:
+    """The runtime's gathered table and a plain id -> vector dict encode the same inputs, items
+    indexed after export (fetched) and unknown ones included."""
+    from inference.worker import conditions_for, encode_histories
+
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    late = np.full(runtime.dim, 1 / np.sqrt(runtime.dim), np.float32)
+    fetch = lambda ids: {i: late for i in ids if i == "late-item"}  # noqa: E731
+    updates = [
+        {"events": [{"item_id": runtime.item_ids[3], "action": "click", "surface": "home", "ts": 1_700_000_000_000},
+                    {"item_id": "late-item", "action": "save", "surface": "search", "ts": 1_700_000_001_000},
+                    {"item_id": "never-seen", "action": "hide", "surface": "related", "ts": 1_700_000_002_000}]},
+        {"events": [{"item_id": int(runtime.item_ids[5]), "action": "save", "surface": "home", "ts": 1_700_000_000_500}]},
+    ]
+    conds = conditions_for(Settings(), runtime.surfaces, runtime.actions)
+    ids = {str(e["item_id"]) for u in updates for e in u["events"]}
+    fast = encode_histories(updates, runtime, conds, 1_700_000_003_000, runtime.vector_lookup(ids, fetch=fetch))
+    plain = encode_histories(updates, runtime, conds, 1_700_000_003_000, runtime.item_vectors_for(ids, fetch=fetch))
+    assert fast.keys() == plain.keys()
+    for name in fast:
+        np.testing.assert_array_equal(fast[name], plain[name], err_msg=name)
+    np.testing.assert_array_equal(fast["item_emb"][0, 1], late)  # fetched once, then cached
+    assert not fast["item_emb"][0, 2].any() and fast["action"][1, 0] == 0  # unknown: zeros; left padding
