@@ -45,9 +45,12 @@ def fault_runs(model_dir: Path, work: Path, seconds: float, rounds: int, rate: f
     faults = FAULTS_PER_ROUND * rounds
     common = {"users": users, "events_per_s": rate, "seconds": seconds, "seed": 7, "on_progress": print}
     faulted = FaultRun(work / "faulted", model_dir, faults=faults, **common).run()
+    print({k: v for k, v in vars(faulted).items() if k != "state"})
     clean = FaultRun(work / "uninterrupted", model_dir, faults=[], **common).run()
-    # The two runs against each other (served times are the same event times; sequences too).
-    versus = compare_states(clean.state, faulted.state)
+    # The two runs against each other: the uninterrupted run's served state as the reference.
+    as_reference = {user: {"sequence": st["sequence"], "source_event_ts": st["served_ts"].get("home")}
+                    for user, st in clean.state.items()}
+    versus = compare_states(as_reference, faulted.state)
     return {
         "faults_injected": len(faulted.faults_injected),
         "faults_planned": len(faults),
