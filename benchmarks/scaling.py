@@ -89,6 +89,20 @@ def run_config(work: Path, model_dir: Path, users: int, workers: int, rate: floa
     return row
 
 
+def rows_from_flat(flat: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-configuration rows back from scaling.json's flat keys (`<metric>_<N>k_w<W>`)."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for key, value in flat.items():
+        head, sep, workers = key.rpartition("_w")
+        if not sep or not workers.isdigit() or "_" not in head:
+            continue
+        metric, _, users = head.rpartition("_")
+        if users.endswith("k") and users[:-1].isdigit():
+            row = rows.setdefault((int(users[:-1]) * 1000, int(workers)), {"users": int(users[:-1]) * 1000, "workers": int(workers)})
+            row[metric] = value
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[1], k[0]))]
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -131,8 +145,7 @@ def main() -> None:
     p.add_argument("--replot", action="store_true")
     args = p.parse_args()
     if args.replot:
-        stored = json.loads((RESULTS_DIR / "scaling.json").read_text())
-        plot(stored["rows"], RESULTS_DIR / "scaling.png")
+        plot(rows_from_flat(json.loads((RESULTS_DIR / "scaling.json").read_text())), RESULTS_DIR / "scaling.png")
         return
     # The freshness benchmark's model (10,000 users, 2,000 items): users are not model inputs.
     model_dir = ensure_model(Path("var/bench/freshness/model").resolve(), 10_000, args.items)
@@ -146,7 +159,7 @@ def main() -> None:
     for r in rows:
         tag = f"_{r['users'] // 1000}k_w{r['workers']}"
         metrics |= {f"{k}{tag}": v for k, v in r.items() if k not in ("users", "workers", "partitions")}
-    metrics |= {"rate": args.rate, "items": args.items, "seconds": args.seconds, "rows": rows}
+    metrics |= {"rate": args.rate, "items": args.items, "seconds": args.seconds}
     plot(rows, RESULTS_DIR / "scaling.png")
     print(write_result("scaling", metrics, command="python -m benchmarks.scaling " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("users", args.users), ("two_workers", args.two_workers),

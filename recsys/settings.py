@@ -146,7 +146,9 @@ class InferenceSettings(BaseModel):
     max_batch: int = 256  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
     provider: str = "auto"  # auto | cuda | cpu
-    ort_threads: int = 0  # ONNX Runtime intra-op threads of the model's session (0 = one per core)
+    # ONNX Runtime intra-op threads of the model's session (0 = one per core). 1: the worker
+    # shares a few cores with Kafka, Faust and the server; one thread each measured better there.
+    ort_threads: int = 1
     candidates_per_surface: int = 100  # top-N written per surface
     merge_cosine: float = 0.98  # generated embeddings closer than this are merged
     # Each ANN query asks for this many times its share of the budget (not the whole budget);
