@@ -48,7 +48,10 @@ def fault_runs(model_dir: Path, work: Path, seconds: float, rounds: int, rate: f
     print({k: v for k, v in vars(faulted).items() if k != "state"})
     clean = FaultRun(work / "uninterrupted", model_dir, faults=[], **common).run()
     # The two runs against each other: the uninterrupted run's served state as the reference.
-    as_reference = {user: {"sequence": st["sequence"], "source_event_ts": st["served_ts"].get("home")}
+    # Same seeded events, but each run stamps them from its own start time: shift to compare.
+    shift = faulted.details["first_event_ts"] - clean.details["first_event_ts"]
+    as_reference = {user: {"sequence": [(e[0] + shift, *e[1:]) for e in st["sequence"]],
+                           "source_event_ts": st["served_ts"].get("home", 0) + shift}
                     for user, st in clean.state.items()}
     versus = compare_states(as_reference, faulted.state)
     return {
