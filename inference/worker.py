@@ -44,6 +44,7 @@ from kafka.errors import KafkaError
 
 from inference.guards import RetryingStore, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime, VectorLookup
+from recsys.kafka_clients import group_consumer
 from recsys.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -369,12 +370,12 @@ class Worker:
     users_failed = 0  # users whose data made compute raise; skipped, the rest of the batch served
 
     def __init__(self, settings: Settings, runtime: ModelRuntime, store: Any, item_follower: Any = None) -> None:
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaProducer
 
         self._init_compute(settings, runtime, store)
         self.item_follower = item_follower
         kafka = settings.kafka.bootstrap_servers
-        self.consumer = KafkaConsumer(
+        self.consumer = group_consumer(
             settings.topics.user_updates,
             bootstrap_servers=kafka,
             group_id=settings.inference.group_id,

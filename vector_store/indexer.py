@@ -245,10 +245,10 @@ class ItemsFollower:
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
-        from kafka import KafkaConsumer  # imported here: the bulk path needs no Kafka client
+        from recsys.kafka_clients import group_consumer  # imported here: the bulk path needs no Kafka client
 
         vs = self.settings.vector_store
-        self._consumer = KafkaConsumer(
+        self._consumer = group_consumer(
             self.settings.topics.items,
             bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers,
             group_id=self.group_id or vs.indexer_group_id,
