@@ -388,6 +388,7 @@ class Worker:
         self.stopping = threading.Event()
         self.users_done = 0
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
+        self._uncommitted: dict[Any, int] = {}  # settled offsets whose commit failed, retried until it lands
 
     @classmethod
     def offline(cls, settings: Settings, runtime: ModelRuntime, store: Any) -> Worker:
@@ -423,6 +424,8 @@ class Worker:
             if inflight is not None:
                 self.settle(*inflight)
             inflight = (sent, offsets) if offsets else None
+            if inflight is None and self._uncommitted:  # idle: a failed commit is retried, not left for the next record
+                self.commit()
             if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
                 log.info("worker: %d users regenerated (%.0f/s)", self.users_done, (self.users_done - reported) / 10.0)
                 report_at, reported = time.monotonic() + 10.0, self.users_done
@@ -437,21 +440,33 @@ class Worker:
         self.commit(offsets)
 
     def commit(self, offsets: dict[Any, int] | None = None) -> None:
-        """Commit ``offsets`` (partition -> next offset to read; default: everything polled). A
-        group that rebalanced meanwhile (e.g. during a long store outage) refuses, and its next
-        owner re-reads and recomputes those updates: none lost."""
+        """Commit ``offsets`` (partition -> next offset to read) together with any earlier ones
+        whose commit failed. A broker that cannot take the commit keeps them pending: they are
+        retried with the next batch's or, when idle, on the next loop — a topic that goes quiet
+        must not keep its last batch uncommitted. A group that rebalanced meanwhile (e.g. during
+        a long store outage) refuses: offsets of partitions still ours are retried, the others'
+        next owner re-reads and recomputes those updates. None lost."""
         from kafka.errors import CommitFailedError
         from kafka.structs import OffsetAndMetadata
 
+        for tp, offset in (offsets or {}).items():
+            self._uncommitted[tp] = max(offset, self._uncommitted.get(tp, 0))
+        if not self._uncommitted:
+            return
         try:
-            if offsets is None:
-                self.consumer.commit()
-            else:
-                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()})
         except CommitFailedError as exc:
-            log.warning("worker: commit refused after a rebalance (%s); the batch will be re-read", exc)
-        except KafkaError as exc:  # broker unreachable: the next commit covers these offsets too
+            # kafka-python keeps a partition's position across a rebalance that leaves it here,
+            # so nobody would re-read these: they stay pending (the retry follows the rejoin
+            # that the next poll does). Partitions now owned elsewhere are re-read there.
+            owned = self.consumer.assignment()
+            self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in owned}
+            self._kafka_backoff("commit (group rebalanced)", exc)
+            return
+        except KafkaError as exc:
             self._kafka_backoff("commit", exc)
+            return
+        self._uncommitted = {}
 
     def _kafka_backoff(self, what: str, exc: Exception) -> None:
         """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""

@@ -257,6 +257,7 @@ class ItemsFollower:
             max_poll_records=vs.indexer_max_records,
         )
         self._since_optimize = 0
+        self._commit_pending = False  # positions indexed whose commit has not landed yet
 
     def poll_once(self) -> IndexStats:
         """One poll: decode, index, make durable, commit. Returns what this poll did."""
@@ -265,6 +266,8 @@ class ItemsFollower:
             timeout_ms=vs.indexer_poll_ms, max_records=vs.indexer_max_records
         )
         if not batches:
+            if self._commit_pending:  # the last commit failed and the topic went quiet: retry it
+                self._commit()
             return IndexStats()
         items: list[ItemMessage] = []
         skipped = 0
@@ -284,9 +287,18 @@ class ItemsFollower:
             self.store.optimize()
             self._since_optimize = 0
         self.store.flush()
-        self._consumer.commit()
+        self._commit_pending = True
+        self._commit()
         self.stats += stats
         return stats
+
+    def _commit(self) -> None:
+        """Commit the positions (everything polled is indexed and flushed by now). If it raises,
+        it stays pending: the next poll retries it even when no record follows. kafka-python
+        keeps a partition's position across a rebalance that leaves it here, so a refused
+        commit is not re-read by anyone else."""
+        self._consumer.commit()
+        self._commit_pending = False
 
     def run(self, stop: threading.Event) -> None:
         """Follow until ``stop`` is set. A broker that cannot be reached (a restart) is waited

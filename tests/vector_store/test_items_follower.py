@@ -10,7 +10,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from recsys.settings import Settings, VectorStoreSettings
@@ -127,3 +127,40 @@ def test_offsets_are_committed_only_after_the_upsert(
         finally:
             follower.close()
         assert store.count() == 3
+
+
+def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """The broker refuses the commit after the upsert (as while it restarts) and no record
+    follows: the next empty poll commits, so a restart does not index the batch twice."""
+    from kafka.errors import KafkaConnectionError
+
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    eye = np.eye(DIM, dtype=np.float32)
+    _produce(kafka_bootstrap, settings.topics.items, [_item("x0", eye[0].tolist())], ["x0"])
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        follower = ItemsFollower(store, _embed, settings)
+        real_commit, refused = follower._consumer.commit, []
+
+        def commit_refused_once() -> None:
+            if not refused:
+                refused.append(True)
+                raise KafkaConnectionError("injected: broker unreachable for this commit")
+            real_commit()
+
+        follower._consumer.commit = commit_refused_once
+        try:
+            with pytest.raises(KafkaConnectionError):
+                _poll_until(follower, lambda s: False)
+            assert store.count() == 1 and refused
+            follower.poll_once()  # nothing new on the topic: the pending commit is retried
+        finally:
+            follower.close()
+    reader = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=settings.vector_store.indexer_group_id)
+    try:
+        partitions = reader.partitions_for_topic(settings.topics.items)
+        assert sum(reader.committed(TopicPartition(settings.topics.items, p)) or 0 for p in partitions) == 1
+    finally:
+        reader.close()

@@ -174,3 +174,37 @@ def test_history_longer_than_the_model_reads_and_unknown_items(worker: Worker) -
     assert [u["user_id"] for u in kept] == ["long", "unknown", "one"]
     for per_surface in results:
         assert all(len(lists["items"]) == LIMIT for lists in per_surface.values())
+
+
+def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(worker: Worker, kafka_bootstrap: str) -> None:
+    """The broker refuses the last batch's commit (as while it restarts) and no record follows:
+    the offsets must still land, not wait for traffic that may never come."""
+    from kafka.errors import KafkaConnectionError
+
+    settings = worker.settings
+    real_commit, refused = worker.consumer.commit, []
+
+    def commit_refused_once(*args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(args)
+            raise KafkaConnectionError("injected: broker unreachable for this commit")
+        return real_commit(*args, **kwargs)
+
+    worker.consumer.commit = commit_refused_once
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for key in ("good", "7"):
+        producer.send(settings.topics.user_updates, key=key.encode(), value=SERVED[key])
+    producer.flush()
+    producer.close()
+
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    while time.monotonic() < deadline and (committed != ends or not refused):
+        time.sleep(0.2)
+        committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    worker.stopping.set()
+    thread.join(30)
+    assert refused, "the injected commit failure never happened"
+    assert sum(ends.values()) == 2 and committed == ends
