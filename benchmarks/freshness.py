@@ -72,9 +72,12 @@ class Load:
         self.producer.close()
 
 
-def probe(target: str, load: Load, stop: threading.Event, timeout_s: float) -> tuple[list[float], int]:
-    """Latencies (ms) of sampled actions, and how many never became visible in time."""
+def probe(target: str, load: Load, stop: threading.Event, timeout_s: float) -> tuple[list[float], int, list[float]]:
+    """Latencies (ms) of sampled actions, how many never became visible in time, and for each
+    visible one the part up to the worker's `generated_at` (event ts -> generated, wall clock:
+    streams + worker; the rest is the candidates topic, the server and the probe's polling)."""
     latencies: list[float] = []
+    to_generated: list[float] = []
     missed = 0
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.CandidatesStub(channel)
@@ -89,13 +92,14 @@ def probe(target: str, load: Load, stop: threading.Event, timeout_s: float) -> t
                 now = time.perf_counter()
                 if reply.source_event_ts_ms >= ts and not reply.is_fallback:
                     latencies.append((now - sent_at) * 1000)
+                    to_generated.append(float(reply.generated_at_ms - ts))
                     break
                 if now - sent_at > timeout_s:
                     missed += 1
                     break
                 time.sleep(0.002)
             time.sleep(0.02)
-    return latencies, missed
+    return latencies, missed, to_generated
 
 
 def plot(latencies: list[float], path: Path, title: str) -> None:
@@ -124,6 +128,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2_000)
     parser.add_argument("--rate", type=float, default=500.0, help="events per second")
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--probes", type=int, default=3, help="probe threads sampling actions side by side")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of load before measuring")
     parser.add_argument("--work-dir", type=Path, default=Path("var/bench/freshness"))
     parser.add_argument("--name", default="freshness")
@@ -140,20 +145,26 @@ def main() -> None:
         loader.start()
         time.sleep(args.warmup)
         stop = threading.Event()
-        result: dict[str, tuple[list[float], int]] = {}
-        prober = threading.Thread(target=lambda: result.setdefault("p", probe(stack.grpc_target, load, stop, 10.0)))
+        results: list[tuple[list[float], int, list[float]]] = []
+        # A few probes side by side: more sampled actions per run (each waits for its own).
+        probers = [threading.Thread(target=lambda: results.append(probe(stack.grpc_target, load, stop, 10.0)))
+                   for _ in range(args.probes)]
         sent_before = load.sent
         started = time.perf_counter()
-        prober.start()
+        for prober in probers:
+            prober.start()
         time.sleep(args.seconds)
         stop.set()
-        prober.join()
+        for prober in probers:
+            prober.join()
         elapsed = time.perf_counter() - started
         achieved = (load.sent - sent_before) / elapsed
         load.stop.set()
         loader.join()
         stack.check_alive()
-    latencies, missed = result["p"]
+    latencies = [ms for r in results for ms in r[0]]
+    missed = sum(r[1] for r in results)
+    to_generated = [ms for r in results for ms in r[2]]
     if not latencies:
         raise SystemExit(f"no sampled action became visible within 10 s ({missed} missed): the worker cannot keep up "
                          f"with {args.rate:.0f} events/s here; see {stack.work_dir / 'logs'}")
@@ -166,6 +177,10 @@ def main() -> None:
         "max_ms": round(max(latencies), 1),
         "mean_ms": round(statistics.fmean(latencies), 1),
         "samples": len(latencies),
+        # produce -> the worker's generated_at (streams + worker), and the rest (topic, server, probe)
+        "p50_to_generated_ms": round(float(np.percentile(to_generated, 50)), 1),
+        "p99_to_generated_ms": round(float(np.percentile(to_generated, 99)), 1),
+        "p50_generated_to_served_ms": round(float(np.percentile(np.subtract(latencies, to_generated), 50)), 1),
         "missed_10s": missed,
         "items": args.items,
         "seconds": args.seconds,

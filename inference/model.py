@@ -101,15 +101,24 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with ``last_only``, (B, 1, C): only the newest position
+        attends (keys and values still come from every position) -- serving reads no other."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        if last_only:
+            w, b = self.c_attn.weight, self.c_attn.bias
+            q = F.linear(x[:, -1:], w[:C], b[:C])
+            k, v = F.linear(x, w[C:], b[C:]).split(C, dim=2)
+            mask = mask[:, :, -1:]
+        else:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, Tq, hs)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
         dropout = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, Tq, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -121,8 +130,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.dim)
         self.mlp = MLP(cfg.dim, 4 * cfg.dim, cfg.dropout, cfg.n_layers)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        y = self.attn(self.ln_1(x), mask, last_only)
+        x = (x[:, -1:] if last_only else x) + y
         return x + self.mlp(self.ln_2(x))
 
 
@@ -169,10 +179,18 @@ class QueryHead(nn.Module):
         gap = (torch.log1p(gap_s.clamp(min=0.0)) / LOG_TIME_SCALE).to(h.dtype)
         cond = self.surface(surface) + self.outcome(outcome) + self.gap(gap[:, None])  # (N, D)
         x = self.ln(h)[:, None, :] + cond[:, None, :] + self.slot[None, :, :].to(h.dtype)  # (N, M, D)
-        # Every surface's MLP runs and the target surface's output is kept: S+1 is small, and a
-        # mask-and-sum exports to ONNX as plain arithmetic.
-        pick = (surface[None, :] == torch.arange(self.n_surfaces + 1, device=h.device)[:, None]).to(h.dtype)
-        delta = sum(mlp(x) * pick[s][:, None, None] for s, mlp in enumerate(self.mlps))
+        if self.training:
+            # Every surface's MLP on every row, the target's kept: the same gradients as the
+            # gather below, and the dropout draws every measured training run was made with.
+            pick = (surface[None, :] == torch.arange(self.n_surfaces + 1, device=h.device)[:, None]).to(h.dtype)
+            delta = sum(mlp(x) * pick[s][:, None, None] for s, mlp in enumerate(self.mlps))
+        else:
+            # Serving: each row through its target surface's MLP only, rows gathered per surface
+            # and scattered back (ONNX: NonZero, Gather, ScatterND), a quarter of the FLOPs.
+            delta = torch.zeros_like(x)
+            for s, mlp in enumerate(self.mlps):
+                rows = torch.nonzero(surface == s).squeeze(1)
+                delta = delta.index_put((rows,), mlp(x.index_select(0, rows)))
         base = h[:, None, :]  # (N, 1, D)
         if self.slot_maps.shape[0]:
             base = torch.cat([base, torch.einsum("nd,mde->nme", h, self.slot_maps.to(h.dtype))], dim=1)  # (N, M, D)
@@ -239,9 +257,12 @@ class GenerativeRetriever(nn.Module):
         return self.logit_scale.exp().clamp(max=100.0)
 
     def encode(
-        self, item_emb: torch.Tensor, action: torch.Tensor, surface: torch.Tensor, event_ts: torch.Tensor
+        self, item_emb: torch.Tensor, action: torch.Tensor, surface: torch.Tensor, event_ts: torch.Tensor,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Left-padded history -> hidden state of every position (B, T, D); causal."""
+        """Left-padded history -> hidden state of every position (B, T, D); causal. With
+        ``last_only``, of the newest position only (B, 1, D): the last block then computes
+        that one row (the same numbers, ~40% fewer FLOPs for serving)."""
         _B, T, _ = item_emb.shape
         assert T <= self.cfg.max_len, f"Cannot forward sequence of length {T}, max_len is {self.cfg.max_len}"
         valid = action > 0  # (B, T)
@@ -259,8 +280,8 @@ class GenerativeRetriever(nn.Module):
         causal = idx[None, :] <= idx[:, None]  # (T, T): key j <= query i
         mask = causal[None] & (valid[:, None, :] | (idx[None, :] == idx[:, None])[None])  # (B, T, T)
         mask = mask[:, None]  # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
         return self.ln_f(x)
 
     def forward(
@@ -276,7 +297,7 @@ class GenerativeRetriever(nn.Module):
         """The exported user model: (B, Q, M, D) L2-normalised queries."""
         B, Q = target_surface.shape
         D, M = self.cfg.dim, self.cfg.num_queries
-        h = self.encode(item_emb, action, surface, event_ts)[:, -1]  # (B, D): newest event
+        h = self.encode(item_emb, action, surface, event_ts, last_only=True)[:, -1]  # (B, D): newest event
         gap = (request_ts - event_ts[:, -1])[:, None].expand(B, Q).reshape(B * Q)
         hq = h[:, None, :].expand(B, Q, D).reshape(B * Q, D)
         q = self.head(hq, target_surface.reshape(B * Q), target_outcome.reshape(B * Q), gap)

@@ -63,6 +63,28 @@ def random_feeds(model: GenerativeRetriever, B: int, T: int, Q: int, seed: int) 
     }
 
 
+@pytest.mark.parametrize(("B", "T", "Q"), [(1, 1, 1), (5, 16, 2), (64, 9, 4)])
+def test_the_serving_forward_computes_what_training_optimises(tiny_model: Trained, B: int, T: int, Q: int) -> None:
+    """Serving computes less than training does (the last block for the newest position only,
+    each query row through its target surface's MLP only): the numbers must not differ."""
+    model, _, _ = tiny_model
+    feeds = {k: torch.from_numpy(v) for k, v in random_feeds(model, B, T, Q, seed=B + T).items()}
+    served = _torch(model, {k: v.numpy() for k, v in feeds.items()})
+    model.head.train()  # the head's training path, without its dropout; encode: every position
+    try:
+        for m in model.head.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        with torch.no_grad():
+            h = model.encode(feeds["item_emb"], feeds["action"], feeds["surface"], feeds["event_ts"])[:, -1]
+            gap = (feeds["request_ts"] - feeds["event_ts"][:, -1])[:, None].expand(B, Q).reshape(-1)
+            trained = model.head(h.repeat_interleave(Q, 0), feeds["target_surface"].reshape(-1),
+                                 feeds["target_outcome"].reshape(-1), gap).reshape(served.shape)
+    finally:
+        model.eval()
+    np.testing.assert_allclose(served, trained.numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize(("B", "T", "Q"), [(1, 1, 1), (1, 16, 3), (5, 16, 2), (7, 4, 1), (64, 9, 4)])
 def test_user_model_matches_pytorch_on_random_batches(tiny_model: Trained, exported: Path, B: int, T: int, Q: int) -> None:
     model, _, _ = tiny_model
