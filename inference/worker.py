@@ -36,6 +36,8 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -101,6 +103,9 @@ def coalesce(updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
+_EVENT_FIELDS = itemgetter("item_id", "action", "surface", "ts")
+
+
 def encode_histories(
     updates: Sequence[dict[str, Any]],
     runtime: ModelRuntime,
@@ -119,10 +124,13 @@ def encode_histories(
     lengths = np.array([len(h) for h in histories], dtype=np.int64)
     b, t, d = len(updates), max(1, int(lengths.max(initial=0))), runtime.dim
     events = [e for h in histories for e in h]  # all events, user by user
+    n = len(events)
     # Event j of the flat list sits at (row[j], col[j]) of the left-padded [B, T] grid.
     row = np.repeat(np.arange(b), lengths)
-    col = np.arange(len(events)) - np.repeat(np.cumsum(lengths) - lengths - (t - lengths), lengths)
-    ids = [str(e["item_id"]) for e in events]
+    col = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths - (t - lengths), lengths)
+    # The four fields as columns in one pass (C-level map/zip: this runs for every event of a batch).
+    item_col, action_col, surface_col, ts_col = zip(*map(_EVENT_FIELDS, events)) if n else ((), (), (), ())
+    ids = list(map(str, item_col))
     uniq = list(dict.fromkeys(ids))
     if isinstance(vectors, VectorLookup):  # the runtime's table: one gather, no per-id arrays
         table, codes = vectors.table(uniq)
@@ -142,10 +150,10 @@ def encode_histories(
     action = np.zeros((b, t), np.int64)
     surface = np.zeros((b, t), np.int64)
     event_ts = np.zeros((b, t), np.float64)
-    item_emb[row, col] = table[np.array([code_of.get(i, 0) for i in ids], dtype=np.int64)]
-    action[row, col] = [action_ix.get(e["action"], 0) for e in events]
-    surface[row, col] = [surface_ix.get(e["surface"], 0) for e in events]
-    event_ts[row, col] = np.array([e["ts"] for e in events], dtype=np.int64) / 1000.0
+    item_emb[row, col] = table[np.fromiter(map(code_of.get, ids, repeat(0)), dtype=np.int64, count=n)]
+    action[row, col] = np.fromiter(map(action_ix.get, action_col, repeat(0)), dtype=np.int64, count=n)
+    surface[row, col] = np.fromiter(map(surface_ix.get, surface_col, repeat(0)), dtype=np.int64, count=n)
+    event_ts[row, col] = np.array(ts_col, dtype=np.int64) / 1000.0
     q = len(conditions)
     return {
         "item_emb": item_emb,
@@ -319,27 +327,36 @@ def merge_batch(
     (what a longer list would have placed there is unknown). Groups not short are exactly what
     lists of ``limit`` hits give; a short group is searched again at the full limit.
     """
-    nq = len(group)
-    valid = codes >= 0
-    qk, rank = np.nonzero(valid)  # query by query, rank ascending
-    # Hits come group by group, query by query, rank by rank (`group` is sorted), so a stable
-    # sort on (group, key) leaves ties in query order, as merge_hits breaks them.
-    order = np.lexsort((merge_key(rank, budgets[qk]), group[qk]))
-    g_sorted = group[qk][order]
-    c_sorted = codes[qk, rank][order]
+    nq, width_l = codes.shape
+    flat = codes.ravel()
+    hit = np.flatnonzero(flat >= 0)  # query by query, rank ascending
+    qk, rank = np.divmod(hit, max(width_l, 1))
+    g_hit = group[qk]
+    key = merge_key(rank, budgets[qk])
+    # One stable sort on (group, key): the group as the integer part, the key (< span, a power
+    # of two) below it, so equal (group, key) pairs compare equal and keep query order (`group`
+    # is sorted), as merge_hits breaks ties.
+    span = float(2 ** int(np.ceil(np.log2(float(key.max(initial=0)) + 2.0))))
+    order = np.argsort(g_hit * span + key, kind="stable")
+    g_sorted = g_hit[order]
+    at_hit = hit[order]  # merge position -> flat index into codes / scores
+    c_sorted = flat[at_hit]
+    n = len(order)
+    positions = np.arange(n)
     # First occurrence of each (group, item) in merge order.
     width = int(c_sorted.max(initial=0)) + 1
     pair = g_sorted * width + c_sorted
-    kept = np.zeros(len(order), dtype=bool)
     if n_groups * width <= _DEDUP_TABLE:  # the lowest merge position of each pair, by scatter
-        first_at = np.full(n_groups * width, len(order), dtype=np.int64)
-        np.minimum.at(first_at, pair, np.arange(len(order)))
-        kept[first_at[pair] == np.arange(len(order))] = True
+        first_at = np.full(n_groups * width, n, dtype=np.int64)
+        np.minimum.at(first_at, pair, positions)
+        kept = first_at[pair] == positions
     else:  # np.unique's index is the first occurrence
+        kept = np.zeros(n, dtype=bool)
         kept[np.unique(pair, return_index=True)[1]] = True
     at = np.flatnonzero(kept)  # merge positions of the distinct items, group by group
     g_kept = g_sorted[at]
-    pos = np.arange(len(at)) - np.searchsorted(g_kept, g_kept)  # place within the group
+    group_start = np.cumsum(np.bincount(g_kept, minlength=n_groups)) - np.bincount(g_kept, minlength=n_groups)
+    pos = np.arange(len(at)) - group_start[g_kept]  # place within the group
     take = at[pos < limit]
     counts = np.bincount(g_sorted[take], minlength=n_groups)
     # Where each full group stopped reading (its limit-th item); never, for groups not full.
@@ -347,16 +364,16 @@ def merge_batch(
     full = pos == limit - 1
     stop[g_kept[full]] = at[full]
     # Each query's last hit, in merge positions.
-    n_hits = valid.sum(axis=1)
-    where = np.empty(len(order), dtype=np.int64)
-    where[order] = np.arange(len(order))
+    n_hits = np.bincount(qk, minlength=nq)
+    where = np.empty(n, dtype=np.int64)
+    where[order] = positions
     last = np.full(nq, -1, dtype=np.int64)
     some = n_hits > 0
     last[some] = where[np.cumsum(n_hits)[some] - 1]
     cut = (n_hits >= limits) & (limits < limit) & (last <= stop[group])
     short = np.zeros(n_groups, dtype=bool)
     short[group[cut]] = True
-    return MergedLists(c_sorted[take], scores[qk, rank][order][take], counts, short)
+    return MergedLists(c_sorted[take], scores.ravel()[at_hit[take]], counts, short)
 
 
 _KAFKA_BACKOFF_S = (0.1, 2.0)  # back-off after a failed poll/commit: first, cap (kafka-python raises while the broker is down)

@@ -204,6 +204,7 @@ class ExactIndex:
         surfaces: Sequence[str | None],
         exclude: Sequence[Sequence[ItemId]],
         exclude_of: np.ndarray | None = None,
+        threads: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The array form of `search`: (rows [Q, L] int64, scores [Q, L] float32), best first.
 
@@ -256,7 +257,7 @@ class ExactIndex:
 
         if n * self.vectors.shape[1] * 4 <= _CACHE_BYTES:
             # A catalogue that stays in cache: per surface, its queries against its eligible items.
-            session = _search_session()
+            session = _search_session(threads)
             by_surface: dict[str | None, list[int]] = {}
             for j, surface in enumerate(surfaces):
                 by_surface.setdefault(surface, []).append(j)
@@ -306,9 +307,10 @@ class ExactIndex:
         return out_rows, out_scores
 
 
-@lru_cache(maxsize=1)
-def _search_session() -> Any:
-    """The exact search as an ONNX Runtime graph (built once per process):
+@lru_cache(maxsize=2)
+def _search_session(threads: int = 0) -> Any:
+    """The exact search as an ONNX Runtime graph (built once per process; ``threads``: its
+    intra-op threads, 0 = one per core):
 
         scores = queries [Q, D] @ items [N, D]^T
         scores[ban[p, 0], ban[p, 1]] = ban_value[p]   (-inf: excluded items)
@@ -343,4 +345,5 @@ def _search_session() -> Any:
     options.log_severity_level = 3
     # No busy-waiting between runs: the caller's own work (and the model's session) needs the cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
