@@ -72,10 +72,28 @@ class Load:
         self.producer.close()
 
 
+def sample_once(stub: pb_grpc.CandidatesStub, load: Load, timeout_s: float) -> tuple[float, float] | None:
+    """Poll GetCandidates for the newest action sent until the served list reflects it: (ms
+    from produce to served, ms from the action's ts to the worker's `generated_at`: streams +
+    worker; the rest is the candidates topic, the server and this polling), or None if it did
+    not become visible within ``timeout_s`` (or nothing was sent yet)."""
+    if load.latest is None:
+        return None
+    user, ts, sent_at = load.latest
+    request = pb.GetCandidatesRequest(user_id=user, surface="home", limit=10)
+    while True:
+        reply = stub.GetCandidates(request, timeout=2.0)
+        now = time.perf_counter()
+        if reply.source_event_ts_ms >= ts and not reply.is_fallback:
+            return (now - sent_at) * 1000, float(reply.generated_at_ms - ts)
+        if now - sent_at > timeout_s:
+            return None
+        time.sleep(0.002)
+
+
 def probe(target: str, load: Load, stop: threading.Event, timeout_s: float) -> tuple[list[float], int, list[float]]:
     """Latencies (ms) of sampled actions, how many never became visible in time, and for each
-    visible one the part up to the worker's `generated_at` (event ts -> generated, wall clock:
-    streams + worker; the rest is the candidates topic, the server and the probe's polling)."""
+    visible one its produce -> generated_at part (see `sample_once`)."""
     latencies: list[float] = []
     to_generated: list[float] = []
     missed = 0
@@ -85,19 +103,12 @@ def probe(target: str, load: Load, stop: threading.Event, timeout_s: float) -> t
             if load.latest is None:
                 time.sleep(0.01)
                 continue
-            user, ts, sent_at = load.latest
-            request = pb.GetCandidatesRequest(user_id=user, surface="home", limit=10)
-            while True:
-                reply = stub.GetCandidates(request, timeout=2.0)
-                now = time.perf_counter()
-                if reply.source_event_ts_ms >= ts and not reply.is_fallback:
-                    latencies.append((now - sent_at) * 1000)
-                    to_generated.append(float(reply.generated_at_ms - ts))
-                    break
-                if now - sent_at > timeout_s:
-                    missed += 1
-                    break
-                time.sleep(0.002)
+            sample = sample_once(stub, load, timeout_s)
+            if sample is None:
+                missed += 1
+            else:
+                latencies.append(sample[0])
+                to_generated.append(sample[1])
             time.sleep(0.02)
     return latencies, missed, to_generated
 

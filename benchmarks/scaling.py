@@ -65,7 +65,7 @@ def run_config(work: Path, model_dir: Path, users: int, workers: int, rate: floa
         threading.Thread(target=load.run, daemon=True).start()
         time.sleep(warmup_s)
         stop = threading.Event()
-        result: dict[str, tuple[list[float], int]] = {}
+        result: dict[str, tuple[list[float], int, list[float]]] = {}
         prober = threading.Thread(target=lambda: result.setdefault("p", probe(stack.grpc_target, load, stop, 10.0)))
         actions0, cands0 = end_offsets(stack.bootstrap, "actions"), end_offsets(stack.bootstrap, "candidates")
         started = time.perf_counter()
@@ -77,7 +77,7 @@ def run_config(work: Path, model_dir: Path, users: int, workers: int, rate: floa
         prober.join()
         load.stop.set()
         stack.check_alive()
-    latencies, missed = result["p"]
+    latencies, missed, _ = result["p"]
     row: dict[str, Any] = {
         "users": users, "workers": workers, "partitions": workers,
         "events_per_s": round((actions1 - actions0) / elapsed, 1),

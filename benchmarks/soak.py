@@ -28,10 +28,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from benchmarks.freshness import Load, ensure_model
+from benchmarks.freshness import Load, ensure_model, sample_once
 from benchmarks.results_io import RESULTS_DIR, write_result
 from recsys.local_stack import LocalStack
-from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
 
 PROCESSES = ("broker", "streams", "worker", "serve")
@@ -61,22 +60,6 @@ def pgids(stack: LocalStack) -> dict[str, int]:
     if stack.broker is not None and (pid := stack.broker.pid()) is not None:
         out["broker"] = os.getpgid(pid)
     return out
-
-
-def fresh_once(stub: pb_grpc.CandidatesStub, load: Load, timeout_s: float) -> float | None:
-    """Latency (ms) of the newest action sent, or None if it did not become visible in time."""
-    if load.latest is None:
-        return None
-    user, ts, sent_at = load.latest
-    request = pb.GetCandidatesRequest(user_id=user, surface="home", limit=10)
-    while True:
-        reply = stub.GetCandidates(request, timeout=2.0)
-        now = time.perf_counter()
-        if reply.source_event_ts_ms >= ts and not reply.is_fallback:
-            return (now - sent_at) * 1000
-        if now - sent_at > timeout_s:
-            return None
-        time.sleep(0.002)
 
 
 def slope_per_min(t_s: list[float], values: list[float]) -> float:
@@ -173,11 +156,11 @@ def main() -> None:
                 if now >= next_sample:
                     samples.append({"t": now - start, **{name: group_rss_mb(g) for name, g in groups.items()}})
                     next_sample += args.sample_s
-                ms = fresh_once(stub, load, 10.0)
-                if ms is None:
+                sample = sample_once(stub, load, 10.0)
+                if sample is None:
                     missed += load.latest is not None
                 else:
-                    latencies.append((time.perf_counter() - start, ms))
+                    latencies.append((time.perf_counter() - start, sample[0]))
                 time.sleep(0.05)
         sent = load.sent
         load.stop.set()

@@ -40,6 +40,7 @@ from vector_store.schema import (
     ItemRecord,
     dedupe_ids,
     from_payload,
+    point_payload,
     full_scan_threshold_kb,
     point_id,
     to_payload,
@@ -145,7 +146,7 @@ class EdgeStore(VectorStore):
             for q, surface, excl in zip(queries.tolist(), surfaces, exclude, strict=True)
         ]
         results = self._live().query_batch(qe.QueryBatchRequest(requests))
-        return [[(_payload(p)[ITEM_ID], float(p.score)) for p in hits] for hits in results]
+        return [[(point_payload(p)[ITEM_ID], float(p.score)) for p in hits] for hits in results]
 
     def _query_arrays(
         self,
@@ -176,7 +177,7 @@ class EdgeStore(VectorStore):
             ))
         results = self._live().query_batch(qe.QueryBatchRequest(requests))
         return hits_to_arrays([
-            [(_payload(p)[ITEM_ID], float(p.score)) for p in hits][:limit]
+            [(point_payload(p)[ITEM_ID], float(p.score)) for p in hits][:limit]
             for hits, limit in zip(results, limits.tolist(), strict=True)
         ])
 
@@ -188,7 +189,7 @@ class EdgeStore(VectorStore):
 
     def records(self, item_ids: Sequence[ItemId]) -> dict[ItemId, ItemRecord]:
         return {
-            item_id: from_payload(_payload(rec))
+            item_id: from_payload(point_payload(rec))
             for item_id, rec in self._fetch(item_ids, with_vector=False).items()
         }
 
@@ -203,7 +204,7 @@ class EdgeStore(VectorStore):
                 with_payload=[ITEM_ID, POPULARITY],
             )
         )
-        return [(_payload(p)[ITEM_ID], float(_payload(p)[POPULARITY])) for p in hits]
+        return [(point_payload(p)[ITEM_ID], float(point_payload(p)[POPULARITY])) for p in hits]
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -251,7 +252,7 @@ class EdgeStore(VectorStore):
                 )
             )
             for rec in page:
-                records.append(from_payload(_payload(rec)))
+                records.append(from_payload(point_payload(rec)))
                 vectors.append(_dense(rec.vector))
             if offset is None:
                 break
@@ -277,13 +278,6 @@ def _filter(surface: str | None, exclude: Sequence[ItemId]) -> qe.Filter | None:
     if must is None and must_not is None:
         return None
     return qe.Filter(must=must, must_not=must_not)
-
-
-def _payload(point: Any) -> dict[str, Any]:
-    payload = point.payload
-    if not payload or ITEM_ID not in payload:
-        raise VectorStoreError(f"point {point.id} has no {ITEM_ID!r} in its payload")
-    return dict(payload)
 
 
 def _dense(vector: Any) -> list[float]:

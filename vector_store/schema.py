@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from vector_store.errors import VectorStoreError
+
 ItemId = int | str
 PointId = int | uuid.UUID
 
@@ -84,6 +86,14 @@ def from_payload(payload: dict[str, Any]) -> ItemRecord:
         created_at=int(payload.get(CREATED_AT, 0)),
         popularity=float(payload.get(POPULARITY, 0.0)),
     )
+
+
+def point_payload(point: Any) -> dict[str, Any]:
+    """A stored point's payload (Edge and server alike); one without an item id is corruption."""
+    payload = point.payload
+    if not payload or ITEM_ID not in payload:
+        raise VectorStoreError(f"point {point.id} has no {ITEM_ID!r} in its payload")
+    return dict(payload)
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:

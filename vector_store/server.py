@@ -31,6 +31,7 @@ from vector_store.schema import (
     PointId,
     dedupe_ids,
     from_payload,
+    point_payload,
     full_scan_threshold_kb,
     point_id,
     to_payload,
@@ -110,7 +111,7 @@ class ServerStore(VectorStore):
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
         return [
-            [(_payload(p)[ITEM_ID], float(p.score)) for p in resp.points] for resp in responses
+            [(point_payload(p)[ITEM_ID], float(p.score)) for p in resp.points] for resp in responses
         ]
 
     def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:
@@ -124,7 +125,7 @@ class ServerStore(VectorStore):
 
     def records(self, item_ids: Sequence[ItemId]) -> dict[ItemId, ItemRecord]:
         return {
-            item_id: from_payload(_payload(rec))
+            item_id: from_payload(point_payload(rec))
             for item_id, rec in self._fetch(item_ids, with_vectors=False).items()
         }
 
@@ -141,7 +142,7 @@ class ServerStore(VectorStore):
             limit=limit,
             with_payload=[ITEM_ID, POPULARITY],
         )
-        return [(_payload(p)[ITEM_ID], float(_payload(p)[POPULARITY])) for p in resp.points]
+        return [(point_payload(p)[ITEM_ID], float(point_payload(p)[POPULARITY])) for p in resp.points]
 
     # -- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -202,8 +203,3 @@ def _filter(surface: str | None, exclude: Sequence[ItemId]) -> qm.Filter | None:
     return qm.Filter(must=must, must_not=must_not)
 
 
-def _payload(point: Any) -> dict[str, Any]:
-    payload = point.payload
-    if not payload or ITEM_ID not in payload:
-        raise VectorStoreError(f"point {point.id} has no {ITEM_ID!r} in its payload")
-    return dict(payload)

@@ -29,11 +29,12 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from inference.guards import RetryingStore, StoreUnavailable, call_with_retry, is_transient
 from recsys.kafka_broker import free_port
+from recsys.local_stack import wait_for
 from recsys.processes import Service, settings_env
 from recsys.settings import Settings, VectorStoreSettings
 from vector_store import open_store
 from vector_store.indexer import ItemsFollower, ItemTable, OnnxItemEncoder, index_item_table, model_id_bucket
-from worker_helpers import committed_and_end, wait_until
+from worker_helpers import committed_and_end
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -109,17 +110,17 @@ def test_the_items_follower_waits_out_a_vanished_edge_directory_and_commits_only
     thread.start()
     try:
         _produce_item(kafka_bootstrap, settings.topics.items, "before-outage")
-        assert wait_until(lambda: "before-outage" in store.retrieve(["before-outage"]), 30)
+        assert wait_for(lambda: "before-outage" in store.retrieve(["before-outage"]), 30)
 
         os.rename(tmp_path / "shard", tmp_path / "away")  # the volume is gone
         _produce_item(kafka_bootstrap, settings.topics.items, "during-outage")
-        assert wait_until(lambda: retrying.failures >= 3, 30), "the flush never failed"
+        assert wait_for(lambda: retrying.failures >= 3, 30), "the flush never failed"
         committed, ends = committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id, settings.topics.items)
         assert sum(committed.values()) == sum(ends.values()) - 1  # the failed batch is not committed
         assert thread.is_alive() and not errors
 
         os.rename(tmp_path / "away", tmp_path / "shard")  # and back
-        assert wait_until(lambda: committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id,
+        assert wait_for(lambda: committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id,
                                                settings.topics.items)[0] == ends, 30)
     finally:
         stop.set()
@@ -161,13 +162,13 @@ def test_a_worker_started_while_its_shard_is_locked_waits_commits_nothing_then_c
 
     worker = Service("worker", ["worker"], settings_env(overrides), tmp_path / "logs").start()
     try:
-        assert wait_until(lambda: "opening the vector store failed" in worker.log_tail(20000), 60), worker.log_tail()
+        assert wait_for(lambda: "opening the vector store failed" in worker.log_tail(20000), 60), worker.log_tail()
         time.sleep(1.0)
         assert worker.running
         committed, ends = committed_and_end(kafka_bootstrap, overrides["inference.group_id"], overrides["topics.user_updates"])
         assert sum(committed.values()) == 0 and sum(ends.values()) == len(users)
         holder.close()  # the shard is free again
-        assert wait_until(lambda: committed_and_end(kafka_bootstrap, overrides["inference.group_id"],
+        assert wait_for(lambda: committed_and_end(kafka_bootstrap, overrides["inference.group_id"],
                                                overrides["topics.user_updates"])[0] == ends, 90), worker.log_tail()
         consumer = KafkaConsumer(overrides["topics.candidates"], bootstrap_servers=kafka_bootstrap,
                                  auto_offset_reset="earliest", consumer_timeout_ms=2000)

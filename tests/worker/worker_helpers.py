@@ -1,9 +1,6 @@
-"""Helpers of the worker tests: committed vs end offsets of a consumer group, polling."""
+"""Helper of the worker tests: committed vs end offsets of a consumer group."""
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
 
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
@@ -18,13 +15,3 @@ def committed_and_end(bootstrap: str, group: str, topic: str) -> tuple[dict[int,
         return {tp.partition: consumer.committed(tp) or 0 for tp in tps}, {tp.partition: ends[tp] for tp in tps}
     finally:
         consumer.close()
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float, interval_s: float = 0.1) -> bool:
-    """Poll ``predicate`` until truthy or the timeout; whether it became true."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
