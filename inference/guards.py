@@ -101,8 +101,10 @@ def clean_update(raw: bytes | None, keep: int) -> dict[str, Any] | None:
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a failed store call may succeed if repeated (the store down, not the call wrong)."""
-    if isinstance(exc, (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError,
-                        NotImplementedError, DimensionMismatchError)):
+    # The call or the code is wrong, not the store down: repeating cannot help (a NameError
+    # once had the worker "waiting for the store" forever).
+    if isinstance(exc, (ValueError, TypeError, LookupError, AttributeError, AssertionError, NameError,
+                        ArithmeticError, ImportError, NotImplementedError, DimensionMismatchError)):
         return False
     code = getattr(exc, "code", None)  # grpc.RpcError: only the codes of an unreachable/overloaded server
     if callable(code):

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaProducer
 
 from inference.guards import RetryingStore, clean_update
 from inference.runtime import ModelRuntime
@@ -28,7 +28,7 @@ from inference.worker import Worker
 from recsys.settings import Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
-from worker_helpers import committed_and_end
+from worker_helpers import committed_and_end, read_candidates
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -88,13 +88,6 @@ def worker(kafka_bootstrap: str, small_model_dir: Path, tmp_path: Path, unique: 
         store.close()
 
 
-def _read_candidates(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=1500)
-    out = {m.key.decode(): msgpack.unpackb(m.value, raw=False) for m in consumer}
-    consumer.close()
-    return out
-
-
 def test_hostile_updates_through_the_loop_get_their_defined_answer(worker: Worker, kafka_bootstrap: str) -> None:
     settings = worker.settings
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
@@ -116,7 +109,7 @@ def test_hostile_updates_through_the_loop_get_their_defined_answer(worker: Worke
     deadline = time.monotonic() + 60
     served: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline and set(served) != set(SERVED):
-        served = _read_candidates(kafka_bootstrap, settings.topics.candidates)
+        served = read_candidates(kafka_bootstrap, settings.topics.candidates)
     # All offsets committed: nothing is stuck behind a record the worker could not use.
     deadline = time.monotonic() + 20
     committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)

@@ -1,7 +1,10 @@
-"""Helper of the worker tests: committed vs end offsets of a consumer group."""
+"""Helpers of the worker tests: committed vs end offsets of a consumer group, the candidates written."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgpack
 from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
@@ -13,5 +16,15 @@ def committed_and_end(bootstrap: str, group: str, topic: str) -> tuple[dict[int,
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = consumer.end_offsets(tps)
         return {tp.partition: consumer.committed(tp) or 0 for tp in tps}, {tp.partition: ends[tp] for tp in tps}
+    finally:
+        consumer.close()
+
+
+def read_candidates(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
+    """The newest `candidates` record of each user on ``topic`` so far (a read that stops after
+    1.5 s without a record: poll it until what the test expects is there)."""
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=1500)
+    try:
+        return {m.key.decode(): msgpack.unpackb(m.value, raw=False) for m in consumer}
     finally:
         consumer.close()
