@@ -57,6 +57,11 @@ class StoreUnavailable(RuntimeError):
     """Raised when the worker is asked to stop while the vector store is still failing."""
 
 
+class StoreCallFailed(RuntimeError):
+    """A store call failed in a way repeating cannot fix (the call or the code is wrong). Not
+    one user's data: the worker stops with the batch uncommitted instead of skipping users."""
+
+
 def _is_id(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
@@ -182,8 +187,13 @@ class RetryingStore:
             return attr
 
         def retried(*args: Any, **kwargs: Any) -> Any:
-            return call_with_retry(lambda: attr(*args, **kwargs), what=f"vector store {name}",
-                                   initial_s=self._initial_s, max_s=self._max_s,
-                                   stopping=self.stopping, on_retry=self._count)
+            try:
+                return call_with_retry(lambda: attr(*args, **kwargs), what=f"vector store {name}",
+                                       initial_s=self._initial_s, max_s=self._max_s,
+                                       stopping=self.stopping, on_retry=self._count)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # non-transient (call_with_retry raised it at once)
+                raise StoreCallFailed(f"vector store {name}: {type(exc).__name__}: {exc}") from exc
 
         return retried

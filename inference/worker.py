@@ -14,7 +14,8 @@ An update's journey, top to bottom (`Worker.process`):
     merge_batch                   fair-share interleave of the queries' lists (merge_key), de-dup,
                                   top-N; a surface whose cut lists might hide a candidate is
                                   searched again at the full budget, so the lists are exactly
-                                  what full-budget queries give
+                                  what full-budget queries give (exact search; under HNSW a
+                                  cut list need not be a prefix of the longer one)
     produce `candidates`          compacted, key = user id
     commit offsets                only after the candidates write is acknowledged, so a crash
                                   re-delivers (and recomputes) rather than loses an update
@@ -44,7 +45,7 @@ import msgpack
 import numpy as np
 from kafka.errors import KafkaError
 
-from inference.guards import RetryingStore, StoreUnavailable, call_with_retry, clean_update
+from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime, VectorLookup
 from recsys.kafka_clients import group_consumer
 from recsys.settings import Settings, get_settings
@@ -94,11 +95,12 @@ def conditions_for(settings: Settings, surfaces: Sequence[str], actions: Sequenc
 
 
 def coalesce(updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Keep only the newest version of each user's update (first-seen user order)."""
+    """Keep only the newest version of each user's update (first-seen user order; of equal
+    versions, the later record)."""
     latest: dict[str, dict[str, Any]] = {}
     for update in updates:
         user = str(update["user_id"])
-        if user not in latest or update["version"] > latest[user]["version"]:
+        if user not in latest or update["version"] >= latest[user]["version"]:  # equal: the later record
             latest[user] = update
     return list(latest.values())
 
@@ -267,8 +269,13 @@ def merge_key(rank: Any, budget: Any) -> Any:
     """Where the hit at ``rank`` of a query with ``budget`` is placed in its surface's merged
     list (lower first; ties go to the earlier query). Fair share: rank / budget, so each query
     contributes in proportion to its budget. Scalars or arrays; `merge_hits` and `merge_batch`
-    both order by it, and must stay consistent (a merge consumes each list in rank order)."""
-    return rank / np.maximum(budget, 1e-9)
+    both order by it, and must stay consistent (a merge consumes each list in rank order).
+    Rounded to multiples of 2^-20, so keys equal but for float noise (3/(100/7) vs 15/(500/7))
+    are one tie, broken by query order in both, and `merge_batch` can sort them as integers."""
+    return np.rint(rank / np.maximum(budget, 1e-9) * _KEY_UNITS) / _KEY_UNITS
+
+
+_KEY_UNITS = float(1 << 20)  # merge keys are whole multiples of 1 / _KEY_UNITS
 
 
 def merge_hits(
@@ -332,12 +339,15 @@ def merge_batch(
     hit = np.flatnonzero(flat >= 0)  # query by query, rank ascending
     qk, rank = np.divmod(hit, max(width_l, 1))
     g_hit = group[qk]
-    key = merge_key(rank, budgets[qk])
-    # One stable sort on (group, key): the group as the integer part, the key (< span, a power
-    # of two) below it, so equal (group, key) pairs compare equal and keep query order (`group`
-    # is sorted), as merge_hits breaks ties.
-    span = float(2 ** int(np.ceil(np.log2(float(key.max(initial=0)) + 2.0))))
-    order = np.argsort(g_hit * span + key, kind="stable")
+    key = np.rint(merge_key(rank, budgets[qk]) * _KEY_UNITS).astype(np.int64)  # exact integers
+    # One stable sort on (group, key) packed into one int64 (the group in the high bits): equal
+    # pairs keep query order (`group` is sorted), as merge_hits breaks ties. Two keys if it
+    # would not fit.
+    bits = int(key.max(initial=0)).bit_length()
+    if int(n_groups).bit_length() + bits <= 62:
+        order = np.argsort((g_hit.astype(np.int64) << bits) | key, kind="stable")
+    else:
+        order = np.lexsort((key, g_hit))
     g_sorted = g_hit[order]
     at_hit = hit[order]  # merge position -> flat index into codes / scores
     c_sorted = flat[at_hit]
@@ -545,10 +555,12 @@ class Worker:
     def compute_isolated(self, updates: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
         """`compute` for the batch; if the data makes it raise, user by user, skipping (and
         counting) only the users that fail. A store that is down is not data: it raises
-        StoreUnavailable from the retrying store and ends the loop uncommitted."""
+        StoreUnavailable from the retrying store and ends the loop uncommitted; so does a store
+        call that can never succeed (StoreCallFailed): skipping every user would commit a batch
+        with nothing written."""
         try:
             return updates, self.compute(updates)
-        except StoreUnavailable:
+        except (StoreUnavailable, StoreCallFailed):
             raise
         except Exception:  # noqa: BLE001 - isolated below; the loop must not die on one user's data
             log.exception("worker: a batch of %d users failed; recomputing them one by one", len(updates))
@@ -558,7 +570,7 @@ class Worker:
             try:
                 results += self.compute([update])
                 kept.append(update)
-            except StoreUnavailable:
+            except (StoreUnavailable, StoreCallFailed):
                 raise
             except Exception as exc:  # noqa: BLE001
                 self.users_failed += 1
@@ -575,7 +587,7 @@ class Worker:
         inputs = self.encode(updates, int(time.time() * 1000) if now_ms is None else now_ms)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
         plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine)
-        recent = [[str(e["item_id"]) for e in u["events"]] for u in updates]  # excluded, per user
+        recent = [list(dict.fromkeys(str(e["item_id"]) for e in u["events"])) for u in updates]  # excluded, per user
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
 
         def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:
@@ -658,8 +670,10 @@ class SerialisedStore:
 
 
 def _budget_sanity(settings: Settings) -> None:
-    if settings.inference.candidates_per_surface <= 0 or not math.isfinite(settings.inference.merge_cosine):
-        raise ValueError("inference.candidates_per_surface must be > 0 and merge_cosine finite")
+    cfg = settings.inference
+    if cfg.candidates_per_surface <= 0 or not math.isfinite(cfg.merge_cosine) or not (
+            math.isfinite(cfg.limit_headroom) and cfg.limit_headroom > 0):
+        raise ValueError("inference.candidates_per_surface and limit_headroom must be > 0 (finite), merge_cosine finite")
 
 
 def main(argv: list[str]) -> int:
@@ -698,15 +712,34 @@ def main(argv: list[str]) -> int:
         follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings)
     worker = Worker(settings, runtime, store, follower)
     worker.stopping = stopping
+    failed: list[BaseException] = []
+    follower_thread = None
     if follower is not None:
-        threading.Thread(target=follower.run, args=(worker.stopping,), name="items-follower", daemon=True).start()
+        items_follower = follower
+
+        def follow() -> None:
+            # A follower that dies must not leave a worker serving a catalogue that stopped
+            # growing: the whole process stops (its items batch uncommitted) and is restarted.
+            try:
+                items_follower.run(stopping)
+            except BaseException as exc:  # noqa: BLE001 - reported, then the worker stops
+                if not isinstance(exc, StoreUnavailable):
+                    log.exception("worker: the items follower failed; stopping")
+                    failed.append(exc)
+                stopping.set()
+
+        follower_thread = threading.Thread(target=follow, name="items-follower", daemon=True)
+        follower_thread.start()
     try:
         worker.run()
     except StoreUnavailable:
         log.warning("worker: stopped while the vector store was down; the batch in hand stays uncommitted")
     finally:
+        stopping.set()
         worker.close()
         if follower is not None:
+            if follower_thread is not None:
+                follower_thread.join(30)  # out of its poll before its consumer is closed
             follower.close()
         store.close()
-    return 0
+    return 1 if failed else 0

@@ -77,6 +77,21 @@ def _groups(draw: Any) -> tuple[list[list[list[int]]], list[list[float]], list[l
     return lists, budgets, cuts, limit
 
 
+def test_merge_keys_equal_but_for_float_noise_tie_the_same_way_in_any_group() -> None:
+    """3 / (100/7) and 15 / (500/7) are both 0.21 but differ in the last float bits: both merges
+    must treat them as one tie (query order), whichever row of the batch the group sits in."""
+    budgets = np.array([100 / 7, 500 / 7])
+    first = [1000 + r for r in range(40)]  # query 0: its rank-3 hit is item 1003
+    second = [r for r in range(40)]  # query 1: its rank-15 hit is item 15
+    want = merge_hits([[(c, 1.0) for c in first], [(c, 1.0) for c in second]], budgets.tolist(), 30)
+    for row in (0, 3000):
+        group = np.array([row, row])
+        codes = np.array([first, second], dtype=np.int64)
+        merged = merge_batch(codes, np.ones(codes.shape, np.float32), budgets, group, row + 1, np.array([40, 40]), 30)
+        start = int(merged.counts[:row].sum())
+        assert [str(c) for c in merged.codes[start : start + 30].tolist()] == want[0], row
+
+
 @settings(max_examples=300, deadline=None)
 @given(case=_groups())
 def test_merge_batch_is_merge_hits(case: tuple[list[list[list[int]]], list[list[float]], list[list[int]], int]) -> None:
