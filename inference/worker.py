@@ -389,6 +389,10 @@ def merge_batch(
 _KAFKA_BACKOFF_S = (0.1, 2.0)  # back-off after a failed poll/commit: first, cap (kafka-python raises while the broker is down)
 
 
+class SystemicFailure(RuntimeError):
+    """Every user of a batch failed: the worker or its configuration is wrong, not the data."""
+
+
 class Worker:
     """Consumes `user-updates`, publishes `candidates`; owns the session and the store."""
 
@@ -557,7 +561,9 @@ class Worker:
         counting) only the users that fail. A store that is down is not data: it raises
         StoreUnavailable from the retrying store and ends the loop uncommitted; so does a store
         call that can never succeed (StoreCallFailed): skipping every user would commit a batch
-        with nothing written."""
+        with nothing written. For the same reason a batch of several users that ALL fail on
+        their own is taken as the worker's fault, not the data's: SystemicFailure, uncommitted
+        (a lone user that fails is still skipped: one record cannot tell the two apart)."""
         try:
             return updates, self.compute(updates)
         except (StoreUnavailable, StoreCallFailed):
@@ -566,6 +572,7 @@ class Worker:
             log.exception("worker: a batch of %d users failed; recomputing them one by one", len(updates))
         kept: list[dict[str, Any]] = []
         results: list[Any] = []
+        failed: list[tuple[dict[str, Any], Exception]] = []
         for update in updates:
             try:
                 results += self.compute([update])
@@ -573,8 +580,14 @@ class Worker:
             except (StoreUnavailable, StoreCallFailed):
                 raise
             except Exception as exc:  # noqa: BLE001
-                self.users_failed += 1
-                log.error("worker: user %r skipped (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
+                failed.append((update, exc))
+        if failed and not kept and len(updates) > 1:
+            exc = failed[-1][1]
+            raise SystemicFailure(f"all {len(updates)} users of the batch failed, the last with "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        for update, exc in failed:
+            self.users_failed += 1
+            log.error("worker: user %r skipped (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
         return kept, results
 
     def compute(

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 from kafka import KafkaProducer
 
@@ -187,3 +188,39 @@ def test_a_worker_started_while_its_shard_is_locked_waits_commits_nothing_then_c
     finally:
         worker.stop()
         holder.close()
+
+
+def test_failures_that_are_not_the_data_stop_the_batch_instead_of_skipping_its_users(
+    small_model_dir: Path, tmp_path: Path
+) -> None:
+    """A shard built for another model (dimension 8): every query fails the same way. That is
+    not the users' data: the batch must raise (and stay uncommitted), not be skipped user by
+    user and committed with nothing written."""
+    from inference.guards import StoreCallFailed
+    from inference.runtime import ModelRuntime
+    from inference.worker import SystemicFailure, Worker
+
+    settings = Settings(vector_store={"path": tmp_path / "shard"})
+    store = open_store(settings, dim=8)
+    try:
+        index_item_table(store, ItemTable(["a", "b"], np.eye(2, 8, dtype=np.float32), np.ones(2, np.float32)),
+                         settings.events.surfaces)
+        runtime = ModelRuntime.load(small_model_dir, "cpu")
+        worker = Worker.offline(settings, runtime, RetryingStore(store, initial_s=0.01, max_s=0.01))
+        now = int(time.time() * 1000)
+
+        def batch(item: str, n: int) -> list[dict]:
+            return [{"user_id": f"u{i}", "version": 1, "last_event_ts": now,
+                     "events": [{"item_id": item, "action": "click", "surface": "home", "ts": now}]} for i in range(n)]
+
+        known = str(ItemTable.load(small_model_dir).ids[0])  # its vector comes from the model: the search fails
+        with pytest.raises(StoreCallFailed, match="DimensionMismatchError"):
+            worker.compute_isolated(batch(known, 3))
+        # "a" is fetched from this shard with 8 numbers, not the model's: encoding fails, for all.
+        with pytest.raises(SystemicFailure, match="all 3 users"):
+            worker.compute_isolated(batch("a", 3))
+        assert worker.users_failed == 0
+        # A lone failing user is still skipped: one record cannot say whose fault it is.
+        assert worker.compute_isolated(batch("a", 1)) == ([], []) and worker.users_failed == 1
+    finally:
+        store.close()
