@@ -406,20 +406,24 @@ class Worker:
         self._init_compute(settings, runtime, store)
         self.item_follower = item_follower
         kafka = settings.kafka.bootstrap_servers
-        self.consumer = group_consumer(
-            settings.topics.user_updates,
-            bootstrap_servers=kafka,
-            group_id=settings.inference.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=settings.inference.max_batch,
-        )
+        self.consumer = self._new_consumer()
         # One record batch per partition for a whole micro-batch (~3 KB per user; 16 KB default).
         self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=2, batch_size=1 << 18)
         self.stopping = threading.Event()
         self.users_done = 0
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
         self._uncommitted: dict[Any, int] = {}  # settled offsets whose commit failed, retried until it lands
+        self._refused_since: float | None = None  # first of the commits refused by a rebalance, in a row
+
+    def _new_consumer(self) -> Any:
+        return group_consumer(
+            self.settings.topics.user_updates,
+            bootstrap_servers=self.settings.kafka.bootstrap_servers,
+            group_id=self.settings.inference.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.settings.inference.max_batch,
+        )
 
     @classmethod
     def offline(cls, settings: Settings, runtime: ModelRuntime, store: Any) -> Worker:
@@ -477,7 +481,7 @@ class Worker:
         must not keep its last batch uncommitted. A group that rebalanced meanwhile (e.g. during
         a long store outage) refuses: offsets of partitions still ours are retried, the others'
         next owner re-reads and recomputes those updates. None lost."""
-        from kafka.errors import CommitFailedError
+        from kafka.errors import CommitFailedError, RebalanceInProgressError
         from kafka.structs import OffsetAndMetadata
 
         for tp, offset in (offsets or {}).items():
@@ -486,7 +490,19 @@ class Worker:
             return
         try:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()})
-        except CommitFailedError as exc:
+        except (CommitFailedError, RebalanceInProgressError) as exc:
+            now = time.monotonic()
+            self._refused_since = self._refused_since or now
+            if now - self._refused_since >= self.settings.inference.rejoin_after_s:
+                # A rebalance that never completes (seen with kafka-python 3: the leader's second
+                # join never synced; every commit refused, forever): a fresh consumer joins anew
+                # and re-reads from the committed offsets, so the pending ones are not needed.
+                log.warning("worker: commits refused by a rebalance for %.0f s; replacing the consumer",
+                            now - self._refused_since)
+                self.consumer.close(autocommit=False)
+                self.consumer = self._new_consumer()
+                self._uncommitted, self._refused_since = {}, None
+                return
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
             # so nobody would re-read these: they stay pending (the retry follows the rejoin
             # that the next poll does). Partitions now owned elsewhere are re-read there.
@@ -497,7 +513,7 @@ class Worker:
         except KafkaError as exc:
             self._kafka_backoff("commit", exc)
             return
-        self._uncommitted = {}
+        self._uncommitted, self._refused_since = {}, None
 
     def _kafka_backoff(self, what: str, exc: Exception) -> None:
         """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""

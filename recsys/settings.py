@@ -145,6 +145,9 @@ class InferenceSettings(BaseModel):
     group_id: str = "recsys-inference"  # consumer group on user-updates; add workers to scale
     max_batch: int = 256  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
+    # Commits refused as "rebalance in progress" for this long: the consumer is replaced by a
+    # fresh one (kafka-python 3 was seen stuck forever after a leader's second join).
+    rejoin_after_s: float = 30.0
     provider: str = "auto"  # auto | cuda | cpu
     # ONNX Runtime intra-op threads of the model's session (0 = one per core). 1: the worker
     # shares a few cores with Kafka, Faust and the server; one thread each measured better there.

@@ -201,3 +201,39 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(worker: Worker, ka
     thread.join(30)
     assert refused, "the injected commit failure never happened"
     assert sum(ends.values()) == 2 and committed == ends
+
+
+def test_a_consumer_stuck_in_a_rebalance_is_replaced(worker: Worker, kafka_bootstrap: str) -> None:
+    """Every commit refused as "rebalance in progress", for good (a kafka-python 3 consumer was
+    seen stuck so after its second join): after `rejoin_after_s` the worker replaces the
+    consumer, which re-reads from the committed offsets and commits."""
+    from kafka.errors import RebalanceInProgressError
+
+    settings = worker.settings.model_copy(
+        update={"inference": worker.settings.inference.model_copy(update={"rejoin_after_s": 1.0})})
+    worker.settings = settings
+    stuck = worker.consumer
+    refused: list[Any] = []
+
+    def always_refused(*args: Any, **kwargs: Any) -> Any:
+        refused.append(args)
+        raise RebalanceInProgressError("injected: the group never finishes rebalancing")
+
+    stuck.commit = always_refused
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for key in ("good", "7"):
+        producer.send(settings.topics.user_updates, key=key.encode(), value=SERVED[key])
+    producer.flush()
+    producer.close()
+
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 90
+    committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    while time.monotonic() < deadline and (committed != ends or not refused):
+        time.sleep(0.2)
+        committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    worker.stopping.set()
+    thread.join(30)
+    assert refused and worker.consumer is not stuck
+    assert sum(ends.values()) == 2 and committed == ends
