@@ -174,7 +174,6 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(worker: Worker, ka
     the offsets must still land, not wait for traffic that may never come."""
     from kafka.errors import KafkaConnectionError
 
-    settings = worker.settings
     real_commit, refused = worker.consumer.commit, []
 
     def commit_refused_once(*args: Any, **kwargs: Any) -> Any:
@@ -184,21 +183,7 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(worker: Worker, ka
         return real_commit(*args, **kwargs)
 
     worker.consumer.commit = commit_refused_once
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for key in ("good", "7"):
-        producer.send(settings.topics.user_updates, key=key.encode(), value=SERVED[key])
-    producer.flush()
-    producer.close()
-
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
-    while time.monotonic() < deadline and (committed != ends or not refused):
-        time.sleep(0.2)
-        committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
-    worker.stopping.set()
-    thread.join(30)
+    committed, ends = _serve_two_until_committed(worker, kafka_bootstrap, refused, 60)
     assert refused, "the injected commit failure never happened"
     assert sum(ends.values()) == 2 and committed == ends
 
@@ -220,20 +205,28 @@ def test_a_consumer_stuck_in_a_rebalance_is_replaced(worker: Worker, kafka_boots
         raise RebalanceInProgressError("injected: the group never finishes rebalancing")
 
     stuck.commit = always_refused
+    committed, ends = _serve_two_until_committed(worker, kafka_bootstrap, refused, 90)
+    assert refused and worker.consumer is not stuck
+    assert sum(ends.values()) == 2 and committed == ends
+
+
+def _serve_two_until_committed(worker: Worker, kafka_bootstrap: str, refused: list[Any],
+                               timeout_s: float) -> tuple[dict[int, int], dict[int, int]]:
+    """Two served users' updates through the running loop, until their offsets are committed
+    (and the injected refusal happened) or the timeout: (committed, end) offsets."""
+    settings = worker.settings
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
     for key in ("good", "7"):
         producer.send(settings.topics.user_updates, key=key.encode(), value=SERVED[key])
     producer.flush()
     producer.close()
-
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + timeout_s
     committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
     while time.monotonic() < deadline and (committed != ends or not refused):
         time.sleep(0.2)
         committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
     worker.stopping.set()
     thread.join(30)
-    assert refused and worker.consumer is not stuck
-    assert sum(ends.values()) == 2 and committed == ends
+    return committed, ends
