@@ -116,23 +116,24 @@ def test_lists_follow_the_outcome_weights(stack: LocalStack, model_dir: Path) ->
     (0.8 click + 0.2 save) leans toward its own: the budget split follows the weights."""
     user = "e2e-user-2"
     history = [5, 13, 21, 29, 37]
-    for item in history[:-1]:
-        _act(stack, user, item, action="click", surface="search")
-    ts = _act(stack, user, history[-1], action="click", surface="search")
+    times = [_act(stack, user, item, action="click", surface="search") for item in history]
+    ts = times[-1]
     assert wait_for(lambda: _fresh(stack, user, ts), FRESH_S)
     replies = _fresh(stack, user, ts)
     assert replies is not None
     lists = {s: {c.item_id for c in r.candidates} for s, r in replies.items()}
 
-    # Reference lists: the same history, conditioned on one outcome only, exact search.
+    # Reference lists: the same history (its real event times) at the worker's request time,
+    # conditioned on one outcome only, exact search.
     runtime = ModelRuntime.load(model_dir)
-    events = [{"item_id": i, "action": "click", "surface": "search", "ts": ts} for i in history]
+    events = [{"item_id": i, "action": "click", "surface": "search", "ts": t} for i, t in zip(history, times, strict=True)]
     from inference.worker import Condition, encode_histories
 
     conds = [Condition("home", "save", 1.0), Condition("home", "click", 1.0),
              Condition("search", "save", 1.0), Condition("search", "click", 1.0)]
     vectors = runtime.item_vectors_for({str(i) for i in history})
-    queries = runtime.generate(encode_histories([{"events": events}], runtime, conds, ts, vectors))[0]
+    asked_at = replies["home"].generated_at_ms
+    queries = runtime.generate(encode_histories([{"events": events}], runtime, conds, asked_at, vectors))[0]
     allowed = np.array([i not in {str(h) for h in history} for i in runtime.item_ids])
 
     def top(qs: np.ndarray) -> set[str]:
