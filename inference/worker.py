@@ -339,7 +339,7 @@ def merge_batch(
     hit = np.flatnonzero(flat >= 0)  # query by query, rank ascending
     qk, rank = np.divmod(hit, max(width_l, 1))
     g_hit = group[qk]
-    key = np.rint(merge_key(rank, budgets[qk]) * _KEY_UNITS).astype(np.int64)  # exact integers
+    key = (merge_key(rank, budgets[qk]) * _KEY_UNITS).astype(np.int64)  # whole units already: exact
     # One stable sort on (group, key) packed into one int64 (the group in the high bits): equal
     # pairs keep query order (`group` is sorted), as merge_hits breaks ties. Two keys if it
     # would not fit.
@@ -365,7 +365,8 @@ def merge_batch(
         kept[np.unique(pair, return_index=True)[1]] = True
     at = np.flatnonzero(kept)  # merge positions of the distinct items, group by group
     g_kept = g_sorted[at]
-    group_start = np.cumsum(np.bincount(g_kept, minlength=n_groups)) - np.bincount(g_kept, minlength=n_groups)
+    per_group = np.bincount(g_kept, minlength=n_groups)
+    group_start = np.cumsum(per_group) - per_group
     pos = np.arange(len(at)) - group_start[g_kept]  # place within the group
     take = at[pos < limit]
     counts = np.bincount(g_sorted[take], minlength=n_groups)
