@@ -2,9 +2,10 @@
 
 The whole system runs as real processes (recsys.local_stack: Kafka, Faust worker, ONNX
 Runtime worker with Qdrant Edge, gRPC server). A producer thread sends a steady stream of
-synthetic actions from many users; a probe thread repeatedly takes the action just sent and
-polls GetCandidates for that user until the served list's source_event_ts reaches the
-action's time. The latency is produce -> visible, as a user of the system would see it.
+synthetic actions from many users; a probe thread samples the action just sent every 50 ms and
+polls BatchGetCandidates for every sampled action still waiting until its user's served list's
+source_event_ts reaches the action's time. The latency is produce -> visible, as a user of the
+system would see it.
 
     python -m benchmarks.freshness --users 10000 --rate 500 --seconds 60
 """
@@ -17,13 +18,17 @@ import shutil
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import msgpack
 import numpy as np
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.structs import TopicPartition
 
-from benchmarks.results_io import RESULTS_DIR, write_result
+from benchmarks.results_io import RESULTS_DIR, cpu_snapshot, cpu_window, write_result
 from recsys.local_stack import LocalStack
 from recsys.settings import Settings
 from serving._proto import candidates_pb2 as pb
@@ -45,7 +50,10 @@ class Load:
     """A steady stream of actions; remembers the newest (user, ts, sent-at) for the probe."""
 
     def __init__(self, bootstrap: str, topic: str, users: int, items: int, rate: float) -> None:
-        self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
+        # linger 5 ms: Kafka 4's default for producers (KIP-1030), counted in every latency here
+        # (an action waits up to 5 ms in this producer). At 1 ms the broker spent ~20% of a core
+        # more on the extra requests (steady state, measured 2026-11-23), on a machine it shares.
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
         self.topic, self.users, self.items, self.rate = topic, users, items, rate
         self.sent = 0
         self.latest: tuple[str, int, float] | None = None
@@ -72,45 +80,103 @@ class Load:
         self.producer.close()
 
 
-def sample_once(stub: pb_grpc.CandidatesStub, load: Load, timeout_s: float) -> tuple[float, float] | None:
-    """Poll GetCandidates for the newest action sent until the served list reflects it: (ms
-    from produce to served, ms from the action's ts to the worker's `generated_at`: streams +
-    worker; the rest is the candidates topic, the server and this polling), or None if it did
-    not become visible within ``timeout_s`` (or nothing was sent yet)."""
-    if load.latest is None:
-        return None
-    user, ts, sent_at = load.latest
-    request = pb.GetCandidatesRequest(user_id=user, surface="home", limit=10)
-    while True:
-        reply = stub.GetCandidates(request, timeout=2.0)
+@dataclass(frozen=True)
+class Sample:
+    """One sampled action, once its candidates were served."""
+
+    sent_at: float  # perf_counter() when it was produced
+    latency_ms: float  # produce -> the served list reflects it
+    to_generated_ms: float  # the action's ts -> the worker's generated_at: streams + worker
+
+
+class Prober:
+    """Samples the action just sent every ``sample_every_s`` and watches every sampled action
+    still waiting with ONE BatchGetCandidates per ``poll_every_s`` until its served list's
+    source_event_ts reaches the action's time (or ``timeout_s`` passes: missed).
+
+    One batched poll for all of them keeps the observer light: a GetCandidates loop per sample
+    every 2 ms (this benchmark until 2026-11-23) sent ~1,500 calls/s at the server, and the
+    server and the probes took most of a core from the system they measured. The poll interval
+    bounds the error of each latency (it reads up to ``poll_every_s`` late)."""
+
+    def __init__(self, target: str, load: Load, *, sample_every_s: float = 0.05, poll_every_s: float = 0.005,
+                 timeout_s: float = 10.0, max_waiting: int = 100) -> None:
+        self.target, self.load = target, load
+        self.sample_every_s, self.poll_every_s, self.timeout_s = sample_every_s, poll_every_s, timeout_s
+        self.max_waiting = max_waiting  # at most the server's serving.max_batch
+        self.samples: list[Sample] = []
+        self.missed = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        """Until stopped, and then until every sampled action was seen or timed out (dropping
+        the slow ones at the end would bias the tail down)."""
+        waiting: list[tuple[str, int, float]] = []
+        last: tuple[str, int, float] | None = None
+        next_sample = time.perf_counter()
+        with grpc.insecure_channel(self.target) as channel:
+            stub = pb_grpc.CandidatesStub(channel)
+            while not self.stop.is_set() or waiting:
+                tick = time.perf_counter()
+                latest = self.load.latest
+                if (not self.stop.is_set() and tick >= next_sample and latest is not None and latest is not last
+                        and len(waiting) < self.max_waiting):
+                    waiting.append(latest)
+                    last, next_sample = latest, tick + self.sample_every_s
+                if waiting:
+                    waiting = self._poll(stub, waiting)
+                time.sleep(max(0.0, tick + self.poll_every_s - time.perf_counter()))
+
+    def _poll(self, stub: pb_grpc.CandidatesStub, waiting: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+        request = pb.BatchGetCandidatesRequest(
+            requests=[pb.GetCandidatesRequest(user_id=user, surface="home", limit=10) for user, _, _ in waiting])
+        replies = stub.BatchGetCandidates(request, timeout=2.0).responses
         now = time.perf_counter()
-        if reply.source_event_ts_ms >= ts and not reply.is_fallback:
-            return (now - sent_at) * 1000, float(reply.generated_at_ms - ts)
-        if now - sent_at > timeout_s:
-            return None
-        time.sleep(0.002)
-
-
-def probe(target: str, load: Load, stop: threading.Event, timeout_s: float) -> tuple[list[float], int, list[float]]:
-    """Latencies (ms) of sampled actions, how many never became visible in time, and for each
-    visible one its produce -> generated_at part (see `sample_once`)."""
-    latencies: list[float] = []
-    to_generated: list[float] = []
-    missed = 0
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.CandidatesStub(channel)
-        while not stop.is_set():
-            if load.latest is None:
-                time.sleep(0.01)
-                continue
-            sample = sample_once(stub, load, timeout_s)
-            if sample is None:
-                missed += 1
+        still: list[tuple[str, int, float]] = []
+        for (user, ts, sent_at), reply in zip(waiting, replies):
+            if reply.source_event_ts_ms >= ts and not reply.is_fallback:
+                self.samples.append(Sample(sent_at, (now - sent_at) * 1000, float(reply.generated_at_ms - ts)))
+            elif now - sent_at > self.timeout_s:
+                self.missed += 1
             else:
-                latencies.append(sample[0])
-                to_generated.append(sample[1])
-            time.sleep(0.02)
-    return latencies, missed, to_generated
+                still.append((user, ts, sent_at))
+        return still
+
+
+def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    """Every record of ``topic`` now, decoded (msgpack values)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        values: list[dict[str, Any]] = []
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            for records in consumer.poll(timeout_ms=1000).values():
+                values += [msgpack.unpackb(r.value, raw=False) for r in records if r.value is not None]
+        return values
+    finally:
+        consumer.close()
+
+
+def stage_times(bootstrap: str, since_ms: int, until_ms: int) -> dict[str, float]:
+    """Where the time goes, for EVERY action whose candidates were generated in the window (not
+    only the sampled ones), from the records themselves: the action's ts -> the Faust worker
+    emits the user's update (`emitted_at`: window + table) -> the ONNX worker stamps the
+    candidates (`generated_at`: user-updates topic, queue, micro-batch, compute)."""
+    emitted = {(u["user_id"], u["version"]): u["emitted_at"] for u in read_topic(bootstrap, "user-updates")}
+    streams_ms, worker_ms = [], []
+    for c in read_topic(bootstrap, "candidates"):
+        at = emitted.get((c["user_id"], c["version"]))
+        if at is not None and since_ms <= c["source_event_ts"] <= until_ms:
+            streams_ms.append(at - c["source_event_ts"])
+            worker_ms.append(c["generated_at"] - at)
+    if not streams_ms:
+        return {}
+    return {f"{stage}_p{q}_ms": round(float(np.percentile(values, q)), 1)
+            for stage, values in (("streams", streams_ms), ("worker", worker_ms)) for q in (50, 99)
+            } | {"stage_samples": len(streams_ms)}
 
 
 def plot(latencies: list[float], path: Path, title: str) -> None:
@@ -139,8 +205,11 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=2_000)
     parser.add_argument("--rate", type=float, default=500.0, help="events per second")
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--probes", type=int, default=3, help="probe threads sampling actions side by side")
-    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of load before measuring")
+    parser.add_argument("--sample-ms", type=float, default=50.0, help="how often an action just sent is sampled")
+    parser.add_argument("--poll-ms", type=float, default=5.0, help="how often every waiting sample is polled (one batch call)")
+    # A fresh broker's JIT compiles for its first ~40-60 s under load (its CPU fell from ~60% to
+    # ~12-30% of a core, measured 2026-11-23): measuring then is not the steady state.
+    parser.add_argument("--warmup", type=float, default=60.0, help="seconds of load before measuring")
     parser.add_argument("--work-dir", type=Path, default=Path("var/bench/freshness"))
     parser.add_argument("--name", default="freshness")
     args = parser.parse_args()
@@ -155,27 +224,24 @@ def main() -> None:
         loader = threading.Thread(target=load.run, daemon=True)
         loader.start()
         time.sleep(args.warmup)
-        stop = threading.Event()
-        results: list[tuple[list[float], int, list[float]]] = []
-        # A few probes side by side: more sampled actions per run (each waits for its own).
-        probers = [threading.Thread(target=lambda: results.append(probe(stack.grpc_target, load, stop, 10.0)))
-                   for _ in range(args.probes)]
+        prober = Prober(stack.grpc_target, load, poll_every_s=args.poll_ms / 1000.0,
+                        sample_every_s=args.sample_ms / 1000.0)
+        watcher = threading.Thread(target=prober.run, daemon=True)
         sent_before = load.sent
-        started = time.perf_counter()
-        for prober in probers:
-            prober.start()
+        started, since_ms, cpu0 = time.perf_counter(), int(time.time() * 1000), cpu_snapshot()
+        watcher.start()
         time.sleep(args.seconds)
-        stop.set()
-        for prober in probers:
-            prober.join()
-        elapsed = time.perf_counter() - started
+        elapsed, until_ms, cpu = time.perf_counter() - started, int(time.time() * 1000), cpu_window(cpu0, cpu_snapshot())
         achieved = (load.sent - sent_before) / elapsed
+        prober.stop.set()
+        watcher.join()
         load.stop.set()
         loader.join()
         stack.check_alive()
-    latencies = [ms for r in results for ms in r[0]]
-    missed = sum(r[1] for r in results)
-    to_generated = [ms for r in results for ms in r[2]]
+        stages = stage_times(stack.bootstrap, since_ms, until_ms)
+    latencies = [s.latency_ms for s in prober.samples]
+    missed = prober.missed
+    to_generated = [s.to_generated_ms for s in prober.samples]
     if not latencies:
         raise SystemExit(f"no sampled action became visible within 10 s ({missed} missed): the worker cannot keep up "
                          f"with {args.rate:.0f} events/s here; see {stack.work_dir / 'logs'}")
@@ -195,6 +261,10 @@ def main() -> None:
         "missed_10s": missed,
         "items": args.items,
         "seconds": args.seconds,
+        **stages,
+        **cpu,
+        "poll_ms": args.poll_ms,
+        "sample_ms": args.sample_ms,
     }
     plot(latencies, RESULTS_DIR / f"{args.name}.png",
          f"{args.users:,} users, {achieved:.0f} events/s: p50 {metrics['p50_ms']} ms, p99 {metrics['p99_ms']} ms")

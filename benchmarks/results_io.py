@@ -19,7 +19,7 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS_DIR", "git_commit", "write_result"]
+__all__ = ["RESULTS_DIR", "cpu_snapshot", "cpu_window", "git_commit", "write_result"]
 
 
 def git_commit() -> str:
@@ -31,6 +31,29 @@ def git_commit() -> str:
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cpu_snapshot() -> list[int]:
+    """The machine's CPU time counters (/proc/stat, all cores; empty where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+def cpu_window(before: list[int], after: list[int]) -> dict[str, float]:
+    """Share of the machine's CPU time between two snapshots spent busy (user, nice, system,
+    irq, softirq) and stolen by the hypervisor for other guests (steal): on this shared VM a
+    latency figure means little without the CPU it actually got."""
+    if len(before) < 8 or len(after) < 8:
+        return {}
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    if total <= 0:
+        return {}
+    busy = d[0] + d[1] + d[2] + d[5] + d[6]
+    return {"cpu_busy_pct": round(100 * busy / total, 1), "cpu_steal_pct": round(100 * d[7] / total, 1)}
 
 
 def write_result(name: str, metrics: dict[str, Any], *, command: str | None = None) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.freshness import Load, ensure_model, probe
+from benchmarks.freshness import Load, Prober, ensure_model
 from benchmarks.results_io import RESULTS_DIR, write_result
 from recsys.local_stack import LocalStack
 from recsys.processes import Service, settings_env
@@ -64,20 +64,19 @@ def run_config(work: Path, model_dir: Path, users: int, workers: int, rate: floa
         load = Load(stack.bootstrap, "actions", users, items, rate)
         threading.Thread(target=load.run, daemon=True).start()
         time.sleep(warmup_s)
-        stop = threading.Event()
-        result: dict[str, tuple[list[float], int, list[float]]] = {}
-        prober = threading.Thread(target=lambda: result.setdefault("p", probe(stack.grpc_target, load, stop, 10.0)))
+        prober = Prober(stack.grpc_target, load)
+        watcher = threading.Thread(target=prober.run, daemon=True)
         actions0, cands0 = end_offsets(stack.bootstrap, "actions"), end_offsets(stack.bootstrap, "candidates")
         started = time.perf_counter()
-        prober.start()
+        watcher.start()
         time.sleep(seconds)
         actions1, cands1 = end_offsets(stack.bootstrap, "actions"), end_offsets(stack.bootstrap, "candidates")
         elapsed = time.perf_counter() - started
-        stop.set()
-        prober.join()
+        prober.stop.set()
+        watcher.join()
         load.stop.set()
         stack.check_alive()
-    latencies, missed, _ = result["p"]
+    latencies, missed = [s.latency_ms for s in prober.samples], prober.missed
     row: dict[str, Any] = {
         "users": users, "workers": workers, "partitions": workers,
         "events_per_s": round((actions1 - actions0) / elapsed, 1),

@@ -25,13 +25,11 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from benchmarks.freshness import Load, ensure_model, sample_once
+from benchmarks.freshness import Load, Prober, ensure_model
 from benchmarks.results_io import RESULTS_DIR, write_result
 from recsys.local_stack import LocalStack
-from serving._proto import candidates_pb2_grpc as pb_grpc
 
 PROCESSES = ("broker", "streams", "worker", "serve")
 
@@ -140,28 +138,23 @@ def main() -> None:
     window = (duration - warmup) / 5
     model_dir = ensure_model(args.work_dir.resolve() / "model", args.users, args.items)
     samples: list[dict[str, float]] = []
-    latencies: list[tuple[float, float]] = []
-    missed = 0
     with LocalStack(args.work_dir / "run", model_dir, partitions=2) as stack:
         assert stack.bootstrap is not None
         load = Load(stack.bootstrap, "actions", args.users, args.items, args.rate)
         loader = threading.Thread(target=load.run, daemon=True)
         loader.start()
         groups = pgids(stack)
+        prober = Prober(stack.grpc_target, load)
+        watcher = threading.Thread(target=prober.run, daemon=True)
         start = time.perf_counter()
-        next_sample = start
-        with grpc.insecure_channel(stack.grpc_target) as channel:
-            stub = pb_grpc.CandidatesStub(channel)
-            while (now := time.perf_counter()) - start < duration:
-                if now >= next_sample:
-                    samples.append({"t": now - start, **{name: group_rss_mb(g) for name, g in groups.items()}})
-                    next_sample += args.sample_s
-                sample = sample_once(stub, load, 10.0)
-                if sample is None:
-                    missed += load.latest is not None
-                else:
-                    latencies.append((time.perf_counter() - start, sample[0]))
-                time.sleep(0.05)
+        watcher.start()
+        while (now := time.perf_counter()) - start < duration:
+            samples.append({"t": now - start, **{name: group_rss_mb(g) for name, g in groups.items()}})
+            time.sleep(max(0.0, start + len(samples) * args.sample_s - time.perf_counter()))
+        prober.stop.set()
+        watcher.join()
+        latencies = [(s.sent_at - start, s.latency_ms) for s in prober.samples]
+        missed = prober.missed
         sent = load.sent
         load.stop.set()
         loader.join()
