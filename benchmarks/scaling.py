@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.freshness import Load, Prober, ensure_model
-from benchmarks.results_io import RESULTS_DIR, write_result
+from benchmarks.results_io import RESULTS_DIR, cpu_snapshot, cpu_window, write_result
 from recsys.local_stack import LocalStack
 from recsys.processes import Service, settings_env
 
@@ -67,11 +67,11 @@ def run_config(work: Path, model_dir: Path, users: int, workers: int, rate: floa
         prober = Prober(stack.grpc_target, load)
         watcher = threading.Thread(target=prober.run, daemon=True)
         actions0, cands0 = end_offsets(stack.bootstrap, "actions"), end_offsets(stack.bootstrap, "candidates")
-        started = time.perf_counter()
+        started, cpu0 = time.perf_counter(), cpu_snapshot()
         watcher.start()
         time.sleep(seconds)
         actions1, cands1 = end_offsets(stack.bootstrap, "actions"), end_offsets(stack.bootstrap, "candidates")
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, cpu_window(cpu0, cpu_snapshot())
         prober.stop.set()
         watcher.join()
         load.stop.set()
@@ -81,7 +81,7 @@ def run_config(work: Path, model_dir: Path, users: int, workers: int, rate: floa
         "users": users, "workers": workers, "partitions": workers,
         "events_per_s": round((actions1 - actions0) / elapsed, 1),
         "candidates_per_s": round((cands1 - cands0) / elapsed, 1),
-        "samples": len(latencies), "missed_10s": missed,
+        "samples": len(latencies), "missed_10s": missed, **cpu,
     }
     if latencies:
         row |= {f"p{q}_ms": round(float(np.percentile(latencies, q)), 1) for q in (50, 90, 99)}
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--two-workers", default=",".join(map(str, TWO_WORKERS)), help="user counts also run with 2 workers")
     p.add_argument("--rate", type=float, default=500.0, help="offered actions/s")
     p.add_argument("--items", type=int, default=2_000)
-    p.add_argument("--warmup", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=60.0, help="seconds of load before measuring (see freshness.py)")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--work-dir", type=Path, default=Path("var/bench/scaling"))
     p.add_argument("--replot", action="store_true")
@@ -162,7 +162,8 @@ def main() -> None:
     plot(rows, RESULTS_DIR / "scaling.png")
     print(write_result("scaling", metrics, command="python -m benchmarks.scaling " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("users", args.users), ("two_workers", args.two_workers),
-                                                    ("rate", args.rate), ("seconds", args.seconds)))))
+                                                    ("rate", args.rate), ("warmup", args.warmup),
+                                                    ("seconds", args.seconds)))))
 
 
 if __name__ == "__main__":
