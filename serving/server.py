@@ -34,8 +34,10 @@ import asyncio
 import hmac
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -384,30 +386,38 @@ def run_event_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
     asyncio.run(main)
 
 
-def _run_worker(settings_json: str) -> None:
-    """Entry point of one process of `--workers N` (spawned: grpc must not be forked)."""
+def _run_worker(settings_json: str, started: Any) -> None:
+    """Entry point of one process of `--workers N` (spawned: grpc must not be forked).
+    ``started`` is set once SIGTERM stops this process cleanly (its handlers are in)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
-    run_event_loop(serve(settings), settings)
+    run_event_loop(serve(settings, ready=lambda port: started.set()), settings)
 
 
 def _supervise(settings: Settings) -> int:
-    """Start `workers` server processes on one port; forward SIGTERM/SIGINT; wait for all."""
+    """Start `workers` server processes on one port; forward SIGTERM/SIGINT; wait for all.
+
+    A SIGTERM reaches each process only once it has started (spawning and importing take a
+    second or more): one still starting would die of it (exit -15, failing the whole command)
+    instead of stopping cleanly."""
     ctx = multiprocessing.get_context("spawn")
     blob = settings.model_dump_json()
-    procs = [ctx.Process(target=_run_worker, args=(blob,), name=f"serve-{i}") for i in range(settings.serving.workers)]
+    started = [ctx.Event() for _ in range(settings.serving.workers)]
+    procs = [ctx.Process(target=_run_worker, args=(blob, ev), name=f"serve-{i}") for i, ev in enumerate(started)]
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends SIGINT to the children too
+    print(f"recsys serve: starting {len(procs)} server processes on port {settings.serving.port}", flush=True)
     for proc in procs:
         proc.start()
-
-    def forward(signum: int, frame: object) -> None:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: each drains its calls and stops on its own
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends SIGINT to the children too
-    for proc in procs:
-        proc.join()
+    told: set[int] = set()
+    while any(proc.is_alive() for proc in procs):
+        if stopping.is_set():
+            for i, proc in enumerate(procs):
+                if i not in told and proc.is_alive() and started[i].is_set():
+                    proc.terminate()  # SIGTERM: each drains its calls and stops on its own
+                    told.add(i)
+        multiprocessing.connection.wait([proc.sentinel for proc in procs if proc.is_alive()], timeout=0.1)
     return max((abs(p.exitcode or 0) for p in procs), default=0)
 
 

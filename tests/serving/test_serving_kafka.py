@@ -215,3 +215,29 @@ def test_recsys_serve_process_sigterm_snapshot_and_workers(
                 proc.kill()
                 proc.wait()
     assert snapshot.exists() and b"home-p1-0" in snapshot.read_bytes()
+
+
+def test_recsys_serve_workers_sigterm_while_starting_exits_cleanly(
+    kafka_bootstrap: str, unique: str, model_dir: Path
+) -> None:
+    """A SIGTERM to `recsys serve --workers 2` before its processes have started (CI caught one
+    still importing: it died of the forwarded signal, exit 15) stops every one cleanly."""
+    topic = f"candidates-early-{unique}"
+    create_topic(kafka_bootstrap, topic)
+    env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
+           "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(free_port()), "--workers", "2"],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the supervisor's handlers are in; its processes just spawned
+        assert "starting 2 server processes" in first, first
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        output = first + output
+        assert proc.returncode == 0, output
+        assert output.count("shutting down: NOT_SERVING") == 2, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
