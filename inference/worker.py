@@ -47,7 +47,7 @@ from kafka.errors import KafkaError
 
 from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime, VectorLookup
-from recsys.kafka_clients import group_consumer
+from recsys.kafka_clients import RebalanceWatch, group_consumer
 from recsys.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ class Worker:
         self.users_done = 0
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
         self._uncommitted: dict[Any, int] = {}  # settled offsets whose commit failed, retried until it lands
-        self._refused_since: float | None = None  # first of the commits refused by a rebalance, in a row
+        self._rebalance = RebalanceWatch(settings.kafka.rejoin_after_s)  # commits refused by one, in a row
 
     def _new_consumer(self) -> Any:
         return group_consumer(
@@ -492,17 +492,12 @@ class Worker:
         try:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()})
         except (CommitFailedError, RebalanceInProgressError) as exc:
-            now = time.monotonic()
-            self._refused_since = self._refused_since or now
-            if now - self._refused_since >= self.settings.inference.rejoin_after_s:
-                # A rebalance that never completes (seen with kafka-python 3: the leader's second
-                # join never synced; every commit refused, forever): a fresh consumer joins anew
-                # and re-reads from the committed offsets, so the pending ones are not needed.
-                log.warning("worker: commits refused by a rebalance for %.0f s; replacing the consumer",
-                            now - self._refused_since)
+            if self._rebalance.refused():
+                # A rebalance that never completes: the fresh consumer re-reads from the
+                # committed offsets, so the pending ones are not needed.
                 self.consumer.close(autocommit=False)
                 self.consumer = self._new_consumer()
-                self._uncommitted, self._refused_since = {}, None
+                self._uncommitted = {}
                 return
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
             # so nobody would re-read these: they stay pending (the retry follows the rejoin
@@ -514,7 +509,8 @@ class Worker:
         except KafkaError as exc:
             self._kafka_backoff("commit", exc)
             return
-        self._uncommitted, self._refused_since = {}, None
+        self._uncommitted = {}
+        self._rebalance.committed()
 
     def _kafka_backoff(self, what: str, exc: Exception) -> None:
         """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""
@@ -626,7 +622,7 @@ class Worker:
                                            recent, plan.user[rows])
             merged = merge_batch(hits.codes, hits.scores, plan.budgets[rows], plan.group[rows],
                                  plan.n_groups, limits, budget)
-            return merged, hits.ids
+            return merged, hits.id_texts()
 
         everything = np.arange(len(plan.budgets))
         merged, ids = search_and_merge(everything, query_limits(plan.budgets, budget, cfg.limit_headroom))
@@ -668,9 +664,10 @@ class Worker:
         self.producer.close()
 
 
-def _group_lists(merged: MergedLists, ids: np.ndarray) -> list[dict[str, list[Any]]]:
-    """Per group: {"items": [str ids], "scores": [floats]} from merge_batch's flat arrays."""
-    items = [str(i) for i in ids[merged.codes].tolist()] if len(merged.codes) else []
+def _group_lists(merged: MergedLists, texts: np.ndarray) -> list[dict[str, list[Any]]]:
+    """Per group: {"items": [str ids], "scores": [floats]} from merge_batch's flat arrays
+    (``texts``: each code's item id as text)."""
+    items = texts[merged.codes].tolist() if len(merged.codes) else []
     scores = merged.scores.tolist()
     ends = np.cumsum(merged.counts).tolist()
     out, begin = [], 0

@@ -33,6 +33,34 @@ def group_consumer(topic: str, *, metadata_wait_s: float = 30.0, **config: Any) 
     return consumer
 
 
+class RebalanceWatch:
+    """How long a consumer's commits have been refused by a rebalance, in a row.
+
+    kafka-python 3.0.12 was seen stuck for good after a group leader's second join: SyncGroup
+    never sent, the broker dropped the member, every commit refused as "rebalance in progress"
+    while poll() kept fetching on the old assignment. Past ``limit_s`` of refusals the owner
+    replaces the consumer with a fresh one, which joins anew and re-reads from the committed
+    offsets (so nothing polled since is lost, only recomputed).
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._since: float | None = None
+
+    def refused(self) -> bool:
+        """Note a refused commit; True (and start over) once refusals have lasted ``limit_s``."""
+        now = time.monotonic()
+        self._since = self._since or now
+        if now - self._since < self.limit_s:
+            return False
+        log.warning("commits refused by a rebalance for %.0f s; replacing the consumer", now - self._since)
+        self._since = None
+        return True
+
+    def committed(self) -> None:
+        self._since = None
+
+
 def _partitions(consumer: Any, topic: str) -> set[int]:
     from kafka.errors import KafkaError
 

@@ -37,6 +37,10 @@ class KafkaSettings(BaseModel):
     heap: str = "-Xmx512m -Xms256m"  # the broker is small; the machine is shared
     start_timeout_s: float = 90.0  # until a metadata request succeeds
     partitions: int = 4  # partitions of the topics the project creates
+    # kafka-python 3 was seen stuck forever after a group leader's second join (the inference
+    # worker's and the items follower's consumers both guard against it):
+    # commits refused as "rebalance in progress" this long replace the consumer with a fresh one
+    rejoin_after_s: float = 30.0
 
 
 class TopicSettings(BaseModel):
@@ -145,9 +149,6 @@ class InferenceSettings(BaseModel):
     group_id: str = "recsys-inference"  # consumer group on user-updates; add workers to scale
     max_batch: int = 256  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
-    # Commits refused as "rebalance in progress" for this long: the consumer is replaced by a
-    # fresh one (kafka-python 3 was seen stuck forever after a leader's second join).
-    rejoin_after_s: float = 30.0
     provider: str = "auto"  # auto | cuda | cpu
     # ONNX Runtime intra-op threads of the model's session (0 = one per core). 1: the worker
     # shares a few cores with Kafka, Faust and the server; one thread each measured better there.

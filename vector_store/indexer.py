@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 import msgpack
 import numpy as np
 
@@ -245,10 +246,18 @@ class ItemsFollower:
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
-        from recsys.kafka_clients import group_consumer  # imported here: the bulk path needs no Kafka client
+        from recsys.kafka_clients import RebalanceWatch  # imported here: the bulk path needs no Kafka client
+
+        self._consumer = self._new_consumer()
+        self._since_optimize = 0
+        self._commit_pending = False  # positions indexed whose commit has not landed yet
+        self._rebalance = RebalanceWatch(self.settings.kafka.rejoin_after_s)
+
+    def _new_consumer(self) -> Any:
+        from recsys.kafka_clients import group_consumer
 
         vs = self.settings.vector_store
-        self._consumer = group_consumer(
+        return group_consumer(
             self.settings.topics.items,
             bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers,
             group_id=self.group_id or vs.indexer_group_id,
@@ -256,8 +265,6 @@ class ItemsFollower:
             auto_offset_reset="earliest",  # a fresh group indexes the topic's whole history
             max_poll_records=vs.indexer_max_records,
         )
-        self._since_optimize = 0
-        self._commit_pending = False  # positions indexed whose commit has not landed yet
 
     def poll_once(self) -> IndexStats:
         """One poll: decode, index, make durable, commit. Returns what this poll did."""
@@ -296,8 +303,20 @@ class ItemsFollower:
         """Commit the positions (everything polled is indexed and flushed by now). If it raises,
         it stays pending: the next poll retries it even when no record follows. kafka-python
         keeps a partition's position across a rebalance that leaves it here, so a refused
-        commit is not re-read by anyone else."""
-        self._consumer.commit()
+        commit is not re-read by anyone else. Commits refused by a rebalance for
+        `kafka.rejoin_after_s` replace the consumer (see `RebalanceWatch`): the fresh one
+        re-reads from the committed offsets, and indexing an item again is an upsert."""
+        from kafka.errors import CommitFailedError, RebalanceInProgressError
+
+        try:
+            self._consumer.commit()
+        except (CommitFailedError, RebalanceInProgressError):
+            if not self._rebalance.refused():
+                raise
+            self._consumer.close(autocommit=False)
+            self._consumer = self._new_consumer()
+        else:
+            self._rebalance.committed()
         self._commit_pending = False
 
     def run(self, stop: threading.Event) -> None:

@@ -158,9 +158,48 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(
             follower.poll_once()  # nothing new on the topic: the pending commit is retried
         finally:
             follower.close()
-    reader = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=settings.vector_store.indexer_group_id)
+    assert _committed(kafka_bootstrap, settings) == 1
+
+
+def test_a_follower_stuck_in_a_rebalance_is_replaced(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """Every commit refused as "rebalance in progress", for good (a kafka-python 3 consumer was
+    seen stuck so): after `kafka.rejoin_after_s` the follower replaces its consumer, whose fresh
+    one re-reads the topic from the committed offsets, indexes it again (an upsert) and commits."""
+    from kafka.errors import RebalanceInProgressError
+
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"rejoin_after_s": 1.0})})
+    eye = np.eye(DIM, dtype=np.float32)
+    _produce(kafka_bootstrap, settings.topics.items, [_item("x0", eye[0].tolist())], ["x0"])
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        follower = ItemsFollower(store, _embed, settings)
+        stuck, refused = follower._consumer, []
+
+        def always_refused() -> None:
+            refused.append(True)
+            raise RebalanceInProgressError("injected: the group never finishes rebalancing")
+
+        stuck.commit = always_refused
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while _committed(kafka_bootstrap, settings) != 1:
+                assert time.monotonic() < deadline, f"never committed; {len(refused)} refused"
+                try:
+                    follower.poll_once()
+                except RebalanceInProgressError:
+                    time.sleep(0.2)
+            assert refused and follower._consumer is not stuck
+            assert store.count() == 1
+        finally:
+            follower.close()
+
+
+def _committed(bootstrap: str, settings: Settings) -> int:
+    """The indexer group's committed offsets on the items topic, summed."""
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=settings.vector_store.indexer_group_id)
     try:
-        partitions = reader.partitions_for_topic(settings.topics.items)
-        assert sum(reader.committed(TopicPartition(settings.topics.items, p)) or 0 for p in partitions) == 1
+        partitions = reader.partitions_for_topic(settings.topics.items) or set()
+        return sum(reader.committed(TopicPartition(settings.topics.items, p)) or 0 for p in partitions)
     finally:
         reader.close()

@@ -190,13 +190,11 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(worker: Worker, ka
 
 def test_a_consumer_stuck_in_a_rebalance_is_replaced(worker: Worker, kafka_bootstrap: str) -> None:
     """Every commit refused as "rebalance in progress", for good (a kafka-python 3 consumer was
-    seen stuck so after its second join): after `rejoin_after_s` the worker replaces the
+    seen stuck so after its second join): after `kafka.rejoin_after_s` the worker replaces the
     consumer, which re-reads from the committed offsets and commits."""
     from kafka.errors import RebalanceInProgressError
 
-    settings = worker.settings.model_copy(
-        update={"inference": worker.settings.inference.model_copy(update={"rejoin_after_s": 1.0})})
-    worker.settings = settings
+    worker._rebalance.limit_s = 1.0  # kafka.rejoin_after_s
     stuck = worker.consumer
     refused: list[Any] = []
 
