@@ -28,6 +28,16 @@ class BatchHits:
     codes: np.ndarray  # [Q, L] int64: index into `ids`; -1 past the query's last hit
     scores: np.ndarray  # [Q, L] float32 cosine; -inf where codes is -1
     ids: np.ndarray  # [C] object: the item id of each code (one code per distinct item)
+    texts: np.ndarray | None = None  # [C] object: str of each id, where the store keeps them
+
+    def id_texts(self) -> np.ndarray:
+        """`ids` as text, the wire's item ids (the store's cached array when it has one: no
+        str() per hit on the worker's hot path)."""
+        if self.texts is not None:
+            return self.texts
+        out = np.empty(len(self.ids), dtype=object)
+        out[:] = [str(i) for i in self.ids.tolist()]
+        return out
 
     def lists(self) -> list[list[Hit]]:
         """The same hits as `query_batch` returns them."""

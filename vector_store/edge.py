@@ -160,7 +160,7 @@ class EdgeStore(VectorStore):
         if exact is not None:
             rows, scores = exact.search_rows(queries, limits, surfaces, exclude, exclude_of,
                                              threads=self.settings.max_search_threads or 0)
-            return BatchHits(rows, scores, exact.id_array)
+            return BatchHits(rows, scores, exact.id_array, exact.text_array)
         # One filter object per (exclusion list, surface) pair, shared by its queries.
         filters: dict[tuple[int, str | None], qe.Filter | None] = {}
         requests = []

@@ -115,6 +115,13 @@ class ExactIndex:
         out[:] = self.item_ids
         return out
 
+    @cached_property
+    def text_array(self) -> np.ndarray:
+        """`id_array` as text: row -> the item id as the candidates topic carries it."""
+        out = np.empty(len(self.item_ids), dtype=object)
+        out[:] = [str(i) for i in self.item_ids]
+        return out
+
     def with_upserts(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> ExactIndex:
         """A new snapshot with ``records`` inserted or replaced (same semantics as an upsert)."""
         ids = list(self.item_ids)
