@@ -6,6 +6,7 @@ An action goes in on `actions`; GetCandidates must serve a new list built from i
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 
 import grpc
 import msgpack
-import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
@@ -23,7 +23,6 @@ from recsys.settings import Settings, TopicSettings
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
 from streams.schema import encode_event
-from streams.synthetic import synthetic_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -31,6 +30,7 @@ N_ITEMS = 96
 N_USERS = 200
 FRESH_S = 20.0  # generous: the suite shares two cores with the broker and four services
 SURFACES = ["home", "search", "related"]
+N_CLUSTERS = 4  # item i belongs to cluster i % 4: 24 items each, more than a surface's 20 candidates
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,32 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from inference.train import train_small_demo_model
 
     out = tmp_path_factory.mktemp("model")
-    events = [e.to_wire() for e in synthetic_events(6000, N_USERS, N_ITEMS, seed=3)]
-    # Bounded by epochs and early stopping (~12 s here), not by the clock: a time cap let a loaded
-    # machine cut training short, and a weakly conditioned model made the outcome-weight test a coin flip.
-    return train_small_demo_model(events, Settings(), out, max_seconds=300)
+    # Bounded by epochs (~10 s here), not by the clock: a time cap let a loaded machine cut
+    # training short. At the default lr (1e-3) the demo's 30 epochs left this model barely
+    # conditioned (loss 4.0 of ln 96 = 4.6; save vs click queries 0.004 apart, the same top 20);
+    # at 1e-2 it recovers the planted outcome clusters (loss 3.0; 19 of 20 in the right one).
+    settings = Settings(train={"lr": 1e-2})
+    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), settings, out, max_seconds=300)
+
+
+def _outcome_events(n_events: int, n_users: int, n_items: int, seed: int) -> list[dict[str, Any]]:
+    """Actions with the outcome planted in the item (cluster = item % 4; low indices more
+    popular): users save in clusters 0-1 and click in clusters 2-3, user u in save cluster
+    `u % 2` and click cluster `2 + u // 2 % 2`, on any surface. A model conditioned on "save"
+    must then point at saved clusters, on "click" at clicked ones. (streams.synthetic's outcome
+    mix differs too little between clusters for that: on its data this test was a coin flip.)"""
+    rng = random.Random(seed)
+    start = int(time.time() * 1000) - n_events * 100
+    events = []
+    for i in range(n_events):
+        user = rng.randrange(n_users)
+        action = "save" if rng.random() < 0.4 else "click"
+        cluster = user % 2 if action == "save" else 2 + user // 2 % 2
+        size = len(range(cluster, n_items, N_CLUSTERS))
+        item = cluster + N_CLUSTERS * int(size * rng.random() ** 2)
+        events.append({"user_id": user, "item_id": item, "action": action, "surface": rng.choice(SURFACES),
+                       "ts": start + i * 100})
+    return events
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +117,7 @@ def test_an_action_yields_fresh_candidates(stack: LocalStack, model_dir: Path) -
     before = _get(stack, user)
     assert all(r.is_fallback for r in before.values())  # unknown so far: popularity, flagged
 
-    history = [3, 11, 19, 27]  # one interest cluster of the synthetic catalogue (item % 8 == 3)
+    history = [3, 11, 19, 27]  # one cluster of the catalogue (item % 4 == 3)
     for item in history[:-1]:
         _act(stack, user, item)
     ts = _act(stack, user, history[-1])
@@ -111,40 +133,26 @@ def test_an_action_yields_fresh_candidates(stack: LocalStack, model_dir: Path) -
     assert lists["home"] != lists["search"]
 
 
-def test_lists_follow_the_outcome_weights(stack: LocalStack, model_dir: Path) -> None:
-    """Home (0.7 save + 0.3 click) leans further toward its save-conditioned list than search
-    (0.8 click + 0.2 save) leans toward its own: the budget split follows the weights."""
+def test_lists_follow_the_outcome_weights(stack: LocalStack) -> None:
+    """A history that saves in one cluster and clicks in another: home (0.7 save + 0.3 click)
+    serves more of the saved cluster than search (0.8 click + 0.2 save), and search more of the
+    clicked one: the budget split follows the configured outcome weights."""
     user = "e2e-user-2"
-    history = [5, 13, 21, 29, 37]
-    times = [_act(stack, user, item, action="click", surface="search") for item in history]
-    ts = times[-1]
+    saved, clicked = [5, 13, 21], [2, 10, 18]  # clusters 1 and 2
+    ts = 0
+    for s_item, c_item in zip(saved, clicked, strict=True):
+        _act(stack, user, s_item, action="save", surface="home")
+        ts = _act(stack, user, c_item, action="click", surface="search")
     assert wait_for(lambda: _fresh(stack, user, ts), FRESH_S)
     replies = _fresh(stack, user, ts)
     assert replies is not None
-    lists = {s: {c.item_id for c in r.candidates} for s, r in replies.items()}
 
-    # Reference lists: the same history (its real event times) at the worker's request time,
-    # conditioned on one outcome only, exact search.
-    runtime = ModelRuntime.load(model_dir)
-    events = [{"item_id": i, "action": "click", "surface": "search", "ts": t} for i, t in zip(history, times, strict=True)]
-    from inference.worker import Condition, encode_histories
+    def share(surface: str, cluster: int) -> int:
+        return sum(int(c.item_id) % N_CLUSTERS == cluster for c in replies[surface].candidates)
 
-    conds = [Condition("home", "save", 1.0), Condition("home", "click", 1.0),
-             Condition("search", "save", 1.0), Condition("search", "click", 1.0)]
-    vectors = runtime.item_vectors_for({str(i) for i in history})
-    asked_at = replies["home"].generated_at_ms
-    queries = runtime.generate(encode_histories([{"events": events}], runtime, conds, asked_at, vectors))[0]
-    allowed = np.array([i not in {str(h) for h in history} for i in runtime.item_ids])
-
-    def top(qs: np.ndarray) -> set[str]:
-        best = (runtime.item_vectors @ qs.T).max(axis=1)
-        best[~allowed] = -np.inf
-        return {str(runtime.item_ids[i]) for i in np.argsort(-best)[:20]}
-
-    home_save, home_click, search_save, search_click = (top(queries[i]) for i in range(4))
-    lean_home = len(lists["home"] & home_save) - len(lists["home"] & home_click)
-    lean_search = len(lists["search"] & search_save) - len(lists["search"] & search_click)
-    assert lean_home >= lean_search, (lean_home, lean_search)
+    counts = {s: (share(s, 1), share(s, 2)) for s in ("home", "search")}
+    assert counts["home"][0] > counts["search"][0], counts  # the saved cluster
+    assert counts["search"][1] > counts["home"][1], counts  # the clicked cluster
 
 
 def test_a_new_item_is_retrievable_without_restart(stack: LocalStack) -> None:
