@@ -250,7 +250,8 @@ class ItemsFollower:
 
         self._consumer = self._new_consumer()
         self._since_optimize = 0
-        self._commit_pending = False  # positions indexed whose commit has not landed yet
+        # partition -> next offset, of records indexed and flushed whose commit has not landed
+        self._uncommitted: dict[Any, int] = {}
         self._rebalance = RebalanceWatch(self.settings.kafka.rejoin_after_s)
 
     def _new_consumer(self) -> Any:
@@ -267,18 +268,30 @@ class ItemsFollower:
         )
 
     def poll_once(self) -> IndexStats:
-        """One poll: decode, index, make durable, commit. Returns what this poll did."""
+        """One poll: decode, index, make durable, commit. Returns what this poll did.
+
+        A commit that failed is retried first, on every poll (a topic that goes quiet, or a
+        next batch stuck waiting for the store, must not leave it uncommitted); if it fails
+        again the poll goes on, and the next batch's commit carries it."""
+        from kafka.errors import KafkaError
+
         vs = self.settings.vector_store
+        if self._uncommitted:
+            try:
+                self._commit()
+            except KafkaError as exc:
+                log.warning("items follower: commit retry failed (%s: %s)", type(exc).__name__, exc)
         batches = self._consumer.poll(
             timeout_ms=vs.indexer_poll_ms, max_records=vs.indexer_max_records
         )
         if not batches:
-            if self._commit_pending:  # the last commit failed and the topic went quiet: retry it
-                self._commit()
             return IndexStats()
         items: list[ItemMessage] = []
         skipped = 0
+        polled: dict[Any, int] = {}
         for tp, records in batches.items():
+            if records:
+                polled[tp] = records[-1].offset + 1
             for rec in records:
                 try:
                     items.append(decode_item(rec.value, self.settings.events.max_id_length))
@@ -294,22 +307,24 @@ class ItemsFollower:
             self.store.optimize()
             self._since_optimize = 0
         self.store.flush()
-        self._commit_pending = True
+        for tp, offset in polled.items():
+            self._uncommitted[tp] = max(offset, self._uncommitted.get(tp, 0))
         self._commit()
         self.stats += stats
         return stats
 
     def _commit(self) -> None:
-        """Commit the positions (everything polled is indexed and flushed by now). If it raises,
-        it stays pending: the next poll retries it even when no record follows. kafka-python
-        keeps a partition's position across a rebalance that leaves it here, so a refused
-        commit is not re-read by anyone else. Commits refused by a rebalance for
-        `kafka.rejoin_after_s` replace the consumer (see `RebalanceWatch`): the fresh one
-        re-reads from the committed offsets, and indexing an item again is an upsert."""
+        """Commit the offsets of what was indexed and flushed, named explicitly: a commit of
+        "the consumed positions" during a rebalance can carry none of them (CI saw a follower
+        commit nothing after a first join with no partition metadata). If it raises, they stay
+        pending for the next poll. Commits refused by a rebalance for `kafka.rejoin_after_s`
+        replace the consumer (see `RebalanceWatch`): the fresh one re-reads from the committed
+        offsets, and indexing an item again is an upsert."""
         from kafka.errors import CommitFailedError, RebalanceInProgressError
+        from kafka.structs import OffsetAndMetadata
 
         try:
-            self._consumer.commit()
+            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()})
         except (CommitFailedError, RebalanceInProgressError):
             if not self._rebalance.refused():
                 raise
@@ -317,7 +332,7 @@ class ItemsFollower:
             self._consumer = self._new_consumer()
         else:
             self._rebalance.committed()
-        self._commit_pending = False
+        self._uncommitted = {}
 
     def run(self, stop: threading.Event) -> None:
         """Follow until ``stop`` is set. A broker that cannot be reached (a restart) is waited

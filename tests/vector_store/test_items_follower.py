@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -144,11 +145,11 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(
         follower = ItemsFollower(store, _embed, settings)
         real_commit, refused = follower._consumer.commit, []
 
-        def commit_refused_once() -> None:
+        def commit_refused_once(*args: Any, **kwargs: Any) -> None:
             if not refused:
                 refused.append(True)
                 raise KafkaConnectionError("injected: broker unreachable for this commit")
-            real_commit()
+            real_commit(*args, **kwargs)
 
         follower._consumer.commit = commit_refused_once
         try:
@@ -176,7 +177,7 @@ def test_a_follower_stuck_in_a_rebalance_is_replaced(kafka_bootstrap: str, uniqu
         follower = ItemsFollower(store, _embed, settings)
         stuck, refused = follower._consumer, []
 
-        def always_refused() -> None:
+        def always_refused(*args: Any, **kwargs: Any) -> None:
             refused.append(True)
             raise RebalanceInProgressError("injected: the group never finishes rebalancing")
 
