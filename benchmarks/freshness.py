@@ -20,15 +20,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import msgpack
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer
-from kafka.structs import TopicPartition
+from kafka import KafkaProducer
 
 from benchmarks.results_io import RESULTS_DIR, cpu_snapshot, cpu_window, write_result
+from recsys.kafka_clients import read_topic
 from recsys.local_stack import LocalStack
 from recsys.settings import Settings
 from serving._proto import candidates_pb2 as pb
@@ -143,31 +142,16 @@ class Prober:
         return still
 
 
-def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
-    """Every record of ``topic`` now, decoded (msgpack values)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        values: list[dict[str, Any]] = []
-        while any(consumer.position(tp) < end for tp, end in ends.items()):
-            for records in consumer.poll(timeout_ms=1000).values():
-                values += [msgpack.unpackb(r.value, raw=False) for r in records if r.value is not None]
-        return values
-    finally:
-        consumer.close()
-
-
 def stage_times(bootstrap: str, since_ms: int, until_ms: int) -> dict[str, float]:
     """Where the time goes, for EVERY action whose candidates were generated in the window (not
     only the sampled ones), from the records themselves: the action's ts -> the Faust worker
     emits the user's update (`emitted_at`: window + table) -> the ONNX worker stamps the
     candidates (`generated_at`: user-updates topic, queue, micro-batch, compute)."""
-    emitted = {(u["user_id"], u["version"]): u["emitted_at"] for u in read_topic(bootstrap, "user-updates")}
+    topics = Settings().topics  # the local stack's names
+    updates = (msgpack.unpackb(v, raw=False) for _, v in read_topic(bootstrap, topics.user_updates))
+    emitted = {(u["user_id"], u["version"]): u["emitted_at"] for u in updates}
     streams_ms, worker_ms = [], []
-    for c in read_topic(bootstrap, "candidates"):
+    for c in (msgpack.unpackb(v, raw=False) for _, v in read_topic(bootstrap, topics.candidates)):
         at = emitted.get((c["user_id"], c["version"]))
         if at is not None and since_ms <= c["source_event_ts"] <= until_ms:
             streams_ms.append(at - c["source_event_ts"])

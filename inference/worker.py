@@ -47,7 +47,7 @@ from kafka.errors import KafkaError
 
 from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime, VectorLookup
-from recsys.kafka_clients import RebalanceWatch, group_consumer
+from recsys.kafka_clients import PendingCommits, group_consumer
 from recsys.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,7 @@ class Worker:
         self.stopping = threading.Event()
         self.users_done = 0
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
-        self._uncommitted: dict[Any, int] = {}  # settled offsets whose commit failed, retried until it lands
-        self._rebalance = RebalanceWatch(settings.kafka.rejoin_after_s)  # commits refused by one, in a row
+        self._pending = PendingCommits(settings.kafka.rejoin_after_s)  # settled offsets whose commit failed
 
     def _new_consumer(self) -> Any:
         return group_consumer(
@@ -460,7 +459,7 @@ class Worker:
             if inflight is not None:
                 self.settle(*inflight)
             inflight = (sent, offsets) if offsets else None
-            if inflight is None and self._uncommitted:  # idle: a failed commit is retried, not left for the next record
+            if inflight is None and self._pending.offsets:  # idle: a failed commit is retried, not left for the next record
                 self.commit()
             if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
                 log.info("worker: %d users regenerated (%.0f/s)", self.users_done, (self.users_done - reported) / 10.0)
@@ -483,34 +482,23 @@ class Worker:
         a long store outage) refuses: offsets of partitions still ours are retried, the others'
         next owner re-reads and recomputes those updates. None lost."""
         from kafka.errors import CommitFailedError, RebalanceInProgressError
-        from kafka.structs import OffsetAndMetadata
 
-        for tp, offset in (offsets or {}).items():
-            self._uncommitted[tp] = max(offset, self._uncommitted.get(tp, 0))
-        if not self._uncommitted:
-            return
+        self._pending.add(offsets or {})
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()})
-        except (CommitFailedError, RebalanceInProgressError) as exc:
-            if self._rebalance.refused():
+            if not self._pending.commit(self.consumer):
                 # A rebalance that never completes: the fresh consumer re-reads from the
-                # committed offsets, so the pending ones are not needed.
+                # committed offsets.
                 self.consumer.close(autocommit=False)
                 self.consumer = self._new_consumer()
-                self._uncommitted = {}
-                return
+        except (CommitFailedError, RebalanceInProgressError) as exc:
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
             # so nobody would re-read these: they stay pending (the retry follows the rejoin
             # that the next poll does). Partitions now owned elsewhere are re-read there.
             owned = self.consumer.assignment()
-            self._uncommitted = {tp: o for tp, o in self._uncommitted.items() if tp in owned}
+            self._pending.offsets = {tp: o for tp, o in self._pending.offsets.items() if tp in owned}
             self._kafka_backoff("commit (group rebalanced)", exc)
-            return
         except KafkaError as exc:
             self._kafka_backoff("commit", exc)
-            return
-        self._uncommitted = {}
-        self._rebalance.committed()
 
     def _kafka_backoff(self, what: str, exc: Exception) -> None:
         """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""

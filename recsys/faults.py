@@ -42,6 +42,7 @@ from typing import Any
 
 import msgpack
 
+from recsys.kafka_clients import read_topic
 from recsys.local_stack import LocalStack
 
 __all__ = ["FAULTS", "FaultRun", "RunReport", "compare_states", "expected_state", "make_events"]
@@ -317,7 +318,7 @@ class FaultRun:
         """Per user: the newest sequence on `user-updates` and what gRPC serves."""
         newest: dict[str, dict[str, Any]] = {}
         reordered: set[str] = set()
-        for key, value in _read_topic(stack.bootstrap, str(stack.overrides.get("topics.user_updates", "user-updates"))):
+        for key, value in read_topic(stack.bootstrap, str(stack.overrides.get("topics.user_updates", "user-updates"))):
             update = msgpack.unpackb(value, raw=False)
             # The newest state is the highest version, not the last record in the log: a producer
             # retry after a broker crash can land an older batch behind a newer one.
@@ -331,30 +332,7 @@ class FaultRun:
 
     def _actions_in_log(self, stack: LocalStack) -> set[tuple[Any, ...]]:
         out: set[tuple[Any, ...]] = set()
-        for _, value in _read_topic(stack.bootstrap, str(stack.overrides.get("topics.actions", "actions"))):
+        for _, value in read_topic(stack.bootstrap, str(stack.overrides.get("topics.actions", "actions"))):
             e = msgpack.unpackb(value, raw=False)
             out.add((e["user_id"], *_key(e)))
         return out
-
-
-def _read_topic(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
-    """Every (key, value) of ``topic`` up to its current end, partition by partition, in log order."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out: list[tuple[str, bytes]] = []
-        by_tp: dict[Any, list[Any]] = defaultdict(list)
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            for tp, batch in consumer.poll(timeout_ms=500).items():
-                by_tp[tp].extend(batch)
-        for tp in tps:
-            out += [(r.key.decode(), r.value) for r in sorted(by_tp[tp], key=lambda r: r.offset) if r.value is not None]
-        return out
-    finally:
-        consumer.close()

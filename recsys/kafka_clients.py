@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -33,32 +35,73 @@ def group_consumer(topic: str, *, metadata_wait_s: float = 30.0, **config: Any) 
     return consumer
 
 
-class RebalanceWatch:
-    """How long a consumer's commits have been refused by a rebalance, in a row.
+class PendingCommits:
+    """Offsets (partition -> next offset to read) of work that is done but not yet committed,
+    committed by name, with a guard against a consumer stuck in a rebalance.
 
-    kafka-python 3.0.12 was seen stuck for good after a group leader's second join: SyncGroup
-    never sent, the broker dropped the member, every commit refused as "rebalance in progress"
-    while poll() kept fetching on the old assignment. Past ``limit_s`` of refusals the owner
-    replaces the consumer with a fresh one, which joins anew and re-reads from the committed
-    offsets (so nothing polled since is lost, only recomputed).
+    By name, because a commit of "the consumed positions" during a rebalance can carry none of
+    them (CI saw the items follower commit nothing after a first join with no partition
+    metadata). The guard: kafka-python 3.0.12 was seen stuck for good after a group leader's
+    second join (SyncGroup never sent, the broker dropped the member, every commit refused as
+    "rebalance in progress" while poll() kept fetching on the old assignment). Past
+    ``rejoin_after_s`` of refusals in a row the owner replaces the consumer; the fresh one joins
+    anew and re-reads from the committed offsets, so nothing done since is lost, only redone.
     """
 
-    def __init__(self, limit_s: float) -> None:
-        self.limit_s = limit_s
-        self._since: float | None = None
+    def __init__(self, rejoin_after_s: float) -> None:
+        self.rejoin_after_s = rejoin_after_s
+        self.offsets: dict[Any, int] = {}
+        self._refused_since: float | None = None
 
-    def refused(self) -> bool:
-        """Note a refused commit; True (and start over) once refusals have lasted ``limit_s``."""
-        now = time.monotonic()
-        self._since = self._since or now
-        if now - self._since < self.limit_s:
+    def add(self, offsets: Mapping[Any, int]) -> None:
+        for tp, offset in offsets.items():
+            self.offsets[tp] = max(offset, self.offsets.get(tp, 0))
+
+    def commit(self, consumer: Any) -> bool:
+        """Commit every pending offset through ``consumer``. False when commits have been
+        refused by a rebalance for ``rejoin_after_s``: the consumer is stuck and must be
+        replaced (the pending offsets are dropped: its successor re-reads them). A refusal
+        before that, or any other failure, raises and keeps them pending."""
+        from kafka.errors import CommitFailedError, RebalanceInProgressError
+        from kafka.structs import OffsetAndMetadata
+
+        if not self.offsets:
+            return True
+        try:
+            consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self.offsets.items()})
+        except (CommitFailedError, RebalanceInProgressError):
+            now = time.monotonic()
+            self._refused_since = self._refused_since or now
+            if now - self._refused_since < self.rejoin_after_s:
+                raise
+            log.warning("commits refused by a rebalance for %.0f s; replacing the consumer", now - self._refused_since)
+            self.offsets, self._refused_since = {}, None
             return False
-        log.warning("commits refused by a rebalance for %.0f s; replacing the consumer", now - self._since)
-        self._since = None
+        self.offsets, self._refused_since = {}, None
         return True
 
-    def committed(self) -> None:
-        self._since = None
+
+def read_topic(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
+    """Every (key, value) of ``topic`` up to its current end, partition by partition, in log order."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out: list[tuple[str, bytes]] = []
+        by_tp: dict[Any, list[Any]] = defaultdict(list)
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            for tp, batch in consumer.poll(timeout_ms=500).items():
+                by_tp[tp].extend(batch)
+        for tp in tps:
+            out += [(r.key.decode(), r.value) for r in sorted(by_tp[tp], key=lambda r: r.offset) if r.value is not None]
+        return out
+    finally:
+        consumer.close()
 
 
 def _partitions(consumer: Any, topic: str) -> set[int]:

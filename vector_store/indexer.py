@@ -246,13 +246,11 @@ class ItemsFollower:
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
-        from recsys.kafka_clients import RebalanceWatch  # imported here: the bulk path needs no Kafka client
+        from recsys.kafka_clients import PendingCommits  # imported here: the bulk path needs no Kafka client
 
         self._consumer = self._new_consumer()
         self._since_optimize = 0
-        # partition -> next offset, of records indexed and flushed whose commit has not landed
-        self._uncommitted: dict[Any, int] = {}
-        self._rebalance = RebalanceWatch(self.settings.kafka.rejoin_after_s)
+        self._pending = PendingCommits(self.settings.kafka.rejoin_after_s)  # indexed and flushed, not committed
 
     def _new_consumer(self) -> Any:
         from recsys.kafka_clients import group_consumer
@@ -276,7 +274,7 @@ class ItemsFollower:
         from kafka.errors import KafkaError
 
         vs = self.settings.vector_store
-        if self._uncommitted:
+        if self._pending.offsets:
             try:
                 self._commit()
             except KafkaError as exc:
@@ -307,32 +305,19 @@ class ItemsFollower:
             self.store.optimize()
             self._since_optimize = 0
         self.store.flush()
-        for tp, offset in polled.items():
-            self._uncommitted[tp] = max(offset, self._uncommitted.get(tp, 0))
+        self._pending.add(polled)
         self._commit()
         self.stats += stats
         return stats
 
     def _commit(self) -> None:
-        """Commit the offsets of what was indexed and flushed, named explicitly: a commit of
-        "the consumed positions" during a rebalance can carry none of them (CI saw a follower
-        commit nothing after a first join with no partition metadata). If it raises, they stay
-        pending for the next poll. Commits refused by a rebalance for `kafka.rejoin_after_s`
-        replace the consumer (see `RebalanceWatch`): the fresh one re-reads from the committed
-        offsets, and indexing an item again is an upsert."""
-        from kafka.errors import CommitFailedError, RebalanceInProgressError
-        from kafka.structs import OffsetAndMetadata
-
-        try:
-            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._uncommitted.items()})
-        except (CommitFailedError, RebalanceInProgressError):
-            if not self._rebalance.refused():
-                raise
+        """Commit the offsets of what was indexed and flushed (`PendingCommits`: by name; if it
+        raises they stay pending for the next poll). A consumer stuck in a rebalance is
+        replaced: the fresh one re-reads from the committed offsets, and indexing an item again
+        is an upsert."""
+        if not self._pending.commit(self._consumer):
             self._consumer.close(autocommit=False)
             self._consumer = self._new_consumer()
-        else:
-            self._rebalance.committed()
-        self._uncommitted = {}
 
     def run(self, stop: threading.Event) -> None:
         """Follow until ``stop`` is set. A broker that cannot be reached (a restart) is waited

@@ -194,7 +194,7 @@ def test_a_consumer_stuck_in_a_rebalance_is_replaced(worker: Worker, kafka_boots
     consumer, which re-reads from the committed offsets and commits."""
     from kafka.errors import RebalanceInProgressError
 
-    worker._rebalance.limit_s = 1.0  # kafka.rejoin_after_s
+    worker._pending.rejoin_after_s = 1.0  # kafka.rejoin_after_s
     stuck = worker.consumer
     refused: list[Any] = []
 
