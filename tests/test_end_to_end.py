@@ -39,11 +39,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("model")
     # Bounded by epochs (~10 s here), not by the clock: a time cap let a loaded machine cut
-    # training short. At the default lr (1e-3) the demo's 30 epochs left this model barely
-    # conditioned (loss 4.0 of ln 96 = 4.6; save vs click queries 0.004 apart, the same top 20);
-    # at 1e-2 it recovers the planted outcome clusters (loss 3.0; 19 of 20 in the right one).
-    settings = Settings(train={"lr": 1e-2})
-    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), settings, out, max_seconds=300)
+    # training short. At lr 1e-3 the demo's 30 epochs left this model barely conditioned (loss
+    # 4.0 of ln 96 = 4.6; save vs click queries 0.004 apart, the same top 20); at the demo
+    # trainer's 1e-2 it recovers the planted outcome clusters (loss 3.0; 19 of 20 in the right one).
+    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), Settings(), out, max_seconds=300)
 
 
 def _outcome_events(n_events: int, n_users: int, n_items: int, seed: int) -> list[dict[str, Any]]:

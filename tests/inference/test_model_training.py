@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from inference.train import (
     train,
     train_small_demo_model,
 )
+from recsys.settings import Settings
 
 
 @pytest.mark.parametrize("mm_dtype", [None, torch.bfloat16])
@@ -110,6 +112,26 @@ def test_small_demo_model_trains_and_exports(tmp_path: Path) -> None:
     out = train_small_demo_model(events, settings, tmp_path / "model", max_seconds=15)
     for name in ("user_model.onnx", "item_encoder.onnx", "items.npz", "meta.json"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_small_demo_model_takes_its_own_lr_unless_one_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference import train as train_module
+
+    seen: list[float] = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(log_: Any, split: Any, settings: Settings, *args: Any, **kwargs: Any) -> Any:
+        seen.append(settings.train.lr)
+        raise Stop
+
+    monkeypatch.setattr(train_module, "train", capture)
+    events = planted_events(n_users=60, n_items=30, length=12, seed=3)
+    for settings in (Settings(), Settings(train={"lr": 3e-4})):
+        with pytest.raises(Stop):
+            train_small_demo_model(events, settings, tmp_path / "model")
+    assert seen == [1e-2, 3e-4]
 
 
 def test_cli_export_and_evaluate(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
