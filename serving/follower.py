@@ -31,8 +31,13 @@ __all__ = ["CandidatesFollower", "decode_value"]
 log = logging.getLogger(__name__)
 
 
+# What garbage bytes raise from msgpack: its own errors (ValueError subclasses), and TypeError
+# for a map keyed by an array or a map (unhashable in Python).
+UNDECODABLE = (ValueError, TypeError, msgpack.UnpackException)
+
+
 def decode_value(raw: bytes) -> Any:
-    """msgpack -> Python; raises ValueError-like errors on garbage (the caller counts them)."""
+    """msgpack -> Python; raises one of UNDECODABLE on garbage (the caller counts them)."""
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
@@ -121,7 +126,15 @@ class CandidatesFollower:
                 continue
             for records in batches.values():
                 for record in records:
-                    self._apply(record.key, record.value)
+                    try:
+                        self._apply(record.key, record.value)
+                    except Exception:  # noqa: BLE001 - one record must not end the follower
+                        # A record this code cannot handle is a bug, but ending the task would
+                        # leave the replica serving stale lists (or never SERVING) silently,
+                        # and the compacted topic keeps the record: every restart would too.
+                        self.store.malformed += 1
+                        log.exception("candidates follower: record %s:%d:%d skipped",
+                                      record.topic, record.partition, record.offset)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         self.records += 1
@@ -131,7 +144,7 @@ class CandidatesFollower:
             return
         try:
             decoded = decode_value(value)
-        except (ValueError, msgpack.UnpackException) as exc:
+        except UNDECODABLE as exc:
             self.store.malformed += 1
             log.debug("candidates follower: undecodable record (%s)", exc)
             return

@@ -130,7 +130,11 @@ def parse_candidates(value: Any, *, max_items: int | None = None) -> UserCandida
             items = [str(i) for i in items]
         if not {type(s) for s in scores} <= {float, int}:  # bool is its own type here
             raise MalformedCandidates(f"surface {surface!r}: scores must be numbers")
-        surfaces[surface] = SurfaceList(tuple(map(sys.intern, items)), array("f", scores))
+        try:
+            packed = array("f", scores)
+        except OverflowError:  # an int beyond any float
+            raise MalformedCandidates(f"surface {surface!r}: a score is out of range") from None
+        surfaces[surface] = SurfaceList(tuple(map(sys.intern, items)), packed)
     return UserCandidates(str(user_id), model_version, source_event_ts, generated_at, surfaces, version)
 
 

@@ -79,6 +79,9 @@ class IndexStats:
 
 
 # -- decoding --------------------------------------------------------------------------------
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def decode_item(value: bytes | None, max_id_length: int) -> ItemMessage:
     """Decode and validate one `items` value; BadItemMessage says what is wrong."""
     if value is None:
@@ -97,10 +100,11 @@ def decode_item(value: bytes | None, max_id_length: int) -> ItemMessage:
     features = obj.get("features")
     if features is not None:
         if not isinstance(features, list) or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f)
+            isinstance(f, (int, float)) and not isinstance(f, bool) and abs(f) <= _FLOAT32_MAX
             for f in features
         ):
-            raise BadItemMessage("features must be a list of finite numbers")
+            # The encoder runs in float32: a finite float64 beyond its range arrives as inf.
+            raise BadItemMessage("features must be a list of finite float32 numbers")
         features = tuple(float(f) for f in features)
     surfaces = obj.get("surfaces")
     if surfaces is not None:
@@ -176,6 +180,10 @@ def _checked(vectors: np.ndarray, n: int) -> np.ndarray:
     out = np.asarray(vectors, dtype=np.float32)
     if out.ndim != 2 or out.shape[0] != n:
         raise ValueError(f"embed_items returned shape {list(out.shape)} for {n} items")
+    if not np.isfinite(out).all():
+        # Features the encoder turns into NaN/inf are that item's data, not a store failure:
+        # the store would refuse the whole batch, and the re-read batch would refuse again.
+        raise BadItemMessage("the item encoder returned a non-finite vector")
     return out
 
 

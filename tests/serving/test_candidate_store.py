@@ -41,6 +41,7 @@ def test_parse_turns_ids_into_strings_and_cuts_lists(make_candidates: Make) -> N
         lambda v: v["surfaces"]["home"]["items"].__setitem__(0, {"x": 1}),
         lambda v: v["surfaces"]["home"]["scores"].__setitem__(0, "high"),
         lambda v: v["surfaces"].update(home=None),
+        lambda v: v["surfaces"]["home"]["scores"].__setitem__(0, 10**400),  # no float holds it
     ],
 )
 def test_malformed_records_are_rejected_and_counted(make_candidates: Make, breakage: Callable[[dict[str, Any]], Any]) -> None:
@@ -50,6 +51,17 @@ def test_malformed_records_are_rejected_and_counted(make_candidates: Make, break
         parse_candidates(value)
     store = CandidateStore(10)
     assert not store.apply(value)
+    assert store.malformed == 1 and len(store) == 0
+
+
+@pytest.mark.parametrize("raw", [b"\x81\x91\x01\x01", b"\x81\x81\x01\x01\x01", b"\xc1", b"\x92\x01"])
+def test_the_follower_counts_undecodable_bytes_instead_of_dying(raw: bytes) -> None:
+    """A map keyed by an array or a map makes msgpack raise TypeError, not its own errors."""
+    from recsys.settings import Settings
+    from serving.follower import CandidatesFollower
+
+    store = CandidateStore(10)
+    CandidatesFollower(Settings(), store)._apply(b"u", raw)
     assert store.malformed == 1 and len(store) == 0
 
 

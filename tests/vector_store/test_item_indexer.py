@@ -51,6 +51,7 @@ def test_decode_item() -> None:
         msgpack.packb({"item_id": ""}), msgpack.packb({"item_id": "x" * 300}),
         msgpack.packb({"item_id": 1, "features": [1, "a"]}),
         msgpack.packb({"item_id": 1, "features": [float("nan")]}),
+        msgpack.packb({"item_id": 1, "features": [1e39]}),  # finite, but inf in float32
         msgpack.packb({"item_id": 1, "surfaces": "home"}),
         msgpack.packb({"item_id": 1, "created_at": 1.5}),
         msgpack.packb({"item_id": 1, "popularity": float("inf")}),
@@ -174,6 +175,20 @@ def test_items_the_encoder_rejects_are_skipped_alone(tmp_path: Path) -> None:
         stats = index_items(store, batch, encoder, SURFACES)
         assert (stats.embedded, stats.skipped) == (2, 1)
         assert set(store.retrieve(["ok1", "bad", "ok2"])) == {"ok1", "ok2"}
+
+
+def test_an_item_the_encoder_turns_non_finite_is_skipped_alone(tmp_path: Path) -> None:
+    """The store refuses NaN/inf vectors for the whole batch; only the item that made one goes."""
+    rng = np.random.default_rng(2)
+    _tiny_encoder(tmp_path / "item_encoder.onnx", rng.normal(size=(2, DIM)).astype(np.float32),
+                  np.full((2, DIM), 1e38, np.float32))  # 1e38 x 10 overflows float32
+    encoder = OnnxItemEncoder(tmp_path, lambda ids: np.zeros(len(ids), np.int64))
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        batch = [ItemMessage("ok1", features=(0.0, 0.0)), ItemMessage("huge", features=(10.0, 0.0)),
+                 ItemMessage("ok2")]
+        stats = index_items(store, batch, encoder, SURFACES)
+        assert (stats.embedded, stats.skipped) == (2, 1)
+        assert set(store.retrieve(["ok1", "huge", "ok2"])) == {"ok1", "ok2"}
 
 
 def test_model_id_bucket_follows_the_exported_vocabulary(tmp_path: Path) -> None:
