@@ -8,6 +8,7 @@ to 1; the serving fallback) and `features` (float32 [N, F] content features, F m
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +33,18 @@ class ItemTable:
         return np.asarray([id_bucket(i, vocab) for i in item_ids], dtype=np.int64)
 
     def save(self, path: str | Path) -> None:
-        np.savez(
-            path,
-            ids=np.asarray(self.ids).astype(str),
-            embeddings=np.asarray(self.embeddings, dtype=np.float32),
-            popularity=np.asarray(self.popularity, dtype=np.float32),
-            features=np.asarray(self.features, dtype=np.float32),
-        )
+        """Write atomically: servers re-read items.npz while an export may be writing it."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:  # a file object: np.savez adds no ".npz" suffix to it
+            np.savez(
+                f,
+                ids=np.asarray(self.ids).astype(str),
+                embeddings=np.asarray(self.embeddings, dtype=np.float32),
+                popularity=np.asarray(self.popularity, dtype=np.float32),
+                features=np.asarray(self.features, dtype=np.float32),
+            )
+        os.replace(tmp, path)
 
     @staticmethod
     def load(path: str | Path) -> ItemTable:

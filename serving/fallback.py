@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ class PopularityFallback:
         try:
             with np.load(path, allow_pickle=False) as table:
                 items = top_popular(table["ids"], table["popularity"], self.size)
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             # A half-written export or a foreign file: keep serving the previous list.
             log.warning("popularity fallback: cannot read %s: %s", path, exc)
             return False

@@ -347,7 +347,10 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     async def refresh_fallback() -> None:
         while True:  # a newly exported model changes the popularity list without a restart
             await asyncio.sleep(cfg.fallback_refresh_s)
-            fallback.refresh()
+            try:
+                fallback.refresh()
+            except Exception:  # noqa: BLE001 - the last good list keeps serving; retried next time
+                log.exception("popularity fallback: refresh failed")
 
     await server.start()
     if follower is not None:

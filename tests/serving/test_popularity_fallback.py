@@ -47,3 +47,24 @@ def test_a_broken_export_keeps_the_previous_list(model_dir: Path) -> None:
     os.utime(path, ns=(1, 1))  # a different mtime than the good file's
     assert not fallback.refresh()
     assert fallback.get("home") == before
+
+
+def test_a_half_written_export_keeps_the_previous_list(model_dir: Path) -> None:
+    """A zip cut short raises zipfile.BadZipFile, which is neither OSError nor ValueError."""
+    fallback = PopularityFallback(model_dir, SURFACES, 3)
+    before = fallback.get("home")
+    path = model_dir / "items.npz"
+    path.write_bytes(path.read_bytes()[:200])
+    os.utime(path, ns=(1, 1))
+    assert not fallback.refresh()
+    assert fallback.get("home") == before
+
+
+def test_item_table_save_replaces_the_file_whole(tmp_path: Path) -> None:
+    from inference.items import ItemTable
+
+    table = ItemTable(np.array(["a", "b"]), np.eye(2, dtype=np.float32), np.array([1.0, 2.0], np.float32),
+                      np.zeros((2, 0), np.float32))
+    table.save(tmp_path / "items.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["items.npz"]  # no temp file left, no suffix added
+    assert ItemTable.load(tmp_path / "items.npz").ids.tolist() == ["a", "b"]
