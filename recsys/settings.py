@@ -88,7 +88,7 @@ class StreamsSettings(BaseModel):
     # back at once, without waiting out the session timeout. Unique per worker; None = dynamic.
     instance_id: str | None = None
     replication_factor: int = 1  # of the topics the app creates (changelog, DLQ, user-updates)
-    dlq_max_original_bytes: int = 512 * 1024  # longer originals are cut in the DLQ record (broker limit ~1 MiB)
+    dlq_max_original_bytes: int = 512 * 1024  # the DLQ record keeps the original key and at most this much of key + original value (broker limit ~1 MiB)
     stats_interval_s: float = 30.0  # how often the worker logs its counters
     loglevel: str = "info"  # the worker's log level
 

@@ -87,6 +87,13 @@ class Counters:
         )
 
 
+def _preview(key: bytes | None, limit: int = 64) -> str:
+    """A Kafka key for a message: its first bytes and its size (a key can be ~1 MB)."""
+    if key is None or len(key) <= limit:
+        return repr(key)
+    return f"{key[:limit]!r}... ({len(key)} bytes)"
+
+
 def dlq_record(
     exc: InvalidEvent, *, original: bytes | None, topic: str, partition: int, offset: int, max_original: int
 ) -> bytes:
@@ -198,7 +205,7 @@ def create_app(settings: Settings) -> faust.App:
                     event = decode_event(msg.value, settings, now=now)
                     key = event.key.encode()
                     if key != msg.key:  # per-user order and the table's partitioning rest on it
-                        raise InvalidEvent("wrong key", f"Kafka key {msg.key!r} is not str(user_id)={event.key!r}")
+                        raise InvalidEvent("wrong key", f"Kafka key {_preview(msg.key)} is not str(user_id)={event.key!r}")
                     p = pending.get(key)
                     if p is None:
                         if msg.partition != current_partition:
@@ -216,8 +223,11 @@ def create_app(settings: Settings) -> faust.App:
                     outcome = p.seq.fold(event, settings)
                 except InvalidEvent as exc:
                     counters.invalid[exc.reason] += 1
+                    # The DLQ record keeps the original key, so the key's bytes come out of the
+                    # original's budget: key + value stay under the broker's limit.
                     record = dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition,
-                                        offset=msg.offset, max_original=cfg.dlq_max_original_bytes)
+                                        offset=msg.offset,
+                                        max_original=max(0, cfg.dlq_max_original_bytes - len(msg.key or b"")))
                     await first.add_beside(dlq.get_topic_name(), msg.key, record, msg.partition)
                     continue
                 counters.events[outcome.value] += 1

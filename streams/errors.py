@@ -42,9 +42,15 @@ class InvalidEvent(StreamsError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         assert reason in REASONS, f"unknown reason {reason!r}; add it to REASONS"
+        if len(detail) > DETAIL_MAX_CHARS:  # it quotes hostile input: its size must not follow it
+            detail = detail[:DETAIL_MAX_CHARS] + f"... ({len(detail)} chars)"
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+# A detail is for humans; the DLQ record carries the original bytes for anything longer.
+DETAIL_MAX_CHARS = 1000
 
 
 class TooLate(InvalidEvent):

@@ -441,17 +441,19 @@ def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason
     hostile += [
         (f"not-{user}".encode(), encode_event(valid[0]), "wrong key"),
         (None, encode_event(valid[1]), "wrong key"),  # no key at all
-        (b"k" * 200_000, encode_event(valid[2]), "wrong key"),  # a huge key
+        # A huge key: its repr is 4x its size, and the DLQ record keeps the key itself too.
+        (b"\x00" * 300_000, encode_event(valid[2]), "wrong key"),
         (user.encode(), b"\xc1" + os.urandom(cut + 1000), "oversized"),  # cut short in the DLQ record
+        (b"\x00" * 300_000, b"\xc1" + os.urandom(cut + 1000), "oversized"),  # key + cut original fit
     ]
     before_valid, before_invalid = worker.valid(), worker.invalid()
     producer = KafkaProducer(bootstrap_servers=worker.bootstrap, acks="all", max_request_size=4 << 20)
     try:
-        sent = [(producer.send(worker.actions, key=key, value=raw), raw, reason) for key, raw, reason in hostile]
+        sent = [(producer.send(worker.actions, key=key, value=raw), key, raw, reason) for key, raw, reason in hostile]
         for e in valid:
             producer.send(worker.actions, key=e.key.encode(), value=encode_event(e))
         producer.flush()
-        where = {(f.get().partition, f.get().offset): (raw, reason) for f, raw, reason in sent}
+        where = {(f.get().partition, f.get().offset): (key, raw, reason) for f, key, raw, reason in sent}
     finally:
         producer.close()
 
@@ -470,11 +472,13 @@ def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason
         position = (rec["partition"], rec["offset"])
         if rec["topic"] != worker.actions or position not in where:
             continue
-        raw, reason = where[position]
+        key, raw, reason = where[position]
         found[position] += 1
         assert rec["reason"] == reason and rec["detail"], rec
-        assert rec["original"] == (raw or b"")[:cut] and rec["original_size"] == len(raw or b"")
-        assert rec["truncated"] == (len(raw or b"") > cut)
+        budget = cut - len(key or b"")  # the key, kept on the DLQ record, counts in the budget
+        assert rec["original"] == (raw or b"")[:budget] and rec["original_size"] == len(raw or b"")
+        assert rec["truncated"] == (len(raw or b"") > budget)
+        assert len(rec["detail"]) < 1100
     assert found == Counter(dict.fromkeys(where, 1))
 
 
