@@ -79,9 +79,10 @@ class LocalStack:
             ))
             self.bootstrap = self.broker.start()
         self._create_topics()
-        index = Service("index", ["index"], self.env(), self.work_dir / "logs").start()
-        if index.proc is not None and index.proc.wait(300) != 0:
-            raise RuntimeError(f"`recsys index` failed:\n{index.log_tail()}")
+        # A Service runs in its own session: one left running (a hung index) would outlive us.
+        with Service("index", ["index"], self.env(), self.work_dir / "logs") as index:
+            if index.proc is not None and index.proc.wait(300) != 0:
+                raise RuntimeError(f"`recsys index` failed:\n{index.log_tail()}")
         for name in ("streams", "worker", "serve"):
             self.start_service(name)
         self.wait_serving()

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -153,8 +154,13 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _maybe_int(value: str) -> int | str:
+    """An ASCII integer cell as an int; anything else ("--5", "²", full-width digits) as the
+    text, for the worker to accept or dead-letter with a reason."""
     text = value.strip()
-    return int(text) if text.lstrip("-").isdigit() else text
+    return int(text) if _ASCII_INT.fullmatch(text) else text
+
+
+_ASCII_INT = re.compile(r"-?[0-9]+")
 
 
 def read_csv(path: Path) -> Iterator[dict[str, Any]]:

@@ -75,6 +75,16 @@ def test_jsonl_and_csv_are_read_as_event_maps(tmp_path: Path) -> None:
     assert key == b"2" and decode_event(value, S, now=1_700_000_000_001).query == "hats"
 
 
+def test_csv_cells_that_only_look_numeric_stay_text(tmp_path: Path) -> None:
+    """str.isdigit says yes to "²" and full-width digits, int() says no to "--5": such a cell
+    is kept as text (the worker dead-letters it with a reason), never a crash of the replay."""
+    csv_path = tmp_path / "events.csv"
+    csv_path.write_text("user_id,item_id,action,surface,ts\n--5,²,click,home,１２\n-7,+3,click,home,1_000\n",
+                        encoding="utf-8")
+    rows = list(read_events(csv_path))
+    assert [(r["user_id"], r["item_id"], r["ts"]) for r in rows] == [("--5", "²", "１２"), (-7, "+3", "1_000")]
+
+
 def test_format_is_sniffed_from_content_when_the_name_says_nothing(tmp_path: Path) -> None:
     ml = tmp_path / "ratings"
     ml.write_text("1\t2\t5\t881250949\n")
