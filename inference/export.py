@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import warnings
 from datetime import UTC, datetime
@@ -197,7 +198,10 @@ def export_model(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) ->
     props = {"version": info.version, "model_config": json.dumps(cfg.to_dict())}
     for name in ("user_model.onnx", "item_encoder.onnx"):
         _stamp(out_dir / name, props)
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+    # Atomically: servers re-read the model directory while an export writes it.
+    tmp = out_dir / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, out_dir / "meta.json")
     return meta
 
 

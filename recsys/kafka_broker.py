@@ -151,6 +151,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _port_free(port: int) -> bool:
+    """Whether a listener could bind ``port`` now. SO_REUSEADDR as the JVM sets it: a socket of
+    a stopped broker still in TIME_WAIT does not count, a live listener does."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_until_ready(bootstrap: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Block until a metadata request to the broker succeeds (or fail with the reason)."""
     from kafka import KafkaAdminClient
@@ -198,7 +210,7 @@ class LocalBroker:
             return None
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user
             return None
         cmdline = Path(f"/proc/{pid}/cmdline")
         if cmdline.exists() and b"kafka.Kafka" not in cmdline.read_bytes():
@@ -228,6 +240,12 @@ class LocalBroker:
         if self.pid() is not None:
             wait_until_ready(self.bootstrap, self.cfg.start_timeout_s)
             return self.bootstrap
+        # Readiness is "something answers on the port": a port held by another broker (another
+        # data dir) would pass it while this JVM dies of address-in-use.
+        for port in (self.cfg.port, self.cfg.controller_port):
+            if not _port_free(port):
+                raise BrokerError(f"port {port} is in use by another process; pick another "
+                                  f"(RECSYS_KAFKA__PORT / RECSYS_KAFKA__CONTROLLER_PORT) or stop it")
         lib = ensure_jars(self.cfg)
         props = self._write_config()
         log_dir = self.data_dir / "log"
@@ -239,9 +257,9 @@ class LocalBroker:
             )
             if proc.returncode != 0:
                 raise BrokerError(f"formatting {log_dir} failed:\n{proc.stdout}{proc.stderr}")
-        out = open(self.data_dir / "broker.out", "ab")
-        proc = subprocess.Popen(self._java_cmd(lib, "kafka.Kafka", str(props)), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.data_dir / "broker.out", "ab") as out:
+            proc = subprocess.Popen(self._java_cmd(lib, "kafka.Kafka", str(props)), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         self._pid_file.write_text(str(proc.pid))
         try:
             wait_until_ready(self.bootstrap, self.cfg.start_timeout_s, proc)
@@ -257,7 +275,10 @@ class LocalBroker:
         if pid is None:
             self._pid_file.unlink(missing_ok=True)
             return False
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:  # exited since pid() looked
+            pass
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not _alive(pid):

@@ -40,7 +40,7 @@ def top_popular(ids: np.ndarray, popularity: np.ndarray, size: int) -> SurfaceLi
 
 @dataclass(frozen=True, slots=True)
 class _Loaded:
-    mtime_ns: int
+    mtimes: tuple[int, int]  # of items.npz and meta.json (0 = missing) when they were read
     items: SurfaceList
     model_version: str
     generated_at: int  # ms: when the item table was written
@@ -71,13 +71,20 @@ class PopularityFallback:
         return self._loaded.items
 
     def refresh(self) -> bool:
-        """Reload items.npz if it changed since the last load; True when something was loaded."""
+        """Reload if items.npz or meta.json changed since the last load; True when something
+        was loaded. An export writes items.npz first and meta.json last, seconds apart: keyed
+        on items.npz alone, a refresh in between kept the old version for the new list."""
         path = self.model_dir / "items.npz"
         try:
             mtime_ns = path.stat().st_mtime_ns
         except FileNotFoundError:
             return False
-        if self._loaded is not None and self._loaded.mtime_ns == mtime_ns:
+        try:
+            meta_mtime_ns = (self.model_dir / "meta.json").stat().st_mtime_ns
+        except FileNotFoundError:
+            meta_mtime_ns = 0
+        mtimes = (mtime_ns, meta_mtime_ns)
+        if self._loaded is not None and self._loaded.mtimes == mtimes:
             return False
         try:
             with np.load(path, allow_pickle=False) as table:
@@ -86,7 +93,7 @@ class PopularityFallback:
             # A half-written export or a foreign file: keep serving the previous list.
             log.warning("popularity fallback: cannot read %s: %s", path, exc)
             return False
-        self._loaded = _Loaded(mtime_ns, items, self._read_version(), mtime_ns // 1_000_000)
+        self._loaded = _Loaded(mtimes, items, self._read_version(), mtime_ns // 1_000_000)
         log.info("popularity fallback: %d items from %s (model %r)", len(items.items), path, self.model_version)
         return True
 

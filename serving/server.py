@@ -88,8 +88,8 @@ def validate_request(request: pb.GetCandidatesRequest, limits: Limits) -> str | 
     """None when the request is valid, else the reason (an INVALID_ARGUMENT detail)."""
     if not request.user_id:
         return "user_id is empty"
-    if len(request.user_id) > limits.max_id_length:
-        return f"user_id is longer than {limits.max_id_length} characters"
+    if len(request.user_id.encode()) > limits.max_id_length:  # bytes, as the streams count them
+        return f"user_id is longer than {limits.max_id_length} bytes (UTF-8)"
     if request.surface not in limits.surfaces:
         return f"unknown surface {request.surface[:64]!r}; known: {', '.join(sorted(limits.surfaces))}"
     if not 0 <= request.limit <= limits.max_limit:

@@ -46,3 +46,18 @@ def test_missing_java_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
                                        port=free_port(), controller_port=free_port()))
     with pytest.raises(BrokerError, match="`mvn` is not on PATH"):
         broker.start()
+
+
+def test_a_port_held_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
+    """Readiness only asks "does something answer on the port": a port another broker holds
+    would pass it while this JVM died of address-in-use."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        broker = LocalBroker(KafkaSettings(data_dir=tmp_path, port=port, controller_port=free_port()))
+        with pytest.raises(BrokerError, match=f"port {port} is in use"):
+            broker.start()
+        assert broker.pid() is None

@@ -18,6 +18,7 @@ BAD = pytest.mark.parametrize(
     [
         ("", "home", 5, "user_id is empty"),
         ("x" * 257, "home", 5, "longer than 256"),
+        ("é" * 129, "home", 5, "longer than 256"),  # 129 characters, 258 bytes: the limit is in bytes
         ("alice", "", 5, "unknown surface"),
         ("alice", "checkout", 5, "unknown surface"),
         ("alice", "home", -1, "outside [0, 50]"),

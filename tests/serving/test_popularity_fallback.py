@@ -68,3 +68,17 @@ def test_item_table_save_replaces_the_file_whole(tmp_path: Path) -> None:
     table.save(tmp_path / "items.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["items.npz"]  # no temp file left, no suffix added
     assert ItemTable.load(tmp_path / "items.npz").ids.tolist() == ["a", "b"]
+
+
+def test_a_meta_json_written_after_the_table_updates_the_version(model_dir: Path) -> None:
+    """An export writes items.npz first and meta.json last: a refresh in between must not keep
+    the old version for good."""
+    import json
+
+    fallback = PopularityFallback(model_dir, SURFACES, 3)
+    meta = model_dir / "meta.json"
+    meta.write_text(json.dumps({"version": "pop-v2"}))
+    os.utime(meta, ns=(2, 2))
+    assert fallback.refresh()
+    assert fallback.model_version == "pop-v2"
+    assert not fallback.refresh()
