@@ -129,10 +129,16 @@ def ranking_metrics(
     hits = {k: 0.0 for k in ks}
     gains = {k: 0.0 for k in ks}
     for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
+        if not torch.isfinite(qb.queries).all():  # a NaN score would rank its target first
+            raise ValueError("the model generated non-finite query embeddings")
         scores = (qb.queries @ items.T).amax(dim=1).cpu()  # (B, N)
         target = torch.as_tensor(log.item[qb.rows] - 1)
         if exclude_history:
-            scores[_history_mask(log, qb.rows, items.shape[0])] = -torch.inf
+            mask = _history_mask(log, qb.rows, items.shape[0])
+            # A target seen before is still the item to find: only the OTHER history items
+            # leave the ranking (no test target repeats in Beauty or ML-100K; synthetic logs do).
+            mask[torch.arange(len(target)), target] = False
+            scores[mask] = -torch.inf
         t_score = scores.gather(1, target[:, None])
         rank = (scores > t_score).sum(dim=1).numpy()  # 0 = top
         for k in ks:

@@ -338,6 +338,7 @@ class RunState:
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)
     bad_evals: int = 0
+    early_stopped: bool = False  # patience ran out: a resumed run ends here too
 
 
 def loss_spec(log_: EventLog, train_end: np.ndarray, tcfg: TrainSettings, device: torch.device) -> LossSpec:
@@ -412,7 +413,7 @@ def fit(
         save_checkpoint(path, model, info, optimizer if with_optimizer else None)
 
     t_start = time.time() - st.seconds
-    while st.epoch < stage.epochs:
+    while st.epoch < stage.epochs and not st.early_stopped:
         model.train()
         losses: list[float] = []
         bar = tqdm(
@@ -461,11 +462,12 @@ def fit(
                 checkpoint(best_path, with_optimizer=False)
             log.info("%s epoch %d %s", stage.name, st.epoch, json.dumps(row))
             st.history.append(row)
+            st.early_stopped = st.bad_evals >= tcfg.patience
             checkpoint(last, with_optimizer=True)
             plot_curves(st.history, out_dir / f"{stage.name}_curves.png", metric)
             with open(out_dir / "train.log", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"stage": stage.name, "seconds": round(st.seconds, 1)} | row) + "\n")
-            if st.bad_evals >= tcfg.patience or out_of_time:
+            if st.early_stopped or out_of_time:
                 break
         else:
             st.history.append(row)

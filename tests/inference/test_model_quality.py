@@ -33,6 +33,18 @@ def test_tiny_model_beats_popularity(tiny_model: Trained, planted_log: EventLog,
     assert ours["ndcg@10"] > pop["ndcg@10"] * 1.5, (ours, pop)
 
 
+def test_a_target_seen_before_is_not_masked_away_by_the_history(tiny_model: Trained, planted_log: EventLog) -> None:
+    """Excluding the history removes the other items the user saw, never the target itself."""
+    model, _, _ = tiny_model
+    starts = planted_log.offsets[planted_log.user]
+    rows = np.array([r for r in range(len(planted_log.item)) if r > starts[r]
+                     and planted_log.item[r] in planted_log.item[starts[r] : r]])
+    assert len(rows) > 10  # the planted users revisit items
+    incl = ranking_metrics(model, planted_log, rows, ks=(10,))
+    excl = ranking_metrics(model, planted_log, rows, ks=(10,), exclude_history=True)
+    assert excl["recall@10"] >= incl["recall@10"] > 0
+
+
 def _item_ids(log: EventLog) -> np.ndarray:
     return np.asarray([int(i[1:]) for i in log.item_ids])
 

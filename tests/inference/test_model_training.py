@@ -81,6 +81,24 @@ def test_resume_continues_where_the_run_stopped(planted_log: EventLog, planted_s
     assert load_blob(tmp_path / "pretrain_last.pt")["state"]["run"]["epoch"] == 4
 
 
+def test_resume_after_early_stopping_does_not_train_on(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
+    import torch as t
+
+    model, info, settings = _fresh(planted_log, tmp_path, "train.eval_every=1", "train.patience=100")
+    tcfg = settings.train  # type: ignore[attr-defined]
+    spec = loss_spec(planted_log, planted_split.train_end, tcfg, torch.device("cpu"))
+    fit(model, planted_log, planted_split, tcfg, Stage("pretrain", 2, tcfg.lr, spec, planted_split.valid), info,
+        tmp_path, progress=False)
+    blob = load_blob(tmp_path / "pretrain_last.pt")
+    assert blob["state"]["run"]["early_stopped"] is False
+    blob["state"]["run"]["early_stopped"] = True  # as if patience had run out at epoch 2
+    t.save(blob, tmp_path / "pretrain_last.pt")
+    model2, info2, _ = _fresh(planted_log, tmp_path)
+    again = fit(model2, planted_log, planted_split, tcfg, Stage("pretrain", 4, tcfg.lr, spec, planted_split.valid),
+                info2, tmp_path, resume=True, progress=False)
+    assert again.epochs == 2 and [h["epoch"] for h in again.history] == [1, 2]
+
+
 def test_sampled_softmax_with_log_q_learns(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path, "train.loss=sampled", "train.n_negatives=8", "train.epochs=10")
     model, _, results = train(planted_log, planted_split, settings, tmp_path, progress=False)
