@@ -484,11 +484,15 @@ class Worker:
         from kafka.errors import CommitFailedError, RebalanceInProgressError
 
         self._pending.add(offsets or {})
+        if self.consumer is None:  # its replacement failed: kept pending until poll_batch makes one
+            return
         try:
             if not self._pending.commit(self.consumer):
                 # A rebalance that never completes: the fresh consumer re-reads from the
-                # committed offsets.
-                self.consumer.close(autocommit=False)
+                # committed offsets. Until one exists (the broker may be down) the field is
+                # empty, never the closed consumer: poll_batch creates it.
+                old, self.consumer = self.consumer, None
+                old.close(autocommit=False)
                 self.consumer = self._new_consumer()
         except (CommitFailedError, RebalanceInProgressError) as exc:
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
@@ -516,6 +520,8 @@ class Worker:
         while len(batch) < cfg.max_batch and not self.stopping.is_set():
             timeout = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             try:
+                if self.consumer is None:  # the replacement of a stuck consumer failed: again
+                    self.consumer = self._new_consumer()
                 records = self.consumer.poll(timeout_ms=timeout, max_records=cfg.max_batch - len(batch))
             except KafkaError as exc:  # broker unreachable (e.g. restarting): keep what was fetched, back off
                 self._kafka_backoff("poll", exc)
@@ -648,7 +654,8 @@ class Worker:
         return dict(self.store.retrieve(list(item_ids)))
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
         self.producer.close()
 
 

@@ -21,6 +21,7 @@ the process that queries the store (`ItemsFollower.run` in a thread), not beside
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -133,7 +134,15 @@ def index_items(
 ) -> IndexStats:
     """Upsert ``items``: embed the new ones (and any that carry features), keep the stored
     vector of the others and refresh their payload. Later messages for an id win."""
-    latest = list({point_id(m.item_id): m for m in items}.values())
+    by_point: dict[Any, ItemMessage] = {}
+    for m in items:
+        prev = by_point.get(point_id(m.item_id))
+        if m.features is None and prev is not None and prev.features is not None:
+            # A payload-only update right after the item's features must not drop them: the
+            # vector would then depend on whether the two messages shared a poll.
+            m = dataclasses.replace(m, features=prev.features)
+        by_point[point_id(m.item_id)] = m
+    latest = list(by_point.values())
     if not latest:
         return IndexStats()
     featureless = [m.item_id for m in latest if m.features is None]
@@ -282,11 +291,13 @@ class ItemsFollower:
         from kafka.errors import KafkaError
 
         vs = self.settings.vector_store
-        if self._pending.offsets:
+        if self._pending.offsets and self._consumer is not None:
             try:
                 self._commit()
             except KafkaError as exc:
                 log.warning("items follower: commit retry failed (%s: %s)", type(exc).__name__, exc)
+        if self._consumer is None:  # its replacement failed on the last poll
+            self._consumer = self._new_consumer()
         batches = self._consumer.poll(
             timeout_ms=vs.indexer_poll_ms, max_records=vs.indexer_max_records
         )
@@ -324,8 +335,15 @@ class ItemsFollower:
         replaced: the fresh one re-reads from the committed offsets, and indexing an item again
         is an upsert."""
         if not self._pending.commit(self._consumer):
-            self._consumer.close(autocommit=False)
-            self._consumer = self._new_consumer()
+            self._replace_consumer()
+
+    def _replace_consumer(self) -> None:
+        """A fresh consumer for a stuck one. If creating it fails (broker down), the field is
+        left empty, never pointing at the closed one: the next poll tries again."""
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            old.close(autocommit=False)
+        self._consumer = self._new_consumer()
 
     def run(self, stop: threading.Event) -> None:
         """Follow until ``stop`` is set. A broker that cannot be reached (a restart) is waited
@@ -344,7 +362,8 @@ class ItemsFollower:
                 delay = min(2.0, delay * 2)
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)
 
 
 # -- the model's item encoder -------------------------------------------------------------------

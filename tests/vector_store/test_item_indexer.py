@@ -88,6 +88,27 @@ def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) ->
         assert store.count() == 2
 
 
+def test_a_payload_update_in_the_same_poll_keeps_the_items_features(tmp_path: Path) -> None:
+    """A new item's features, then a payload-only update for it: one poll or two, the vector
+    is embedded from the features (not the featureless "unknown item" vector)."""
+    def embed(items: Sequence[ItemMessage]) -> np.ndarray:
+        out = np.zeros((len(items), DIM), np.float32)
+        for row, item in zip(out, items, strict=True):
+            row[0 if item.features else 1] = 1.0
+        return out
+
+    messages = [ItemMessage("n", features=(1.0,)), ItemMessage("n", popularity=0.4)]
+    vectors = []
+    for polls in ([messages], [messages[:1], messages[1:]]):
+        with EdgeStore(VectorStoreSettings(path=tmp_path / f"shard{len(polls)}")) as store:
+            for batch in polls:
+                index_items(store, batch, embed, SURFACES)
+            vectors.append(store.retrieve(["n"])["n"])
+            assert store.records(["n"])["n"].popularity == pytest.approx(0.4)
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
+    assert vectors[0][0] == pytest.approx(1.0)
+
+
 def _write_model(model_dir: Path, n: int, n_features: int) -> ItemTable:
     model_dir.mkdir(parents=True, exist_ok=True)
     ids = np.array([f"i{k}" for k in range(n)])

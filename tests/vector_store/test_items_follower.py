@@ -196,6 +196,47 @@ def test_a_follower_stuck_in_a_rebalance_is_replaced(kafka_bootstrap: str, uniqu
             follower.close()
 
 
+def test_a_failed_replacement_of_a_stuck_consumer_is_tried_again(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """The stuck consumer is replaced while the broker cannot be reached (creating the new one
+    raises): the follower must not be left polling the closed one for good."""
+    from kafka.errors import KafkaConnectionError, KafkaError, RebalanceInProgressError
+
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"rejoin_after_s": 1.0})})
+    eye = np.eye(DIM, dtype=np.float32)
+    _produce(kafka_bootstrap, settings.topics.items, [_item("y0", eye[0].tolist())], ["y0"])
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        follower = ItemsFollower(store, _embed, settings)
+        stuck, refused, failed = follower._consumer, [], []
+
+        def always_refused(*args: Any, **kwargs: Any) -> None:
+            refused.append(True)
+            raise RebalanceInProgressError("injected: the group never finishes rebalancing")
+
+        stuck.commit = always_refused
+        make = follower._new_consumer
+
+        def broker_down_once() -> Any:
+            if not failed:
+                failed.append(True)
+                raise KafkaConnectionError("injected: the broker is down right now")
+            return make()
+
+        follower._new_consumer = broker_down_once  # type: ignore[method-assign]
+        try:
+            deadline = time.monotonic() + DEADLINE_S
+            while _committed(kafka_bootstrap, settings) != 1:
+                assert time.monotonic() < deadline, f"never committed; {len(refused)} refused, {failed}"
+                try:
+                    follower.poll_once()
+                except KafkaError:  # what run() backs off from
+                    time.sleep(0.2)
+            assert failed and follower._consumer is not None and follower._consumer is not stuck
+        finally:
+            follower.close()
+
+
 def _committed(bootstrap: str, settings: Settings) -> int:
     """The indexer group's committed offsets on the items topic, summed."""
     reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=settings.vector_store.indexer_group_id)
