@@ -9,7 +9,6 @@ Files are written atomically (temp file + rename) so an interrupted run never le
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from inference.data import EventLog, reindex_items
 from inference.model import GenerativeRetriever, ModelConfig
+from recsys.files import atomic_write
 
 
 @dataclass
@@ -64,9 +64,8 @@ def save_checkpoint(
         "version": info.version,
         "state": info.state,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        torch.save(blob, f)
 
 
 def load_blob(path: str | Path) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
 import warnings
 from datetime import UTC, datetime
@@ -58,6 +57,7 @@ from inference.model import (
     GenerativeRetriever,
     ItemEncoder,
 )
+from recsys.files import atomic_write
 
 OPSET = 18
 
@@ -199,9 +199,8 @@ def export_model(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) ->
     for name in ("user_model.onnx", "item_encoder.onnx"):
         _stamp(out_dir / name, props)
     # Atomically: servers re-read the model directory while an export writes it.
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, out_dir / "meta.json")
+    with atomic_write(out_dir / "meta.json") as f:
+        f.write((json.dumps(meta, indent=1, default=_json_default) + "\n").encode())
     return meta
 
 

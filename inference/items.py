@@ -8,13 +8,13 @@ to 1; the serving fallback) and `features` (float32 [N, F] content features, F m
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from inference.hashing import id_bucket
+from recsys.files import atomic_write
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,7 @@ class ItemTable:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: servers re-read items.npz while an export may be writing it."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:  # a file object: np.savez adds no ".npz" suffix to it
+        with atomic_write(path) as f:  # a file object: np.savez adds no ".npz" suffix to it
             np.savez(
                 f,
                 ids=np.asarray(self.ids).astype(str),
@@ -44,7 +42,6 @@ class ItemTable:
                 popularity=np.asarray(self.popularity, dtype=np.float32),
                 features=np.asarray(self.features, dtype=np.float32),
             )
-        os.replace(tmp, path)
 
     @staticmethod
     def load(path: str | Path) -> ItemTable:

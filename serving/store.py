@@ -25,7 +25,6 @@ Wire format of a record (the `candidates` contract in the team brief):
 
 from __future__ import annotations
 
-import os
 import sys
 from array import array
 from collections import OrderedDict
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+
+from recsys.files import atomic_write
 
 __all__ = ["CandidateStore", "MalformedCandidates", "SurfaceList", "UserCandidates", "parse_candidates"]
 
@@ -199,12 +200,8 @@ class CandidateStore:
         """Write every record (oldest use first) to path atomically; returns how many."""
         records = [r.to_wire() for r in self._users.values()]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
+        with atomic_write(path) as f:  # a crash mid-write leaves the previous snapshot whole
             f.write(msgpack.packb(records, use_bin_type=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a crash mid-write leaves the previous snapshot whole
         return len(records)
 
     def load(self, path: Path) -> int:
