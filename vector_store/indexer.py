@@ -136,12 +136,13 @@ def index_items(
     vector of the others and refresh their payload. Later messages for an id win."""
     by_point: dict[Any, ItemMessage] = {}
     for m in items:
-        prev = by_point.get(point_id(m.item_id))
+        pid = point_id(m.item_id)
+        prev = by_point.get(pid)
         if m.features is None and prev is not None and prev.features is not None:
             # A payload-only update right after the item's features must not drop them: the
             # vector would then depend on whether the two messages shared a poll.
             m = dataclasses.replace(m, features=prev.features)
-        by_point[point_id(m.item_id)] = m
+        by_point[pid] = m
     latest = list(by_point.values())
     if not latest:
         return IndexStats()

@@ -3,8 +3,9 @@ restart, offsets are committed only after the upsert, bad records are skipped.""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,16 +163,18 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(
     assert _committed(kafka_bootstrap, settings) == 1
 
 
-def test_a_follower_stuck_in_a_rebalance_is_replaced(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
-    """Every commit refused as "rebalance in progress", for good (a kafka-python 3 consumer was
-    seen stuck so): after `kafka.rejoin_after_s` the follower replaces its consumer, whose fresh
-    one re-reads the topic from the committed offsets, indexes it again (an upsert) and commits."""
+@contextlib.contextmanager
+def _stuck_follower(kafka_bootstrap: str, unique: str, tmp_path: Path,
+                    item_id: str) -> Iterator[tuple[Settings, EdgeStore, ItemsFollower, Any, list[bool]]]:
+    """A follower of a topic holding ``item_id`` whose consumer has every commit refused as
+    "rebalance in progress", for good (a kafka-python 3 consumer was seen stuck so), with
+    `kafka.rejoin_after_s` at 1 s: (settings, store, follower, the stuck consumer, refusals)."""
     from kafka.errors import RebalanceInProgressError
 
     settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
     settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"rejoin_after_s": 1.0})})
     eye = np.eye(DIM, dtype=np.float32)
-    _produce(kafka_bootstrap, settings.topics.items, [_item("x0", eye[0].tolist())], ["x0"])
+    _produce(kafka_bootstrap, settings.topics.items, [_item(item_id, eye[0].tolist())], [item_id])
     with EdgeStore(settings.vector_store) as store:
         store.ensure_collection(DIM)
         follower = ItemsFollower(store, _embed, settings)
@@ -183,39 +186,43 @@ def test_a_follower_stuck_in_a_rebalance_is_replaced(kafka_bootstrap: str, uniqu
 
         stuck.commit = always_refused
         try:
-            deadline = time.monotonic() + DEADLINE_S
-            while _committed(kafka_bootstrap, settings) != 1:
-                assert time.monotonic() < deadline, f"never committed; {len(refused)} refused"
-                try:
-                    follower.poll_once()
-                except RebalanceInProgressError:
-                    time.sleep(0.2)
-            assert refused and follower._consumer is not stuck
-            assert store.count() == 1
+            yield settings, store, follower, stuck, refused
         finally:
             follower.close()
+
+
+def _poll_until_committed(follower: ItemsFollower, kafka_bootstrap: str, settings: Settings,
+                          retried: type[Exception], why: Callable[[], str]) -> None:
+    """poll_once until the topic's one record is committed; ``retried`` is waited out as run() does."""
+    deadline = time.monotonic() + DEADLINE_S
+    while _committed(kafka_bootstrap, settings) != 1:
+        assert time.monotonic() < deadline, f"never committed; {why()}"
+        try:
+            follower.poll_once()
+        except retried:
+            time.sleep(0.2)
+
+
+def test_a_follower_stuck_in_a_rebalance_is_replaced(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """After `kafka.rejoin_after_s` of refused commits the follower replaces its consumer, whose
+    fresh one re-reads the topic from the committed offsets, indexes it again (an upsert) and
+    commits."""
+    from kafka.errors import RebalanceInProgressError
+
+    with _stuck_follower(kafka_bootstrap, unique, tmp_path, "x0") as (settings, store, follower, stuck, refused):
+        _poll_until_committed(follower, kafka_bootstrap, settings, RebalanceInProgressError,
+                              lambda: f"{len(refused)} refused")
+        assert refused and follower._consumer is not stuck
+        assert store.count() == 1
 
 
 def test_a_failed_replacement_of_a_stuck_consumer_is_tried_again(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
     """The stuck consumer is replaced while the broker cannot be reached (creating the new one
     raises): the follower must not be left polling the closed one for good."""
-    from kafka.errors import KafkaConnectionError, KafkaError, RebalanceInProgressError
+    from kafka.errors import KafkaConnectionError, KafkaError
 
-    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
-    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"rejoin_after_s": 1.0})})
-    eye = np.eye(DIM, dtype=np.float32)
-    _produce(kafka_bootstrap, settings.topics.items, [_item("y0", eye[0].tolist())], ["y0"])
-    with EdgeStore(settings.vector_store) as store:
-        store.ensure_collection(DIM)
-        follower = ItemsFollower(store, _embed, settings)
-        stuck, refused, failed = follower._consumer, [], []
-
-        def always_refused(*args: Any, **kwargs: Any) -> None:
-            refused.append(True)
-            raise RebalanceInProgressError("injected: the group never finishes rebalancing")
-
-        stuck.commit = always_refused
-        make = follower._new_consumer
+    with _stuck_follower(kafka_bootstrap, unique, tmp_path, "y0") as (settings, _, follower, stuck, refused):
+        make, failed = follower._new_consumer, []
 
         def broker_down_once() -> Any:
             if not failed:
@@ -224,17 +231,9 @@ def test_a_failed_replacement_of_a_stuck_consumer_is_tried_again(kafka_bootstrap
             return make()
 
         follower._new_consumer = broker_down_once  # type: ignore[method-assign]
-        try:
-            deadline = time.monotonic() + DEADLINE_S
-            while _committed(kafka_bootstrap, settings) != 1:
-                assert time.monotonic() < deadline, f"never committed; {len(refused)} refused, {failed}"
-                try:
-                    follower.poll_once()
-                except KafkaError:  # what run() backs off from
-                    time.sleep(0.2)
-            assert failed and follower._consumer is not None and follower._consumer is not stuck
-        finally:
-            follower.close()
+        _poll_until_committed(follower, kafka_bootstrap, settings, KafkaError,  # what run() backs off from
+                              lambda: f"{len(refused)} refused, {failed}")
+        assert failed and follower._consumer is not None and follower._consumer is not stuck
 
 
 def _committed(bootstrap: str, settings: Settings) -> int:
