@@ -24,7 +24,11 @@ Faust's guarantees hold:
 - a rebalance waits for the window in the handler (`Consumer.wait_empty`, as for a stream);
 - messages fetched under an older consumer generation, or while the flow is stopped for a
   rebalance, are dropped unprocessed and unacked, as a stream skips them; Faust seeks back to
-  the committed offsets, so they are read again by whoever owns the partition then;
+  the committed offsets, so they are read again by whoever owns the partition then, and a
+  partition with no commit yet (the group's first commit comes seconds after a start) is sought
+  to its start (`WindowConsumer.perform_seek`);
+- a fetch asks for a snapshot of the active partitions, not Faust's live set, which a pause
+  can empty while the fetch waits (`WindowConsumer._getmany`);
 - if the fetch task is cancelled (shutdown) or the handler or its output fails, the window is
   untracked without an ack (re-read after a restart), and a failure crashes the worker, as
   the app's `CrashingSupervisor` does for an agent (tests/streams/test_streams_worker.py).
@@ -48,7 +52,7 @@ from typing import Any, NamedTuple, cast
 
 import faust
 from faust.streams import _current_event  # the context var Faust's tables read the event from
-from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.consumer import CONSUMER_FETCHING, ensure_TP
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import EventT, Message
 
@@ -174,6 +178,34 @@ class WindowConsumer(aiokafka_driver.Consumer):
         self._in_flight = asyncio.ensure_future(self._complete(topic, completion, live))
 
     _in_flight: asyncio.Future[None] | None = None
+
+    async def _getmany(self, active_partitions: set[Any] | None, timeout: float) -> Any:
+        # A copy: aiokafka filters the records it hands out by this set while it waits for
+        # them, in the consumer's thread, and Faust's pause_partitions empties the same set
+        # object in place (at the end of changelog recovery, before it resumes the source
+        # partitions). To aiokafka an empty set means "every partition": a fetch that woke in
+        # that moment returned the backlog of `actions`, which Faust then dropped as not active,
+        # and with nothing committed yet no seek ever brought it back (tests/test_fault_injection.py).
+        return await super()._getmany(None if active_partitions is None else set(active_partitions), timeout)
+
+    async def perform_seek(self) -> None:
+        """Seek every partition to its committed offset, and a windowed one with none to its start.
+
+        Faust seeks back to the committed offsets whenever it drops fetched messages unprocessed
+        (a rebalance, a stopped flow, a window of an older generation). Before the group's first
+        commit (every `commit_interval`, the first one some seconds after a start) there is no
+        committed offset, Faust's seek does nothing for that partition, and the dropped messages
+        would never be read again. From the start is where a group without a commit reads from
+        (`consumer_auto_offset_reset="earliest"`); replaying what was already folded is safe,
+        as the fold drops duplicates."""
+        committed = await self.seek_to_committed()
+        self._read_offset.update({tp: offset if offset is not None and offset >= 0 else None
+                                  for tp, offset in committed.items()})
+        self._committed_offset.update({ensure_TP(tp): offset or None for tp, offset in committed.items() if offset is not None})
+        windowed = cast(WindowedApp, self.app).windowed
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic in windowed]
+        if fresh:
+            await self._thread.seek_to_beginning(*fresh)
 
     async def _complete(self, topic: str, completion: Awaitable[None], live: list[Message]) -> None:
         """Await a window's output, then ack it (runs while the next window is processed)."""
