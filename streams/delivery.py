@@ -36,9 +36,10 @@ Faust's guarantees hold:
 The table writes of a handler need Faust's current event (it routes them to the changelog
 partition of the source partition): `partition_event` makes one per source partition.
 
-This overrides `faust.transport.consumer.Consumer._drain_messages` of faust-streaming 0.15.3,
-the version pinned in pyproject.toml: the override keeps the original's loop (read offsets,
-gaps, commit_every, periodic yields) and must be re-checked on an upgrade.
+This overrides `faust.transport.consumer.Consumer._drain_messages` (and wraps `_getmany` and
+`perform_seek`) of faust-streaming 0.15.3, the version pinned in pyproject.toml: the override
+keeps the original's loop (read offsets, gaps, commit_every, periodic yields) and must be
+re-checked on an upgrade.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from typing import Any, NamedTuple, cast
 
 import faust
 from faust.streams import _current_event  # the context var Faust's tables read the event from
-from faust.transport.consumer import CONSUMER_FETCHING, ensure_TP
+from aiokafka import TopicPartition
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import EventT, Message
 
@@ -198,12 +200,10 @@ class WindowConsumer(aiokafka_driver.Consumer):
         would never be read again. From the start is where a group without a commit reads from
         (`consumer_auto_offset_reset="earliest"`); replaying what was already folded is safe,
         as the fold drops duplicates."""
-        committed = await self.seek_to_committed()
-        self._read_offset.update({tp: offset if offset is not None and offset >= 0 else None
-                                  for tp, offset in committed.items()})
-        self._committed_offset.update({ensure_TP(tp): offset or None for tp, offset in committed.items() if offset is not None})
+        await super().perform_seek()
         windowed = cast(WindowedApp, self.app).windowed
-        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic in windowed]
+        fresh = [TopicPartition(tp.topic, tp.partition) for tp in self.assignment()
+                 if tp.topic in windowed and not self._committed_offset.get(tp)]
         if fresh:
             await self._thread.seek_to_beginning(*fresh)
 

@@ -55,6 +55,7 @@ def window_consumer(thread: ConsumerThread) -> WindowConsumer:
     consumer.app = SimpleNamespace(windowed={"actions": object()})  # type: ignore[assignment]
     consumer._read_offset = {}
     consumer._committed_offset = {}
+    consumer.assignment = lambda: {ensure_TP(tp) for tp in thread.committed}  # type: ignore[method-assign]
     return consumer
 
 
