@@ -106,6 +106,14 @@ def coalesce(updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _EVENT_FIELDS = itemgetter("item_id", "action", "surface", "ts")
+_ITEM_ID = itemgetter("item_id")
+
+
+def recent_items(updates: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Per user, the distinct item ids of the update's events as text, oldest first: the items
+    excluded from that user's candidates, and (their union) the histories' vectors to look up.
+    One C-level pass per user (map/itemgetter): this runs for every event of a batch."""
+    return [list(dict.fromkeys(map(str, map(_ITEM_ID, u["events"])))) for u in updates]
 
 
 def encode_histories(
@@ -604,10 +612,10 @@ class Worker:
         ``now_ms`` is the request time the model conditions on (default: the wall clock)."""
         cfg = self.settings.inference
         budget = cfg.candidates_per_surface
-        inputs = self.encode(updates, int(time.time() * 1000) if now_ms is None else now_ms)
+        recent = recent_items(updates)  # excluded from the user's candidates
+        inputs = self.encode(updates, int(time.time() * 1000) if now_ms is None else now_ms, recent)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
         plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine)
-        recent = [list(dict.fromkeys(str(e["item_id"]) for e in u["events"])) for u in updates]  # excluded, per user
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
 
         def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:
@@ -634,9 +642,12 @@ class Worker:
             for u in range(len(updates))
         ]
 
-    def encode(self, updates: Sequence[dict[str, Any]], now_ms: int) -> dict[str, np.ndarray]:
-        """The session's inputs for a micro-batch (history vectors looked up or fetched)."""
-        history_ids = {str(e["item_id"]) for u in updates for e in u["events"]}
+    def encode(
+        self, updates: Sequence[dict[str, Any]], now_ms: int, recent: Sequence[list[str]] | None = None
+    ) -> dict[str, np.ndarray]:
+        """The session's inputs for a micro-batch (history vectors looked up or fetched);
+        ``recent``: `recent_items(updates)` when the caller has it already."""
+        history_ids = set().union(*(recent_items(updates) if recent is None else recent))
         vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors)
         return encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
 
