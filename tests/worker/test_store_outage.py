@@ -115,6 +115,10 @@ def test_the_items_follower_waits_out_a_vanished_edge_directory_and_commits_only
     try:
         _produce_item(kafka_bootstrap, settings.topics.items, "before-outage")
         assert wait_for(lambda: "before-outage" in store.retrieve(["before-outage"]), 30)
+        # An item is retrievable once upserted, before its flush and commit: the outage must
+        # start after that commit, or it fails the first batch's flush instead of the second's.
+        assert wait_for(lambda: sum(committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id,
+                                                      settings.topics.items)[0].values()) == 1, 30)
 
         os.rename(tmp_path / "shard", tmp_path / "away")  # the volume is gone
         _produce_item(kafka_bootstrap, settings.topics.items, "during-outage")
