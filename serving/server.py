@@ -11,7 +11,8 @@ What the server guarantees:
   truncated field: grpc alone would answer UNKNOWN with the parser's exception), an empty or oversized user_id, an unknown surface, a limit
   outside [0, max_limit] (0 = default_limit) or a batch larger than max_batch; deadlines are
   enforced by gRPC and checked between the lookups of a batch; RESOURCE_EXHAUSTED beyond
-  max_concurrent_rpcs; message sizes capped both ways.
+  max_concurrent_rpcs; message sizes capped both ways (a batch answer over the cap is refused
+  with a reason before gRPC would refuse it bare).
 - Unknown users (and known users without a list for that surface) get the surface's
   popularity list with is_fallback = true.
 - gRPC health checking (`grpc.health.v1`; SERVING only after the topic has been read to its
@@ -74,7 +75,7 @@ _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 class Limits:
     """What a valid request is; read once from settings so that handlers do no lookups."""
 
-    __slots__ = ("default_limit", "max_batch", "max_id_length", "max_limit", "surfaces")
+    __slots__ = ("default_limit", "max_batch", "max_id_length", "max_limit", "max_message_bytes", "surfaces")
 
     def __init__(self, settings: Settings) -> None:
         self.surfaces = frozenset(settings.events.surfaces)
@@ -82,6 +83,7 @@ class Limits:
         self.max_limit = settings.serving.max_limit
         self.default_limit = settings.serving.default_limit
         self.max_batch = settings.serving.max_batch
+        self.max_message_bytes = settings.serving.max_message_bytes
 
 
 def validate_request(request: pb.GetCandidatesRequest, limits: Limits) -> str | None:
@@ -189,13 +191,29 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
             if (error := validate_request(item, self.limits)) is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{index}]: {error}")
         response = pb.BatchGetCandidatesResponse()
-        for item in request.requests:
+        size = 0
+        for index, item in enumerate(request.requests):
             # A batch is the one handler that does real work per call; stop once nobody waits.
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded mid-batch")
-            response.responses.append(build_response(item, self.store.get(item.user_id), self.fallback, self.limits))
+            answer = build_response(item, self.store.get(item.user_id), self.fallback, self.limits)
+            # Each valid request is small, but max_batch of them with long ids can add up to an
+            # answer gRPC would refuse to send with a bare "larger than max": say what to change.
+            size += _field_bytes(answer.ByteSize())
+            if size > self.limits.max_message_bytes:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the answer to requests[0..{index}] is already {size} bytes, over the "
+                    f"{self.limits.max_message_bytes}-byte message limit: ask for fewer users or a smaller limit",
+                )
+            response.responses.append(answer)
         return response
+
+
+def _field_bytes(n: int) -> int:
+    """Bytes of a length-delimited field holding ``n`` bytes (1-byte tag, varint length)."""
+    return 1 + max(1, (n.bit_length() + 6) // 7) + n
 
 
 _UNDECODABLE = "the request is not a valid protobuf message of this method (e.g. a string field with bad UTF-8)"

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys.settings import Settings
+from serving.store import CandidateStore
 
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
@@ -70,6 +74,33 @@ def test_oversized_batch_and_oversized_message(running_server: Any) -> None:
             # 2 MiB > max_message_bytes (1 MiB): refused before any handler runs
             huge = pb.GetCandidatesRequest(user_id="x" * (2 << 20), surface="home")
             await _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.GetCandidates(huge))
+            await _still_healthy(channel)
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_answer_over_the_message_limit_is_resource_exhausted_with_a_reason(
+    running_server: Any, settings: Settings, store: CandidateStore, make_candidates: Callable[..., dict[str, Any]]
+) -> None:
+    # Every request valid (8 users, limit 50), but 50 ids of 200 bytes each: ~10 KB per answer.
+    long_ids = settings.model_copy(update={"serving": settings.serving.model_copy(update={"max_message_bytes": 64 << 10})})
+    for k in range(8):
+        assert store.apply(make_candidates(f"u{k}", source_event_ts=1_700_000_000_000, n=50, tag="x" * 180))
+    requests = [pb.GetCandidatesRequest(user_id=f"u{k}", surface="home", limit=50) for k in range(8)]
+
+    async def scenario() -> None:
+        async with running_server(settings=long_ids, store=store) as port, grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+        ) as channel:
+            stub = pb_grpc.CandidatesStub(channel)
+            whole = pb.BatchGetCandidatesRequest(requests=requests)
+            error = await _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, stub.BatchGetCandidates(whole))
+            assert "message limit: ask for fewer users or a smaller limit" in (error.details() or "")
+            # The same users in smaller batches are answered, whole.
+            for half in (requests[:4], requests[4:]):
+                reply = await stub.BatchGetCandidates(pb.BatchGetCandidatesRequest(requests=half))
+                assert [len(r.candidates) for r in reply.responses] == [50] * 4
+                assert reply.ByteSize() <= 64 << 10
             await _still_healthy(channel)
 
     asyncio.run(scenario())
