@@ -167,7 +167,8 @@ def cooccurrence_clusters(log: EventLog, k: int, seed: int) -> np.ndarray:
         for c in range(k):
             members = factors[assign == c]
             if len(members):
-                centres[c] = members.mean(axis=0) / max(np.linalg.norm(members.mean(axis=0)), 1e-9)
+                mean = members.mean(axis=0)
+                centres[c] = mean / max(np.linalg.norm(mean), 1e-9)
     return np.eye(k, dtype=np.float32)[assign]
 
 

@@ -12,7 +12,7 @@ What the server guarantees:
   outside [0, max_limit] (0 = default_limit) or a batch larger than max_batch; deadlines are
   enforced by gRPC and checked between the lookups of a batch; RESOURCE_EXHAUSTED beyond
   max_concurrent_rpcs; message sizes capped both ways (a batch answer over the cap is refused
-  with a reason before gRPC would refuse it bare).
+  with a reason, where gRPC would refuse it bare).
 - Unknown users (and known users without a list for that surface) get the surface's
   popularity list with is_fallback = true.
 - gRPC health checking (`grpc.health.v1`; SERVING only after the topic has been read to its
@@ -191,29 +191,21 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
             if (error := validate_request(item, self.limits)) is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests[{index}]: {error}")
         response = pb.BatchGetCandidatesResponse()
-        size = 0
-        for index, item in enumerate(request.requests):
+        for item in request.requests:
             # A batch is the one handler that does real work per call; stop once nobody waits.
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded mid-batch")
-            answer = build_response(item, self.store.get(item.user_id), self.fallback, self.limits)
-            # Each valid request is small, but max_batch of them with long ids can add up to an
-            # answer gRPC would refuse to send with a bare "larger than max": say what to change.
-            size += _field_bytes(answer.ByteSize())
-            if size > self.limits.max_message_bytes:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"the answer to requests[0..{index}] is already {size} bytes, over the "
-                    f"{self.limits.max_message_bytes}-byte message limit: ask for fewer users or a smaller limit",
-                )
-            response.responses.append(answer)
+            response.responses.append(build_response(item, self.store.get(item.user_id), self.fallback, self.limits))
+        # Each valid request is small, but max_batch of them with long ids can add up to an
+        # answer gRPC would refuse to send with a bare "larger than max": say what to change.
+        if (size := response.ByteSize()) > self.limits.max_message_bytes:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the answer is {size} bytes, over the {self.limits.max_message_bytes}-byte message limit: "
+                "ask for fewer users or a smaller limit",
+            )
         return response
-
-
-def _field_bytes(n: int) -> int:
-    """Bytes of a length-delimited field holding ``n`` bytes (1-byte tag, varint length)."""
-    return 1 + max(1, (n.bit_length() + 6) // 7) + n
 
 
 _UNDECODABLE = "the request is not a valid protobuf message of this method (e.g. a string field with bad UTF-8)"

@@ -12,10 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.settings import Settings
-from serving.store import CandidateStore
-
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
+from serving.store import CandidateStore
 
 BAD = pytest.mark.parametrize(
     ("user_id", "surface", "limit", "detail"),
