@@ -3,7 +3,7 @@
 The user model reads history items as their item-side embeddings (the same vectors the
 vector store indexes), so this module owns the id -> embedding lookup: the exported
 `items.npz` first, then vectors of items indexed later (fetched from the vector store once
-and cached). CUDA EP is used when a GPU is present, CPU EP otherwise; the provider actually
+and cached); ids the store does not know either are not asked of it again for a while. CUDA EP is used when a GPU is present, CPU EP otherwise; the provider actually
 in use is read back from the session, because onnxruntime-gpu lists CUDA even without a GPU.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 __all__ = ["ModelRuntime", "VectorLookup", "choose_providers"]
+
+Fetch = Callable[[Sequence[str]], dict[Any, np.ndarray]]  # item ids -> the vectors the store has
+
+# Unknown ids remembered at most this many at once; past it, expired ones are dropped first.
+_UNKNOWN_MAX = 1 << 20
 
 
 def choose_providers(provider: str) -> list[str]:
@@ -49,6 +55,8 @@ class ModelRuntime:
     popularity: np.ndarray  # [N] float32
     index: dict[str, int] = field(default_factory=dict)
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # items indexed after export
+    # ids the vector store did not know -> when to ask it again (time.monotonic seconds)
+    unknown: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def load(cls, model_dir: Path, provider: str = "auto", threads: int = 0, spinning: bool = False) -> ModelRuntime:
@@ -115,30 +123,47 @@ class ModelRuntime:
         return int(self.meta["config"]["max_len"])
 
     def item_vectors_for(
-        self, item_ids: Iterable[str], fetch: Callable[[Sequence[str]], dict[Any, np.ndarray]] | None = None
+        self, item_ids: Iterable[str], fetch: Fetch | None = None, retry_s: float = 0.0
     ) -> dict[str, np.ndarray]:
         """Embeddings of the given items that are known (exported, or indexed later and
         fetched through ``fetch`` once). Unknown items are simply absent."""
         wanted = set(item_ids)
+        self._fetch_missing(wanted, fetch, retry_s)
         out = {i: self.item_vectors[self.index[i]] for i in wanted if i in self.index}
         out.update({i: self.extra[i] for i in wanted if i in self.extra})
-        missing = [i for i in wanted if i not in out]
-        if missing and fetch is not None:
-            for item_id, vector in fetch(missing).items():
-                self.extra[str(item_id)] = np.asarray(vector, dtype=np.float32)
-                out[str(item_id)] = self.extra[str(item_id)]
         return out
 
     def vector_lookup(
-        self, item_ids: Iterable[str], fetch: Callable[[Sequence[str]], dict[Any, np.ndarray]] | None = None
+        self, item_ids: Iterable[str], fetch: Fetch | None = None, retry_s: float = 0.0
     ) -> Mapping[str, np.ndarray]:
         """`item_vectors_for` as a read-only mapping that looks vectors up when asked, without
         building a dict of every id (the worker's hot path). Unknown ids are fetched first."""
-        missing = [i for i in set(item_ids) if i not in self.index and i not in self.extra]
-        if missing and fetch is not None:
-            for item_id, vector in fetch(missing).items():
-                self.extra[str(item_id)] = np.asarray(vector, dtype=np.float32)
+        self._fetch_missing(set(item_ids), fetch, retry_s)
         return VectorLookup(self)
+
+    def _fetch_missing(self, item_ids: set[str], fetch: Fetch | None, retry_s: float) -> None:
+        """Ask ``fetch`` for the ids neither exported nor fetched before; the ones it does not
+        know either are not asked again for ``retry_s`` seconds. Without that, histories full of
+        deleted or not-yet-indexed items would cost a vector-store call on every micro-batch."""
+        if fetch is None:
+            return
+        now = time.monotonic()
+        unknown = self.unknown
+        missing = [i for i in item_ids if i not in self.index and i not in self.extra and unknown.get(i, 0.0) <= now]
+        if not missing:
+            return
+        for item_id, vector in fetch(missing).items():
+            self.extra[str(item_id)] = np.asarray(vector, dtype=np.float32)
+        if len(unknown) >= _UNKNOWN_MAX:
+            self.unknown = unknown = {i: t for i, t in unknown.items() if t > now}
+            if len(unknown) >= _UNKNOWN_MAX:  # all still fresh: start over rather than grow
+                unknown.clear()
+        until = now + retry_s
+        for i in missing:
+            if i in self.extra:
+                unknown.pop(i, None)
+            elif retry_s > 0:
+                unknown[i] = until
 
     def generate(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Run the user model: [B, Q, M, D] unit query embeddings."""

@@ -162,6 +162,10 @@ class InferenceSettings(BaseModel):
     # error) is retried with a doubling back-off; its batch waits uncommitted, so nothing is lost.
     store_retry_initial_s: float = 0.1  # first back-off after a failed vector-store call
     store_retry_max_s: float = 5.0  # cap of the doubling back-off between store retries
+    # A history item the vector store does not know (deleted, or not indexed yet) encodes as a
+    # zero vector and is not asked of the store again for this long: one store call per
+    # micro-batch for the same unknown ids would cost a round-trip each time (a server backend).
+    unknown_item_retry_s: float = 30.0
     # Each surface splits its budget across outcomes by its business goal.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},

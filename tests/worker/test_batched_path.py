@@ -221,3 +221,43 @@ def test_encode_with_the_runtime_lookup_equals_a_plain_dict(small_model_dir: Pat
         np.testing.assert_array_equal(fast[name], plain[name], err_msg=name)
     np.testing.assert_array_equal(fast["item_emb"][0, 1], late)  # fetched once, then cached
     assert not fast["item_emb"][0, 2].any() and fast["action"][1, 0] == 0  # unknown: zeros; left padding
+
+
+def test_an_id_the_store_does_not_know_is_asked_for_again_only_after_the_retry_window(
+    small_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Histories full of deleted or not-yet-indexed items cost one store call per retry window,
+    not one per micro-batch; an item indexed meanwhile is found at the next ask and kept."""
+    import inference.runtime as runtime_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(runtime_module.time, "monotonic", lambda: clock[0])
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    late = np.full(runtime.dim, 1 / np.sqrt(runtime.dim), np.float32)
+    in_store: dict[str, np.ndarray] = {}
+    asked: list[list[str]] = []
+
+    def fetch(ids: Any) -> dict[str, np.ndarray]:
+        asked.append(sorted(ids))
+        return {i: in_store[i] for i in ids if i in in_store}
+
+    ids = {str(runtime.item_ids[0]), "not-yet-indexed"}
+    for _ in range(3):
+        lookup = runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
+    assert asked == [["not-yet-indexed"]]  # exported ids are never asked; the unknown one once
+    assert "not-yet-indexed" not in lookup
+
+    in_store["not-yet-indexed"] = late
+    clock[0] += 29.0
+    runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
+    assert len(asked) == 1  # still inside the window
+    clock[0] += 2.0
+    lookup = runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
+    assert asked == [["not-yet-indexed"]] * 2
+    np.testing.assert_array_equal(lookup["not-yet-indexed"], late)
+    runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
+    assert len(asked) == 2  # found: cached with the exported ones, not asked again
+
+    runtime.vector_lookup({"gone"}, fetch=fetch)  # retry_s = 0: nothing remembered
+    runtime.vector_lookup({"gone"}, fetch=fetch)
+    assert asked[2:] == [["gone"], ["gone"]]
