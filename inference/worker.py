@@ -105,7 +105,7 @@ def coalesce(updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-_EVENT_FIELDS = itemgetter("item_id", "action", "surface", "ts")
+_EVENT_FIELDS = tuple(itemgetter(name) for name in ("item_id", "action", "surface", "ts"))
 _ITEM_ID = itemgetter("item_id")
 
 
@@ -138,8 +138,9 @@ def encode_histories(
     # Event j of the flat list sits at (row[j], col[j]) of the left-padded [B, T] grid.
     row = np.repeat(np.arange(b), lengths)
     col = np.arange(n) - np.repeat(np.cumsum(lengths) - lengths - (t - lengths), lengths)
-    # The four fields as columns in one pass (C-level map/zip: this runs for every event of a batch).
-    item_col, action_col, surface_col, ts_col = zip(*map(_EVENT_FIELDS, events)) if n else ((), (), (), ())
+    # The four fields as columns, one C-level map per field (this runs for every event of a
+    # batch; 4x cheaper than one pass of 4-tuples transposed by zip).
+    item_col, action_col, surface_col, ts_col = (list(map(field, events)) for field in _EVENT_FIELDS)
     ids = list(map(str, item_col))
     uniq = list(dict.fromkeys(ids))
     if isinstance(vectors, VectorLookup):  # the runtime's table: one gather, no per-id arrays
@@ -314,9 +315,6 @@ def merge_hits(
     return items, scores
 
 
-_DEDUP_TABLE = 1 << 22  # (group, item) pairs up to this many: de-duplicated by scatter, not by sorting
-
-
 @dataclass(frozen=True)
 class MergedLists:
     """`merge_batch`'s answer: every group's merged list, group after group."""
@@ -361,16 +359,20 @@ def merge_batch(
     c_sorted = flat[at_hit]
     n = len(order)
     positions = np.arange(n)
-    # First occurrence of each (group, item) in merge order.
-    width = int(c_sorted.max(initial=0)) + 1
-    pair = g_sorted * width + c_sorted
-    if n_groups * width <= _DEDUP_TABLE:  # the lowest merge position of each pair, by scatter
-        first_at = np.full(n_groups * width, n, dtype=np.int64)
-        np.minimum.at(first_at, pair, positions)
-        kept = first_at[pair] == positions
-    else:  # np.unique's index is the first occurrence
-        kept = np.zeros(n, dtype=bool)
-        kept[np.unique(pair, return_index=True)[1]] = True
+    # First occurrence of each (group, item) in merge order: sort (pair, position) packed into
+    # one int64 and keep each pair's lowest position. An unstable SIMD sort of one key is
+    # 2-3x cheaper here than np.unique's stable argsort or a scatter-min over a groups x items table.
+    pair = g_sorted * (int(c_sorted.max(initial=0)) + 1) + c_sorted
+    if (int(pair.max(initial=0)) * n + n).bit_length() <= 63:
+        packed = np.sort(pair * n + positions)
+        pair_of, first_pos = np.divmod(packed, n)
+    else:
+        by_pair = np.lexsort((positions, pair))
+        pair_of, first_pos = pair[by_pair], by_pair
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = pair_of[1:] != pair_of[:-1]
+    kept = np.zeros(n, dtype=bool)
+    kept[first_pos[starts]] = True
     at = np.flatnonzero(kept)  # merge positions of the distinct items, group by group
     g_kept = g_sorted[at]
     per_group = np.bincount(g_kept, minlength=n_groups)
@@ -648,7 +650,8 @@ class Worker:
         """The session's inputs for a micro-batch (history vectors looked up or fetched);
         ``recent``: `recent_items(updates)` when the caller has it already."""
         history_ids = set().union(*(recent_items(updates) if recent is None else recent))
-        vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors)
+        vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors,
+                                             retry_s=self.settings.inference.unknown_item_retry_s)
         return encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
 
     def candidates_record(self, update: dict[str, Any], surfaces: dict[str, Any]) -> dict[str, Any]:
