@@ -99,3 +99,31 @@ def test_with_every_windowed_partition_committed_the_seek_back_is_faust_s_own() 
 
     assert thread.seeks_to_beginning == []
     assert consumer._committed_offset == {ensure_TP(ACTIONS_0): 5, ensure_TP(ACTIONS_1): 17}
+
+
+# Faust methods WindowConsumer re-implements or wraps, as read when it was written
+# (faust-streaming 0.15.3): sha256 of their source, first 16 hex digits.
+_FAUST_SOURCES_READ = {
+    "_drain_messages": "44a2500309e83c63",  # re-implemented: the fetch loop
+    "_getmany": "f9d47aa9010b5ff2",  # wrapped: the active-partition set is copied
+    "perform_seek": "0e8c130ff4b0afd8",  # wrapped: windowed partitions sent to their start
+}
+
+
+def test_the_faust_methods_the_window_consumer_overrides_are_those_it_was_written_against() -> None:
+    """streams/delivery.py copies Faust's fetch loop and wraps two private methods; a Faust
+    upgrade that changes any of them must be read again before it ships (this names which)."""
+    import hashlib
+    import inspect
+
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    changed = {
+        name: getattr(faust_aiokafka.Consumer, name).__qualname__
+        for name, digest in _FAUST_SOURCES_READ.items()
+        if hashlib.sha256(inspect.getsource(getattr(faust_aiokafka.Consumer, name)).encode()).hexdigest()[:16] != digest
+    }
+    assert not changed, (
+        f"Faust's {sorted(changed.values())} changed since streams/delivery.py was written against "
+        "them: re-read WindowConsumer against the new source, then update _FAUST_SOURCES_READ"
+    )
