@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any
 from benchmarks.results_io import RESULTS_DIR, write_result
 from recsys.kafka_broker import LocalBroker, free_port
 from recsys.settings import KafkaSettings, Settings
+from streams.app import read_counters
 from streams.produce import ensure_topic, produce
 from streams.schema import now_ms
 from streams.synthetic import synthetic_events
@@ -131,15 +131,7 @@ class WorkerRun:
     def counts(self, proc: subprocess.Popen[bytes]) -> dict[str, float] | None:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}: {self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
-        return {
-            name: float(value)
-            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        }
+        return read_counters(self.port)
 
     def run(self, n_events: int, poll_s: float, timeout_s: float, prefix: list[str] | None = None) -> dict[str, Any]:
         """Start the worker, time it through all `n_events`, stop it with SIGTERM; its figures."""

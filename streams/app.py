@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,18 @@ class Counters:
             f"valid={self.valid} {dict(self.events)} invalid={sum(self.invalid.values())} "
             f"{dict(self.invalid)} updates={self.updates} windows={self.windows}"
         )
+
+
+def read_counters(port: int, host: str = "127.0.0.1", timeout_s: float = 5.0) -> dict[str, float] | None:
+    """A running worker's counters from its `/metrics` page, by series (name and labels as
+    printed); None while its web server does not answer (starting, stopped)."""
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    lines = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {series: float(value) for series, value in lines}
 
 
 def _preview(key: bytes | None, limit: int = 64) -> str:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +28,7 @@ import msgpack
 import pytest
 
 from recsys.kafka_broker import free_port
+from streams.app import read_counters
 from streams.produce import Record, ensure_topic, produce
 from streams.schema import ActionEvent, encode_event, now_ms
 from streams.synthetic import synthetic_events
@@ -170,15 +170,7 @@ class Worker:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"worker exited with {self.proc.returncode}: {self.tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/metrics", timeout=2) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return None
-        return {
-            name: float(value)
-            for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        }
+        return read_counters(self.web_port, timeout_s=2)
 
     def valid(self) -> int:
         m = self.metrics() or {}
