@@ -25,8 +25,9 @@ Stages:
 
 Loop: nanoGPT-shaped, one visible `while` over epochs: lr schedule -> batches (AMP, clip, step)
 -> validation every `eval_every` epochs -> best / last checkpoints -> early stopping. Seeds are
-set, `--resume` continues from ckpt_last.pt, a progress bar shows steps, curves.png plots the
-loss and validation metric. GPU and mixed precision when present; CPU otherwise.
+set, `--resume` continues from <stage>_last.pt with the weights, optimizer and random state an
+uninterrupted run would have had at that epoch (it ends with the same weights), a progress bar
+shows steps, curves.png plots the loss and validation metric. GPU and mixed precision when present; CPU otherwise.
 """
 
 from __future__ import annotations
@@ -390,8 +391,9 @@ def fit(
             optimizer.load_state_dict(blob["optimizer"])
         st = RunState(**blob["state"]["run"])
         torch.set_rng_state(blob["state"]["torch_rng"])
+        if blob["state"].get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["state"]["cuda_rng"])
         log.info("resumed %s at epoch %d", stage.name, st.epoch)
-    rng = np.random.default_rng(tcfg.seed + st.epoch)
     steps_per_epoch = n_train_batches(log_, split.train_end, model.cfg.max_len, tcfg.batch_size)
     total_steps = max(1, stage.epochs * steps_per_epoch)
     metric = tcfg.eval_metric
@@ -408,7 +410,8 @@ def fit(
         info.state = {
             "stage": stage.name,
             "run": st.__dict__.copy(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(),  # dropout, sampled negatives, outcome dropout
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         save_checkpoint(path, model, info, optimizer if with_optimizer else None)
 
@@ -416,6 +419,9 @@ def fit(
     while st.epoch < stage.epochs and not st.early_stopped:
         model.train()
         losses: list[float] = []
+        # Each epoch's batch order from its own stream, so a resumed run draws what the
+        # uninterrupted one would have (one stream across epochs could not be restarted midway).
+        rng = np.random.default_rng([tcfg.seed, st.epoch])
         bar = tqdm(
             iterate_train_batches(log_, split.train_end, model.cfg.max_len, tcfg.batch_size, tcfg.window, rng),
             total=steps_per_epoch,

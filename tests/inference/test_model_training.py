@@ -81,6 +81,44 @@ def test_resume_continues_where_the_run_stopped(planted_log: EventLog, planted_s
     assert load_blob(tmp_path / "pretrain_last.pt")["state"]["run"]["epoch"] == 4
 
 
+def test_a_run_resumed_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_one(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch order, dropout and sampled negatives continue as they would have: `--resume` after
+    a crash reproduces the uninterrupted run exactly, not a run with other random draws."""
+    import inference.train as train_module
+
+    def run(out: Path, resume: bool = False) -> GenerativeRetriever:
+        model, info, settings = _fresh(planted_log, out, "train.eval_every=1", "train.patience=100",
+                                       "train.loss=sampled", "train.n_negatives=8")
+        tcfg = settings.train  # type: ignore[attr-defined]
+        spec = loss_spec(planted_log, planted_split.train_end, tcfg, torch.device("cpu"))
+        fit(model, planted_log, planted_split, tcfg, Stage("pretrain", 4, tcfg.lr, spec, planted_split.valid),
+            info, out, resume=resume, progress=False)
+        return model
+
+    torch.manual_seed(123)  # the global RNG state a run starts from (the same for both)
+    whole = run(tmp_path / "whole")
+
+    real_plot = train_module.plot_curves
+
+    def crash_after_epoch_2(history: list[dict[str, float]], *args: Any) -> None:
+        real_plot(history, *args)
+        if len(history) == 2:  # epoch 2's checkpoint is written: the process dies here
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "plot_curves", crash_after_epoch_2)
+    torch.manual_seed(123)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed")
+    monkeypatch.setattr(train_module, "plot_curves", real_plot)
+    torch.manual_seed(999)  # a restarted process: its own RNG state until the checkpoint's is restored
+    resumed = run(tmp_path / "crashed", resume=True)
+    assert load_blob(tmp_path / "crashed" / "pretrain_last.pt")["state"]["run"]["epoch"] == 4
+    for name, weight in whole.state_dict().items():
+        assert torch.equal(weight, resumed.state_dict()[name]), name
+
+
 def test_resume_after_early_stopping_does_not_train_on(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
     import torch as t
 
