@@ -3,8 +3,9 @@
 The user model reads history items as their item-side embeddings (the same vectors the
 vector store indexes), so this module owns the id -> embedding lookup: the exported
 `items.npz` first, then vectors of items indexed later (fetched from the vector store once
-and cached); ids the store does not know either are not asked of it again for a while. CUDA EP is used when a GPU is present, CPU EP otherwise; the provider actually
-in use is read back from the session, because onnxruntime-gpu lists CUDA even without a GPU.
+and cached); ids the store does not know either are not asked of it again for a while. CUDA EP
+is used when a GPU is present, CPU EP otherwise; the provider actually in use is read back from
+the session, because onnxruntime-gpu lists CUDA even without a GPU.
 """
 
 from __future__ import annotations
