@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.data import EventLog, concat_ranges, eval_histories
+from inference.data import EventLog, concat_ranges, eval_histories, user_histories
 from inference.model import GenerativeRetriever
 
 OutcomeChoice = str | int  # "true" (the target's own), "none" (0), an action name or an index
@@ -236,14 +236,21 @@ def diversity(candidates: Sequence[np.ndarray], item_features: np.ndarray) -> di
     }
 
 
-def popularity_metrics(log: EventLog, rows: np.ndarray, train_end: np.ndarray, ks: Sequence[int] = (5, 10)) -> dict[str, float]:
-    """The most-popular baseline (training counts), same protocol as `ranking_metrics`."""
+def popularity_metrics(
+    log: EventLog, rows: np.ndarray, train_end: np.ndarray, ks: Sequence[int] = (5, 10), *, exclude_history: bool = False
+) -> dict[str, float]:
+    """The most-popular baseline (training counts), same protocol as `ranking_metrics`
+    (``exclude_history``: the user's earlier items are taken out of the ranking first)."""
     starts = log.offsets[:-1]
     counts = log.item_counts(concat_ranges(starts, train_end))[1:]
     order = np.argsort(-counts, kind="stable")
     rank_of = np.empty_like(order)
     rank_of[order] = np.arange(len(order))
     rank = rank_of[log.item[rows] - 1]
+    if exclude_history:  # each distinct earlier item ranked above the target moves it up one
+        rank = rank - np.array([
+            np.count_nonzero(rank_of[np.unique(h) - 1] < r) for h, r in zip(user_histories(log, rows), rank, strict=True)
+        ], dtype=rank.dtype)
     out = {f"recall@{k}": float((rank < k).mean()) for k in ks}
     out |= {f"ndcg@{k}": float(((rank < k) / np.log2(rank + 2.0)).mean()) for k in ks}
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from gr_helpers import HELD_OUT, N_CLUSTERS, N_ITEMS, features_of
 from planted import is_save_item
@@ -101,3 +102,24 @@ def test_unseen_item_is_embedded_from_its_content_features(tiny_model: Trained, 
 
 def test_planted_catalogue_is_complete(planted_log: EventLog) -> None:
     assert planted_log.n_items == N_ITEMS - len(HELD_OUT)
+
+
+def test_the_popularity_baseline_leaves_the_history_out_as_the_model_s_ranking_does(
+    planted_log: EventLog, planted_split: Split
+) -> None:
+    """Against a brute-force ranking: training counts, the user's other earlier items removed
+    (a target seen before stays), rank of the target among what is left."""
+    rows = planted_split.test
+    counts = np.bincount(np.concatenate([planted_log.item[s:e] for s, e in zip(planted_log.offsets[:-1], planted_split.train_end)]),
+                         minlength=planted_log.n_items + 1)[1:]
+    order = np.argsort(-counts, kind="stable")  # item row by popularity, ties by index
+    hits = 0
+    for r in rows:
+        user = planted_log.user[r]
+        earlier = set((planted_log.item[planted_log.offsets[user] : r] - 1).tolist())
+        target = planted_log.item[r] - 1
+        ranking = [i for i in order.tolist() if i == target or i not in earlier]
+        hits += ranking.index(target) < 10
+    got = popularity_metrics(planted_log, rows, planted_split.train_end, ks=(10,), exclude_history=True)
+    assert got["recall@10"] == pytest.approx(hits / len(rows))
+    assert got["recall@10"] > popularity_metrics(planted_log, rows, planted_split.train_end, ks=(10,))["recall@10"]
