@@ -8,7 +8,8 @@ An update's journey, top to bottom (`Worker.process`):
     runtime.generate              ONE ONNX Runtime call: every surface x outcome x M queries
     plan_batch                    each surface's budget split across outcomes by its weights;
                                   near-identical query embeddings merged, budgets summed (PinRec);
-                                  each query asks for limit_headroom x its share, not the budget
+                                  each query asks for headroom x its share, not the budget
+                                  (the headroom adapts: next_headroom)
     store.query_arrays            ONE vector-store call for the whole micro-batch, the user's
                                   recent items excluded, surface eligibility filtered
     merge_batch                   fair-share interleave of the queries' lists (merge_key), de-dup,
@@ -48,7 +49,7 @@ from kafka.errors import KafkaError
 from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update
 from inference.runtime import ModelRuntime, VectorLookup
 from recsys.kafka_clients import PendingCommits, group_consumer
-from recsys.settings import Settings, get_settings
+from recsys.settings import InferenceSettings, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,24 @@ def query_limits(budgets: np.ndarray, budget: int, headroom: float) -> np.ndarra
     return np.clip(np.ceil(budgets * headroom), 1, budget).astype(np.int64)
 
 
+def next_headroom(headroom: float, short_share: float, cfg: InferenceSettings) -> float:
+    """The limit headroom for the next micro-batch, from the share of (user, surface) lists the
+    last one had to search again at the full budget.
+
+    How deep each query must be read depends on how much the lists of one surface overlap,
+    i.e. on the model: with near-parallel queries nearly every list came up short at 2x and
+    every search ran twice (a freshly trained small model: 1.25 vs 0.71 ms of CPU per user at
+    4x). So the headroom doubles while more than ``cfg.max_short_share`` of the lists are
+    short, up to ``cfg.limit_headroom_max``, and decays slowly back towards
+    ``cfg.limit_headroom`` while none is (a larger k costs TopK and merge time for nothing).
+    """
+    if short_share > cfg.max_short_share:
+        return min(headroom * 2.0, cfg.limit_headroom_max)
+    if short_share == 0.0:
+        return max(cfg.limit_headroom, headroom * 0.98)
+    return headroom
+
+
 def merge_key(rank: Any, budget: Any) -> Any:
     """Where the hit at ``rank`` of a query with ``budget`` is placed in its surface's merged
     list (lower first; ties go to the earlier query). Fair share: rank / budget, so each query
@@ -422,6 +441,7 @@ class Worker:
         self.producer = KafkaProducer(bootstrap_servers=kafka, acks="all", linger_ms=2, batch_size=1 << 18)
         self.stopping = threading.Event()
         self.users_done = 0
+        self.batches_done = 0  # micro-batches that regenerated at least one user
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
         self._pending = PendingCommits(settings.kafka.rejoin_after_s)  # settled offsets whose commit failed
 
@@ -449,6 +469,7 @@ class Worker:
         self.conditions = conditions_for(settings, runtime.surfaces, runtime.actions)
         # (embeddings generated, queries searched, queries searched again) in the last compute
         self.last_plan_size = (0, 0, 0)
+        self.headroom = settings.inference.limit_headroom  # next_headroom keeps it fitted to the model
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -460,7 +481,7 @@ class Worker:
         re-reads (and recomputes) the at most two batches not yet committed.
         """
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
-        report_at, reported = time.monotonic() + 10.0, 0
+        report_at, reported, batches_then = time.monotonic() + 10.0, 0, 0
         inflight: tuple[list[Any], dict[Any, int]] | None = None  # (send futures, offsets) of the last batch
         while not self.stopping.is_set():
             updates = self.poll_batch()
@@ -472,8 +493,10 @@ class Worker:
             if inflight is None and self._pending.offsets:  # idle: a failed commit is retried, not left for the next record
                 self.commit()
             if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
-                log.info("worker: %d users regenerated (%.0f/s)", self.users_done, (self.users_done - reported) / 10.0)
-                report_at, reported = time.monotonic() + 10.0, self.users_done
+                batches = self.batches_done - batches_then
+                log.info("worker: %d users regenerated (%.0f/s, %.1f per micro-batch)", self.users_done,
+                         (self.users_done - reported) / 10.0, (self.users_done - reported) / max(batches, 1))
+                report_at, reported, batches_then = time.monotonic() + 10.0, self.users_done, self.batches_done
         if inflight is not None:
             self.settle(*inflight)
 
@@ -571,6 +594,7 @@ class Worker:
             for update, surfaces in zip(fresh, results)
         ]
         self.users_done += len(fresh)
+        self.batches_done += 1
         return sent
 
     def compute_isolated(self, updates: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -629,7 +653,7 @@ class Worker:
             return merged, hits.id_texts()
 
         everything = np.arange(len(plan.budgets))
-        merged, ids = search_and_merge(everything, query_limits(plan.budgets, budget, cfg.limit_headroom))
+        merged, ids = search_and_merge(everything, query_limits(plan.budgets, budget, self.headroom))
         lists = _group_lists(merged, ids)
         again = np.flatnonzero(np.isin(plan.group, np.flatnonzero(merged.short)))
         if len(again):  # lists cut too short for an exact merge: those surfaces at the full budget
@@ -638,6 +662,7 @@ class Worker:
             for g in np.flatnonzero(merged.short).tolist():
                 lists[g] = redone[g]
         self.last_plan_size = (plan.generated, len(plan.budgets), len(again))
+        self.headroom = next_headroom(self.headroom, float(merged.short.mean()) if len(merged.short) else 0.0, cfg)
         n_s = len(plan.surfaces)
         return [
             {name: lists[u * n_s + s] for s, name in enumerate(plan.surfaces)}
@@ -708,8 +733,9 @@ class SerialisedStore:
 def _budget_sanity(settings: Settings) -> None:
     cfg = settings.inference
     if cfg.candidates_per_surface <= 0 or not math.isfinite(cfg.merge_cosine) or not (
-            math.isfinite(cfg.limit_headroom) and cfg.limit_headroom > 0):
-        raise ValueError("inference.candidates_per_surface and limit_headroom must be > 0 (finite), merge_cosine finite")
+            math.isfinite(cfg.limit_headroom) and 0 < cfg.limit_headroom <= cfg.limit_headroom_max):
+        raise ValueError("inference.candidates_per_surface and limit_headroom must be > 0 (finite), "
+                         "limit_headroom <= limit_headroom_max, merge_cosine finite")
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ from inference.worker import (
     Worker,
     merge_batch,
     merge_hits,
+    next_headroom,
     plan_batch,
     plan_queries,
     query_limits,
@@ -194,6 +195,7 @@ def test_compute_equals_the_reference_pipeline(
                 np.testing.assert_allclose(g[surface]["scores"], w[surface]["scores"], atol=1e-5)
         if headroom < 1:
             assert worker.last_plan_size[2] > 0  # the re-search path ran
+            assert worker.headroom == 2 * headroom  # ... so the next micro-batch reads deeper
     finally:
         store.close()
 
@@ -261,3 +263,15 @@ def test_an_id_the_store_does_not_know_is_asked_for_again_only_after_the_retry_w
     runtime.vector_lookup({"gone"}, fetch=fetch)  # retry_s = 0: nothing remembered
     runtime.vector_lookup({"gone"}, fetch=fetch)
     assert asked[2:] == [["gone"], ["gone"]]
+
+
+def test_the_headroom_doubles_while_lists_come_up_short_and_settles_back_when_none_does() -> None:
+    cfg = Settings(inference={"limit_headroom": 2.0, "limit_headroom_max": 16.0, "max_short_share": 0.05}).inference
+    h = 2.0
+    for want in (4.0, 8.0, 16.0, 16.0):  # every list short: double, up to the cap
+        h = next_headroom(h, 1.0, cfg)
+        assert h == want
+    assert next_headroom(h, 0.05, cfg) == h  # a few short lists: hold (re-searching them is cheap)
+    for _ in range(500):  # none short for a while: back down, never below the configured floor
+        h = next_headroom(h, 0.0, cfg)
+    assert h == 2.0
