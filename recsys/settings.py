@@ -158,10 +158,10 @@ class InferenceSettings(BaseModel):
     # Each ANN query asks for this many times its share of the budget (not the whole budget);
     # a surface whose merge ran past the end of a list that was cut is searched again in full.
     limit_headroom: float = 2.0
-    # The headroom adapts to the model (inference/worker.py: next_headroom): doubled, up to this,
-    # while more than max_short_share of a batch's lists were searched again; back down slowly.
-    limit_headroom_max: float = 16.0
-    max_short_share: float = 0.05
+    # The headroom adapts to the model (inference/worker.py: next_headroom): doubled while too
+    # many lists are searched again, back down slowly to limit_headroom while none is.
+    limit_headroom_max: float = 16.0  # the most the adaptive headroom grows to
+    max_short_share: float = 0.05  # share of a batch's lists searched again above which it doubles
     # A vector-store call that fails transiently (store down, connection refused, engine I/O
     # error) is retried with a doubling back-off; its batch waits uncommitted, so nothing is lost.
     store_retry_initial_s: float = 0.1  # first back-off after a failed vector-store call
