@@ -4,8 +4,9 @@ Three data sets: `synthetic` (streams.synthetic: 2,000 users with 1-3 of 8 plant
 clusters, 4,000 items skewed by popularity within each cluster, 60k events; diversity measured
 on the planted clusters), `ml100k` (MovieLens-100K ratings replayed as events; diversity on
 the movies' genres) and `beauty` (Amazon Beauty's purchase sequences; it has no item metadata,
-so diversity is measured on 20 clusters of the items' co-purchase factors). On each, two models are trained identically on the future window (every
-position's next `WINDOW` engaged items are its targets, PinRec's unordered future-window loss);
+so diversity is measured on 20 clusters of the items' co-purchase factors). On each, two
+models are trained identically on the future window (every position's next `WINDOW` engaged
+items are its targets, PinRec's unordered future-window loss);
 they differ only in M, the number of query embeddings the head emits. Slots are trained as a
 mixture of softmaxes (`train.slots=mixture`, inference/train.py `slot_loss`): each window
 target is scored by -log mean_m p_m(target), so slots specialise on the targets they explain

@@ -107,7 +107,7 @@ def coalesce(updates: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _EVENT_FIELDS = tuple(itemgetter(name) for name in ("item_id", "action", "surface", "ts"))
-_ITEM_ID = itemgetter("item_id")
+_ITEM_ID = _EVENT_FIELDS[0]
 
 
 def recent_items(updates: Sequence[dict[str, Any]]) -> list[list[str]]:
