@@ -2,8 +2,10 @@
 
 The user model reads history items as their item-side embeddings (the same vectors the
 vector store indexes), so this module owns the id -> embedding lookup: the exported
-`items.npz` first, then vectors of items indexed later (fetched from the vector store once
-and cached); ids the store does not know either are not asked of it again for a while. CUDA EP
+`items.npz` first, then vectors of items indexed later (fetched from the vector store and
+cached for `fetched_item_ttl_s`, so a re-embedded item is picked up); ids the store does not
+know either are not asked of it again for `unknown_item_retry_s`. Both caches are bounded
+(`fetched_items_max`, least recently used dropped first). CUDA EP
 is used when a GPU is present, CPU EP otherwise; the provider actually in use is read back from
 the session, because onnxruntime-gpu lists CUDA even without a GPU.
 """
@@ -20,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from cachetools import TTLCache
+
+from recsys.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +32,15 @@ __all__ = ["ModelRuntime", "VectorLookup", "choose_providers"]
 
 Fetch = Callable[[Sequence[str]], dict[Any, np.ndarray]]  # item ids -> the vectors the store has
 
-# Unknown ids remembered at most this many at once; past it, expired ones are dropped first.
-_UNKNOWN_MAX = 1 << 20
+
+
+def _now() -> float:
+    # Looked up at each call (not bound once into the caches) so tests can move the clock.
+    return time.monotonic()
+
+
+def _ttl_cache(size: int, ttl_s: float) -> TTLCache[str, Any]:
+    return TTLCache(maxsize=max(1, size), ttl=ttl_s, timer=_now)
 
 
 def choose_providers(provider: str) -> list[str]:
@@ -55,12 +67,20 @@ class ModelRuntime:
     item_vectors: np.ndarray  # [N, D] float32, unit rows
     popularity: np.ndarray  # [N] float32
     index: dict[str, int] = field(default_factory=dict)
-    extra: dict[str, np.ndarray] = field(default_factory=dict)  # items indexed after export
-    # ids the vector store did not know -> when to ask it again (time.monotonic seconds)
-    unknown: dict[str, float] = field(default_factory=dict)
+    settings: InferenceSettings = field(default_factory=InferenceSettings)  # the fetch caches' sizes and lifetimes
+    extra: TTLCache[str, np.ndarray] = field(init=False)  # items indexed after export, fetched
+    unknown: TTLCache[str, bool] = field(init=False)  # ids the vector store did not know
+
+    def __post_init__(self) -> None:
+        cfg = self.settings
+        self.extra = _ttl_cache(cfg.fetched_items_max, cfg.fetched_item_ttl_s)
+        self.unknown = _ttl_cache(cfg.fetched_items_max, cfg.unknown_item_retry_s)
 
     @classmethod
-    def load(cls, model_dir: Path, provider: str = "auto", threads: int = 0, spinning: bool = False) -> ModelRuntime:
+    def load(
+        cls, model_dir: Path, provider: str = "auto", threads: int = 0, spinning: bool = False,
+        settings: InferenceSettings | None = None,
+    ) -> ModelRuntime:
         model_dir = Path(model_dir)
         meta_path = model_dir / "meta.json"
         if not meta_path.exists():
@@ -95,6 +115,7 @@ class ModelRuntime:
             item_vectors=np.ascontiguousarray(items["embeddings"], dtype=np.float32),
             popularity=np.asarray(items["popularity"], dtype=np.float32),
             index={item_id: i for i, item_id in enumerate(ids.tolist())},
+            settings=settings or InferenceSettings(),
         )
         log.info("model %s loaded on %s (%d items)", runtime.version, runtime.provider, len(ids))
         return runtime
@@ -123,48 +144,40 @@ class ModelRuntime:
     def max_len(self) -> int:
         return int(self.meta["config"]["max_len"])
 
-    def item_vectors_for(
-        self, item_ids: Iterable[str], fetch: Fetch | None = None, retry_s: float = 0.0
-    ) -> dict[str, np.ndarray]:
+    def item_vectors_for(self, item_ids: Iterable[str], fetch: Fetch | None = None) -> dict[str, np.ndarray]:
         """Embeddings of the given items that are known (exported, or indexed later and
-        fetched through ``fetch`` once). Unknown items are simply absent."""
+        fetched through ``fetch``). Unknown items are simply absent."""
         wanted = set(item_ids)
-        self._fetch_missing(wanted, fetch, retry_s)
+        self._fetch_missing(wanted, fetch)
         out = {i: self.item_vectors[self.index[i]] for i in wanted if i in self.index}
-        out.update({i: self.extra[i] for i in wanted if i in self.extra})
+        for i in wanted.difference(out):
+            if (vector := self.extra.get(i)) is not None:
+                out[i] = vector
         return out
 
-    def vector_lookup(
-        self, item_ids: Iterable[str], fetch: Fetch | None = None, retry_s: float = 0.0
-    ) -> Mapping[str, np.ndarray]:
+    def vector_lookup(self, item_ids: Iterable[str], fetch: Fetch | None = None) -> Mapping[str, np.ndarray]:
         """`item_vectors_for` as a read-only mapping that looks vectors up when asked, without
         building a dict of every id (the worker's hot path). Unknown ids are fetched first."""
-        self._fetch_missing(set(item_ids), fetch, retry_s)
+        self._fetch_missing(set(item_ids), fetch)
         return VectorLookup(self)
 
-    def _fetch_missing(self, item_ids: set[str], fetch: Fetch | None, retry_s: float) -> None:
-        """Ask ``fetch`` for the ids neither exported nor fetched before; the ones it does not
-        know either are not asked again for ``retry_s`` seconds. Without that, histories full of
-        deleted or not-yet-indexed items would cost a vector-store call on every micro-batch."""
+    def _fetch_missing(self, item_ids: set[str], fetch: Fetch | None) -> None:
+        """Ask ``fetch`` for the ids neither exported nor in the fetched cache; the ones it
+        does not know either are not asked again until they expire from ``unknown``. Without
+        that, histories full of deleted or not-yet-indexed items would cost a vector-store call
+        on every micro-batch."""
         if fetch is None:
             return
-        now = time.monotonic()
-        unknown = self.unknown
-        missing = [i for i in item_ids if i not in self.index and i not in self.extra and unknown.get(i, 0.0) <= now]
+        index, extra, unknown = self.index, self.extra, self.unknown
+        missing = [i for i in item_ids if i not in index and i not in extra and i not in unknown]
         if not missing:
             return
         for item_id, vector in fetch(missing).items():
-            self.extra[str(item_id)] = np.asarray(vector, dtype=np.float32)
-        if len(unknown) >= _UNKNOWN_MAX:
-            self.unknown = unknown = {i: t for i, t in unknown.items() if t > now}
-            if len(unknown) >= _UNKNOWN_MAX:  # all still fresh: start over rather than grow
-                unknown.clear()
-        until = now + retry_s
-        for i in missing:
-            if i in self.extra:
-                unknown.pop(i, None)
-            elif retry_s > 0:
-                unknown[i] = until
+            extra[str(item_id)] = np.asarray(vector, dtype=np.float32)
+        if self.settings.unknown_item_retry_s > 0:
+            for i in missing:
+                if i not in extra:
+                    unknown[i] = True
 
     def generate(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Run the user model: [B, Q, M, D] unit query embeddings."""
@@ -184,7 +197,7 @@ class VectorLookup(Mapping[str, np.ndarray]):
 
     def __iter__(self) -> Iterator[str]:
         yield from self._rt.index
-        yield from self._rt.extra
+        yield from list(self._rt.extra)
 
     def __len__(self) -> int:
         return len(self._rt.index) + len(self._rt.extra)
@@ -194,14 +207,16 @@ class VectorLookup(Mapping[str, np.ndarray]):
         gathered from the exported table in one indexing step."""
         rt = self._rt
         rows = [rt.index.get(i, -1) for i in item_ids]
-        extra = [j for j, r in enumerate(rows) if r < 0 and item_ids[j] in rt.extra]
+        # One read per fetched id: an entry that expires between a membership test and a read
+        # would otherwise raise; one that expires before this read encodes as unknown.
+        fetched = {j: v for j, r in enumerate(rows) if r < 0 and (v := rt.extra.get(item_ids[j])) is not None}
         known = np.array([r >= 0 for r in rows], dtype=bool)
-        known[extra] = True
+        known[list(fetched)] = True
         codes = np.zeros(len(item_ids), dtype=np.int64)
         codes[known] = np.arange(1, int(known.sum()) + 1)
         table = np.zeros((int(known.sum()) + 1, rt.item_vectors.shape[1]), np.float32)
         exported = np.array(rows, dtype=np.int64)
         table[codes[exported >= 0]] = rt.item_vectors[exported[exported >= 0]]
-        for j in extra:
-            table[codes[j]] = rt.extra[item_ids[j]]
+        for j, vector in fetched.items():
+            table[codes[j]] = vector
         return table, codes.tolist()

@@ -675,8 +675,7 @@ class Worker:
         """The session's inputs for a micro-batch (history vectors looked up or fetched);
         ``recent``: `recent_items(updates)` when the caller has it already."""
         history_ids = set().union(*(recent_items(updates) if recent is None else recent))
-        vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors,
-                                             retry_s=self.settings.inference.unknown_item_retry_s)
+        vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors)
         return encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
 
     def candidates_record(self, update: dict[str, Any], surfaces: dict[str, Any]) -> dict[str, Any]:
@@ -747,7 +746,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     _budget_sanity(settings)
-    runtime = ModelRuntime.load(settings.inference.model_dir, settings.inference.provider, threads=settings.inference.ort_threads)
+    runtime = ModelRuntime.load(settings.inference.model_dir, settings.inference.provider,
+                                threads=settings.inference.ort_threads, settings=settings.inference)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())

@@ -170,6 +170,13 @@ class InferenceSettings(BaseModel):
     # zero vector and is not asked of the store again for this long: one store call per
     # micro-batch for the same unknown ids would cost a round-trip each time (a server backend).
     unknown_item_retry_s: float = 30.0
+    # A history item indexed after the model's export is fetched from the vector store and kept
+    # this long, then fetched again: an item re-embedded from new content features reaches the
+    # model's input within this time, not never.
+    fetched_item_ttl_s: float = 300.0
+    # Most fetched and unknown ids remembered at once (each kind; least recently used dropped
+    # first), so the worker's memory stays bounded however many items arrive after export.
+    fetched_items_max: int = 262_144
     # Each surface splits its budget across outcomes by its business goal.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},

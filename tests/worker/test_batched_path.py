@@ -23,7 +23,7 @@ from inference.worker import (
     plan_queries,
     query_limits,
 )
-from recsys.settings import Settings
+from recsys.settings import InferenceSettings, Settings
 from vector_store import ItemRecord, open_store
 from vector_store.indexer import ItemTable
 
@@ -230,39 +230,86 @@ def test_an_id_the_store_does_not_know_is_asked_for_again_only_after_the_retry_w
 ) -> None:
     """Histories full of deleted or not-yet-indexed items cost one store call per retry window,
     not one per micro-batch; an item indexed meanwhile is found at the next ask and kept."""
+    clock = _fake_clock(monkeypatch)
+    cfg = InferenceSettings(unknown_item_retry_s=30.0)
+    runtime = ModelRuntime.load(small_model_dir, "cpu", settings=cfg)
+    late = np.full(runtime.dim, 1 / np.sqrt(runtime.dim), np.float32)
+    store = _RecordingStore()
+
+    ids = {str(runtime.item_ids[0]), "not-yet-indexed"}
+    for _ in range(3):
+        lookup = runtime.vector_lookup(ids, fetch=store.fetch)
+    assert store.asked == [["not-yet-indexed"]]  # exported ids are never asked; the unknown one once
+    assert "not-yet-indexed" not in lookup
+
+    store.vectors["not-yet-indexed"] = late
+    clock[0] += 29.0
+    runtime.vector_lookup(ids, fetch=store.fetch)
+    assert len(store.asked) == 1  # still inside the window
+    clock[0] += 2.0
+    lookup = runtime.vector_lookup(ids, fetch=store.fetch)
+    assert store.asked == [["not-yet-indexed"]] * 2
+    np.testing.assert_array_equal(lookup["not-yet-indexed"], late)
+    runtime.vector_lookup(ids, fetch=store.fetch)
+    assert len(store.asked) == 2  # found: cached with the exported ones, not asked again
+
+    forgetful = ModelRuntime.load(small_model_dir, "cpu", settings=InferenceSettings(unknown_item_retry_s=0.0))
+    forgetful.vector_lookup({"gone"}, fetch=store.fetch)  # no retry window: nothing remembered
+    forgetful.vector_lookup({"gone"}, fetch=store.fetch)
+    assert store.asked[2:] == [["gone"], ["gone"]]
+
+
+def test_a_fetched_vector_is_fetched_again_after_its_lifetime_so_a_re_embedded_item_is_picked_up(
+    small_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = _fake_clock(monkeypatch)
+    runtime = ModelRuntime.load(small_model_dir, "cpu", settings=InferenceSettings(fetched_item_ttl_s=300.0))
+    store = _RecordingStore()
+    old, new = np.eye(runtime.dim, dtype=np.float32)[:2]
+    store.vectors["late-item"] = old
+    np.testing.assert_array_equal(runtime.vector_lookup({"late-item"}, fetch=store.fetch)["late-item"], old)
+
+    store.vectors["late-item"] = new  # the indexer re-embedded it from new content features
+    clock[0] += 299.0
+    np.testing.assert_array_equal(runtime.vector_lookup({"late-item"}, fetch=store.fetch)["late-item"], old)
+    clock[0] += 2.0
+    np.testing.assert_array_equal(runtime.vector_lookup({"late-item"}, fetch=store.fetch)["late-item"], new)
+    assert store.asked == [["late-item"]] * 2
+
+
+def test_the_fetched_and_unknown_ids_kept_are_bounded_however_many_items_arrive_after_export(
+    small_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_clock(monkeypatch)
+    runtime = ModelRuntime.load(small_model_dir, "cpu", settings=InferenceSettings(fetched_items_max=100))
+    store = _RecordingStore()
+    vector = np.eye(runtime.dim, dtype=np.float32)[0]
+    for batch in range(30):
+        store.vectors.update({f"new-{batch}-{i}": vector for i in range(20)})
+        lookup = runtime.vector_lookup({f"new-{batch}-{i}" for i in range(20)} | {f"gone-{batch}-{i}" for i in range(20)}, fetch=store.fetch)
+        assert all(f"new-{batch}-{i}" in lookup for i in range(20))  # the batch being encoded is whole
+    assert len(runtime.extra) == 100 and len(runtime.unknown) == 100
+    assert "new-29-0" in runtime.extra and "new-0-0" not in runtime.extra  # the oldest went first
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     import inference.runtime as runtime_module
 
     clock = [1000.0]
     monkeypatch.setattr(runtime_module.time, "monotonic", lambda: clock[0])
-    runtime = ModelRuntime.load(small_model_dir, "cpu")
-    late = np.full(runtime.dim, 1 / np.sqrt(runtime.dim), np.float32)
-    in_store: dict[str, np.ndarray] = {}
-    asked: list[list[str]] = []
+    return clock
 
-    def fetch(ids: Any) -> dict[str, np.ndarray]:
-        asked.append(sorted(ids))
-        return {i: in_store[i] for i in ids if i in in_store}
 
-    ids = {str(runtime.item_ids[0]), "not-yet-indexed"}
-    for _ in range(3):
-        lookup = runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
-    assert asked == [["not-yet-indexed"]]  # exported ids are never asked; the unknown one once
-    assert "not-yet-indexed" not in lookup
+class _RecordingStore:
+    """The vector store's retrieve as the worker calls it, recording each ask."""
 
-    in_store["not-yet-indexed"] = late
-    clock[0] += 29.0
-    runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
-    assert len(asked) == 1  # still inside the window
-    clock[0] += 2.0
-    lookup = runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
-    assert asked == [["not-yet-indexed"]] * 2
-    np.testing.assert_array_equal(lookup["not-yet-indexed"], late)
-    runtime.vector_lookup(ids, fetch=fetch, retry_s=30.0)
-    assert len(asked) == 2  # found: cached with the exported ones, not asked again
+    def __init__(self) -> None:
+        self.vectors: dict[str, np.ndarray] = {}
+        self.asked: list[list[str]] = []
 
-    runtime.vector_lookup({"gone"}, fetch=fetch)  # retry_s = 0: nothing remembered
-    runtime.vector_lookup({"gone"}, fetch=fetch)
-    assert asked[2:] == [["gone"], ["gone"]]
+    def fetch(self, ids: Any) -> dict[str, np.ndarray]:
+        self.asked.append(sorted(ids))
+        return {i: self.vectors[i] for i in ids if i in self.vectors}
 
 
 def test_the_headroom_doubles_while_lists_come_up_short_and_settles_back_when_none_does() -> None:
