@@ -23,7 +23,9 @@ recall@BUDGET of the merged list against the future window (PinRec's unordered r
 diversity measured on model-independent item features: intra-list diversity (1 - mean
 pairwise cosine of the feature vectors), distinct categories per list, catalogue coverage.
 The max-score merge (every item ranked by its best cosine over the M queries) is reported
-beside it for M = 4.
+beside it for M = 4. Recall is also measured at `CURVE_BUDGETS` (10-200 candidates; the worker
+serves 100 per surface) for both merges, keys `<data>_m<M>_curve_<merge>_recall@<K>`; the PNG's
+third panel plots M = 4's recall over M = 1's at each list length.
 
     python -m benchmarks.multitoken --set train.num_threads=1   # 4 models, 2 at a time (~10-26 min)
     python -m benchmarks.multitoken --datasets beauty --name multitoken_beauty --set train.num_threads=1   # ~33 min
@@ -62,7 +64,8 @@ from inference.train import apply_overrides, train
 from recsys.settings import Settings
 
 WINDOW = 10  # future events per position (training) and per user (evaluation)
-BUDGET = 50  # merged candidates per user
+BUDGET = 50  # merged candidates per user (the headline)
+CURVE_BUDGETS = (10, 20, 50, 100, 200)  # recall also at these, 100 being the worker's list length
 # streams.synthetic: users with 1-3 of 8 interest clusters, popularity-skewed items within each
 SYNTH_USERS, SYNTH_ITEMS, SYNTH_PER_USER = 2000, 4000, 30
 SYNTH_START_MS = 1_700_000_000_000  # fixed event times: the time features, hence the run, reproduce
@@ -95,14 +98,25 @@ def plot(metrics: dict[str, object], path: Path, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(names), 2, figsize=(8, 3.2 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), 3, figsize=(12, 3.2 * len(names)), squeeze=False)
     for row, name in enumerate(names):
-        for ax, (key, label) in zip(axes[row], ((f"recall@{BUDGET}", f"window recall@{BUDGET}"), ("intra_list_diversity", "intra-list diversity")), strict=True):
+        for ax, (key, label) in zip(axes[row], ((f"recall@{BUDGET}", f"window recall@{BUDGET}"), ("intra_list_diversity", "intra-list diversity")), strict=False):
             values = [float(metrics[f"{name}_m{m}_{key}"]) for m in (1, 4)]  # type: ignore[arg-type]
             bars = ax.bar(["M = 1", "M = 4"], values, color=["tab:gray", "tab:blue"])
             ax.bar_label(bars, fmt="%.4f")
             ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
             ax.set_title(f"{name}: {label}")
+        ax = axes[row][2]
+        base = [float(metrics[f"{name}_m1_curve_round_robin_recall@{b}"]) for b in CURVE_BUDGETS]  # type: ignore[arg-type]
+        for merge, style in (("round_robin", "o-"), ("max_score", "s--")):
+            m4 = [float(metrics[f"{name}_m4_curve_{merge}_recall@{b}"]) for b in CURVE_BUDGETS]  # type: ignore[arg-type]
+            ax.plot(CURVE_BUDGETS, [a / b for a, b in zip(m4, base, strict=True)], style, label=f"M = 4, {merge.replace('_', '-')}")
+        ax.axhline(1.0, color="tab:gray", lw=1)
+        ax.set_xscale("log")
+        ax.set_xticks(CURVE_BUDGETS, [str(b) for b in CURVE_BUDGETS])
+        ax.set_xlabel("candidates per user")
+        ax.set_title(f"{name}: recall, M = 4 / M = 1")
+        ax.legend(fontsize=8)
     fig.suptitle(f"{BUDGET} merged candidates, future window {WINDOW}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -141,6 +155,10 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
     metrics: dict[str, object] = {f"{name}_n_users": len(rows)}
     cands = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True)
     metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(window_recall(cands, future), 4)
+    for budget in CURVE_BUDGETS:  # does the picture depend on the list length?
+        for merge in ("round_robin", "max_score") if m > 1 else ("round_robin",):
+            lists = merged_candidates(model, log, rows, budget, outcome="none", exclude_history=True, merge=merge)
+            metrics[f"{name}_m{m}_curve_{merge}_recall@{budget}"] = round(window_recall(lists, future), 4)
     for key, value in diversity(cands, features).items():
         metrics[f"{name}_m{m}_{key}"] = round(value, 4)
     if m > 1:  # the alternative merge: every item ranked by its best score over the M queries
