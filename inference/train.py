@@ -525,6 +525,12 @@ def train(
     """Pretrain on every surface, optionally fine-tune each surface's head; returns the model,
     its checkpoint info and the per-stage results. Writes `<out_dir>/ckpt_best.pt`."""
     tcfg = settings.train
+    if tcfg.slots == "offset" and settings.model.num_queries > tcfg.window:
+        raise ValueError(
+            f"train.slots=offset gives query slot m the m-th block of the window: with train.window={tcfg.window} "
+            f"< model.num_queries={settings.model.num_queries} some slots would never train "
+            "(use train.slots=mixture or a window of at least num_queries)"
+        )
     out_dir = Path(out_dir or tcfg.out_dir)
     torch.set_num_threads(tcfg.num_threads)
     seed_everything(tcfg.seed)

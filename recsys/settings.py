@@ -122,8 +122,13 @@ class TrainSettings(BaseModel):
     warmup_steps: int = 200  # linear warm-up
     weight_decay: float = 0.0  # on matrices only
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
-    window: int = 1  # targets per position: the next `window` engaged items (PinRec's future window)
-    slots: str = "offset"  # how M query slots share the window: offset (slot m: m-th block) | mixture (of softmaxes) | wta (each target trains its best slot)
+    # Targets per position: the next `window` engaged items (PinRec's future window). Every one
+    # of the M query slots must get targets: with a window of 1 only slot 0 would ever train.
+    window: int = 10
+    # How the M query slots share the window: mixture (of softmaxes; measured best for M = 4 in
+    # recall and diversity, benchmarks/multitoken.py) | offset (slot m: m-th block; needs
+    # window >= M) | wta (each target trains its best slot)
+    slots: str = "mixture"
     loss: str = "auto"  # full (softmax over every item) | sampled (in-batch + random, log-Q) | auto
     full_softmax_max_items: int = 200_000  # auto picks the full softmax up to this catalogue size
     n_negatives: int = 2048  # random negatives per step for the sampled softmax

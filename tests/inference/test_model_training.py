@@ -16,8 +16,10 @@ from inference.checkpoint import Checkpoint, load_blob, load_checkpoint
 from inference.data import EventLog, Split
 from inference.evaluate import item_matrix, ranking_metrics
 from inference.model import GenerativeRetriever
+from inference.data import iterate_train_batches
 from inference.train import (
     Stage,
+    batch_loss,
     fit,
     loss_spec,
     WTA_EPS,
@@ -225,6 +227,28 @@ def test_fused_softmax_with_a_window_of_targets_sums_their_cross_entropies() -> 
     (ref * weights).sum().backward()
     assert torch.allclose(grads[0], q.grad, atol=1e-5)  # type: ignore[arg-type]
     assert torch.allclose(grads[1], items.grad, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_with_the_default_settings_every_query_slot_learns(planted_log: EventLog, planted_split: Split) -> None:
+    """The worker gives each of the M slots a share of every list, so each must be trained: with
+    a one-item window and offset slots, slots 1..M-1 never got a gradient (the live default did that)."""
+    settings = Settings()
+    assert settings.model.num_queries > 1
+    torch.manual_seed(0)
+    model = GenerativeRetriever(model_config(settings.model.model_copy(update={"dim": 16, "max_len": 16}), planted_log))
+    spec = loss_spec(planted_log, planted_split.train_end, settings.train, torch.device("cpu"))
+    batch = next(iterate_train_batches(planted_log, planted_split.train_end, 16, 64, settings.train.window, np.random.default_rng(0)))
+    features = None if planted_log.features is None else torch.as_tensor(planted_log.features)
+    result = batch_loss(model, batch, features, spec, torch.device("cpu"))
+    assert result is not None
+    result[0].backward()
+    slot_grad = model.head.slot.grad.norm(dim=1)  # type: ignore[union-attr]
+    map_grad = model.head.slot_maps.grad.flatten(1).norm(dim=1)  # type: ignore[union-attr]
+    assert (slot_grad > 0).all() and (map_grad > 0).all(), (slot_grad, map_grad)
+
+    offset_too_short = settings.train.model_copy(update={"slots": "offset", "window": 1})
+    with pytest.raises(ValueError, match="some slots would never train"):
+        train(planted_log, planted_split, settings.model_copy(update={"train": offset_too_short}))
 
 
 def test_slot_losses_route_each_target_as_their_mode_says() -> None:
