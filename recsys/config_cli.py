@@ -10,7 +10,8 @@ from recsys.settings import documented_fields, get_settings
 
 def markdown_table() -> str:
     rows = ["| environment variable | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{env}` | `{default}` | {comment} |" for env, default, comment in documented_fields()]
+    # A `|` inside a cell would end it: "a | b" choices in comments are escaped.
+    rows += [f"| `{env}` | `{default}` | {comment.replace('|', chr(92) + '|')} |" for env, default, comment in documented_fields()]
     return "\n".join(rows)
 
 

@@ -308,9 +308,11 @@ def documented_fields() -> list[tuple[str, str, str]]:
                 continue
             text = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
             comment = text.rsplit("#", 1)[1].strip() if "  # " in text else ""
-            if not comment:
-                above = lines[stmt.lineno - 2].strip()
-                comment = above.lstrip("# ").strip() if above.startswith("#") else ""
+            if not comment:  # the whole comment block right above the field
+                first = stmt.lineno - 1
+                while first > 0 and lines[first - 1].strip().startswith("#"):
+                    first -= 1
+                comment = " ".join(line.strip().lstrip("#").strip() for line in lines[first : stmt.lineno - 1])
             default = ast.get_source_segment(source, stmt.value) if stmt.value is not None else ""
             env = f"RECSYS_{section.upper()}__{stmt.target.id.upper()}"
             rows.append((env, " ".join((default or "").split()), comment))

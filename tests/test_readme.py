@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from recsys.settings import documented_fields
@@ -23,3 +24,13 @@ def test_the_two_commands_exist() -> None:
     root = Path(__file__).resolve().parents[1]
     for script in ("scripts/demo.sh", "scripts/test.sh"):
         assert f"{script}" in README and (root / script).exists()
+
+
+def test_the_settings_table_is_current_and_every_row_has_three_cells() -> None:
+    from recsys.config_cli import markdown_table
+
+    table = markdown_table()
+    assert table in README, "run `python scripts/sync_readme.py`"
+    for row in table.splitlines():
+        cells = re.split(r"(?<!\\)\|", row)[1:-1]  # an escaped \| stays inside its cell
+        assert len(cells) == 3, row
