@@ -33,7 +33,6 @@ __all__ = ["ModelRuntime", "VectorLookup", "choose_providers"]
 Fetch = Callable[[Sequence[str]], dict[Any, np.ndarray]]  # item ids -> the vectors the store has
 
 
-
 def _now() -> float:
     # Looked up at each call (not bound once into the caches) so tests can move the clock.
     return time.monotonic()

@@ -13,10 +13,9 @@ from gr_helpers import tiny_settings
 from planted import planted_events
 
 from inference.checkpoint import Checkpoint, load_blob, load_checkpoint
-from inference.data import EventLog, Split
+from inference.data import EventLog, Split, iterate_train_batches
 from inference.evaluate import item_matrix, ranking_metrics
 from inference.model import GenerativeRetriever
-from inference.data import iterate_train_batches
 from inference.train import (
     Stage,
     batch_loss,
