@@ -65,7 +65,7 @@ from recsys.settings import Settings
 
 WINDOW = 10  # future events per position (training) and per user (evaluation)
 BUDGET = 50  # merged candidates per user (the headline)
-CURVE_BUDGETS = (10, 20, 50, 100, 200)  # recall also at these, 100 being the worker's list length
+CURVE_BUDGETS = (10, 20, BUDGET, 100, 200)  # recall also at these, 100 being the worker's list length
 # streams.synthetic: users with 1-3 of 8 interest clusters, popularity-skewed items within each
 SYNTH_USERS, SYNTH_ITEMS, SYNTH_PER_USER = 2000, 4000, 30
 SYNTH_START_MS = 1_700_000_000_000  # fixed event times: the time features, hence the run, reproduce
@@ -153,16 +153,19 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
     t0 = time.time()
     model, _, results = train(log, split, settings, out / f"{name}-m{m}", name=f"{name}-m{m}", progress=not quiet)
     metrics: dict[str, object] = {f"{name}_n_users": len(rows)}
-    cands = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True)
+    merges = ("round_robin", "max_score") if m > 1 else ("round_robin",)
+    lists = {  # each (merge, list length) ranked once; the headline is the 50-long one
+        (merge, budget): merged_candidates(model, log, rows, budget, outcome="none", exclude_history=True, merge=merge)
+        for merge in merges for budget in CURVE_BUDGETS
+    }
+    cands = lists["round_robin", BUDGET]
     metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(window_recall(cands, future), 4)
-    for budget in CURVE_BUDGETS:  # does the picture depend on the list length?
-        for merge in ("round_robin", "max_score") if m > 1 else ("round_robin",):
-            lists = merged_candidates(model, log, rows, budget, outcome="none", exclude_history=True, merge=merge)
-            metrics[f"{name}_m{m}_curve_{merge}_recall@{budget}"] = round(window_recall(lists, future), 4)
+    for (merge, budget), candidates in lists.items():  # does the picture depend on the list length?
+        metrics[f"{name}_m{m}_curve_{merge}_recall@{budget}"] = round(window_recall(candidates, future), 4)
     for key, value in diversity(cands, features).items():
         metrics[f"{name}_m{m}_{key}"] = round(value, 4)
     if m > 1:  # the alternative merge: every item ranked by its best score over the M queries
-        best = merged_candidates(model, log, rows, BUDGET, outcome="none", exclude_history=True, merge="max_score")
+        best = lists["max_score", BUDGET]
         metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(window_recall(best, future), 4)
         metrics[f"{name}_m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, features)["intra_list_diversity"], 4)
     metrics[f"{name}_m{m}_epochs"] = results[0].epochs
