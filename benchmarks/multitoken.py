@@ -25,7 +25,11 @@ pairwise cosine of the feature vectors), distinct categories per list, catalogue
 The max-score merge (every item ranked by its best cosine over the M queries) is reported
 beside it for M = 4. Recall is also measured at `CURVE_BUDGETS` (10-200 candidates; the worker
 serves 100 per surface) for both merges, keys `<data>_m<M>_curve_<merge>_recall@<K>`; the PNG's
-third panel plots M = 4's recall over M = 1's at each list length.
+third panel plots M = 4's recall over M = 1's at each list length. Both models rank the same
+users, so the gap is also reported paired, with a 95% bootstrap interval over users
+(`<data>_m4_<merge>_gap@50`, `_ci95_low`, `_ci95_high`), and split by quartile of the users'
+history length (`<data>_m<M>_recall@50_history_q<1-4>`, the fourth panel): on real data
+several queries pay off for users with long histories and cost recall for short ones.
 
     python -m benchmarks.multitoken --set train.num_threads=1   # 4 models, 2 at a time (~10-26 min)
     python -m benchmarks.multitoken --datasets beauty --name multitoken_beauty --set train.num_threads=1   # ~33 min
@@ -39,6 +43,7 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +63,8 @@ from inference.evaluate import (
     diversity,
     future_window,
     merged_candidates,
+    paired_gap,
+    per_user_window_recall,
     window_recall,
 )
 from inference.train import apply_overrides, train
@@ -98,7 +105,7 @@ def plot(metrics: dict[str, object], path: Path, names: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(names), 3, figsize=(12, 3.2 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), 4, figsize=(16, 3.2 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         for ax, (key, label) in zip(axes[row], ((f"recall@{BUDGET}", f"window recall@{BUDGET}"), ("intra_list_diversity", "intra-list diversity")), strict=False):
             values = [float(metrics[f"{name}_m{m}_{key}"]) for m in (1, 4)]  # type: ignore[arg-type]
@@ -117,6 +124,17 @@ def plot(metrics: dict[str, object], path: Path, names: list[str]) -> None:
         ax.set_xlabel("candidates per user")
         ax.set_title(f"{name}: recall, M = 4 / M = 1")
         ax.legend(fontsize=8)
+        ax = axes[row][3]
+        quartiles = [q for q in range(1, 5) if f"{name}_m1_recall@{BUDGET}_history_q{q}" in metrics]
+        ratios = [float(metrics[f"{name}_m4_recall@{BUDGET}_history_q{q}"]) / max(float(metrics[f"{name}_m1_recall@{BUDGET}_history_q{q}"]), 1e-9)  # type: ignore[arg-type]
+                  for q in quartiles]
+        labels = [f"{metrics[f'{name}_history_q{q}_min_events']}-{metrics[f'{name}_history_q{q}_max_events']}" for q in quartiles]
+        bars = ax.bar(labels, ratios, color="tab:blue")
+        ax.bar_label(bars, fmt="%.3f")
+        ax.axhline(1.0, color="tab:gray", lw=1)
+        ax.set_ylim(min([*ratios, 1.0]) * 0.95, max([*ratios, 1.0]) * 1.03)
+        ax.set_xlabel("history length, quartiles of users")
+        ax.set_title(f"{name}: recall@{BUDGET}, M = 4 / M = 1")
     fig.suptitle(f"{BUDGET} merged candidates, future window {WINDOW}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -136,7 +154,14 @@ def load(name: str, data: Path) -> tuple[EventLog, np.ndarray]:
     raise SystemExit(f"unknown dataset {name!r}")
 
 
-def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quiet: bool) -> dict[str, object]:
+@dataclass
+class Run:
+    metrics: dict[str, object]
+    per_user: dict[str, np.ndarray]  # merge -> each test user's recall@BUDGET (NaN: empty window)
+    history: np.ndarray  # each test user's events before the evaluation point
+
+
+def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quiet: bool) -> Run:
     """Train one model with M = `m` on data set `name`; its merged lists' recall and diversity."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log, features = load(name, data)
@@ -147,7 +172,8 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
     rows = split.test[first]
     # The lists exclude the user's earlier items, so the window is scored on the new ones only
     # (re-engagements, ~5% of the synthetic windows and none of the real ones, could not be hit).
-    future = [np.setdiff1d(f, h) for f, h in zip(future_window(log, rows, WINDOW, positive), user_histories(log, rows), strict=True)]
+    histories = user_histories(log, rows)
+    future = [np.setdiff1d(f, h) for f, h in zip(future_window(log, rows, WINDOW, positive), histories, strict=True)]
     settings = apply_overrides(Settings(), [*SHARED, f"model.num_queries={m}", *overrides])
     torch.set_num_threads(settings.train.num_threads)
     t0 = time.time()
@@ -159,19 +185,44 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
         for merge in merges for budget in CURVE_BUDGETS
     }
     cands = lists["round_robin", BUDGET]
-    metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(window_recall(cands, future), 4)
+    per_user = {merge: per_user_window_recall(lists[merge, BUDGET], future) for merge in merges}
+    metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(float(np.nanmean(per_user["round_robin"])), 4)
     for (merge, budget), candidates in lists.items():  # does the picture depend on the list length?
         metrics[f"{name}_m{m}_curve_{merge}_recall@{budget}"] = round(window_recall(candidates, future), 4)
     for key, value in diversity(cands, features).items():
         metrics[f"{name}_m{m}_{key}"] = round(value, 4)
     if m > 1:  # the alternative merge: every item ranked by its best score over the M queries
         best = lists["max_score", BUDGET]
-        metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(window_recall(best, future), 4)
+        metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(float(np.nanmean(per_user["max_score"])), 4)
         metrics[f"{name}_m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, features)["intra_list_diversity"], 4)
     metrics[f"{name}_m{m}_epochs"] = results[0].epochs
     metrics[f"{name}_m{m}_best_epoch"] = int(results[0].best.get("epoch", results[0].epochs))
     metrics[f"{name}_m{m}_train_seconds"] = round(time.time() - t0, 1)
-    return metrics
+    return Run(metrics, per_user, np.array([len(h) for h in histories]))
+
+
+def paired_metrics(name: str, m1: Run, m4: Run) -> dict[str, object]:
+    """M = 4 minus M = 1 on the same test users: the recall@BUDGET gap with its bootstrap
+    interval per merge, and both models' recall by quartile of the users' history length
+    (whether several queries pay off depends on how much a user has done)."""
+    out: dict[str, object] = {}
+    base = m1.per_user["round_robin"]
+    for merge, recall in m4.per_user.items():
+        gap, lo, hi = paired_gap(recall, base)
+        out |= {f"{name}_m4_{merge}_gap@{BUDGET}": round(gap, 4),
+                f"{name}_m4_{merge}_gap@{BUDGET}_ci95_low": round(lo, 4),
+                f"{name}_m4_{merge}_gap@{BUDGET}_ci95_high": round(hi, 4)}
+    history = m1.history
+    quartile = np.searchsorted(np.percentile(history, [25, 50, 75]), history, side="right")
+    for q in range(4):
+        users = quartile == q
+        if not users.any():  # equal history lengths leave quartiles empty (the synthetic users)
+            continue
+        out[f"{name}_history_q{q + 1}_min_events"] = int(history[users].min())
+        out[f"{name}_history_q{q + 1}_max_events"] = int(history[users].max())
+        for m, run in ((1, m1), (4, m4)):
+            out[f"{name}_m{m}_recall@{BUDGET}_history_q{q + 1}"] = round(float(np.nanmean(run.per_user["round_robin"][users])), 4)
+    return out
 
 
 def cooccurrence_clusters(log: EventLog, k: int, seed: int) -> np.ndarray:
@@ -225,11 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, object] = {"window": WINDOW, "budget": BUDGET}
     jobs = [(name, m, args.data, args.out, args.set, args.quiet) for name in names for m in (1, 4)]
     t0 = time.time()
+    runs: dict[tuple[str, int], Run] = {}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for part in pool.map(run_one, *zip(*jobs, strict=True)):
-            metrics |= part
+        for job, run in zip(jobs, pool.map(run_one, *zip(*jobs, strict=True)), strict=True):
+            runs[job[0], job[1]] = run
+            metrics |= run.metrics
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     for name in names:
+        metrics |= paired_metrics(name, runs[name, 1], runs[name, 4])
         metrics[f"{name}_m4_wins_recall"] = bool(metrics[f"{name}_m4_recall@{BUDGET}"] > metrics[f"{name}_m1_recall@{BUDGET}"])  # type: ignore[operator]
         metrics[f"{name}_m4_wins_diversity"] = bool(metrics[f"{name}_m4_intra_list_diversity"] > metrics[f"{name}_m1_intra_list_diversity"])  # type: ignore[operator]
     metrics["settings_overrides"] = [*SHARED, *args.set]
