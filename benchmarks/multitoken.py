@@ -67,6 +67,7 @@ from inference.evaluate import (
     per_user_window_recall,
     window_recall,
 )
+from inference.model import GenerativeRetriever
 from inference.train import apply_overrides, train
 from recsys.settings import Settings
 
@@ -154,6 +155,32 @@ def load(name: str, data: Path) -> tuple[EventLog, np.ndarray]:
     raise SystemExit(f"unknown dataset {name!r}")
 
 
+def evaluation_points(log: EventLog, part: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    """One point per user: the first event of `part` (the test or validation rows), its future
+    = the next WINDOW engaged items, and the user's items before it."""
+    positive = [i + 1 for i, a in enumerate(log.actions) if a not in ("hide",)]
+    rows = part[np.unique(log.user[part], return_index=True)[1]]
+    histories = user_histories(log, rows)
+    # The lists exclude the user's earlier items, so the window is scored on the new ones only
+    # (re-engagements, ~5% of the synthetic windows and none of the real ones, could not be hit).
+    future = [np.setdiff1d(f, h) for f, h in zip(future_window(log, rows, WINDOW, positive), histories, strict=True)]
+    return rows, future, histories
+
+
+def pick_min_history(model: GenerativeRetriever, log: EventLog, part: np.ndarray) -> int:
+    """`inference.multi_query_min_history` chosen on validation users: the history length below
+    which a user's first query alone recalls more of the window than the M queries' fair share
+    (the smallest best one; 0 when M queries are best for everyone)."""
+    rows, future, _ = evaluation_points(log, part)
+    lengths = np.minimum(rows - log.offsets[log.user[rows]], model.cfg.max_len)
+    shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below), future)
+                     for below in (0, model.cfg.max_len + 1))
+    scored = np.isfinite(shared)
+    candidates = np.arange(model.cfg.max_len + 2)
+    recall = [np.where(lengths < c, alone, shared)[scored].mean() for c in candidates]
+    return int(candidates[int(np.argmax(recall))])
+
+
 @dataclass
 class Run:
     metrics: dict[str, object]
@@ -166,14 +193,7 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log, features = load(name, data)
     split = tail_split(log, test_frac=0.1, valid_frac=0.1)
-    positive = [i + 1 for i, a in enumerate(log.actions) if a not in ("hide",)]
-    # One evaluation point per user: the first test event; its future = the next WINDOW events.
-    first = np.unique(log.user[split.test], return_index=True)[1]
-    rows = split.test[first]
-    # The lists exclude the user's earlier items, so the window is scored on the new ones only
-    # (re-engagements, ~5% of the synthetic windows and none of the real ones, could not be hit).
-    histories = user_histories(log, rows)
-    future = [np.setdiff1d(f, h) for f, h in zip(future_window(log, rows, WINDOW, positive), histories, strict=True)]
+    rows, future, histories = evaluation_points(log, split.test)
     settings = apply_overrides(Settings(), [*SHARED, f"model.num_queries={m}", *overrides])
     torch.set_num_threads(settings.train.num_threads)
     t0 = time.time()
@@ -195,6 +215,13 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
         best = lists["max_score", BUDGET]
         metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(float(np.nanmean(per_user["max_score"])), 4)
         metrics[f"{name}_m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, features)["intra_list_diversity"], 4)
+        # The worker with inference.multi_query_min_history picked on validation users.
+        below = pick_min_history(model, log, split.valid)
+        adaptive = merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below)
+        per_user["adaptive"] = per_user_window_recall(adaptive, future)
+        metrics[f"{name}_m{m}_multi_query_min_history"] = below
+        metrics[f"{name}_m{m}_recall@{BUDGET}_adaptive"] = round(float(np.nanmean(per_user["adaptive"])), 4)
+        metrics[f"{name}_m{m}_intra_list_diversity_adaptive"] = round(diversity(adaptive, features)["intra_list_diversity"], 4)
     metrics[f"{name}_m{m}_epochs"] = results[0].epochs
     metrics[f"{name}_m{m}_best_epoch"] = int(results[0].best.get("epoch", results[0].epochs))
     metrics[f"{name}_m{m}_train_seconds"] = round(time.time() - t0, 1)

@@ -179,23 +179,29 @@ def merged_candidates(
     surface: OutcomeChoice = "true",
     exclude_history: bool = True,
     merge: str = "round_robin",
+    single_below: int = 0,
     batch_size: int = 512,
 ) -> list[np.ndarray]:
     """Per row, the merged top-`limit` item indices (1..N) of the M generated queries: equal
     budget shares in turns (`round_robin`, what the worker does), or every item ranked by its
-    best cosine over the queries (`max_score`)."""
+    best cosine over the queries (`max_score`). A row whose model input has fewer than
+    `single_below` events gets its first query's top `limit` alone (the worker's
+    `inference.multi_query_min_history`)."""
     items = item_matrix(model, log.features)
+    single = np.minimum(rows - log.offsets[log.user[rows]], model.cfg.max_len) < single_below
     out: list[np.ndarray] = []
     for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
         scores = (qb.queries @ items.T).cpu()  # (B, M, N)
         if exclude_history:
             scores.masked_fill_(_history_mask(log, qb.rows, items.shape[0])[:, None, :], -torch.inf)
         k = min(limit, scores.shape[-1])
+        top = scores.topk(k, dim=-1).indices.numpy()  # (B, M, limit)
         if merge == "max_score":
-            out += list(scores.amax(dim=1).topk(k, dim=-1).indices.numpy() + 1)
+            ranked = list(scores.amax(dim=1).topk(k, dim=-1).indices.numpy())
         else:
-            top = scores.topk(k, dim=-1).indices.numpy()  # (B, M, limit)
-            out += [merge_round_robin(t, limit) + 1 for t in top]
+            ranked = [merge_round_robin(t, limit) for t in top]
+        one = single[len(out) : len(out) + len(qb.rows)]
+        out += [(t[0] if alone else r) + 1 for t, r, alone in zip(top, ranked, one, strict=True)]
     return out
 
 

@@ -179,14 +179,16 @@ def encode_histories(
 
 
 def plan_queries(
-    queries: np.ndarray, conditions: Sequence[Condition], budget: int, merge_cosine: float
+    queries: np.ndarray, conditions: Sequence[Condition], budget: int, merge_cosine: float,
+    single: np.ndarray | None = None,
 ) -> list[dict[str, list[tuple[np.ndarray, float]]]]:
     """Per user, per surface: the ANN queries to run, each with its share of the budget.
 
     ``queries`` is [B, Q, M, D]. A surface's budget is split across its outcomes by weight
     and evenly across the M embeddings of an outcome; embeddings whose cosine exceeds
     ``merge_cosine`` with an already kept one are merged into it (budgets summed), as PinRec
-    does, so duplicates do not cost an ANN query each.
+    does, so duplicates do not cost an ANN query each. A user marked in ``single`` ([B] bool)
+    gets one query per outcome: its other embeddings' budgets go to the first one's.
     """
     b, _, m, _ = queries.shape
     plans: list[dict[str, list[tuple[np.ndarray, float]]]] = []
@@ -195,13 +197,19 @@ def plan_queries(
         for qi, cond in enumerate(conditions):
             kept = per_surface.setdefault(cond.surface, [])
             share = budget * cond.weight / m
-            for vector in queries[row, qi]:
+            first = None  # where this outcome's first embedding went
+            for slot, vector in enumerate(queries[row, qi]):
+                if slot > 0 and single is not None and single[row]:
+                    kept[first] = (kept[first][0], kept[first][1] + share)
+                    continue
                 for k, (other, other_budget) in enumerate(kept):
                     if float(vector @ other) > merge_cosine:
                         kept[k] = (other, other_budget + share)
+                        first = k if first is None else first
                         break
                 else:
                     kept.append((vector, share))
+                    first = len(kept) - 1 if first is None else first
         plans.append(per_surface)
     return plans
 
@@ -228,12 +236,16 @@ class QueryPlan:
         return (int(self.user.max()) + 1 if len(self.user) else 0) * len(self.surfaces)
 
 
-def plan_batch(queries: np.ndarray, conditions: Sequence[Condition], budget: int, merge_cosine: float) -> QueryPlan:
+def plan_batch(
+    queries: np.ndarray, conditions: Sequence[Condition], budget: int, merge_cosine: float,
+    single: np.ndarray | None = None,
+) -> QueryPlan:
     """`plan_queries` vectorised over the batch: the same queries, budgets and order.
 
     Per surface, the greedy merge walks its K = outcomes x M embeddings once, for all users at
     a time: embedding j joins the first kept embedding i < j whose cosine exceeds
-    ``merge_cosine`` (a [B, K, K] Gram matrix), else it is kept itself.
+    ``merge_cosine`` (a [B, K, K] Gram matrix), else it is kept itself; for a user in
+    ``single`` an outcome's later embeddings join wherever its first one went.
     """
     b, _, m, _ = queries.shape
     surfaces = tuple(dict.fromkeys(c.surface for c in conditions))
@@ -247,10 +259,14 @@ def plan_batch(queries: np.ndarray, conditions: Sequence[Condition], budget: int
         kept = np.zeros((b, k), dtype=bool)
         kept[:, 0] = True
         target = np.zeros((b, k), dtype=np.int64)
+        forced = np.zeros(b, dtype=bool) if single is None else np.asarray(single, dtype=bool)
         for j in range(1, k):
             joins = (gram[:, :j, j] > merge_cosine) & kept[:, :j]
             has = joins.any(axis=1)
             target[:, j] = np.where(has, joins.argmax(axis=1), j)
+            if j % m:  # not an outcome's first embedding: a single-query user folds it into that one
+                target[forced, j] = target[forced, j - j % m]
+                has = has | forced
             kept[:, j] = ~has
         # Budgets summed into the kept embedding, in j order (bincount adds in input order).
         into = (np.arange(b)[:, None] * k + target).ravel()
@@ -267,6 +283,14 @@ def plan_batch(queries: np.ndarray, conditions: Sequence[Condition], budget: int
         surfaces=surfaces,
         generated=int(np.prod(queries.shape[:3])),
     )
+
+
+def single_query_users(updates: Sequence[dict[str, Any]], max_len: int, cfg: InferenceSettings) -> np.ndarray | None:
+    """[B] bool: the users whose model input (their newest ``max_len`` events) is shorter than
+    ``cfg.multi_query_min_history``; None when every user gets all M queries."""
+    if cfg.multi_query_min_history <= 0:
+        return None
+    return np.array([min(len(u["events"]), max_len) < cfg.multi_query_min_history for u in updates])
 
 
 def query_limits(budgets: np.ndarray, budget: int, headroom: float) -> np.ndarray:
@@ -641,7 +665,7 @@ class Worker:
         recent = recent_items(updates)  # excluded from the user's candidates
         inputs = self.encode(updates, int(time.time() * 1000) if now_ms is None else now_ms, recent)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
-        plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine)
+        plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single_query_users(updates, self.runtime.max_len, cfg))
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
 
         def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:

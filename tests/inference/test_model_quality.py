@@ -16,6 +16,7 @@ from inference.data import EventLog, Split
 from inference.evaluate import (
     generate,
     item_matrix,
+    merged_candidates,
     popularity_metrics,
     ranking_metrics,
 )
@@ -123,3 +124,23 @@ def test_the_popularity_baseline_leaves_the_history_out_as_the_model_s_ranking_d
     got = popularity_metrics(planted_log, rows, planted_split.train_end, ks=(10,), exclude_history=True)
     assert got["recall@10"] == pytest.approx(hits / len(rows))
     assert got["recall@10"] > popularity_metrics(planted_log, rows, planted_split.train_end, ks=(10,))["recall@10"]
+
+
+def test_users_with_short_histories_get_the_first_query_s_list_alone(tiny_model: Trained, planted_log: EventLog, planted_split: Split) -> None:
+    """`merged_candidates(single_below=n)` is the worker's inference.multi_query_min_history:
+    below n events of model input, the first query's top list; otherwise the M queries' merge."""
+    model, _, _ = tiny_model
+    assert model.cfg.num_queries > 1
+    rows = planted_split.test[:40]
+    lengths = np.minimum(rows - planted_log.offsets[planted_log.user[rows]], model.cfg.max_len)
+    cut = int(np.median(lengths)) + 1
+    shared = merged_candidates(model, planted_log, rows, 20, outcome="none")
+    alone = merged_candidates(model, planted_log, rows, 20, outcome="none", single_below=model.cfg.max_len + 1)
+    mixed = merged_candidates(model, planted_log, rows, 20, outcome="none", single_below=cut)
+    items = item_matrix(model, planted_log.features)
+    (first, *_) = generate(model, planted_log, rows[:1], items, outcome="none")
+    earlier = int(rows[0] - planted_log.offsets[planted_log.user[rows[0]]])  # masked out of the list
+    assert set(alone[0].tolist()) <= set((first.queries[0, 0] @ items.T).topk(20 + earlier).indices.numpy() + 1)
+    assert any(not np.array_equal(a, s) for a, s in zip(alone, shared))  # the M queries do reach other items
+    for short, a, s, m in zip(lengths < cut, alone, shared, mixed):
+        np.testing.assert_array_equal(m, a if short else s)

@@ -22,6 +22,7 @@ from inference.worker import (
     plan_batch,
     plan_queries,
     query_limits,
+    single_query_users,
 )
 from recsys.settings import InferenceSettings, Settings
 from vector_store import ItemRecord, open_store
@@ -46,8 +47,9 @@ def test_plan_batch_is_plan_queries(b: int, m: int, dim: int, seed: int, layout:
     dup = rng.random((b, q, m)) < 0.5
     src = queries.reshape(b, q * m, dim)[np.arange(b)[:, None], rng.integers(0, q * m, (b, q * m))].reshape(b, q, m, dim)
     queries = np.where(dup[..., None], _unit(src + 0.01 * rng.normal(size=src.shape)), queries).astype(np.float32)
-    want = plan_queries(queries, conditions, budget=100, merge_cosine=0.98)
-    got = plan_batch(queries, conditions, budget=100, merge_cosine=0.98)
+    single = rng.random(b) < 0.5 if seed % 3 else None  # users given one query per outcome
+    want = plan_queries(queries, conditions, budget=100, merge_cosine=0.98, single=single)
+    got = plan_batch(queries, conditions, budget=100, merge_cosine=0.98, single=single)
     assert got.generated == b * q * m
     k = 0
     for user, per_surface in enumerate(want):
@@ -138,7 +140,8 @@ def _reference_compute(worker: Worker, updates: list[dict[str, Any]], now_ms: in
     """The worker's path as it was: per-user plan, every query asks for the whole budget."""
     cfg = worker.settings.inference
     queries = worker.runtime.generate(worker.encode(updates, now_ms))
-    plans = plan_queries(queries, worker.conditions, cfg.candidates_per_surface, cfg.merge_cosine)
+    plans = plan_queries(queries, worker.conditions, cfg.candidates_per_surface, cfg.merge_cosine,
+                         single_query_users(updates, worker.runtime.max_len, cfg))
     matrix, surfaces, exclude = [], [], []
     for update, plan in zip(updates, plans, strict=True):
         recent = sorted({str(e["item_id"]) for e in update["events"]})
@@ -158,15 +161,17 @@ def _reference_compute(worker: Worker, updates: list[dict[str, Any]], now_ms: in
     return out
 
 
-@pytest.mark.parametrize(("numpy_exact", "headroom"), [(True, 2.0), (True, 1.0), (True, 0.1), (False, 1.0)])
+@pytest.mark.parametrize(("numpy_exact", "headroom", "min_history"),
+                         [(True, 2.0, 0), (True, 1.0, 0), (True, 0.1, 0), (False, 1.0, 0), (True, 2.0, 15)])
 def test_compute_equals_the_reference_pipeline(
-    small_model_dir: Path, tmp_path: Path, numpy_exact: bool, headroom: float
+    small_model_dir: Path, tmp_path: Path, numpy_exact: bool, headroom: float, min_history: int
 ) -> None:
     """Real session, real Edge store (exact snapshot, or Qdrant's own search), items eligible on
     some surfaces only: the batched path serves exactly the reference's lists, whatever the
-    headroom (a small one only means more surfaces searched again)."""
+    headroom (a small one only means more surfaces searched again), with or without users
+    below inference.multi_query_min_history getting one query per outcome."""
     settings = Settings(
-        inference={"candidates_per_surface": 20, "limit_headroom": headroom},
+        inference={"candidates_per_surface": 20, "limit_headroom": headroom, "multi_query_min_history": min_history},
         vector_store={"path": tmp_path / "qdrant", "numpy_exact": numpy_exact},
     )
     runtime = ModelRuntime.load(small_model_dir, "cpu")
@@ -193,6 +198,11 @@ def test_compute_equals_the_reference_pipeline(
             for surface in g:
                 assert g[surface]["items"] == w[surface]["items"]
                 np.testing.assert_allclose(g[surface]["scores"], w[surface]["scores"], atol=1e-5)
+        if min_history:  # the light users' extra embeddings were folded into their first ones
+            single = single_query_users(updates, runtime.max_len, settings.inference)
+            assert 0 < single.sum() < len(updates)
+            unfolded = plan_batch(runtime.generate(worker.encode(updates, now)), worker.conditions, 20, settings.inference.merge_cosine)
+            assert worker.last_plan_size[1] < len(unfolded.budgets)
         if headroom < 1:
             assert worker.last_plan_size[2] > 0  # the re-search path ran
             assert worker.headroom == 2 * headroom  # ... so the next micro-batch reads deeper

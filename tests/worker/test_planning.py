@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inference.worker import Condition, coalesce, conditions_for, merge_hits, plan_queries
+from inference.worker import Condition, coalesce, conditions_for, merge_hits, plan_queries, single_query_users
 from recsys.settings import InferenceSettings, Settings
 
 
@@ -43,6 +43,25 @@ def test_plan_merges_near_identical_embeddings_and_sums_budgets() -> None:
     assert budgets == [25.0, 75.0]  # 3 x 25 merged, 1 x 25 alone; the total is preserved
     (unmerged,) = plan_queries(queries, conds, budget=100, merge_cosine=1.01)
     assert len(unmerged["home"]) == 4
+
+
+def test_a_single_query_user_gets_each_outcome_s_first_embedding_with_its_whole_budget() -> None:
+    rng = np.random.default_rng(1)
+    queries = _unit(rng.normal(size=(2, 2, 4, 8)))  # two users, two outcomes, M = 4, all distinct
+    conds = [Condition("home", "save", 0.7), Condition("home", "click", 0.3)]
+    light, heavy = plan_queries(queries, conds, budget=100, merge_cosine=0.98, single=np.array([True, False]))
+    assert [b for _, b in light["home"]] == pytest.approx([70.0, 30.0])
+    np.testing.assert_array_equal(light["home"][0][0], queries[0, 0, 0])
+    np.testing.assert_array_equal(light["home"][1][0], queries[0, 1, 0])
+    assert [b for _, b in heavy["home"]] == pytest.approx([17.5] * 4 + [7.5] * 4)
+
+
+def test_users_with_short_model_inputs_are_the_single_query_ones() -> None:
+    updates = [{"events": [{}] * n} for n in (3, 10, 80)]
+    cfg = InferenceSettings(multi_query_min_history=10)
+    assert single_query_users(updates, max_len=50, cfg=cfg).tolist() == [True, False, False]
+    assert single_query_users(updates, max_len=5, cfg=cfg).tolist() == [True, True, True]  # input is cut to max_len
+    assert single_query_users(updates, max_len=50, cfg=InferenceSettings()) is None
 
 
 def test_merge_is_fair_share_and_deduplicated() -> None:
