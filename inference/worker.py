@@ -762,6 +762,7 @@ def _budget_sanity(settings: Settings) -> None:
 
 
 def main(argv: list[str]) -> int:
+    from recsys.topics import COMPACTED, ensure_topics_when_reachable
     from vector_store import open_store
 
     parser = argparse.ArgumentParser(prog="recsys worker", description="user-updates -> candidates (ONNX Runtime)")
@@ -776,6 +777,13 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     retry = {"initial_s": settings.inference.store_retry_initial_s, "max_s": settings.inference.store_retry_max_s}
+    # `candidates` must be compacted (the server rebuilds every user's list from it): left to
+    # the broker's auto-creation by the first send it would be a plain log with a retention.
+    if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers, {settings.topics.candidates: COMPACTED},
+                                        settings.kafka.partitions, settings.streams.replication_factor,
+                                        stopping=stopping.is_set):
+        log.warning("worker: stopped before Kafka could be reached")
+        return 0
     try:
         # The store may be down at start too (a Qdrant server not up yet, an Edge shard still
         # locked by the process that held it): wait for it, consuming nothing meanwhile.

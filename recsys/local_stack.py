@@ -96,25 +96,11 @@ class LocalStack:
                 raise RuntimeError(f"{name} exited:\n{service.log_tail()}")
 
     def _create_topics(self) -> None:
-        from kafka.admin import KafkaAdminClient, NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
-        from recsys.settings import TopicSettings
+        from recsys.settings import Settings, TopicSettings
+        from recsys.topics import ensure_topics, topic_configs
 
         names = {k.split(".", 1)[1]: v for k, v in self.overrides.items() if k.startswith("topics.")}
-        topics = TopicSettings(**names)
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
-        try:
-            for name, config in [
-                (topics.actions, {}), (topics.dlq, {}), (topics.user_updates, {}), (topics.items, {}),
-                (topics.candidates, {"cleanup.policy": "compact"}),
-            ]:
-                try:
-                    admin.create_topics([NewTopic(name, self.partitions, 1, topic_configs=config)])
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
+        ensure_topics(self.bootstrap, topic_configs(Settings(topics=TopicSettings(**names))), self.partitions)
 
     def start_service(self, name: str) -> Service:
         service = Service(name, [name], self.env(), self.work_dir / "logs").start()

@@ -54,22 +54,39 @@ class CandidatesFollower:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect and start following in a background task (returns before catch-up)."""
+        """Start following in a background task. Returns at once: connecting waits out a broker
+        that is not up yet (processes of a deployment start in any order, and a broker restart
+        takes tens of seconds), and catch-up follows; the server stays NOT_SERVING meanwhile."""
+        self._task = asyncio.create_task(self._connect_and_run(), name="candidates-follower")
+
+    async def _connect_and_run(self) -> None:
         cfg = self.settings.serving
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka.bootstrap_servers,
-            # No group: the consumer assigns itself every partition of the subscribed topic
-            # (and new ones as metadata shows them); nothing is committed.
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",  # no committed offsets: always from the beginning
-            client_id=f"{cfg.group_id}-follower",
-            max_partition_fetch_bytes=cfg.max_fetch_bytes,
-            fetch_max_bytes=cfg.max_fetch_bytes,
-            metadata_max_age_ms=cfg.metadata_refresh_ms,
-        )
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="candidates-follower")
+        while self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                # No group: the consumer assigns itself every partition of the subscribed topic
+                # (and new ones as metadata shows them); nothing is committed.
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",  # no committed offsets: always from the beginning
+                client_id=f"{cfg.group_id}-follower",
+                max_partition_fetch_bytes=cfg.max_fetch_bytes,
+                fetch_max_bytes=cfg.max_fetch_bytes,
+                metadata_max_age_ms=cfg.metadata_refresh_ms,
+            )
+            try:
+                await consumer.start()
+            except KafkaError as exc:
+                await consumer.stop()
+                log.warning("candidates follower: Kafka at %s unreachable (%s); retrying in %.1f s",
+                            self.settings.kafka.bootstrap_servers, exc, cfg.metadata_retry_s)
+                await asyncio.sleep(cfg.metadata_retry_s)
+                continue
+            except asyncio.CancelledError:  # stopped while connecting
+                await consumer.stop()
+                raise
+            self._consumer = consumer
+        await self._run()
 
     async def stop(self) -> None:
         if self._task is not None:

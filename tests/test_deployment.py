@@ -43,3 +43,8 @@ def test_services_run_the_project_entry_points() -> None:
     assert {"streams", "worker", "server"} <= set(ours)
     for name, svc in ours.items():
         assert svc["command"][0] in COMMANDS, f"{name} runs {svc['command'][0]!r}, not a recsys command"
+    # The long-running ones exit non-zero on what they cannot wait out (RELIABILITY.md) and
+    # count on being started again; the one-shot trainer must not loop.
+    for name in ("indexer", "streams", "worker", "server"):
+        assert ours[name].get("restart") in ("on-failure", "always", "unless-stopped"), name
+    assert "restart" not in ours["trainer"]

@@ -187,6 +187,44 @@ def test_missing_topic_serves_fallbacks_then_follows_it_once_created(
     asyncio.run(scenario())
 
 
+def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
+    tmp_path: Path, unique: str, settings: Settings, make_candidates: Make
+) -> None:
+    """Processes of a deployment start in any order: with no broker yet, the server answers
+    (fallbacks, NOT_SERVING) instead of dying, and follows the topic once a broker is up."""
+    from recsys.kafka_broker import LocalBroker
+    from recsys.settings import KafkaSettings
+
+    port = free_port()
+    bootstrap = f"localhost:{port}"
+    topic = f"candidates-{unique}"
+    cfg = _settings(settings, bootstrap, topic)
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        grpc_port = await server.port()
+        await asyncio.sleep(1.0)  # a few failed connection attempts
+        assert not server.task.done()
+        assert (await get(grpc_port, "early")).is_fallback
+        with pytest.raises(TimeoutError):
+            await wait_serving(grpc_port, timeout_s=0.5)
+        broker = LocalBroker(KafkaSettings(data_dir=tmp_path / "kafka", port=port, controller_port=free_port()))
+        await asyncio.to_thread(broker.start)
+        try:
+            create_topic(bootstrap, topic)
+            await produce(bootstrap, topic, [("early", make_candidates("early", source_event_ts=T0))])
+            await wait_serving(grpc_port)
+            deadline = time.monotonic() + 30
+            while (await get(grpc_port, "early")).is_fallback:
+                assert time.monotonic() < deadline, "the server never followed the topic"
+                await asyncio.sleep(0.1)
+            await server.stop()
+        finally:
+            await asyncio.to_thread(broker.destroy)
+
+    asyncio.run(scenario())
+
+
 def test_recsys_serve_process_sigterm_snapshot_and_workers(
     kafka_bootstrap: str, unique: str, tmp_path: Path, model_dir: Path, make_candidates: Make
 ) -> None:

@@ -1,0 +1,86 @@
+"""The project's Kafka topics and the configs they must have, made so by whoever starts first.
+
+A topic left to the broker's auto-creation gets the broker's defaults: `candidates` would then
+be a plain 7-day log instead of a compacted one, and a server started after a week would find
+no list for a user who has one. The local stack creates every topic up front; in a deployment
+(docker-compose) the worker makes sure of `candidates` before it produces a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
+
+COMPACTED = {"cleanup.policy": "compact"}
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Every topic the project uses -> the configs it needs (beyond the broker's defaults)."""
+    t = settings.topics
+    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: {}, t.candidates: dict(COMPACTED)}
+
+
+def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,
+                  replication_factor: int = 1, *, timeout_s: float = 30.0) -> list[str]:
+    """Create the topics of `configs` that are missing, and set the required configs of those
+    that exist without them (a `candidates` the broker auto-created before this ran); returns
+    the topics created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), bootstrap_timeout_ms=int(timeout_s * 1000))
+    try:
+        existing = set(admin.list_topics())
+        created = []
+        for name, config in configs.items():
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, partitions, replication_factor, topic_configs=dict(config))])
+                created.append(name)
+            except TopicAlreadyExistsError:  # a concurrent creator won the race
+                existing.add(name)
+        checked = [ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(config))
+                   for name, config in configs.items() if config and name in existing]
+        if checked:
+            found = admin.describe_configs(checked, config_filter="all")
+            for resource in checked:
+                have = found.get("TOPIC", found.get(ConfigResourceType.TOPIC, {})).get(resource.name, {})
+                wrong = {k: v for k, v in configs[resource.name].items() if _value(have.get(k)) != v}
+                if wrong:
+                    log.warning("topic %s has %s; setting %s", resource.name,
+                                {k: _value(have.get(k)) for k in wrong}, wrong)
+                    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, resource.name, wrong)])
+        return created
+    finally:
+        admin.close()
+
+
+def ensure_topics_when_reachable(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,
+                                 replication_factor: int = 1, *, stopping: Callable[[], bool] = lambda: False,
+                                 initial_s: float = 0.5, max_s: float = 10.0, timeout_s: float = 30.0) -> bool:
+    """`ensure_topics`, waiting out a broker that is not up yet (a deployment starts its
+    processes in any order); False if `stopping()` said so first."""
+    from kafka.errors import KafkaError
+
+    delay = initial_s
+    while not stopping():
+        try:
+            ensure_topics(bootstrap, configs, partitions, replication_factor, timeout_s=timeout_s)
+            return True
+        except KafkaError as exc:
+            log.warning("Kafka at %s not usable yet (%s: %s); retrying in %.1f s", bootstrap, type(exc).__name__, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, max_s)
+    return False
+
+
+def _value(entry: object) -> object:
+    """A config's value from describe_configs' answer (a dict with "value", or the value)."""
+    return entry.get("value") if isinstance(entry, dict) else entry

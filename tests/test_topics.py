@@ -1,0 +1,51 @@
+"""The project's topics exist with the configs they need, whoever created them first."""
+
+from __future__ import annotations
+
+import pytest
+from kafka import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
+
+from recsys.settings import Settings, TopicSettings
+from recsys.topics import ensure_topics, ensure_topics_when_reachable, topic_configs
+
+pytestmark = pytest.mark.kafka
+
+
+def _policy(bootstrap: str, topic: str) -> str:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        found = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"cleanup.policy": None})], config_filter="all")
+    finally:
+        admin.close()
+    (per_topic,) = found.values()
+    entry = per_topic[topic]["cleanup.policy"]
+    return entry["value"] if isinstance(entry, dict) else entry
+
+
+def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str, unique: str) -> None:
+    settings = Settings(topics=TopicSettings(actions=f"a-{unique}", dlq=f"d-{unique}", user_updates=f"u-{unique}",
+                                             items=f"i-{unique}", candidates=f"c-{unique}"))
+    configs = topic_configs(settings)
+    assert sorted(ensure_topics(kafka_bootstrap, configs, partitions=2)) == sorted(configs)
+    assert _policy(kafka_bootstrap, f"c-{unique}") == "compact"
+    assert _policy(kafka_bootstrap, f"a-{unique}") == "delete"
+    assert ensure_topics(kafka_bootstrap, configs, partitions=2) == []  # idempotent
+
+
+def test_a_candidates_topic_the_broker_auto_created_is_made_compacted(kafka_bootstrap: str, unique: str) -> None:
+    topic = f"c-{unique}"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])  # what a first send would have made
+    finally:
+        admin.close()
+    assert _policy(kafka_bootstrap, topic) == "delete"
+    assert ensure_topics_when_reachable(kafka_bootstrap, {topic: {"cleanup.policy": "compact"}}, partitions=1)
+    assert _policy(kafka_bootstrap, topic) == "compact"
+
+
+def test_waiting_for_a_broker_ends_when_told_to_stop() -> None:
+    calls = []
+    assert not ensure_topics_when_reachable("localhost:1", {"x": {}}, 1, stopping=lambda: calls.append(1) or len(calls) > 2,
+                                            initial_s=0.01, timeout_s=0.5)
