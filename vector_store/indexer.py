@@ -96,8 +96,10 @@ def decode_item(value: bytes | None, max_id_length: int) -> ItemMessage:
     item_id = obj.get("item_id")
     if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
         raise BadItemMessage(f"item_id must be int or str, got {item_id!r}")
-    if isinstance(item_id, str) and not 0 < len(item_id) <= max_id_length:
-        raise BadItemMessage(f"item_id length must be 1..{max_id_length}")
+    # The streams' rule (streams/schema.py): an id indexed here but refused there would be
+    # recommended while every action on it went to the dead-letter topic.
+    if isinstance(item_id, str) and (not item_id.strip() or len(item_id.encode()) > max_id_length):
+        raise BadItemMessage(f"item_id must be non-blank and at most {max_id_length} bytes in UTF-8")
     features = obj.get("features")
     if features is not None:
         if not isinstance(features, list) or not all(

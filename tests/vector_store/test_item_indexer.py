@@ -46,9 +46,12 @@ def test_decode_item() -> None:
     want = ItemMessage("sku-1", (1.0, 2.5), ("home",), 1_700_000_000_000, 3.0)
     assert decode_item(value, 256) == want
     assert decode_item(msgpack.packb({"item_id": 7}), 256) == ItemMessage(7)
+    assert decode_item(msgpack.packb({"item_id": "é" * 128}), 256) == ItemMessage("é" * 128)  # 256 bytes
     bad = [
         None, b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"item_id": True}),
         msgpack.packb({"item_id": ""}), msgpack.packb({"item_id": "x" * 300}),
+        msgpack.packb({"item_id": "   "}),  # blank, as streams refuses it
+        msgpack.packb({"item_id": "é" * 130}),  # 130 characters but 260 bytes: over, as in streams
         msgpack.packb({"item_id": 1, "features": [1, "a"]}),
         msgpack.packb({"item_id": 1, "features": [float("nan")]}),
         msgpack.packb({"item_id": 1, "features": [1e39]}),  # finite, but inf in float32
