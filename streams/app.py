@@ -137,7 +137,6 @@ class _Pending:
     key: bytes
     seq: PackedSeq  # the table value, folded in place
     event: EventT  # a Faust event of the user's source partition: table writes are routed by it
-    last_event_ts: int = 0
     emit: bool = False
 
 
@@ -244,7 +243,6 @@ def create_app(settings: Settings) -> faust.App:
                     await first.add_beside(dlq.get_topic_name(), msg.key, record, msg.partition)
                     continue
                 counters.events[outcome.value] += 1
-                p.last_event_ts = max(p.last_event_ts, event.ts)
                 # Emit even when the fold changed nothing: a duplicate or stale event may be a
                 # replay after a crash whose update never left; re-emitting under a new version
                 # repairs that.
@@ -282,7 +280,9 @@ def create_app(settings: Settings) -> faust.App:
         topic = updates.get_topic_name()
         then = Outbox(first.producer)
         for p in emitted:
-            await then.add(topic, p.key, p.seq.update(last_event_ts=p.last_event_ts, emitted_at=emitted_at))
+            # The newest action the sequence holds (what the lists will reflect), not the newest
+            # of this window's events: a late, duplicate or stale one is older than that.
+            await then.add(topic, p.key, p.seq.update(last_event_ts=p.seq.ts[-1], emitted_at=emitted_at))
         await then.flush()
         counters.updates += len(emitted)
         counters.windows += 1
