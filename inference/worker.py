@@ -50,6 +50,7 @@ from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, c
 from inference.runtime import ModelRuntime, VectorLookup
 from recsys.kafka_clients import PendingCommits, group_consumer
 from recsys.settings import InferenceSettings, Settings, get_settings
+from recsys.topics import POPULAR_KEY
 
 log = logging.getLogger(__name__)
 
@@ -506,6 +507,7 @@ class Worker:
         """
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
         report_at, reported, batches_then = time.monotonic() + 10.0, 0, 0
+        popular_at = time.monotonic()
         inflight: tuple[list[Any], dict[Any, int]] | None = None  # (send futures, offsets) of the last batch
         while not self.stopping.is_set():
             updates = self.poll_batch()
@@ -516,6 +518,9 @@ class Worker:
             inflight = (sent, offsets) if offsets else None
             if inflight is None and self._pending.offsets:  # idle: a failed commit is retried, not left for the next record
                 self.commit()
+            if time.monotonic() >= popular_at:
+                self.publish_popular()
+                popular_at = time.monotonic() + self.settings.inference.popular_every_s
             if time.monotonic() >= report_at:  # throughput in the log: is the worker keeping up?
                 batches = self.batches_done - batches_then
                 log.info("worker: %d users regenerated (%.0f/s, %.1f per micro-batch)", self.users_done,
@@ -523,6 +528,29 @@ class Worker:
                 report_at, reported, batches_then = time.monotonic() + 10.0, self.users_done, self.batches_done
         if inflight is not None:
             self.settle(*inflight)
+
+    def publish_popular(self) -> bool:
+        """Send each surface's most popular eligible items, as the vector store has them, to
+        `popular`: the server's fallback for users it knows nothing about then honours the
+        `items` topic's eligibility (an item withdrawn from a surface leaves its list) and
+        popularity. One record in the `candidates` format, key "popular"; resent every
+        `inference.popular_every_s` (three small lists), so a lost send is repaired by the next.
+        Best effort: a store that cannot answer now leaves the server's previous lists."""
+        size = self.settings.serving.fallback_size
+        try:
+            surfaces = {s: self.store.top_popular(s, size) for s in self.settings.events.surfaces}
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - the fallback must not stop the regeneration of users
+            log.exception("worker: popular lists not published")
+            return False
+        now = int(time.time() * 1000)
+        self.producer.send(self.settings.topics.popular, key=POPULAR_KEY.encode(), value=msgpack.packb({
+            "user_id": POPULAR_KEY, "model_version": self.runtime.version, "source_event_ts": now,
+            "generated_at": now, "surfaces": {s: {"items": [str(i) for i, _ in hits], "scores": [float(x) for _, x in hits]}
+                                              for s, hits in surfaces.items()},
+        }, use_single_float=True))
+        return True
 
     def settle(self, sent: Sequence[Any], offsets: dict[Any, int]) -> None:
         """Wait until the broker has every record of a batch (a record it refused raises here,
@@ -777,9 +805,10 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     retry = {"initial_s": settings.inference.store_retry_initial_s, "max_s": settings.inference.store_retry_max_s}
-    # `candidates` must be compacted (the server rebuilds every user's list from it): left to
-    # the broker's auto-creation by the first send it would be a plain log with a retention.
-    if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers, {settings.topics.candidates: COMPACTED},
+    # `candidates` and `popular` must be compacted (the server rebuilds its state from them):
+    # left to the broker's auto-creation by the first send they would be plain logs with a retention.
+    written = {settings.topics.candidates: COMPACTED, settings.topics.popular: COMPACTED}
+    if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers, written,
                                         settings.kafka.partitions, settings.streams.replication_factor,
                                         stopping=stopping.is_set):
         log.warning("worker: stopped before Kafka could be reached")

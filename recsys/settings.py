@@ -51,6 +51,9 @@ class TopicSettings(BaseModel):
     user_updates: str = "user-updates"  # fresh sequence snapshots, key = user id
     candidates: str = "candidates"  # compacted per-user candidates, key = user id
     items: str = "items"  # item catalogue updates, key = item id
+    # compacted: each surface's most popular eligible items as the vector store has them (the
+    # server's fallback for unknown users), one `candidates`-format record, key "popular"
+    popular: str = "popular"
 
 
 class EventSettings(BaseModel):
@@ -187,6 +190,9 @@ class InferenceSettings(BaseModel):
     # Most fetched and unknown ids remembered at once (each kind; least recently used dropped
     # first), so the worker's memory stays bounded however many items arrive after export.
     fetched_items_max: int = 262_144
+    # How often the worker publishes each surface's most popular eligible items (from the vector
+    # store, so eligibility and popularity updates of the `items` topic count) to topics.popular.
+    popular_every_s: float = 30.0
     # Each surface splits its budget across outcomes by its business goal.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},

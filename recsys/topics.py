@@ -3,7 +3,8 @@
 A topic left to the broker's auto-creation gets the broker's defaults: `candidates` would then
 be a plain 7-day log instead of a compacted one, and a server started after a week would find
 no list for a user who has one. The local stack creates every topic up front; in a deployment
-(docker-compose) the worker makes sure of `candidates` before it produces a record.
+(docker-compose) the worker makes sure of the two it writes, `candidates` and `popular`, before
+it produces a record.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from recsys.settings import Settings
 log = logging.getLogger(__name__)
 
 COMPACTED = {"cleanup.policy": "compact"}
+POPULAR_KEY = "popular"  # key (and user_id) of the one `candidates`-format record on topics.popular
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     """Every topic the project uses -> the configs it needs (beyond the broker's defaults)."""
     t = settings.topics
-    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: {}, t.candidates: dict(COMPACTED)}
+    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: {}, t.candidates: dict(COMPACTED),
+            t.popular: dict(COMPACTED)}
 
 
 def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,

@@ -1,10 +1,14 @@
 """Popularity fallback: what a user the server knows nothing about gets, flagged as such.
 
-Source: the model's own item table, `items.npz` in settings.inference.model_dir (`ids`: str
-[N], `popularity`: float32 [N]), the same popularity the model was trained with, and the
-model version from `meta.json` beside it. That is the simplest honest source: no extra topic,
-and it changes exactly when the model does. The list is the same for every surface (the
-model's item table does not say which surface an item is eligible on).
+Sources, best first:
+- `published`: the lists the inference worker reads from the vector store for each surface
+  (`VectorStore.top_popular`) and publishes on the compacted `popular` topic; they honour the
+  `items` topic's eligibility (an item withdrawn from a surface leaves that surface's list) and
+  popularity updates. `serving.follower.PopularFollower` keeps them current.
+- until the worker has published (or for a surface it did not publish): the model's own item
+  table, `items.npz` in settings.inference.model_dir (`ids`: str [N], `popularity`: float32
+  [N]), with the model version from `meta.json` beside it. It says nothing of eligibility, so
+  that list is the same for every surface.
 
 `refresh()` reloads when items.npz changes on disk (a newly exported model), so the server
 need not restart; a missing or unreadable model directory gives an empty fallback, never an
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.store import SurfaceList
+from serving.store import SurfaceList, UserCandidates
 
 __all__ = ["PopularityFallback", "top_popular"]
 
@@ -54,6 +58,7 @@ class PopularityFallback:
         self.surfaces = list(surfaces)
         self.size = size
         self._loaded: _Loaded | None = None
+        self.published: UserCandidates | None = None  # the worker's per-surface lists, when there are any
         self.refresh()
 
     @property
@@ -66,9 +71,17 @@ class PopularityFallback:
 
     def get(self, surface: str) -> SurfaceList:
         """The fallback list of a surface (empty when no model has been exported yet)."""
-        if self._loaded is None or surface not in self.surfaces:
-            return _EMPTY
-        return self._loaded.items
+        return self.entry(surface)[0]
+
+    def entry(self, surface: str) -> tuple[SurfaceList, str, int]:
+        """(list, model version, generated_at ms) of a surface's fallback: the worker's
+        published list when there is one, else the model's item table."""
+        if surface not in self.surfaces:
+            return _EMPTY, self.model_version, self.generated_at
+        published = self.published
+        if published is not None and (lists := published.surfaces.get(surface)) is not None:
+            return lists, published.model_version, published.generated_at
+        return (self._loaded.items if self._loaded else _EMPTY), self.model_version, self.generated_at
 
     def refresh(self) -> bool:
         """Reload if items.npz or meta.json changed since the last load; True when something

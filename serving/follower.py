@@ -24,9 +24,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from recsys.settings import Settings
+from recsys.topics import POPULAR_KEY
+from serving.fallback import PopularityFallback
 from serving.store import CandidateStore
 
-__all__ = ["CandidatesFollower", "decode_value"]
+__all__ = ["CandidatesFollower", "PopularFollower", "decode_value"]
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +168,17 @@ class CandidatesFollower:
             log.debug("candidates follower: undecodable record (%s)", exc)
             return
         self.store.apply(decoded)
+
+
+class PopularFollower(CandidatesFollower):
+    """Follows `popular` (the worker's per-surface popularity lists, read from the vector store,
+    in the `candidates` format) into the PopularityFallback. A one-user CandidateStore does the
+    validation, newest-wins and tombstones exactly as for users."""
+
+    def __init__(self, settings: Settings, fallback: PopularityFallback) -> None:
+        super().__init__(settings, CandidateStore(1, max_items=fallback.size), topic=settings.topics.popular)
+        self.fallback = fallback
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        super()._apply(key, value)
+        self.fallback.published = self.store.get(POPULAR_KEY)

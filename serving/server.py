@@ -147,12 +147,12 @@ def build_response(
             source_event_ts_ms=record.source_event_ts,
         )
     else:
-        lists = fallback.get(request.surface)
+        lists, model_version, generated_at = fallback.entry(request.surface)
         response = pb.GetCandidatesResponse(
             user_id=request.user_id,
             surface=request.surface,
-            model_version=fallback.model_version,
-            generated_at_ms=fallback.generated_at,
+            model_version=model_version,
+            generated_at_ms=generated_at,
             is_fallback=True,
         )
     encoded, offsets = encode_candidates(lists)
@@ -331,7 +331,7 @@ async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> 
 
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound."""
-    from serving.follower import CandidatesFollower  # aiokafka only where a topic is followed
+    from serving.follower import CandidatesFollower, PopularFollower  # aiokafka only where a topic is followed
 
     cfg = settings.serving
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
@@ -341,7 +341,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, serving=False)
     server, port = create_server(settings, store, fallback, health_servicer=health_servicer)
-    follower = CandidatesFollower(settings, store) if cfg.follow else None
+    followers = [CandidatesFollower(settings, store), PopularFollower(settings, fallback)] if cfg.follow else []
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -349,7 +349,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         loop.add_signal_handler(sig, stop.set)
 
     async def mark_serving() -> None:
-        if follower is not None:
+        for follower in followers:
             await follower.caught_up.wait()
         await _set_health(health_servicer, serving=True)
         log.info("serving on port %d (%d users)", port, len(store))
@@ -363,7 +363,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 log.exception("popularity fallback: refresh failed")
 
     await server.start()
-    if follower is not None:
+    for follower in followers:
         await follower.start()
     tasks = [asyncio.create_task(mark_serving()), asyncio.create_task(refresh_fallback())]
     if ready is not None:
@@ -377,7 +377,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if follower is not None:
+        for follower in followers:
             await follower.stop()
         if cfg.snapshot_path is not None:
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path), cfg.snapshot_path)

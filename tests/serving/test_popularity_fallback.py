@@ -82,3 +82,32 @@ def test_a_meta_json_written_after_the_table_updates_the_version(model_dir: Path
     assert fallback.refresh()
     assert fallback.model_version == "pop-v2"
     assert not fallback.refresh()
+
+
+def test_the_worker_s_published_lists_replace_the_item_table_s_per_surface(model_dir: Path) -> None:
+    """`popular` records (the candidates format, key "popular") go through a one-user store:
+    validated, newest wins, a tombstone goes back to items.npz, garbage is counted."""
+    import msgpack
+
+    from recsys.settings import Settings
+    from serving.follower import PopularFollower
+
+    fallback = PopularityFallback(model_dir, SURFACES, 3)
+    follower = PopularFollower(Settings(), fallback)
+
+    def record(generated_at: int, search: list[str]) -> bytes:
+        return msgpack.packb({"user_id": "popular", "model_version": "m7", "source_event_ts": generated_at,
+                              "generated_at": generated_at,
+                              "surfaces": {"search": {"items": search, "scores": [1.0] * len(search)}}})
+
+    follower._apply(b"popular", record(2_000, ["s1", "s2", "s3", "s4"]))
+    assert fallback.entry("search") == (fallback.get("search"), "m7", 2_000)
+    assert fallback.get("search").items == ("s1", "s2", "s3")  # cut to the fallback's size
+    assert fallback.get("home").items == ("i49", "i48", "i47")  # not published: items.npz's
+    assert fallback.entry("home")[1:] == ("pop-v1", fallback.generated_at)
+    follower._apply(b"popular", record(1_000, ["old"]))  # an older record changes nothing
+    assert fallback.get("search").items == ("s1", "s2", "s3")
+    follower._apply(b"popular", b"\xc1")
+    assert follower.store.malformed == 1 and fallback.get("search").items == ("s1", "s2", "s3")
+    follower._apply(b"popular", None)  # tombstone
+    assert fallback.published is None and fallback.get("search").items == ("i49", "i48", "i47")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import msgpack
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -182,6 +183,58 @@ def test_missing_topic_serves_fallbacks_then_follows_it_once_created(
         while (await get(port, "early")).is_fallback:
             assert time.monotonic() < deadline, "the server never followed the new topic"
             await asyncio.sleep(0.1)
+        await server.stop()
+
+    asyncio.run(scenario())
+
+
+def test_unknown_users_get_each_surface_s_popular_eligible_items_as_the_worker_publishes_them(
+    kafka_bootstrap: str, unique: str, settings: Settings, small_model_dir: Path, tmp_path: Path
+) -> None:
+    """Worker -> `popular` -> server: the fallback honours the vector store's eligibility (the
+    most popular item withdrawn from search is not in search's fallback) instead of one list."""
+    from kafka import KafkaProducer
+
+    from inference.runtime import ModelRuntime
+    from inference.worker import Worker
+    from recsys.topics import COMPACTED, ensure_topics
+    from vector_store import ItemRecord, open_store
+    from vector_store.indexer import ItemTable
+
+    popular = f"popular-{unique}"
+    ensure_topics(kafka_bootstrap, {popular: COMPACTED}, partitions=1)
+    cfg = _settings(settings, kafka_bootstrap, f"candidates-{unique}")
+    cfg = cfg.model_copy(update={"topics": cfg.topics.model_copy(update={"popular": popular})})
+    worker_cfg = cfg.model_copy(update={
+        "inference": cfg.inference.model_copy(update={"model_dir": small_model_dir}),
+        "vector_store": cfg.vector_store.model_copy(update={"path": tmp_path / "qdrant"}),
+    })
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    table = ItemTable.load(small_model_dir)
+    top = str(table.ids[int(np.argmax(table.popularity))])
+    records = [ItemRecord(i, ("home",) if i == top else ("home", "search", "related"), 0, float(p))
+               for i, p in zip(table.ids, table.popularity.tolist(), strict=True)]
+    store = open_store(worker_cfg, dim=runtime.dim)
+    worker = Worker.offline(worker_cfg, runtime, store)
+    worker.producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    try:
+        store.upsert(records, table.embeddings)
+        assert worker.publish_popular()
+        worker.producer.flush()
+    finally:
+        worker.producer.close()
+        store.close()
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        port = await server.port()
+        await wait_serving(port)  # SERVING once `popular` has been read too
+        home, search = await get(port, "nobody", "home", 20), await get(port, "nobody", "search", 20)
+        assert home.is_fallback and search.is_fallback
+        assert home.candidates[0].item_id == top and home.model_version == runtime.version
+        assert top not in [c.item_id for c in search.candidates] and len(search.candidates) == 20
+        scores = [c.score for c in search.candidates]
+        assert scores == sorted(scores, reverse=True)
         await server.stop()
 
     asyncio.run(scenario())
