@@ -271,6 +271,11 @@ def batch_loss(
         out = torch.where(torch.rand(P, device=device) < spec.outcome_dropout, torch.zeros_like(out), out)
     if model.training and spec.surface_dropout > 0:
         surf = torch.where(torch.rand(P, device=device) < spec.surface_dropout, torch.zeros_like(surf), surf)
+    # A query conditioned on an outcome answers for the window's engagements with that outcome:
+    # trained on all of them, a "save" query learnt the clicks of the next ten events as well,
+    # and the surfaces' outcome-weighted budgets no longer meant anything. Unconditioned
+    # (outcome 0, dropped out) it answers for every engagement.
+    pos &= (out[:, None] == 0) | (t_act[b, t] == out[:, None])
     ts = torch.as_tensor(h.ts, device=device)
     gap = torch.as_tensor(batch.target_ts, device=device)[b, t, first] - ts[b, t]
     q = model.head(hidden[b, t], surf, out, gap)  # (P, M, D)

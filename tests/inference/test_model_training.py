@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +268,41 @@ def test_slot_losses_route_each_target_as_their_mode_says() -> None:
         assert torch.equal(slot_loss(one, mode), one[:, 0])
     with pytest.raises(ValueError, match="unknown train.slots"):
         slot_loss(ce, "nope")
+
+
+def test_a_query_conditioned_on_an_outcome_is_trained_on_the_window_s_engagements_with_that_outcome(
+    planted_log: EventLog, planted_split: Split
+) -> None:
+    """With a window of several events, a "save" query answers for the saves among them, not
+    the clicks too (which made the surfaces' outcome-weighted budgets meaningless): the loss
+    does not see the items of other-outcome targets, but unconditioned it sees all of them."""
+    settings = Settings()
+    assert settings.train.window > 1
+    torch.manual_seed(0)
+    model = GenerativeRetriever(model_config(settings.model.model_copy(update={"dim": 16, "max_len": 16, "dropout": 0.0}), planted_log)).eval()
+    batch = next(iterate_train_batches(planted_log, planted_split.train_end, 16, 64, settings.train.window, np.random.default_rng(0)))
+    features = None if planted_log.features is None else torch.as_tensor(planted_log.features)
+    # The first engaged target conditions each position; "hide" targets are hard negatives
+    # whatever the condition, so they stay as they are.
+    act = batch.target_action
+    engaged = (batch.target_item > 0) & (act != planted_log.actions.index("hide") + 1)
+    first = np.take_along_axis(act, engaged.argmax(axis=2)[..., None], axis=2)
+    other = engaged & (act != first)
+    assert other.sum() > 100  # plenty of windows mix outcomes
+    moved = dataclasses.replace(batch, target_item=np.where(other, batch.target_item % planted_log.n_items + 1, batch.target_item))
+
+    def loss(b: Any, outcome_dropout: float) -> float:
+        tcfg = settings.train.model_copy(update={"outcome_dropout": outcome_dropout, "id_dropout": 0.0})
+        spec = loss_spec(planted_log, planted_split.train_end, tcfg, torch.device("cpu"))
+        assert spec.full_softmax  # the candidate set does not depend on the targets
+        if outcome_dropout:  # drawn only in training mode (all of it at 1.0; no other dropout here)
+            model.train()
+        try:
+            result = batch_loss(model, b, features, spec, torch.device("cpu"))
+        finally:
+            model.eval()
+        assert result is not None
+        return float(result[0].detach())
+
+    assert loss(moved, 0.0) == pytest.approx(loss(batch, 0.0), rel=1e-6)
+    assert loss(moved, 1.0) != pytest.approx(loss(batch, 1.0), rel=1e-3)  # unconditioned: every target counts
