@@ -52,6 +52,7 @@ import torch
 from benchmarks.results_io import write_result
 from inference.data import (
     EventLog,
+    Split,
     events_from_dicts,
     load_movielens,
     load_movielens_genres,
@@ -155,23 +156,33 @@ def load(name: str, data: Path) -> tuple[EventLog, np.ndarray]:
     raise SystemExit(f"unknown dataset {name!r}")
 
 
-def evaluation_points(log: EventLog, part: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+def evaluation_points(
+    log: EventLog, part: np.ndarray, before: np.ndarray | None = None
+) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """One point per user: the first event of `part` (the test or validation rows), its future
-    = the next WINDOW engaged items, and the user's items before it."""
+    = the next WINDOW engaged items (not reaching `before`'s rows: the validation windows stop
+    at the test part), and the user's items before it."""
     positive = [i + 1 for i, a in enumerate(log.actions) if a not in ("hide",)]
     rows = part[np.unique(log.user[part], return_index=True)[1]]
+    stop = None
+    if before is not None:
+        first_before = np.full(log.n_users, np.iinfo(np.int64).max)
+        np.minimum.at(first_before, log.user[before], before)
+        stop = first_before[log.user[rows]]
     histories = user_histories(log, rows)
     # The lists exclude the user's earlier items, so the window is scored on the new ones only
     # (re-engagements, ~5% of the synthetic windows and none of the real ones, could not be hit).
-    future = [np.setdiff1d(f, h) for f, h in zip(future_window(log, rows, WINDOW, positive), histories, strict=True)]
+    future = [np.setdiff1d(f, h) for f, h in zip(future_window(log, rows, WINDOW, positive, stop), histories, strict=True)]
     return rows, future, histories
 
 
-def pick_min_history(model: GenerativeRetriever, log: EventLog, part: np.ndarray) -> int:
+def pick_min_history(model: GenerativeRetriever, log: EventLog, split: Split) -> int:
     """`inference.multi_query_min_history` chosen on validation users: the history length below
     which a user's first query alone recalls more of the window than the M queries' fair share
-    (the smallest best one; 0 when M queries are best for everyone)."""
-    rows, future, _ = evaluation_points(log, part)
+    (the smallest best one; 0 when M queries are best for everyone). The validation windows end
+    where the user's test events begin (a user with under 100 events has fewer than 10
+    validation events), so no test target takes part in the choice."""
+    rows, future, _ = evaluation_points(log, split.valid, before=split.test)
     lengths = np.minimum(rows - log.offsets[log.user[rows]], model.cfg.max_len)
     shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below), future)
                      for below in (0, model.cfg.max_len + 1))
@@ -216,7 +227,7 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
         metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(float(np.nanmean(per_user["max_score"])), 4)
         metrics[f"{name}_m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, features)["intra_list_diversity"], 4)
         # The worker with inference.multi_query_min_history picked on validation users.
-        below = pick_min_history(model, log, split.valid)
+        below = pick_min_history(model, log, split)
         adaptive = merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below)
         per_user["adaptive"] = per_user_window_recall(adaptive, future)
         metrics[f"{name}_m{m}_multi_query_min_history"] = below

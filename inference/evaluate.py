@@ -205,9 +205,12 @@ def merged_candidates(
     return out
 
 
-def future_window(log: EventLog, rows: np.ndarray, window: int, positive: Sequence[int] | None = None) -> list[np.ndarray]:
-    """Item indices the user engages with in rows r .. r+window-1 (same user; optional action filter)."""
-    ends = log.offsets[log.user[rows] + 1]
+def future_window(
+    log: EventLog, rows: np.ndarray, window: int, positive: Sequence[int] | None = None, stop: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Item indices the user engages with in rows r .. r+window-1 (same user; optional action
+    filter); `stop`: per row, the first row the window may not reach (e.g. the user's test part)."""
+    ends = log.offsets[log.user[rows] + 1] if stop is None else np.minimum(stop, log.offsets[log.user[rows] + 1])
     out = []
     for r, e in zip(rows, ends, strict=True):
         sl = slice(r, min(r + window, e))
@@ -235,10 +238,13 @@ def paired_gap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int = 
     interval, resampling users with replacement. Recall varies far more from user to user than
     between two models, so a gap of a few percent means something only if it holds over
     resamples of the same users' paired differences."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or n_boot < 1:
+        raise ValueError(f"paired_gap needs two arrays of one shape and n_boot >= 1, got {a.shape}, {b.shape}, {n_boot}")
+    d = a - b
     d = d[np.isfinite(d)]
-    if len(d) == 0:
-        return 0.0, 0.0, 0.0
+    if len(d) == 0:  # no user both could score: nothing was measured
+        return math.nan, math.nan, math.nan
     rng = np.random.default_rng(seed)
     chunk = max(1, 4_000_000 // len(d))  # resamples drawn at once: bounded memory on 22k-user Beauty
     means = np.concatenate([d[rng.integers(0, len(d), (min(chunk, n_boot - s), len(d)))].mean(axis=1)

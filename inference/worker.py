@@ -535,21 +535,22 @@ class Worker:
         `items` topic's eligibility (an item withdrawn from a surface leaves its list) and
         popularity. One record in the `candidates` format, key "popular"; resent every
         `inference.popular_every_s` (three small lists), so a lost send is repaired by the next.
-        Best effort: a store that cannot answer now leaves the server's previous lists."""
+        A store that is down is waited out as for users (the retrying store); any other failure
+        only skips this round, the server keeping the lists it has."""
         size = self.settings.serving.fallback_size
         try:
             surfaces = {s: self.store.top_popular(s, size) for s in self.settings.events.surfaces}
+            now = int(time.time() * 1000)
+            self.producer.send(self.settings.topics.popular, key=POPULAR_KEY.encode(), value=msgpack.packb({
+                "user_id": POPULAR_KEY, "model_version": self.runtime.version, "source_event_ts": now,
+                "generated_at": now, "surfaces": {s: {"items": [str(i) for i, _ in hits], "scores": [float(x) for _, x in hits]}
+                                                  for s, hits in surfaces.items()},
+            }, use_single_float=True))
         except StoreUnavailable:
             raise
         except Exception:  # noqa: BLE001 - the fallback must not stop the regeneration of users
             log.exception("worker: popular lists not published")
             return False
-        now = int(time.time() * 1000)
-        self.producer.send(self.settings.topics.popular, key=POPULAR_KEY.encode(), value=msgpack.packb({
-            "user_id": POPULAR_KEY, "model_version": self.runtime.version, "source_event_ts": now,
-            "generated_at": now, "surfaces": {s: {"items": [str(i) for i, _ in hits], "scores": [float(x) for _, x in hits]}
-                                              for s, hits in surfaces.items()},
-        }, use_single_float=True))
         return True
 
     def settle(self, sent: Sequence[Any], offsets: dict[Any, int]) -> None:

@@ -49,17 +49,29 @@ def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], part
                 created.append(name)
             except TopicAlreadyExistsError:  # a concurrent creator won the race
                 existing.add(name)
-        checked = [ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(config))
-                   for name, config in configs.items() if config and name in existing]
-        if checked:
-            found = admin.describe_configs(checked, config_filter="all")
+        def wrong_configs() -> dict[str, dict[str, object]]:
+            """Topic -> {key: value it has} for every required config it lacks."""
+            checked = [ConfigResource(ConfigResourceType.TOPIC, name, dict.fromkeys(config))
+                       for name, config in configs.items() if config and name in existing]
+            if not checked:
+                return {}
+            # {resource type: {topic: {key: {"value": ...}}}}; the type's spelling varies by version
+            found = {name: have for per_type in admin.describe_configs(checked, config_filter="all").values()
+                     for name, have in per_type.items()}
+            wrong = {}
             for resource in checked:
-                have = found.get("TOPIC", found.get(ConfigResourceType.TOPIC, {})).get(resource.name, {})
-                wrong = {k: v for k, v in configs[resource.name].items() if _value(have.get(k)) != v}
-                if wrong:
-                    log.warning("topic %s has %s; setting %s", resource.name,
-                                {k: _value(have.get(k)) for k in wrong}, wrong)
-                    admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, resource.name, wrong)])
+                have = found.get(resource.name, {})
+                bad = {k: _value(have.get(k)) for k, v in configs[resource.name].items() if _value(have.get(k)) != v}
+                if bad:
+                    wrong[resource.name] = bad
+            return wrong
+
+        wrong = wrong_configs()
+        for name, bad in wrong.items():
+            log.warning("topic %s has %s; setting %s", name, bad, {k: configs[name][k] for k in bad})
+            admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, name, {k: configs[name][k] for k in bad})])
+        if wrong and (still := wrong_configs()):  # alter_configs reports a refusal in its answer, not by raising
+            raise RuntimeError(f"could not set the required topic configs (an ACL?): {still}")
         return created
     finally:
         admin.close()

@@ -5,7 +5,7 @@ Sources, best first:
   (`VectorStore.top_popular`) and publishes on the compacted `popular` topic; they honour the
   `items` topic's eligibility (an item withdrawn from a surface leaves that surface's list) and
   popularity updates. `serving.follower.PopularFollower` keeps them current.
-- until the worker has published (or for a surface it did not publish): the model's own item
+- until the worker has published (or for a surface it published no item for): the model's own item
   table, `items.npz` in settings.inference.model_dir (`ids`: str [N], `popularity`: float32
   [N]), with the model version from `meta.json` beside it. It says nothing of eligibility, so
   that list is the same for every surface.
@@ -79,7 +79,8 @@ class PopularityFallback:
         if surface not in self.surfaces:
             return _EMPTY, self.model_version, self.generated_at
         published = self.published
-        if published is not None and (lists := published.surfaces.get(surface)) is not None:
+        # An empty published list (a store with nothing indexed yet) is no fallback at all.
+        if published is not None and (lists := published.surfaces.get(surface)) is not None and lists.items:
             return lists, published.model_version, published.generated_at
         return (self._loaded.items if self._loaded else _EMPTY), self.model_version, self.generated_at
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -23,14 +25,16 @@ def _policy(bootstrap: str, topic: str) -> str:
     return entry["value"] if isinstance(entry, dict) else entry
 
 
-def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str, unique: str) -> None:
+def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str, unique: str, caplog: pytest.LogCaptureFixture) -> None:
     settings = Settings(topics=TopicSettings(actions=f"a-{unique}", dlq=f"d-{unique}", user_updates=f"u-{unique}",
                                              items=f"i-{unique}", candidates=f"c-{unique}"))
     configs = topic_configs(settings)
     assert sorted(ensure_topics(kafka_bootstrap, configs, partitions=2)) == sorted(configs)
     assert _policy(kafka_bootstrap, f"c-{unique}") == "compact"
     assert _policy(kafka_bootstrap, f"a-{unique}") == "delete"
-    assert ensure_topics(kafka_bootstrap, configs, partitions=2) == []  # idempotent
+    with caplog.at_level(logging.WARNING, logger="recsys.topics"):
+        assert ensure_topics(kafka_bootstrap, configs, partitions=2) == []  # idempotent
+    assert not caplog.records  # topics with the right configs are left alone
 
 
 def test_a_candidates_topic_the_broker_auto_created_is_made_compacted(kafka_bootstrap: str, unique: str) -> None:
@@ -43,6 +47,13 @@ def test_a_candidates_topic_the_broker_auto_created_is_made_compacted(kafka_boot
     assert _policy(kafka_bootstrap, topic) == "delete"
     assert ensure_topics_when_reachable(kafka_bootstrap, {topic: {"cleanup.policy": "compact"}}, partitions=1)
     assert _policy(kafka_bootstrap, topic) == "compact"
+
+
+def test_a_config_the_broker_refuses_is_an_error_not_a_silent_plain_log(kafka_bootstrap: str, unique: str) -> None:
+    topic = f"c-{unique}"
+    ensure_topics(kafka_bootstrap, {topic: {}}, partitions=1)
+    with pytest.raises(RuntimeError, match="could not set"):
+        ensure_topics(kafka_bootstrap, {topic: {"cleanup.policy": "bogus"}}, partitions=1)
 
 
 def test_waiting_for_a_broker_ends_when_told_to_stop() -> None:

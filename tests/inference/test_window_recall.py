@@ -44,4 +44,6 @@ def test_users_either_model_cannot_score_are_left_out_of_the_gap() -> None:
     a = np.array([0.5, np.nan, 1.0])
     b = np.array([0.25, 0.5, np.nan])
     assert paired_gap(a, b)[0] == 0.25
-    assert paired_gap(np.array([np.nan]), np.array([0.1])) == (0.0, 0.0, 0.0)
+    assert all(np.isnan(paired_gap(np.array([np.nan]), np.array([0.1]))))  # nothing measured, not a gap of 0
+    with pytest.raises(ValueError, match="one shape"):
+        paired_gap(np.array([0.5]), np.array([0.1, 0.2]))

@@ -107,6 +107,10 @@ def test_the_worker_s_published_lists_replace_the_item_table_s_per_surface(model
     assert fallback.entry("home")[1:] == ("pop-v1", fallback.generated_at)
     follower._apply(b"popular", record(1_000, ["old"]))  # an older record changes nothing
     assert fallback.get("search").items == ("s1", "s2", "s3")
+    follower._apply(b"popular", record(2_500, []))  # a store with nothing indexed yet
+    assert fallback.get("search").items == ("i49", "i48", "i47")
+    follower._apply(b"popular", record(3_000, ["s1", "s2", "s3", "s4"]))
+    assert fallback.get("search").items == ("s1", "s2", "s3")
     follower._apply(b"popular", b"\xc1")
     assert follower.store.malformed == 1 and fallback.get("search").items == ("s1", "s2", "s3")
     follower._apply(b"popular", None)  # tombstone
