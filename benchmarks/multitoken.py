@@ -65,6 +65,7 @@ from inference.data import (
 from inference.evaluate import (
     diversity,
     future_window,
+    input_lengths,
     merged_candidates,
     paired_gap,
     per_user_window_recall,
@@ -185,7 +186,7 @@ def pick_min_history(model: GenerativeRetriever, log: EventLog, split: Split) ->
     where the user's test events begin (a user with under 100 events has fewer than 10
     validation events), so no test target takes part in the choice."""
     rows, future, _ = evaluation_points(log, split.valid, before=split.test)
-    lengths = np.minimum(rows - log.offsets[log.user[rows]], model.cfg.max_len)
+    lengths = input_lengths(model, log, rows)
     shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below), future)
                      for below in (0, model.cfg.max_len + 1))
     scored = np.isfinite(shared)

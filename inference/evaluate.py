@@ -188,21 +188,28 @@ def merged_candidates(
     `single_below` events gets its first query's top `limit` alone (the worker's
     `inference.multi_query_min_history`)."""
     items = item_matrix(model, log.features)
-    single = np.minimum(rows - log.offsets[log.user[rows]], model.cfg.max_len) < single_below
+    single = input_lengths(model, log, rows) < single_below
     out: list[np.ndarray] = []
     for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
         scores = (qb.queries @ items.T).cpu()  # (B, M, N)
         if exclude_history:
             scores.masked_fill_(_history_mask(log, qb.rows, items.shape[0])[:, None, :], -torch.inf)
         k = min(limit, scores.shape[-1])
-        top = scores.topk(k, dim=-1).indices.numpy()  # (B, M, limit)
+        one = single[len(out) : len(out) + len(qb.rows)]
+        # Each query's own top list: for the round-robin, and for rows that get the first alone.
+        top = scores.topk(k, dim=-1).indices.numpy() if merge != "max_score" or one.any() else None  # (B, M, limit)
         if merge == "max_score":
             ranked = list(scores.amax(dim=1).topk(k, dim=-1).indices.numpy())
         else:
             ranked = [merge_round_robin(t, limit) for t in top]
-        one = single[len(out) : len(out) + len(qb.rows)]
-        out += [(t[0] if alone else r) + 1 for t, r, alone in zip(top, ranked, one, strict=True)]
+        out += [(top[i, 0] if alone else r) + 1 for i, (r, alone) in enumerate(zip(ranked, one, strict=True))]
     return out
+
+
+def input_lengths(model: GenerativeRetriever, log: EventLog, rows: np.ndarray) -> np.ndarray:
+    """Events the model reads for each row: the user's earlier events, at most max_len (the
+    length the worker's inference.multi_query_min_history is compared with)."""
+    return np.minimum(rows - log.offsets[log.user[rows]], model.cfg.max_len)
 
 
 def future_window(

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
-from recsys.settings import Settings
+from recsys.settings import TopicSettings
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +21,8 @@ COMPACTED = {"cleanup.policy": "compact"}
 POPULAR_KEY = "popular"  # key (and user_id) of the one `candidates`-format record on topics.popular
 
 
-def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+def topic_configs(t: TopicSettings) -> dict[str, dict[str, str]]:
     """Every topic the project uses -> the configs it needs (beyond the broker's defaults)."""
-    t = settings.topics
     return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: {}, t.candidates: dict(COMPACTED),
             t.popular: dict(COMPACTED)}
 

@@ -8,7 +8,7 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
-from recsys.settings import Settings, TopicSettings
+from recsys.settings import TopicSettings
 from recsys.topics import ensure_topics, ensure_topics_when_reachable, topic_configs
 
 pytestmark = pytest.mark.kafka
@@ -26,9 +26,8 @@ def _policy(bootstrap: str, topic: str) -> str:
 
 
 def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str, unique: str, caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings(topics=TopicSettings(actions=f"a-{unique}", dlq=f"d-{unique}", user_updates=f"u-{unique}",
-                                             items=f"i-{unique}", candidates=f"c-{unique}"))
-    configs = topic_configs(settings)
+    configs = topic_configs(TopicSettings(actions=f"a-{unique}", dlq=f"d-{unique}", user_updates=f"u-{unique}",
+                                          items=f"i-{unique}", candidates=f"c-{unique}", popular=f"p-{unique}"))
     assert sorted(ensure_topics(kafka_bootstrap, configs, partitions=2)) == sorted(configs)
     assert _policy(kafka_bootstrap, f"c-{unique}") == "compact"
     assert _policy(kafka_bootstrap, f"a-{unique}") == "delete"
