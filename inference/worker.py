@@ -811,7 +811,7 @@ def main(argv: list[str]) -> int:
     written = {settings.topics.candidates: COMPACTED, settings.topics.popular: COMPACTED}
     if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers, written,
                                         settings.kafka.partitions, settings.streams.replication_factor,
-                                        stopping=stopping.is_set):
+                                        stopping=stopping):
         log.warning("worker: stopped before Kafka could be reached")
         return 0
     try:

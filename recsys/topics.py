@@ -10,7 +10,7 @@ it produces a record.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from collections.abc import Callable, Mapping
 
 from recsys.settings import TopicSettings
@@ -77,20 +77,25 @@ def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], part
 
 
 def ensure_topics_when_reachable(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,
-                                 replication_factor: int = 1, *, stopping: Callable[[], bool] = lambda: False,
-                                 initial_s: float = 0.5, max_s: float = 10.0, timeout_s: float = 30.0) -> bool:
+                                 replication_factor: int = 1, *, stopping: threading.Event | None = None,
+                                 initial_s: float = 0.5, max_s: float = 10.0, attempt_s: float = 5.0) -> bool:
     """`ensure_topics`, waiting out a broker that is not up yet (a deployment starts its
-    processes in any order); False if `stopping()` said so first."""
+    processes in any order); False if `stopping` was set first.
+
+    Each attempt gives the broker `attempt_s` to answer and the wait between attempts ends as
+    soon as `stopping` is set, so a SIGTERM while waiting is obeyed within seconds, inside
+    docker's 10 s grace rather than after it."""
     from kafka.errors import KafkaError
 
+    stopping = stopping or threading.Event()
     delay = initial_s
-    while not stopping():
+    while not stopping.is_set():
         try:
-            ensure_topics(bootstrap, configs, partitions, replication_factor, timeout_s=timeout_s)
+            ensure_topics(bootstrap, configs, partitions, replication_factor, timeout_s=attempt_s)
             return True
         except KafkaError as exc:
             log.warning("Kafka at %s not usable yet (%s: %s); retrying in %.1f s", bootstrap, type(exc).__name__, exc, delay)
-            time.sleep(delay)
+            stopping.wait(delay)
             delay = min(delay * 2, max_s)
     return False
 

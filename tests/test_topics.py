@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 from kafka import KafkaAdminClient
@@ -56,6 +58,10 @@ def test_a_config_the_broker_refuses_is_an_error_not_a_silent_plain_log(kafka_bo
 
 
 def test_waiting_for_a_broker_ends_when_told_to_stop() -> None:
-    calls = []
-    assert not ensure_topics_when_reachable("localhost:1", {"x": {}}, 1, stopping=lambda: calls.append(1) or len(calls) > 2,
-                                            initial_s=0.01, timeout_s=0.5)
+    # A SIGTERM during the wait sets `stopping`: the backoff sleep (a minute here) must end then.
+    stopping = threading.Event()
+    threading.Timer(1.0, stopping.set).start()
+    started = time.monotonic()
+    assert not ensure_topics_when_reachable("localhost:1", {"x": {}}, 1, stopping=stopping,
+                                            initial_s=60.0, attempt_s=0.5)
+    assert time.monotonic() - started < 30.0

@@ -65,6 +65,11 @@ class VectorStore(ABC):
         """Create the collection for ``dim``-wide vectors unless it exists; an existing one
         must have that width (DimensionMismatchError otherwise)."""
 
+    def items_group(self, base: str) -> str:
+        """The consumer group in which a follower of `items` commits for this store. A shared
+        store (a Qdrant server) has one group, ``base``: its followers split the partitions."""
+        return base
+
     @abstractmethod
     def count(self) -> int:
         """Number of items stored."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
+from recsys.files import atomic_write
 from recsys.settings import VectorStoreSettings
 from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays
 from vector_store.errors import (
@@ -49,6 +51,7 @@ from vector_store.schema import (
 log = logging.getLogger(__name__)
 
 _CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create; its presence = shard exists
+_SHARD_ID_FILE = "recsys_shard_id"  # names this shard's own `items` consumer group
 _SCROLL_PAGE = 4096  # points per scroll page when loading the exact snapshot
 
 
@@ -98,6 +101,19 @@ class EdgeStore(VectorStore):
         _ensure_payload_indexes(shard)
         self._shard, self._dim = shard, dim
         self._refresh_exact()
+
+    def items_group(self, base: str) -> str:
+        """A group of this shard's own. Each Edge shard is a whole copy of the catalogue, private
+        to one process: in one shared group two workers' shards would each get only some
+        partitions' items, and a shard deleted and rebuilt would resume from its predecessor's
+        offsets, missing every item published since the export. The id lives in the shard's
+        directory, so it lasts as long as the shard does."""
+        id_file = self.path / _SHARD_ID_FILE
+        if not id_file.exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            with atomic_write(id_file) as f:
+                f.write(uuid.uuid4().hex.encode())
+        return f"{base}.{id_file.read_text(encoding='utf-8').strip()}"
 
     def count(self) -> int:
         return int(self._live().count(qe.CountRequest(exact=True)))

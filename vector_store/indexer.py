@@ -262,12 +262,13 @@ class ItemsFollower:
     embed_items: EmbedItems
     settings: Settings = field(default_factory=get_settings)
     bootstrap_servers: str | None = None  # default: settings.kafka.bootstrap_servers
-    group_id: str | None = None  # default: settings.vector_store.indexer_group_id
+    group_id: str | None = None  # default: the store's `items_group` of settings.vector_store.indexer_group_id
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
         from recsys.kafka_clients import PendingCommits  # imported here: the bulk path needs no Kafka client
 
+        self.group_id = self.group_id or self.store.items_group(self.settings.vector_store.indexer_group_id)
         self._consumer = self._new_consumer()
         self._since_optimize = 0
         self._pending = PendingCommits(self.settings.kafka.rejoin_after_s)  # indexed and flushed, not committed
@@ -279,7 +280,7 @@ class ItemsFollower:
         return group_consumer(
             self.settings.topics.items,
             bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers,
-            group_id=self.group_id or vs.indexer_group_id,
+            group_id=self.group_id,
             enable_auto_commit=False,  # commit after the upsert, never before
             auto_offset_reset="earliest",  # a fresh group indexes the topic's whole history
             max_poll_records=vs.indexer_max_records,

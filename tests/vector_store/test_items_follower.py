@@ -4,6 +4,7 @@ restart, offsets are committed only after the upsert, bad records are skipped.""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -101,6 +102,38 @@ def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_pat
             again.close()
 
 
+def test_every_edge_shard_follows_the_whole_topic(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """Two workers' Edge shards, one settings object: each indexes every partition's items (in
+    one shared group each would get half), and a shard deleted and rebuilt reads the topic from
+    the start instead of resuming from its predecessor's offsets."""
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "unused")
+    topic = settings.topics.items
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+    admin.close()
+    eye = np.eye(DIM, dtype=np.float32)
+    ids = [f"i{k}" for k in range(DIM)]
+    _produce(kafka_bootstrap, topic, [_item(i, eye[k].tolist()) for k, i in enumerate(ids)], ids)
+
+    def follow_all(path: Path) -> str:
+        shard = settings.model_copy(update={"vector_store": settings.vector_store.model_copy(update={"path": path})})
+        with EdgeStore(shard.vector_store) as store:
+            store.ensure_collection(DIM)
+            follower = ItemsFollower(store, _embed, shard)
+            try:
+                _poll_until(follower, lambda s: s.embedded >= DIM)
+                assert sorted(store.retrieve(ids)) == ids
+            finally:
+                follower.close()
+            return str(follower.group_id)
+
+    first, second = follow_all(tmp_path / "a"), follow_all(tmp_path / "b")
+    assert first != second
+    assert _committed(kafka_bootstrap, settings, first) == DIM
+    shutil.rmtree(tmp_path / "a")
+    assert follow_all(tmp_path / "a") not in (first, second)
+
+
 def test_offsets_are_committed_only_after_the_upsert(
     kafka_bootstrap: str, unique: str, tmp_path: Path
 ) -> None:
@@ -160,7 +193,7 @@ def test_a_failed_commit_is_retried_when_the_topic_goes_quiet(
             follower.poll_once()  # nothing new on the topic: the pending commit is retried
         finally:
             follower.close()
-    assert _committed(kafka_bootstrap, settings) == 1
+    assert _committed(kafka_bootstrap, settings, follower.group_id) == 1
 
 
 @contextlib.contextmanager
@@ -195,7 +228,7 @@ def _poll_until_committed(follower: ItemsFollower, kafka_bootstrap: str, setting
                           retried: type[Exception], why: Callable[[], str]) -> None:
     """poll_once until the topic's one record is committed; ``retried`` is waited out as run() does."""
     deadline = time.monotonic() + DEADLINE_S
-    while _committed(kafka_bootstrap, settings) != 1:
+    while _committed(kafka_bootstrap, settings, follower.group_id) != 1:
         assert time.monotonic() < deadline, f"never committed; {why()}"
         try:
             follower.poll_once()
@@ -236,9 +269,9 @@ def test_a_failed_replacement_of_a_stuck_consumer_is_tried_again(kafka_bootstrap
         assert failed and follower._consumer is not None and follower._consumer is not stuck
 
 
-def _committed(bootstrap: str, settings: Settings) -> int:
-    """The indexer group's committed offsets on the items topic, summed."""
-    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=settings.vector_store.indexer_group_id)
+def _committed(bootstrap: str, settings: Settings, group: str | None) -> int:
+    """A follower group's committed offsets on the items topic, summed."""
+    reader = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
     try:
         partitions = reader.partitions_for_topic(settings.topics.items) or set()
         return sum(reader.committed(TopicPartition(settings.topics.items, p)) or 0 for p in partitions)

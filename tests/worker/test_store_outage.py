@@ -117,18 +117,18 @@ def test_the_items_follower_waits_out_a_vanished_edge_directory_and_commits_only
         assert wait_for(lambda: "before-outage" in store.retrieve(["before-outage"]), 30)
         # An item is retrievable once upserted, before its flush and commit: the outage must
         # start after that commit, or it fails the first batch's flush instead of the second's.
-        assert wait_for(lambda: sum(committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id,
+        assert wait_for(lambda: sum(committed_and_end(kafka_bootstrap, follower.group_id,
                                                       settings.topics.items)[0].values()) == 1, 30)
 
         os.rename(tmp_path / "shard", tmp_path / "away")  # the volume is gone
         _produce_item(kafka_bootstrap, settings.topics.items, "during-outage")
         assert wait_for(lambda: retrying.failures >= 3, 30), "the flush never failed"
-        committed, ends = committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id, settings.topics.items)
+        committed, ends = committed_and_end(kafka_bootstrap, follower.group_id, settings.topics.items)
         assert sum(committed.values()) == sum(ends.values()) - 1  # the failed batch is not committed
         assert thread.is_alive() and not errors
 
         os.rename(tmp_path / "away", tmp_path / "shard")  # and back
-        assert wait_for(lambda: committed_and_end(kafka_bootstrap, settings.vector_store.indexer_group_id,
+        assert wait_for(lambda: committed_and_end(kafka_bootstrap, follower.group_id,
                                                settings.topics.items)[0] == ends, 30)
     finally:
         stop.set()
