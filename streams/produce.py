@@ -6,7 +6,8 @@ raw `(key, bytes)` records, keyed by the user id so that each user's events stay
 one partition. Inputs:
 
 - JSONL: one event map per line (the wire schema, JSON-typed).
-- CSV: a header naming the fields; numeric ids, `ts` and `dwell_ms` are read as ints.
+- CSV: a header naming the fields; `ts`, `dwell_ms` and ids in canonical decimal ("7", not
+  "007") are read as ints when msgpack can carry them.
 - MovieLens `u.data` (user, item, rating, unix seconds; tab-separated): rating >= 4 is a
   "save", below a "click", all on surface "home", replayed in time order.
 - `--synthetic N`: `streams.synthetic.synthetic_events` (users with planted interests).
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 Record = ActionEvent | Mapping[str, Any] | tuple[str | bytes | None, bytes]
 _INT_FIELDS = ("ts", "dwell_ms")
 _ID_FIELDS = ("user_id", "item_id", "context_item")
+# The ints msgpack can carry (int64 or uint64); the decoder accepts every one of them as an int.
+_WIRE_INT_MIN, _WIRE_INT_MAX = -(1 << 63), (1 << 64) - 1
 
 
 def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor: int = 1) -> bool:
@@ -77,13 +80,36 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, replication_factor
 
 def to_record(item: Record) -> tuple[bytes | None, bytes]:
     """The Kafka (key, value) of one item: events and maps keyed by str(user_id), raw records as given."""
-    if isinstance(item, ActionEvent):
-        return item.key.encode(), encode_event(item)
     if isinstance(item, tuple):
         key, value = item
         return (key.encode() if isinstance(key, str) else key), value
-    user_id = item.get("user_id")
-    return (None if user_id is None else str(user_id).encode()), encode_event(item)
+    if isinstance(item, ActionEvent):
+        key = item.key
+    else:
+        user_id = item.get("user_id")
+        key = None if user_id is None else str(user_id)
+    try:
+        value = encode_event(item)
+    except OverflowError:
+        # The producer does not validate, so an int msgpack cannot carry goes as its decimal
+        # text rather than aborting the replay or being dropped here: the worker then accepts
+        # it as a str id (the same item by vector_store's point_id) or dead-letters it with a
+        # reason ("ts must be an int"), and the event is on record either way. The key is
+        # unchanged (str of the int is the text), so the user's events keep partition and order.
+        log.warning("user %.40s: an int beyond 64 bits is sent as its decimal text", key)
+        value = encode_event(_wire_safe(item.to_wire() if isinstance(item, ActionEvent) else item))
+    return (None if key is None else key.encode()), value
+
+
+def _wire_safe(value: Any) -> Any:
+    """`value` with every int outside msgpack's range, at any depth, replaced by its decimal text."""
+    if isinstance(value, int) and not _WIRE_INT_MIN <= value <= _WIRE_INT_MAX:
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _wire_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wire_safe(v) for v in value]
+    return value
 
 
 def produce(
@@ -143,7 +169,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_int=_json_int)
             except json.JSONDecodeError as exc:
                 log.warning("%s:%d: not JSON (%s); skipped", path, n, exc)
                 continue
@@ -153,13 +179,32 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
             yield obj
 
 
-def _maybe_int(value: str) -> int | str:
-    """An ASCII integer cell as an int; anything else ("--5", "²", full-width digits) as the
-    text, for the worker to accept or dead-letter with a reason."""
+def _json_int(text: str) -> int | str:
+    # Python refuses int() on over 4300 digits, which would abort the whole file; such a
+    # number goes on as its text, as any int beyond 64 bits does (see `to_record`).
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _maybe_int(value: str, pattern: re.Pattern[str]) -> int | str:
+    """A cell matching `pattern` and within msgpack's int range as an int; anything else
+    ("--5", "²", full-width digits, 2**64) as the text, for the worker to accept or
+    dead-letter with a reason."""
     text = value.strip()
-    return int(text) if _ASCII_INT.fullmatch(text) else text
+    # 20 digits hold 2**64 - 1; the bound also keeps int() off huge cells.
+    if pattern.fullmatch(text) and len(text.lstrip("-0")) <= 20:
+        number = int(text)
+        if _WIRE_INT_MIN <= number <= _WIRE_INT_MAX:
+            return number
+    return text
 
 
+# An id is an int only in its canonical form: "007", "-0" and 7 are distinct ids elsewhere
+# (JSONL, vector_store's point_id), so reading "007" as 7 would merge two users or items.
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]*")
+# A quantity (ts, dwell_ms) has no identity to lose: "0500" ms is 500 ms.
 _ASCII_INT = re.compile(r"-?[0-9]+")
 
 
@@ -171,7 +216,12 @@ def read_csv(path: Path) -> Iterator[dict[str, Any]]:
             for name, value in row.items():
                 if name is None or value is None or value == "":
                     continue
-                event[name] = _maybe_int(value) if name in _ID_FIELDS + _INT_FIELDS else value
+                if name in _ID_FIELDS:
+                    event[name] = _maybe_int(value, _CANONICAL_INT)
+                elif name in _INT_FIELDS:
+                    event[name] = _maybe_int(value, _ASCII_INT)
+                else:
+                    event[name] = value
             yield event
 
 

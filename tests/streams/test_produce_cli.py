@@ -1,45 +1,132 @@
-"""`recsys produce` against the real broker: keys, values, topic creation, file replay."""
+"""`recsys produce`: file readers and records in memory; keys, values, topic creation and
+file replay against the real broker."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, strategies as st
 
 from recsys.settings import Settings
-from streams.produce import main
-from streams.schema import decode_event
+from streams.errors import InvalidEvent
+from streams.produce import _CANONICAL_INT, _maybe_int, main, read_csv, read_jsonl, to_record
+from streams.schema import ActionEvent, decode_event
 
-pytestmark = [pytest.mark.kafka]
+WIRE_INTS = st.integers(-(2**63), 2**64 - 1)  # what msgpack carries and the decoder accepts as ints
+TS = 1_700_000_000_000
 
 
-def test_produce_replays_movielens_keyed_by_user_in_time_order(kafka_bootstrap: str, tmp_path: Path) -> None:
+def _consume(bootstrap: str, topic: str, n: int) -> list[Any]:
+    """The first `n` records of `topic`, from all its partitions; asserts produce created it."""
     from kafka import KafkaConsumer, TopicPartition
 
-    data = tmp_path / "u.data"
-    data.write_text("196\t242\t3\t881250949\n186\t302\t4\t891717742\n196\t377\t5\t878887116\n")
-    topic = f"produce-{uuid.uuid4().hex[:8]}"
-    rc = main(["--file", str(data), "--bootstrap", kafka_bootstrap, "--topic", topic, "--rate", "100", "--no-progress"])
-    assert rc == 0
-
-    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     try:
         parts = consumer.partitions_for_topic(topic)
         assert parts and len(parts) == Settings().kafka.partitions  # created by produce, not auto-created
         tps = [TopicPartition(topic, p) for p in parts]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        records = []
-        while len(records) < 3:
+        records: list[Any] = []
+        while len(records) < n:
             for batch in consumer.poll(timeout_ms=1000).values():
                 records.extend(batch)
     finally:
         consumer.close()
+    return records
+
+
+@given(WIRE_INTS)
+def test_canonical_decimal_ids_are_ints(n: int) -> None:
+    assert _maybe_int(str(n), _CANONICAL_INT) == n
+
+
+@given(st.integers(min_value=0, max_value=2**64), st.integers(min_value=1, max_value=3), st.booleans())
+def test_zero_padded_ids_stay_text(n: int, zeros: int, negative: bool) -> None:
+    text = ("-" if negative else "") + "0" * zeros + str(n)
+    assert _maybe_int(text, _CANONICAL_INT) == text
+
+
+@given(st.integers(min_value=2**64) | st.integers(max_value=-(2**63) - 1))
+def test_ids_msgpack_cannot_carry_stay_text(n: int) -> None:
+    assert _maybe_int(str(n), _CANONICAL_INT) == str(n)
+
+
+def test_csv_keeps_ids_that_differ_only_by_leading_zeros_apart(tmp_path: Path) -> None:
+    data = tmp_path / "events.csv"
+    data.write_text(
+        "user_id,item_id,action,surface,ts,context_item,dwell_ms\n"
+        f"007,000123,click,home,{TS},0,0500\n"
+        f"7,123,click,home,{TS},-0,\n"
+        f"-7,{2**64 - 1},click,home,{TS},{2**64},\n"
+    )
+    rows = list(read_csv(data))
+    assert [(r["user_id"], r["item_id"], r["context_item"]) for r in rows] == [
+        ("007", "000123", 0),
+        (7, 123, "-0"),
+        (-7, 2**64 - 1, str(2**64)),
+    ]
+    assert rows[0]["dwell_ms"] == 500  # a quantity, not an identity: padding does not matter
+
+
+@pytest.mark.parametrize("big", [2**64, -(2**63) - 1, 10**30])
+def test_an_int_msgpack_cannot_carry_goes_as_its_text(big: int) -> None:
+    s = Settings()
+    key, value = to_record({"user_id": big, "item_id": big, "action": "click", "surface": "home", "ts": TS, "x": [big]})
+    assert key == str(big).encode()
+    event = decode_event(value, s, now=TS)  # accepted: a str id is a valid id
+    assert (event.user_id, event.item_id, event.extra) == (str(big), str(big), {"x": [str(big)]})
+
+    _, value = to_record(ActionEvent(1, big, "click", "home", TS))  # MovieLens ids are ints
+    assert decode_event(value, s, now=TS).item_id == str(big)
+
+    _, value = to_record({"user_id": 1, "item_id": 2, "action": "click", "surface": "home", "ts": big})
+    with pytest.raises(InvalidEvent, match="ts must be an int"):  # the worker dead-letters it
+        decode_event(value, s, now=TS)
+
+
+def test_jsonl_int_too_long_for_python_is_read_as_text(tmp_path: Path) -> None:
+    data = tmp_path / "events.jsonl"
+    data.write_text('{"user_id": 1, "item_id": ' + "9" * 5000 + "}\n" + '{"user_id": 2}\n')
+    assert [e["item_id"] if "item_id" in e else e["user_id"] for e in read_jsonl(data)] == ["9" * 5000, 2]
+
+
+@pytest.mark.kafka
+def test_produce_replays_movielens_keyed_by_user_in_time_order(kafka_bootstrap: str, tmp_path: Path) -> None:
+    data = tmp_path / "u.data"
+    data.write_text("196\t242\t3\t881250949\n186\t302\t4\t891717742\n196\t377\t5\t878887116\n")
+    topic = f"produce-{uuid.uuid4().hex[:8]}"
+    rc = main(["--file", str(data), "--bootstrap", kafka_bootstrap, "--topic", topic, "--rate", "100", "--no-progress"])
+    assert rc == 0
+
+    records = _consume(kafka_bootstrap, topic, 3)
     s = Settings()
     events = [decode_event(r.value, s) for r in records]
     assert all(r.key == str(e.user_id).encode() for r, e in zip(records, events, strict=True))
     user_196 = [e for e in events if e.user_id == 196]
     assert [(e.item_id, e.action) for e in user_196] == [(377, "save"), (242, "click")]  # time order
     assert all(msgpack.unpackb(r.value)["surface"] == "home" for r in records)
+
+
+@pytest.mark.kafka
+def test_replay_goes_on_past_an_int_beyond_64_bits(kafka_bootstrap: str, tmp_path: Path) -> None:
+    # One user, so all three share a partition and arrive in file order.
+    events = [
+        {"user_id": 5, "item_id": item, "action": "click", "surface": "home", "ts": TS + i}
+        for i, item in enumerate([1, 2**64, 3])
+    ]
+    data = tmp_path / "events.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in events))
+    topic = f"produce-{uuid.uuid4().hex[:8]}"
+    rc = main(["--file", str(data), "--bootstrap", kafka_bootstrap, "--topic", topic, "--no-progress"])
+    assert rc == 0
+
+    records = _consume(kafka_bootstrap, topic, 3)
+    decoded = [decode_event(r.value, Settings(), now=TS) for r in records]
+    assert [e.item_id for e in decoded] == [1, str(2**64), 3]
+    assert all(r.key == b"5" for r in records)
