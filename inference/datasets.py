@@ -54,9 +54,12 @@ def load_dataset(
             raise ValueError("--dataset events needs --path to a JSONL file of events")
         return load_events_jsonl(path, ev.actions, ev.surfaces)
     if name == "synthetic":
-        from streams.synthetic import synthetic_events
+        from streams.synthetic import N_CLUSTERS, cluster_features, synthetic_events
 
-        return events_from_dicts(synthetic_events(n_events, n_users, n_items, settings.train.seed), ev.actions, ev.surfaces)
+        # With content features, so that the model it trains (docker-compose's) embeds new items.
+        features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(n_items)}
+        return events_from_dicts(synthetic_events(n_events, n_users, n_items, settings.train.seed),
+                                 ev.actions, ev.surfaces, features)
     raise ValueError(f"unknown dataset {name!r}; one of {DATASETS}")
 
 

@@ -40,7 +40,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -577,14 +577,16 @@ def train(
     return model, info, results
 
 
-def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: Path, *, max_seconds: float = 45.0) -> Path:
+def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: Path, *, max_seconds: float = 45.0,
+                           item_features: Mapping[str, Sequence[float]] | None = None) -> Path:
     """The demo's fast path: a small model trained on `events` for at most ~`max_seconds` on the
     CPU, then exported into `out_dir` (user_model.onnx, item_encoder.onnx, items.npz, meta.json).
-    Returns `out_dir`."""
+    With `item_features` (str(item id) -> content features) its item encoder can embed items
+    published after training. Returns `out_dir`."""
     from inference.data import events_from_dicts, tail_split
     from inference.export import export_model
 
-    log_ = events_from_dicts(events, settings.events.actions, settings.events.surfaces)
+    log_ = events_from_dicts(events, settings.events.actions, settings.events.surfaces, item_features)
     # This 1-layer, 32-d model under-trains at the default 1e-3 in 30 epochs: on the demo's data
     # 1e-2 gives best valid recall@10 .2519 vs .2395, and only at 1e-2 does it condition on the
     # outcome (tests/test_end_to_end.py). An lr set explicitly (e.g. RECSYS_TRAIN__LR) wins.

@@ -791,7 +791,7 @@ def _budget_sanity(settings: Settings) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from recsys.topics import COMPACTED, ensure_topics_when_reachable
+    from recsys.topics import ensure_topics_when_reachable, topic_configs
     from vector_store import open_store
 
     parser = argparse.ArgumentParser(prog="recsys worker", description="user-updates -> candidates (ONNX Runtime)")
@@ -806,9 +806,12 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
     retry = {"initial_s": settings.inference.store_retry_initial_s, "max_s": settings.inference.store_retry_max_s}
-    # `candidates` and `popular` must be compacted (the server rebuilds its state from them):
-    # left to the broker's auto-creation by the first send they would be plain logs with a retention.
-    written = {settings.topics.candidates: COMPACTED, settings.topics.popular: COMPACTED}
+    # `candidates` and `popular` must be compacted (the server rebuilds its state from them), as
+    # must `items` (a new shard reads the whole catalogue from it): left to the broker's
+    # auto-creation by a first send they would be plain logs with a retention.
+    t, configs = settings.topics, topic_configs(settings.topics)
+    mine = [t.candidates, t.popular] + ([] if args.no_follow_items else [t.items, t.items_dlq])
+    written = {name: configs[name] for name in mine}
     if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers, written,
                                         settings.kafka.partitions, settings.streams.replication_factor,
                                         stopping=stopping):

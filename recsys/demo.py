@@ -29,7 +29,7 @@ from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
 from streams.produce import produce
 from streams.schema import encode_event
-from streams.synthetic import item_cluster, synthetic_events, user_interests
+from streams.synthetic import N_CLUSTERS, cluster_features, item_cluster, synthetic_events, user_interests
 
 console = Console()
 
@@ -43,7 +43,8 @@ def ensure_model(model_dir: Path, *, users: int, items: int, seed: int, retrain:
     console.print(f"[bold]training[/bold] a small model on {users * 15:,} generated events ({items} items) ...")
     started = time.monotonic()
     events = [e.to_wire() for e in synthetic_events(users * 15, users, items, seed)]
-    train_small_demo_model(events, get_settings(), model_dir)
+    features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(items)}  # new items can be embedded
+    train_small_demo_model(events, get_settings(), model_dir, item_features=features)
     console.print(f"model exported to {model_dir} in {time.monotonic() - started:.0f}s")
 
 

@@ -50,7 +50,9 @@ class TopicSettings(BaseModel):
     dlq: str = "actions.dlq"  # rejected events with the reason and the original bytes
     user_updates: str = "user-updates"  # fresh sequence snapshots, key = user id
     candidates: str = "candidates"  # compacted per-user candidates, key = user id
-    items: str = "items"  # item catalogue updates, key = item id
+    # compacted catalogue, key = item id: its latest record per item is the item (new shards read it all)
+    items: str = "items"
+    items_dlq: str = "items.dlq"  # refused `items` records, in the actions.dlq format
     # compacted: each surface's most popular eligible items as the vector store has them (the
     # server's fallback for unknown users), one `candidates`-format record, key "popular"
     popular: str = "popular"
@@ -91,7 +93,8 @@ class StreamsSettings(BaseModel):
     # back at once, without waiting out the session timeout. Unique per worker; None = dynamic.
     instance_id: str | None = None
     replication_factor: int = 1  # of the topics the app creates (changelog, DLQ, user-updates)
-    dlq_max_original_bytes: int = 512 * 1024  # the DLQ record keeps the original key and at most this much of key + original value (broker limit ~1 MiB)
+    dlq_max_key_bytes: int = 1024  # the DLQ record's Kafka key is the original key cut to this (its value says key_size, key_truncated); a key can be ~1 MiB
+    dlq_max_original_bytes: int = 512 * 1024  # at most this much of the DLQ record's (cut) key + the original value (broker limit ~1 MiB)
     stats_interval_s: float = 30.0  # how often the worker logs its counters
     loglevel: str = "info"  # the worker's log level
 
@@ -222,6 +225,7 @@ class VectorStoreSettings(BaseModel):
     indexing_threshold_kb: int = 10_000  # Edge segments above this (KB) get HNSW on optimize()
     max_search_threads: int | None = None  # Edge search threads, Qdrant's pool and the exact path's (None = one per CPU)
     indexer_group_id: str = "recsys-indexer"  # consumer group following `items` (an Edge shard: this + "." + its own id)
+    dead_letter_timeout_s: float = 30.0  # how long the items follower waits for items.dlq's acks before it stops
     indexer_poll_ms: int = 500  # how long one poll of `items` waits for records
     indexer_max_records: int = 512  # items embedded and upserted per batch
     optimize_every: int = 50_000  # new items before the follower rebuilds Edge's HNSW (0 = never)

@@ -23,8 +23,8 @@ POPULAR_KEY = "popular"  # key (and user_id) of the one `candidates`-format reco
 
 def topic_configs(t: TopicSettings) -> dict[str, dict[str, str]]:
     """Every topic the project uses -> the configs it needs (beyond the broker's defaults)."""
-    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: {}, t.candidates: dict(COMPACTED),
-            t.popular: dict(COMPACTED)}
+    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: dict(COMPACTED), t.items_dlq: {},
+            t.candidates: dict(COMPACTED), t.popular: dict(COMPACTED)}
 
 
 def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,

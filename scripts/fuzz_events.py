@@ -13,7 +13,7 @@ easy to write and libFuzzer's mutations stay inside events). For every value:
   message; any other exception is a finding (libFuzzer stops and writes the input as crash-*);
 - a value longer than `events.max_event_bytes` is "oversized" (rejected before unpacking);
 - a valid event satisfies the schema, keeps no value nested deeper than `events.max_nesting`
-  and re-encodes to the same bytes; an invalid one gives a DLQ record (`streams.app.dlq_record`)
+  and re-encodes to the same bytes; an invalid one gives a DLQ record (`recsys.dead_letters.dlq_record`)
   that unpacks to its reason and the original, cut to `dlq_max_original_bytes`;
 - the valid events, in input order, are folded into one sequence by the reference fold and by
   the worker's `PackedSeq`: same outcomes, same `TooLate`, same events and bytes, and the
@@ -166,7 +166,7 @@ MSGPACK_DICTIONARY = [  # libFuzzer tokens: the schema's keys and values, msgpac
 
 def check_input(data: bytes) -> None:
     """Every invariant of the module docstring, for one fuzzer input; raises on a violation."""
-    from streams.app import dlq_record
+    from recsys.dead_letters import dlq_record
     from streams.errors import REASONS, InvalidEvent, TooLate
     from streams.schema import ActionEvent, _depth, decode_event, encode_event
     from streams.sequences import PackedSeq, SeqEvent, UserState, fold_event, order_key, user_update

@@ -1,7 +1,7 @@
 """`recsys streams`: the Faust worker that turns `actions` into per-user sequences.
 
     actions --decode/validate--> fold into Table `sequences` --coalesce--> user-updates
-                     \\--invalid / too late--> actions.dlq (reason + original bytes)
+                     \\--invalid / too late--> actions.dlq (reason + original bytes, key cut)
 
 `actions` is read in flush windows: up to `streams.max_batch_events` events, or what arrived
 within `streams.flush_interval_s` of a window's first event. By default Faust's consumer hands
@@ -39,10 +39,10 @@ from typing import Any, cast
 
 import faust
 import mode
-import msgpack
 from faust.streams import _current_event  # the context var Faust's tables read the event from
 from faust.types import EventT, Message, StoreT
 
+from recsys.dead_letters import dead_letter
 from recsys.settings import Settings, get_settings
 from streams.delivery import WindowedApp, partition_event, set_current_event
 from streams.errors import InvalidEvent
@@ -50,7 +50,7 @@ from streams.outbox import Outbox
 from streams.schema import decode_event, now_ms
 from streams.sequences import PackedSeq
 
-__all__ = ["Counters", "create_app", "dlq_record", "main"]
+__all__ = ["Counters", "create_app", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -105,29 +105,6 @@ def _preview(key: bytes | None, limit: int = 64) -> str:
     if key is None or len(key) <= limit:
         return repr(key)
     return f"{key[:limit]!r}... ({len(key)} bytes)"
-
-
-def dlq_record(
-    exc: InvalidEvent, *, original: bytes | None, topic: str, partition: int, offset: int, max_original: int
-) -> bytes:
-    """The `actions.dlq` value (shared contract), plus `detail` for humans and the original's
-    size. An original longer than `max_original` is cut (`truncated`) so that the record stays
-    under the broker's message size limit; (topic, partition, offset) still find it whole."""
-    original = original or b""
-    return msgpack.packb(
-        {
-            "reason": exc.reason,
-            "detail": exc.detail,
-            "original": original[:max_original],
-            "original_size": len(original),
-            "truncated": len(original) > max_original,
-            "topic": topic,
-            "partition": partition,
-            "offset": offset,
-            "at": now_ms(),
-        },
-        use_bin_type=True,
-    )
 
 
 @dataclass
@@ -235,12 +212,15 @@ def create_app(settings: Settings) -> faust.App:
                     outcome = p.seq.fold(event, settings)
                 except InvalidEvent as exc:
                     counters.invalid[exc.reason] += 1
-                    # The DLQ record keeps the original key, so the key's bytes come out of the
-                    # original's budget: key + value stay under the broker's limit.
-                    record = dlq_record(exc, original=msg.value, topic=msg.topic, partition=msg.partition,
-                                        offset=msg.offset,
-                                        max_original=max(0, cfg.dlq_max_original_bytes - len(msg.key or b"")))
-                    await first.add_beside(dlq.get_topic_name(), msg.key, record, msg.partition)
+                    # The DLQ record keeps at most dlq_max_key_bytes of the original key (a key
+                    # near the broker's limit would otherwise make the DLQ record pass it, fail
+                    # the window and stop the partition), and the kept key's bytes come out of
+                    # the original's budget: key + value stay well under the broker's limit.
+                    kept_key, record = dead_letter(exc, key=msg.key, original=msg.value, topic=msg.topic,
+                                                   partition=msg.partition, offset=msg.offset,
+                                                   max_key=cfg.dlq_max_key_bytes,
+                                                   max_original=cfg.dlq_max_original_bytes)
+                    await first.add_beside(dlq.get_topic_name(), kept_key, record, msg.partition)
                     continue
                 counters.events[outcome.value] += 1
                 # Emit even when the fold changed nothing: a duplicate or stale event may be a

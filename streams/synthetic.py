@@ -17,18 +17,28 @@ from collections.abc import Iterator, Sequence
 from recsys.settings import EventSettings
 from streams.schema import ActionEvent, Id, now_ms
 
-__all__ = ["item_cluster", "synthetic_events", "user_interests"]
+__all__ = ["N_CLUSTERS", "cluster_features", "item_cluster", "synthetic_events", "user_interests"]
 
 # Outcome mix on / off a user's interests, by action name; unknown action names get `_OTHER`.
 _ON_INTEREST = {"click": 0.62, "save": 0.33, "hide": 0.05}
 _OFF_INTEREST = {"click": 0.55, "save": 0.05, "hide": 0.40}
 _OTHER = 0.1
 _SURFACE_WEIGHT = {"home": 0.5, "search": 0.3, "related": 0.2}
+N_CLUSTERS = 8  # planted interest clusters, unless asked otherwise
 
 
 def item_cluster(item: int, n_clusters: int) -> int:
     """The interest cluster an item belongs to."""
     return item % n_clusters
+
+
+def cluster_features(item: int, n_clusters: int) -> list[float]:
+    """An item's content features: its cluster, one-hot (what a category or an image embedding
+    tells a real model). With them a model can embed an item published after it was trained;
+    an id-only model has nothing to place such an item by."""
+    features = [0.0] * n_clusters
+    features[item_cluster(item, n_clusters)] = 1.0
+    return features
 
 
 def user_interests(user: int, *, n_clusters: int, seed: int) -> tuple[int, ...]:
@@ -44,7 +54,7 @@ def synthetic_events(
     n_items: int,
     seed: int = 0,
     *,
-    n_clusters: int = 8,
+    n_clusters: int = N_CLUSTERS,
     noise: float = 0.15,
     start_ts_ms: int | None = None,
     step_ms: int = 100,

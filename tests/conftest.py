@@ -47,8 +47,8 @@ def small_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     worker's and the system's behaviour, not of the model's quality."""
     from inference.train import train_small_demo_model
     from recsys.settings import Settings
-    from streams.synthetic import synthetic_events
+    from streams.synthetic import N_CLUSTERS, cluster_features, synthetic_events
 
     events = [e.to_wire() for e in synthetic_events(2000, 100, 64, seed=5)]
     return train_small_demo_model(events, Settings(train={"num_threads": 1}), tmp_path_factory.mktemp("small-model"),
-                                  max_seconds=3)
+                                  max_seconds=3, item_features={str(i): cluster_features(i, N_CLUSTERS) for i in range(64)})

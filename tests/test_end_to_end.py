@@ -23,6 +23,7 @@ from recsys.settings import Settings, TopicSettings
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
 from streams.schema import encode_event
+from streams.synthetic import cluster_features
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -42,7 +43,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # training short. At lr 1e-3 the demo's 30 epochs left this model barely conditioned (loss
     # 4.0 of ln 96 = 4.6; save vs click queries 0.004 apart, the same top 20); at the demo
     # trainer's 1e-2 it recovers the planted outcome clusters (loss 3.0; 19 of 20 in the right one).
-    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), Settings(), out, max_seconds=300)
+    features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(N_ITEMS)}  # so that it embeds new items
+    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), Settings(), out, max_seconds=300,
+                                  item_features=features)
 
 
 def _outcome_events(n_events: int, n_users: int, n_items: int, seed: int) -> list[dict[str, Any]]:
@@ -158,7 +161,8 @@ def test_a_new_item_is_retrievable_without_restart(stack: LocalStack) -> None:
     """With a budget larger than the catalogue every eligible item is retrieved; a new item
     sent on `items` (eligible on `related` only) must show up there, and only there."""
     _send(stack, "items", "brand-new-item", msgpack.packb(
-        {"item_id": "brand-new-item", "surfaces": ["related"], "created_at": int(time.time() * 1000), "popularity": 0.0}))
+        {"item_id": "brand-new-item", "features": cluster_features(1, N_CLUSTERS), "surfaces": ["related"],
+         "created_at": int(time.time() * 1000), "popularity": 0.0}))
     user = "e2e-user-3"
 
     def served_on() -> set[str] | None:

@@ -65,6 +65,15 @@ class VectorStore(ABC):
         """Create the collection for ``dim``-wide vectors unless it exists; an existing one
         must have that width (DimensionMismatchError otherwise)."""
 
+    @abstractmethod
+    def catalogue_version(self) -> str | None:
+        """The model version whose item table was bulk-loaded here in full (`mark_catalogue`),
+        or None: never, or a load that did not finish."""
+
+    @abstractmethod
+    def mark_catalogue(self, version: str) -> None:
+        """Record that the item table of model ``version`` is wholly loaded (and durable)."""
+
     def items_group(self, base: str) -> str:
         """The consumer group in which a follower of `items` commits for this store. A shared
         store (a Qdrant server) has one group, ``base``: its followers split the partitions."""

@@ -51,6 +51,7 @@ from vector_store.schema import (
 log = logging.getLogger(__name__)
 
 _CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create; its presence = shard exists
+_CATALOGUE_FILE = "recsys_catalogue.json"  # written after a whole bulk load: {"model_version": ...}
 _SHARD_ID_FILE = "recsys_shard_id"  # names this shard's own `items` consumer group
 _SCROLL_PAGE = 4096  # points per scroll page when loading the exact snapshot
 
@@ -101,6 +102,17 @@ class EdgeStore(VectorStore):
         _ensure_payload_indexes(shard)
         self._shard, self._dim = shard, dim
         self._refresh_exact()
+
+    def catalogue_version(self) -> str | None:
+        marker = self.path / _CATALOGUE_FILE
+        if not marker.exists():
+            return None
+        return str(json.loads(marker.read_text(encoding="utf-8"))["model_version"])
+
+    def mark_catalogue(self, version: str) -> None:
+        self.flush()  # the marker must not outlive points a crash would lose
+        with atomic_write(self.path / _CATALOGUE_FILE) as f:
+            f.write(json.dumps({"model_version": version}).encode())
 
     def items_group(self, base: str) -> str:
         """A group of this shard's own. Each Edge shard is a whole copy of the catalogue, private

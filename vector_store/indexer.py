@@ -10,9 +10,19 @@ Two sources, one write path (`index_items` / `index_item_table`):
   callable; an item already stored keeps its trained vector unless the message carries
   content features, and only its payload (surfaces, popularity, created_at) changes.
 
+`items` is compacted: its latest record per item is the item, so a record should carry the
+whole item (features included); a shard built later (a new worker, a rebuilt one) reads the
+topic from the start, each Edge shard in a consumer group of its own (`items_group`).
+
 Offsets are committed only after the upsert is durable, so a crash re-reads (at least once;
-upserts are idempotent). Malformed messages (and items the encoder rejects, e.g. a feature
-vector of the wrong width) are logged, counted and skipped, never fatal.
+upserts are idempotent). Refused records (malformed, an unknown surface, or an item the
+encoder cannot embed: features of the wrong width, or an id outside the model's vocabulary
+with no content features, which would get the same vector as every other such item) go to
+`items.dlq` with a reason (ITEM_REASONS) in the `actions.dlq` format, before the batch is
+committed; never fatal.
+
+The bulk load runs when the store's catalogue marker does not name the exported model's
+version: a first start, a load cut short, or a new model.
 
 Qdrant Edge allows one process per shard: with the edge backend the follower must run inside
 the process that queries the store (`ItemsFollower.run` in a thread), not beside it.
@@ -34,7 +44,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from recsys.dead_letters import dead_letter
 from recsys.settings import Settings, get_settings
+from recsys.topics import ensure_topics_when_reachable, topic_configs
 from vector_store import open_store
 from vector_store.base import VectorStore
 from vector_store.schema import ItemId, ItemRecord, point_id
@@ -43,10 +55,34 @@ log = logging.getLogger(__name__)
 
 EmbedItems = Callable[[Sequence["ItemMessage"]], np.ndarray]  # items -> [N, D] float32
 IdBucket = Callable[[Sequence[ItemId]], np.ndarray]  # item ids -> int64 [N] hash buckets
+OnRefused = Callable[["ItemMessage", "BadItemMessage"], None]  # an item the encoder refused, and why
+
+
+# The stable reasons an `items` record is refused for; its dead-letter record carries one.
+ITEM_REASONS: tuple[str, ...] = (
+    "tombstone",  # a null value: items are withdrawn with `surfaces: []`, not deleted
+    "not msgpack",
+    "not a map",
+    "wrong type",  # e.g. item_id neither int nor str, created_at not an int
+    "bad value",  # right type, wrong value: blank / too long id, non-finite number
+    "unknown surface",  # a surface not in settings.events.surfaces (it would be eligible nowhere)
+    "cannot embed",  # the model has nothing to embed it from (features of the wrong width, or none for an unseen id)
+)
+
+
+class DeadLetterFailed(RuntimeError):
+    """Refused `items` records could not be written to `items.dlq`: the batch stays uncommitted."""
 
 
 class BadItemMessage(ValueError):
-    """An `items` record that does not follow the wire contract (logged and skipped)."""
+    """An `items` record that does not follow the wire contract or that the model cannot
+    embed: refused, counted and dead-lettered with its `reason` (one of ITEM_REASONS)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        assert reason in ITEM_REASONS, f"unknown reason {reason!r}; add it to ITEM_REASONS"
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +106,14 @@ class IndexStats:
 
     embedded: int = 0  # items whose vector came from embed_items
     payload_only: int = 0  # items already stored, vector kept
-    skipped: int = 0  # malformed messages
+    skipped: int = 0  # refused messages (malformed, or nothing to embed them from)
+    dead_lettered: int = 0  # refused messages written to items.dlq (the follower's)
 
     def __iadd__(self, other: IndexStats) -> IndexStats:
         self.embedded += other.embedded
         self.payload_only += other.payload_only
         self.skipped += other.skipped
+        self.dead_lettered += other.dead_lettered
         return self
 
 
@@ -83,23 +121,25 @@ class IndexStats:
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def decode_item(value: bytes | None, max_id_length: int) -> ItemMessage:
-    """Decode and validate one `items` value; BadItemMessage says what is wrong."""
+def decode_item(value: bytes | None, max_id_length: int, known_surfaces: Sequence[str] | None = None) -> ItemMessage:
+    """Decode and validate one `items` value; BadItemMessage says what is wrong. With
+    ``known_surfaces``, a surface outside them is refused: a typo ("Home") would otherwise
+    make the item eligible nowhere without a word."""
     if value is None:
-        raise BadItemMessage("empty value (tombstone)")
+        raise BadItemMessage("tombstone", "empty value; withdraw an item with surfaces: [] instead")
     try:
         obj = msgpack.unpackb(value, raw=False)
     except Exception as e:  # msgpack raises several unrelated types for bad bytes
-        raise BadItemMessage(f"not msgpack: {e}") from e
+        raise BadItemMessage("not msgpack", str(e)) from e
     if not isinstance(obj, dict):
-        raise BadItemMessage(f"value is a {type(obj).__name__}, not a map")
+        raise BadItemMessage("not a map", f"value is a {type(obj).__name__}")
     item_id = obj.get("item_id")
     if isinstance(item_id, bool) or not isinstance(item_id, (int, str)):
-        raise BadItemMessage(f"item_id must be int or str, got {item_id!r}")
+        raise BadItemMessage("wrong type", f"item_id must be int or str, got {item_id!r}")
     # The streams' rule (streams/schema.py): an id indexed here but refused there would be
     # recommended while every action on it went to the dead-letter topic.
     if isinstance(item_id, str) and (not item_id.strip() or len(item_id.encode()) > max_id_length):
-        raise BadItemMessage(f"item_id must be non-blank and at most {max_id_length} bytes in UTF-8")
+        raise BadItemMessage("bad value", f"item_id must be non-blank and at most {max_id_length} bytes in UTF-8")
     features = obj.get("features")
     if features is not None:
         if not isinstance(features, list) or not all(
@@ -107,23 +147,25 @@ def decode_item(value: bytes | None, max_id_length: int) -> ItemMessage:
             for f in features
         ):
             # The encoder runs in float32: a finite float64 beyond its range arrives as inf.
-            raise BadItemMessage("features must be a list of finite float32 numbers")
+            raise BadItemMessage("bad value", "features must be a list of finite float32 numbers")
         features = tuple(float(f) for f in features)
     surfaces = obj.get("surfaces")
     if surfaces is not None:
         if not isinstance(surfaces, list) or not all(isinstance(s, str) for s in surfaces):
-            raise BadItemMessage("surfaces must be a list of strings")
+            raise BadItemMessage("wrong type", "surfaces must be a list of strings")
         surfaces = tuple(dict.fromkeys(surfaces))
+        if known_surfaces is not None and (unknown := [x for x in surfaces if x not in known_surfaces]):
+            raise BadItemMessage("unknown surface", f"{unknown!r}; the surfaces are {list(known_surfaces)!r}")
     created_at = obj.get("created_at", 0)
     popularity = obj.get("popularity", 0.0)
     if isinstance(created_at, bool) or not isinstance(created_at, int):
-        raise BadItemMessage(f"created_at must be epoch ms (int), got {created_at!r}")
+        raise BadItemMessage("wrong type", f"created_at must be epoch ms (int), got {created_at!r}")
     if (
         isinstance(popularity, bool)
         or not isinstance(popularity, (int, float))
         or not math.isfinite(popularity)
     ):
-        raise BadItemMessage(f"popularity must be a finite number, got {popularity!r}")
+        raise BadItemMessage("bad value", f"popularity must be a finite number, got {popularity!r}")
     return ItemMessage(item_id, features, surfaces, created_at, float(popularity))
 
 
@@ -133,9 +175,11 @@ def index_items(
     items: Sequence[ItemMessage],
     embed_items: EmbedItems,
     all_surfaces: Sequence[str],
+    on_refused: OnRefused | None = None,
 ) -> IndexStats:
     """Upsert ``items``: embed the new ones (and any that carry features), keep the stored
-    vector of the others and refresh their payload. Later messages for an id win."""
+    vector of the others and refresh their payload. Later messages for an id win. Items the
+    encoder refuses are skipped and passed to ``on_refused``."""
     by_point: dict[Any, ItemMessage] = {}
     for m in items:
         pid = point_id(m.item_id)
@@ -154,7 +198,7 @@ def index_items(
     keep = [m for m in latest if m.item_id in stored]
     skipped = 0
     if to_embed:
-        to_embed, vectors, skipped = _embed(to_embed, embed_items)
+        to_embed, vectors, skipped = _embed(to_embed, embed_items, on_refused)
     if to_embed:
         store.ensure_collection(vectors.shape[1])  # the first item may arrive before any bulk load
         store.upsert([m.record(all_surfaces) for m in to_embed], vectors)
@@ -167,10 +211,11 @@ def index_items(
 
 
 def _embed(
-    items: list[ItemMessage], embed_items: EmbedItems
+    items: list[ItemMessage], embed_items: EmbedItems, on_refused: OnRefused | None = None
 ) -> tuple[list[ItemMessage], np.ndarray, int]:
     """Embed a batch; if the encoder rejects it (BadItemMessage), embed item by item so that
-    only the bad ones are skipped. Returns (embedded items, their vectors, number skipped)."""
+    only the bad ones are skipped (and handed to ``on_refused``). Returns (embedded items,
+    their vectors, number skipped)."""
     try:
         vectors = _checked(embed_items(items), len(items))
         return items, vectors, 0
@@ -184,6 +229,8 @@ def _embed(
             good.append(item)
         except BadItemMessage as e:
             log.warning("item %r skipped: %s", item.item_id, e)
+            if on_refused is not None:
+                on_refused(item, e)
     vectors = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
     return good, vectors, len(items) - len(good)
 
@@ -195,7 +242,7 @@ def _checked(vectors: np.ndarray, n: int) -> np.ndarray:
     if not np.isfinite(out).all():
         # Features the encoder turns into NaN/inf are that item's data, not a store failure:
         # the store would refuse the whole batch, and the re-read batch would refuse again.
-        raise BadItemMessage("the item encoder returned a non-finite vector")
+        raise BadItemMessage("cannot embed", "the item encoder returned a non-finite vector")
     return out
 
 
@@ -272,6 +319,7 @@ class ItemsFollower:
         self._consumer = self._new_consumer()
         self._since_optimize = 0
         self._pending = PendingCommits(self.settings.kafka.rejoin_after_s)  # indexed and flushed, not committed
+        self._producer: Any = None  # of items.dlq, made at the first refusal
 
     def _new_consumer(self) -> Any:
         from recsys.kafka_clients import group_consumer
@@ -308,30 +356,63 @@ class ItemsFollower:
         if not batches:
             return IndexStats()
         items: list[ItemMessage] = []
-        skipped = 0
+        source: dict[Any, Any] = {}  # point -> its latest record (the one index_items keeps), for dead-lettering
+        refused: list[tuple[Any, BadItemMessage]] = []
         polled: dict[Any, int] = {}
         for tp, records in batches.items():
             if records:
                 polled[tp] = records[-1].offset + 1
             for rec in records:
                 try:
-                    items.append(decode_item(rec.value, self.settings.events.max_id_length))
+                    item = decode_item(rec.value, self.settings.events.max_id_length, self.settings.events.surfaces)
                 except BadItemMessage as e:
-                    skipped += 1
-                    log.warning(
-                        "items %s[%d]@%d skipped: %s", tp.topic, tp.partition, rec.offset, e
-                    )
-        stats = index_items(self.store, items, self.embed_items, self.settings.events.surfaces)
-        stats.skipped += skipped
+                    log.warning("items %s[%d]@%d refused: %s", tp.topic, tp.partition, rec.offset, e)
+                    refused.append((rec, e))
+                    continue
+                items.append(item)
+                source[point_id(item.item_id)] = rec
+        stats = index_items(self.store, items, self.embed_items, self.settings.events.surfaces,
+                            lambda item, e: refused.append((source[point_id(item.item_id)], e)))
+        stats.skipped = len(refused)  # the decoder's refusals and the encoder's
         self._since_optimize += stats.embedded
         if vs.optimize_every and self._since_optimize >= vs.optimize_every:
             self.store.optimize()
             self._since_optimize = 0
         self.store.flush()
+        stats.dead_lettered = self._dead_letter(refused)
         self._pending.add(polled)
         self._commit()
         self.stats += stats
         return stats
+
+    def _dead_letter(self, refused: list[tuple[Any, BadItemMessage]]) -> int:
+        """Write each refused record to `items.dlq` (the `actions.dlq` contract) and wait for the
+        broker's acks, before the batch's offsets are committed. A write that fails past the
+        producer's retries stops the follower with the batch uncommitted (a restart re-reads
+        it), rather than committing records that were neither indexed nor dead-lettered."""
+        from kafka.errors import KafkaError
+
+        if not refused:
+            return 0
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers, acks="all")
+        cfg = self.settings.streams  # the same bounds as actions.dlq: the broker's limit is the same
+        try:
+            futures = []
+            for rec, e in refused:
+                key, value = dead_letter(e, key=rec.key, original=rec.value, topic=rec.topic, partition=rec.partition,
+                                         offset=rec.offset, max_key=cfg.dlq_max_key_bytes,
+                                         max_original=cfg.dlq_max_original_bytes)
+                futures.append(self._producer.send(self.settings.topics.items_dlq, key=key, value=value))
+            for future in futures:
+                future.get(timeout=self.settings.vector_store.dead_letter_timeout_s)
+        except KafkaError as exc:
+            raise DeadLetterFailed(f"could not write {len(refused)} refused items to "
+                                   f"{self.settings.topics.items_dlq!r}: {exc}") from exc
+        return len(refused)
 
     def _commit(self) -> None:
         """Commit the offsets of what was indexed and flushed (`PendingCommits`: by name; if it
@@ -368,6 +449,8 @@ class ItemsFollower:
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close(autocommit=False)
+        if self._producer is not None:
+            self._producer.close()
 
 
 # -- the model's item encoder -------------------------------------------------------------------
@@ -396,16 +479,25 @@ class OnnxItemEncoder:
         self._id_bucket = id_bucket
 
     def __call__(self, items: Sequence[ItemMessage]) -> np.ndarray:
+        from inference.hashing import UNKNOWN_BUCKET
+
         feats = np.zeros((len(items), self.feature_dim), dtype=np.float32)
+        buckets = np.asarray(self._id_bucket([i.item_id for i in items]), dtype=np.int64)
         for row, item in enumerate(items):
             if item.features is not None:
                 if len(item.features) != self.feature_dim:
                     raise BadItemMessage(
-                        f"item {item.item_id!r}: {len(item.features)} features, "
+                        "cannot embed", f"item {item.item_id!r}: {len(item.features)} features, "
                         f"the model expects {self.feature_dim}"
                     )
                 feats[row] = item.features
-        buckets = np.asarray(self._id_bucket([i.item_id for i in items]), dtype=np.int64)
+            if buckets[row] == UNKNOWN_BUCKET and (item.features is None or self.feature_dim == 0):
+                # Its vector would be the "unknown id" row alone, the same for every such item:
+                # all of them would rank as one block. Refused instead, with the reason.
+                raise BadItemMessage(
+                    "cannot embed", f"item {item.item_id!r} is not in the model's vocabulary and "
+                    + ("carries no content features" if self.feature_dim else "the model has no content features")
+                )
         (emb,) = self._session.run(["item_emb"], {"id_bucket": buckets, "features": feats})
         return np.asarray(emb, dtype=np.float32)
 
@@ -430,7 +522,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--reindex",
         action="store_true",
-        help="bulk-load items.npz even if the store already holds items (new model export)",
+        help="bulk-load items.npz even if the store says this model's table is already loaded",
     )
     parser.add_argument(
         "--follow", action="store_true", help="then follow the `items` topic until interrupted"
@@ -442,19 +534,35 @@ def main(argv: list[str]) -> int:
     settings = get_settings()
     model_dir = args.model_dir or settings.inference.model_dir
     table = ItemTable.load(model_dir)
+    version = str(json.loads((Path(model_dir) / "meta.json").read_text(encoding="utf-8"))["version"])
     with open_store(settings, dim=table.embeddings.shape[1]) as store:
-        if args.reindex or store.count() == 0:
+        # Loaded is what the marker says, not "the store holds items": a load cut short (a
+        # crash, a store error) or an earlier model's table, or items the follower upserted
+        # first, must not pass for this model's whole catalogue.
+        loaded = store.catalogue_version()
+        if args.reindex or loaded != version:
             n = index_item_table(store, table, settings.events.surfaces)
-            log.info("indexed %d items from %s (%s)", n, model_dir, settings.vector_store.backend)
+            store.mark_catalogue(version)
+            log.info("indexed %d items of model %s from %s (%s; before: %s)", n, version, model_dir,
+                     settings.vector_store.backend, loaded or "no whole table")
         else:
-            log.info("store holds %d items; no bulk load (--reindex forces one)", store.count())
+            log.info("store holds model %s's table (%d items); no bulk load (--reindex forces one)",
+                     version, store.count())
         if not args.follow:
             return 0
-        encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
-        follower = ItemsFollower(store, encoder, settings)
         stop = threading.Event()
         # `docker stop` sends SIGTERM: finish the current batch, close cleanly.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # `items` compacted (a shard built later reads the whole catalogue from it) and
+        # `items.dlq`, before anything reads or writes them.
+        t, configs = settings.topics, topic_configs(settings.topics)
+        if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers,
+                                            {name: configs[name] for name in (t.items, t.items_dlq)},
+                                            settings.kafka.partitions, settings.streams.replication_factor,
+                                            stopping=stop):
+            return 0
+        encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
+        follower = ItemsFollower(store, encoder, settings)
         try:
             log.info("following %r", settings.topics.items)
             follower.run(stop)

@@ -38,6 +38,9 @@ from vector_store.schema import (
 )
 
 
+_CATALOGUE_KEY = "recsys_catalogue_model_version"  # collection metadata set after a whole bulk load
+
+
 class ServerStore(VectorStore):
     """A VectorStore on one collection of a Qdrant server."""
 
@@ -77,6 +80,19 @@ class ServerStore(VectorStore):
         self.client.create_payload_index(self.collection, SURFACES, qm.PayloadSchemaType.KEYWORD)
         self.client.create_payload_index(self.collection, POPULARITY, qm.PayloadSchemaType.FLOAT)
         self._dim = dim
+
+    def catalogue_version(self) -> str | None:
+        if self._dim is None:
+            return None
+        # Collection metadata (Qdrant 1.16+): a server that drops it leaves the marker unset,
+        # which costs a repeated bulk load, never a skipped one.
+        metadata = self.client.get_collection(self.collection).config.metadata or {}
+        version = metadata.get(_CATALOGUE_KEY)
+        return None if version is None else str(version)
+
+    def mark_catalogue(self, version: str) -> None:
+        self._require_dim()
+        self.client.update_collection(self.collection, metadata={_CATALOGUE_KEY: version})
 
     def count(self) -> int:
         self._require_dim()

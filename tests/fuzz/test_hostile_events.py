@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from streams.app import dlq_record
+from recsys.dead_letters import dlq_record
 from streams.errors import REASONS, InvalidEvent
 from streams.schema import decode_event
 

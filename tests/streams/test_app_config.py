@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgpack
 
 from recsys.settings import Settings
-from streams.app import Counters, create_app, dlq_record
+from recsys.dead_letters import dlq_key, dlq_record
+from streams.app import Counters, create_app
 from streams.errors import InvalidEvent
 
 
@@ -37,6 +38,31 @@ def test_dlq_record_carries_reason_original_and_position() -> None:
     assert rec["reason"] == "oversized" and rec["detail"] == "5000 bytes"
     assert rec["original"] == b"xxxx" and rec["original_size"] == 10 and rec["truncated"] is True
     assert (rec["topic"], rec["partition"], rec["offset"]) == ("a", 1, 7) and rec["at"] > 0
+
+
+def test_dlq_record_carries_the_key_size_and_cut_key_and_the_worst_case_fits_the_broker() -> None:
+    cfg = Settings().streams
+    rec = msgpack.unpackb(
+        dlq_record(InvalidEvent("wrong key"), original=b"v", topic="a", partition=0, offset=1, max_original=9,
+                   key=b"kk", max_key=cfg.dlq_max_key_bytes),
+        raw=False,
+    )
+    assert rec["key_size"] == 2 and rec["key_truncated"] is False
+    assert dlq_key(None, 4) is None and dlq_key(b"123456", 4) == b"1234"
+    assert msgpack.unpackb(dlq_record(InvalidEvent("not msgpack"), original=None, topic="a", partition=0, offset=1,
+                                      max_original=9), raw=False)["key_size"] == 0  # fmt: skip
+    # The worst case as the worker builds it: a ~1 MiB key and value, the longest detail (4-byte
+    # characters) and topic name Kafka allows. Key + value stay far below the broker's 1 MiB.
+    big = b"\xff" * (1 << 20)
+    key = dlq_key(big, cfg.dlq_max_key_bytes)
+    assert key is not None and len(key) == cfg.dlq_max_key_bytes
+    value = dlq_record(InvalidEvent("wrong key", "\U0001f600" * 10_000), original=big, topic="t" * 249,
+                       partition=2**31 - 1, offset=2**63 - 1, key=big, max_key=cfg.dlq_max_key_bytes,
+                       max_original=cfg.dlq_max_original_bytes - len(key))  # fmt: skip
+    rec = msgpack.unpackb(value, raw=False)
+    assert rec["key_size"] == len(big) and rec["key_truncated"] is True
+    assert rec["original_size"] == len(big) and rec["truncated"] is True
+    assert len(key) + len(value) < cfg.dlq_max_original_bytes + 8 * 1024 < 1_000_000
 
 
 def test_counters_are_prometheus_text() -> None:

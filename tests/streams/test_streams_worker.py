@@ -435,16 +435,17 @@ def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason
     user = f"hostile-{uuid.uuid4().hex[:8]}"
     valid = [ActionEvent(user, i, "click", "home", now - 10_000 + i) for i in range(3)]
     cut = settings.streams.dlq_max_original_bytes
+    max_key = settings.streams.dlq_max_key_bytes
     hostile: list[tuple[bytes, bytes | None, str]] = [
         (b"7", raw, reason) for _, raw, reason in fuzz_module().hostile_payloads(settings, now, seed=5)
     ]
     hostile += [
         (f"not-{user}".encode(), encode_event(valid[0]), "wrong key"),
         (None, encode_event(valid[1]), "wrong key"),  # no key at all
-        # A huge key: its repr is 4x its size, and the DLQ record keeps the key itself too.
+        # A huge key: its repr is 4x its size; the DLQ record keeps its first max_key bytes.
         (b"\x00" * 300_000, encode_event(valid[2]), "wrong key"),
         (user.encode(), b"\xc1" + os.urandom(cut + 1000), "oversized"),  # cut short in the DLQ record
-        (b"\x00" * 300_000, b"\xc1" + os.urandom(cut + 1000), "oversized"),  # key + cut original fit
+        (b"\x00" * 300_000, b"\xc1" + os.urandom(cut + 1000), "oversized"),  # cut key + cut original fit
     ]
     before_valid, before_invalid = worker.valid(), worker.invalid()
     producer = KafkaProducer(bootstrap_servers=worker.bootstrap, acks="all", max_request_size=4 << 20)
@@ -475,11 +476,73 @@ def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason
         key, raw, reason = where[position]
         found[position] += 1
         assert rec["reason"] == reason and rec["detail"], rec
-        budget = cut - len(key or b"")  # the key, kept on the DLQ record, counts in the budget
+        kept = (key or b"")[:max_key]  # the DLQ record's key: a prefix of the original's
+        assert (r.key or b"") == kept and rec["key_size"] == len(key or b"")
+        assert rec["key_truncated"] == (len(key or b"") > max_key)
+        budget = cut - len(kept)  # the kept key counts in the budget
         assert rec["original"] == (raw or b"")[:budget] and rec["original_size"] == len(raw or b"")
         assert rec["truncated"] == (len(raw or b"") > budget)
         assert len(rec["detail"]) < 1100
     assert found == Counter(dict.fromkeys(where, 1))
+
+
+def test_a_hostile_key_near_the_broker_limit_reaches_the_dlq_cut_and_the_worker_goes_on(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """A key that just fits the broker's 1 MiB limit on `actions`: a DLQ record that kept it
+    whole (plus its value) would pass the limit, fail every window that holds it and stop the
+    partition in a crash loop. The record keeps a prefix of the key and says how large it was."""
+    from kafka import KafkaProducer
+
+    from recsys.settings import Settings
+
+    max_key = Settings().streams.dlq_max_key_bytes
+    victim = Worker(kafka_bootstrap, f"bigkey-{uuid.uuid4().hex[:8]}", tmp_path)
+    ensure_topic(kafka_bootstrap, victim.actions, PARTITIONS)
+    user = f"{victim.name}-u"
+    now = now_ms()
+    good = ActionEvent(user, 1, "click", "home", now - 1_000)
+    hostile = [  # (key, value, reason); each fits the broker's default max.message.bytes (1 MiB + 12)
+        (b"k" * 1_048_500, b"\xc1", "not msgpack"),
+        (b"\x00" * 1_048_400, encode_event(ActionEvent(user, 2, "click", "home", now - 2_000)), "wrong key"),
+    ]
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", max_request_size=4 << 20)
+    try:
+        victim.start()
+        where: dict[tuple[int, int], tuple[bytes, bytes, str]] = {}
+        for key, value, reason in hostile:
+            meta = producer.send(victim.actions, key=key, value=value, partition=0).get(timeout=30)
+            where[(meta.partition, meta.offset)] = (key, value, reason)
+        # A good event after them, on the same partition: it is only taken if the partition goes on.
+        producer.send(victim.actions, key=good.key.encode(), value=encode_event(good), partition=0).get(timeout=30)
+        producer.flush()
+
+        # The counters move before a window's output is written; its update comes after its DLQ records.
+        wait_until(lambda: victim.valid() >= 1 and user in updates_by_user(kafka_bootstrap, victim.updates), 60,
+                   f"the good event after the huge keys ({victim.tail()})")  # fmt: skip
+        assert victim.invalid() == Counter(reason for _, _, reason in hostile)
+        assert victim.proc is not None and victim.proc.poll() is None, victim.tail()  # still running
+        assert [events_of(u) for u in updates_by_user(kafka_bootstrap, victim.updates)[user]][-1] == [
+            (1, "click", "home", good.ts)
+        ]
+
+        found: dict[tuple[int, int], Any] = {}
+        for r in read_topic(kafka_bootstrap, victim.dlq):
+            rec = msgpack.unpackb(r.value, raw=False)
+            assert rec["topic"] == victim.actions
+            found[(rec["partition"], rec["offset"])] = (r, rec)
+        assert set(found) == set(where)  # found by the original's topic, partition and offset
+        for position, (key, value, reason) in where.items():
+            r, rec = found[position]
+            assert rec["reason"] == reason and rec["detail"], rec["detail"]
+            assert r.key == key[:max_key] and rec["key_size"] == len(key) and rec["key_truncated"] is True
+            assert rec["original"] == value and rec["original_size"] == len(value) and rec["truncated"] is False
+            assert len(r.key) + len(r.value) < 8 * 1024  # far from the broker's limit
+        assert victim.stop(signal.SIGTERM) == 0, victim.tail()
+    finally:
+        producer.close()
+        if victim.proc is not None:
+            victim.stop(signal.SIGTERM)
 
 
 def test_a_failing_window_ends_the_worker_unacked_and_a_restart_reads_it_again(

@@ -3,6 +3,7 @@ bulk load from items.npz (`recsys index`), and the ONNX item encoder's wiring.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from recsys.settings import VectorStoreSettings, get_settings
 from vector_store import ItemRecord
 from vector_store.edge import EdgeStore
 from vector_store.indexer import (
+    ITEM_REASONS,
     BadItemMessage,
     ItemMessage,
     ItemTable,
@@ -60,8 +62,14 @@ def test_decode_item() -> None:
         msgpack.packb({"item_id": 1, "popularity": float("inf")}),
     ]
     for value in bad:
-        with pytest.raises(BadItemMessage):
+        with pytest.raises(BadItemMessage) as refused:
             decode_item(value, 256)
+        assert refused.value.reason in ITEM_REASONS
+    typo = msgpack.packb({"item_id": 1, "surfaces": ["home", "Search"]})
+    assert decode_item(typo, 256).surfaces == ("home", "Search")  # no surfaces to check against
+    with pytest.raises(BadItemMessage, match="Search") as refused:
+        decode_item(typo, 256, SURFACES)  # it would be eligible on search nowhere
+    assert refused.value.reason == "unknown surface"
 
 
 def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) -> None:
@@ -112,10 +120,11 @@ def test_a_payload_update_in_the_same_poll_keeps_the_items_features(tmp_path: Pa
     assert vectors[0][0] == pytest.approx(1.0)
 
 
-def _write_model(model_dir: Path, n: int, n_features: int) -> ItemTable:
+def _write_model(model_dir: Path, n: int, n_features: int, *, version: str = "v1", seed: int = 9) -> ItemTable:
     model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "meta.json").write_text(json.dumps({"version": version}), encoding="utf-8")
     ids = np.array([f"i{k}" for k in range(n)])
-    emb = clustered(n, DIM, seed=9)
+    emb = clustered(n, DIM, seed=seed)
     pop = np.linspace(1, 0, n, dtype=np.float32)
     np.savez(model_dir / "items.npz", ids=ids, embeddings=emb, popularity=pop,
              features=np.zeros((n, n_features), np.float32))
@@ -137,20 +146,35 @@ def test_bulk_load_keeps_payload_learned_from_the_topic(tmp_path: Path) -> None:
         assert hits[0][0] == "i10"
 
 
-def test_recsys_index_bulk_loads_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model_dir = tmp_path / "model"
-    _write_model(model_dir, 50, 0)
-    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(tmp_path / "shard"))
+def test_recsys_index_loads_each_model_table_once_and_wholly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, shard = tmp_path / "model", VectorStoreSettings(path=tmp_path / "shard")
+    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(shard.path))
     monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
+
+    def stored_i7() -> np.ndarray:
+        with EdgeStore(shard) as store:
+            return store.retrieve(["i7"])["i7"]
+
     get_settings.cache_clear()
     try:
+        # A load cut short (or the follower's upserts before any load): points, no marker.
+        first = _write_model(model_dir, 50, 0)
+        with EdgeStore(shard) as store:
+            index_item_table(store, ItemTable(first.ids[:10], first.embeddings[:10], first.popularity[:10]), SURFACES)
         assert main([]) == 0
-        assert main([]) == 0  # already indexed: no second bulk load
+        with EdgeStore(shard) as store:
+            assert store.count() == 50 and store.catalogue_version() == "v1"
+        # The same model again: no second load, even if its file changed under it.
+        _write_model(model_dir, 50, 0, seed=10)
+        assert main([]) == 0
+        np.testing.assert_allclose(stored_i7(), first.embeddings[7], atol=1e-6)
+        # A new model's export: loaded, though the store is full.
+        second = _write_model(model_dir, 50, 0, version="v2", seed=11)
+        assert main([]) == 0
+        np.testing.assert_allclose(stored_i7(), second.embeddings[7], atol=1e-6)
         assert main(["--reindex"]) == 0
     finally:
         get_settings.cache_clear()
-    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
-        assert store.count() == 50
 
 
 def _tiny_encoder(path: Path, table: np.ndarray, w: np.ndarray) -> None:
@@ -186,19 +210,30 @@ def test_onnx_item_encoder(tmp_path: Path) -> None:
     np.testing.assert_allclose(out[1], table[0] + w[0] + 2 * w[2], rtol=1e-5)
     with pytest.raises(BadItemMessage, match="model expects 3"):
         encoder([ItemMessage("x", features=(1.0,))])
+    # An unseen id with nothing to embed it from would get the "unknown" row, like every other.
+    with pytest.raises(BadItemMessage, match="not in the model's vocabulary") as refused:
+        encoder([ItemMessage("unseen")])
+    assert refused.value.reason == "cannot embed"
+
+
+def _known_ok2(ids: Sequence[object]) -> np.ndarray:
+    """The tiny encoder's vocabulary: "ok2" owns bucket 1, every other id is unknown (0)."""
+    return np.array([1 if i == "ok2" else 0 for i in ids], np.int64)
 
 
 def test_items_the_encoder_rejects_are_skipped_alone(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     _tiny_encoder(tmp_path / "item_encoder.onnx", rng.normal(size=(2, DIM)).astype(np.float32),
                   rng.normal(size=(2, DIM)).astype(np.float32))
-    encoder = OnnxItemEncoder(tmp_path, lambda ids: np.zeros(len(ids), np.int64))
+    encoder = OnnxItemEncoder(tmp_path, _known_ok2)
+    refused: list[tuple[object, str]] = []
     with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
         batch = [ItemMessage("ok1", features=(1.0, 2.0)), ItemMessage("bad", features=(1.0,)),
-                 ItemMessage("ok2")]
-        stats = index_items(store, batch, encoder, SURFACES)
-        assert (stats.embedded, stats.skipped) == (2, 1)
-        assert set(store.retrieve(["ok1", "bad", "ok2"])) == {"ok1", "ok2"}
+                 ItemMessage("ok2"), ItemMessage("unseen")]
+        stats = index_items(store, batch, encoder, SURFACES, lambda item, e: refused.append((item.item_id, e.reason)))
+        assert (stats.embedded, stats.skipped) == (2, 2)
+        assert set(store.retrieve(["ok1", "bad", "ok2", "unseen"])) == {"ok1", "ok2"}
+    assert refused == [("bad", "cannot embed"), ("unseen", "cannot embed")]
 
 
 def test_an_item_the_encoder_turns_non_finite_is_skipped_alone(tmp_path: Path) -> None:
@@ -206,7 +241,7 @@ def test_an_item_the_encoder_turns_non_finite_is_skipped_alone(tmp_path: Path) -
     rng = np.random.default_rng(2)
     _tiny_encoder(tmp_path / "item_encoder.onnx", rng.normal(size=(2, DIM)).astype(np.float32),
                   np.full((2, DIM), 1e38, np.float32))  # 1e38 x 10 overflows float32
-    encoder = OnnxItemEncoder(tmp_path, lambda ids: np.zeros(len(ids), np.int64))
+    encoder = OnnxItemEncoder(tmp_path, _known_ok2)
     with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
         batch = [ItemMessage("ok1", features=(0.0, 0.0)), ItemMessage("huge", features=(10.0, 0.0)),
                  ItemMessage("ok2")]

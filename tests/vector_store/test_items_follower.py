@@ -1,5 +1,5 @@
 """The `items` follower against the real broker: a produced item becomes retrievable without a
-restart, offsets are committed only after the upsert, bad records are skipped."""
+restart, offsets are committed only after the upsert, refused records go to items.dlq."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
+from recsys.kafka_clients import read_topic
 from recsys.settings import Settings, VectorStoreSettings
 from vector_store import ItemRecord
 from vector_store.edge import EdgeStore
@@ -35,7 +36,7 @@ def _embed(items: Sequence[ItemMessage]) -> np.ndarray:
 def _settings(kafka_bootstrap: str, unique: str, path: Path) -> Settings:
     return Settings(
         kafka={"bootstrap_servers": kafka_bootstrap},
-        topics={"items": f"items-{unique}"},
+        topics={"items": f"items-{unique}", "items_dlq": f"items-{unique}.dlq"},
         vector_store=VectorStoreSettings(
             path=path, indexer_group_id=f"indexer-{unique}", indexer_poll_ms=200
         ),
@@ -79,10 +80,16 @@ def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_pat
         follower = ItemsFollower(store, _embed, settings)
         try:
             _produce(kafka_bootstrap, topic,
-                     [_item("new", eye[5].tolist(), surfaces=["search"]), b"not msgpack"],
-                     ["new", "junk"])
-            stats = _poll_until(follower, lambda s: s.embedded >= 1 and s.skipped >= 1)
-            assert (stats.embedded, stats.skipped) == (1, 1)
+                     [_item("new", eye[5].tolist(), surfaces=["search"]), b"not msgpack",
+                      _item("typo", eye[6].tolist(), surfaces=["Search"])],
+                     ["new", "junk", "typo"])
+            stats = _poll_until(follower, lambda s: s.embedded >= 1 and s.skipped >= 2)
+            assert (stats.embedded, stats.skipped, stats.dead_lettered) == (1, 2, 2)
+            # The refused records are on items.dlq with their reasons, before their offsets were committed.
+            dead = {key: msgpack.unpackb(value) for key, value in read_topic(kafka_bootstrap, settings.topics.items_dlq)}
+            assert {key: d["reason"] for key, d in dead.items()} == {"junk": "not msgpack", "typo": "unknown surface"}
+            assert dead["junk"]["original"] == b"not msgpack" and dead["junk"]["topic"] == topic
+            assert store.retrieve(["typo"]) == {}
             # Retrievable by the very next query, with its surface eligibility.
             both = np.stack([eye[5], eye[5]])
             (on_search, on_home) = store.query_batch(both, 1, ["search", "home"])
@@ -100,6 +107,42 @@ def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_pat
             assert store.query_batch(eye[6:7], 1)[0][0][0] == "newer"
         finally:
             again.close()
+
+
+def test_a_refusal_that_cannot_be_dead_lettered_is_not_committed(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """items.dlq cannot be written (the broker times the send out): the follower stops with the
+    batch uncommitted, so a restart re-reads the refused record instead of losing it."""
+    from kafka.errors import KafkaTimeoutError
+
+    from vector_store.indexer import DeadLetterFailed
+
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    _produce(kafka_bootstrap, settings.topics.items, [b"not msgpack"], ["junk"])
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        follower = ItemsFollower(store, _embed, settings)
+        follower._producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+
+        def timed_out(*args: Any, **kwargs: Any) -> None:
+            raise KafkaTimeoutError("injected: items.dlq metadata not available")
+
+        follower._producer.send = timed_out
+        try:
+            with pytest.raises(DeadLetterFailed, match="injected"):
+                _poll_until(follower, lambda s: False)
+        finally:
+            follower.close()
+        assert _committed(kafka_bootstrap, settings, follower.group_id) == 0
+    # Restarted, with the dead-letter topic writable again, it gets the record and dead-letters it.
+    with EdgeStore(settings.vector_store) as store:
+        again = ItemsFollower(store, _embed, settings)
+        try:
+            assert _poll_until(again, lambda s: s.dead_lettered >= 1).dead_lettered == 1
+        finally:
+            again.close()
+    assert [key for key, _ in read_topic(kafka_bootstrap, settings.topics.items_dlq)] == ["junk"]
 
 
 def test_every_edge_shard_follows_the_whole_topic(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:

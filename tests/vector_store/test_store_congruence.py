@@ -140,6 +140,18 @@ def test_top_popular_per_surface(kind: str, stores: Callable[..., VectorStore]) 
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_the_catalogue_marker_names_the_last_whole_load(kind: str, stores: Callable[..., VectorStore]) -> None:
+    store = stores(kind)
+    assert store.catalogue_version() is None  # no collection yet
+    store.ensure_collection(2)
+    store.upsert([ItemRecord("a", ("home",), 1, 0.1)], np.array([[1, 0]], np.float32))
+    assert store.catalogue_version() is None  # points, but no whole table
+    store.mark_catalogue("m1")
+    store.mark_catalogue("m2")
+    assert store.catalogue_version() == "m2"
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
 def test_bad_inputs_are_clear_errors(kind: str, stores: Callable[..., VectorStore]) -> None:
     from vector_store import CollectionMissingError, DimensionMismatchError
 

@@ -33,6 +33,7 @@ from recsys.kafka_broker import free_port
 from recsys.local_stack import wait_for
 from recsys.processes import Service, settings_env
 from recsys.settings import Settings, VectorStoreSettings
+from streams.synthetic import N_CLUSTERS, cluster_features
 from vector_store import open_store
 from vector_store.indexer import ItemsFollower, ItemTable, OnnxItemEncoder, index_item_table, model_id_bucket
 from worker_helpers import committed_and_end, read_candidates
@@ -81,7 +82,8 @@ def test_a_gone_qdrant_server_is_a_transient_failure_and_the_back_off_doubles(pr
 def _produce_item(bootstrap: str, topic: str, item_id: str) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     producer.send(topic, key=item_id.encode(), value=msgpack.packb(
-        {"item_id": item_id, "surfaces": ["home"], "created_at": int(time.time() * 1000), "popularity": 1.0}))
+        {"item_id": item_id, "features": cluster_features(0, N_CLUSTERS), "surfaces": ["home"],
+         "created_at": int(time.time() * 1000), "popularity": 1.0}))
     producer.flush()
     producer.close()
 
