@@ -836,7 +836,8 @@ def main(argv: list[str]) -> int:
     store = RetryingStore(store, stopping=stopping, **retry)
     if not args.no_follow_items:
         model_dir = settings.inference.model_dir
-        follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings)
+        follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings,
+                                 model_version=runtime.version)
     worker = Worker(settings, runtime, store, follower)
     worker.stopping = stopping
     failed: list[BaseException] = []

@@ -224,7 +224,7 @@ class VectorStoreSettings(BaseModel):
     upsert_batch: int = 4096  # points per update call (bounds the request/WAL entry size)
     indexing_threshold_kb: int = 10_000  # Edge segments above this (KB) get HNSW on optimize()
     max_search_threads: int | None = None  # Edge search threads, Qdrant's pool and the exact path's (None = one per CPU)
-    indexer_group_id: str = "recsys-indexer"  # consumer group following `items` (an Edge shard: this + "." + its own id)
+    indexer_group_id: str = "recsys-indexer"  # group following `items`: this [+ "." + the Edge shard's id] + "." + the model version
     dead_letter_timeout_s: float = 30.0  # how long the items follower waits for items.dlq's acks before it stops
     indexer_poll_ms: int = 500  # how long one poll of `items` waits for records
     indexer_max_records: int = 512  # items embedded and upserted per batch

@@ -12,7 +12,9 @@ Two sources, one write path (`index_items` / `index_item_table`):
 
 `items` is compacted: its latest record per item is the item, so a record should carry the
 whole item (features included); a shard built later (a new worker, a rebuilt one) reads the
-topic from the start, each Edge shard in a consumer group of its own (`items_group`).
+topic from the start, each Edge shard in a consumer group of its own (`items_group`), and so
+does a new model's follower (the model version is in the group), re-embedding the items
+published since the previous export in the new model's space.
 
 Offsets are committed only after the upsert is durable, so a crash re-reads (at least once;
 upserts are idempotent). Refused records (malformed, an unknown surface, or an item the
@@ -309,13 +311,19 @@ class ItemsFollower:
     embed_items: EmbedItems
     settings: Settings = field(default_factory=get_settings)
     bootstrap_servers: str | None = None  # default: settings.kafka.bootstrap_servers
-    group_id: str | None = None  # default: the store's `items_group` of settings.vector_store.indexer_group_id
+    group_id: str | None = None  # default: the store's `items_group` of indexer_group_id, and the model version
+    # The encoder's model: a new one (new vectors for the whole catalogue) reads `items` again
+    # from the start, so that items published after the previous export are re-embedded too
+    # instead of keeping vectors from the previous model's space.
+    model_version: str | None = None
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
         from recsys.kafka_clients import PendingCommits  # imported here: the bulk path needs no Kafka client
 
-        self.group_id = self.group_id or self.store.items_group(self.settings.vector_store.indexer_group_id)
+        if self.group_id is None:
+            group = self.store.items_group(self.settings.vector_store.indexer_group_id)
+            self.group_id = group if self.model_version is None else f"{group}.{self.model_version}"
         self._consumer = self._new_consumer()
         self._since_optimize = 0
         self._pending = PendingCommits(self.settings.kafka.rejoin_after_s)  # indexed and flushed, not committed
@@ -502,6 +510,11 @@ class OnnxItemEncoder:
         return np.asarray(emb, dtype=np.float32)
 
 
+def model_version(model_dir: Path) -> str:
+    """The exported model's version string (meta.json, as in the ONNX metadata)."""
+    return str(json.loads((Path(model_dir) / "meta.json").read_text(encoding="utf-8"))["version"])
+
+
 def model_id_bucket(model_dir: Path) -> IdBucket:
     """The model's id -> encoder bucket mapping, as exported with it (owned by inference/:
     `inference.hashing.id_bucket_fn` over meta.json, falling back to items.npz's ids)."""
@@ -534,7 +547,7 @@ def main(argv: list[str]) -> int:
     settings = get_settings()
     model_dir = args.model_dir or settings.inference.model_dir
     table = ItemTable.load(model_dir)
-    version = str(json.loads((Path(model_dir) / "meta.json").read_text(encoding="utf-8"))["version"])
+    version = model_version(model_dir)
     with open_store(settings, dim=table.embeddings.shape[1]) as store:
         # Loaded is what the marker says, not "the store holds items": a load cut short (a
         # crash, a store error) or an earlier model's table, or items the follower upserted
@@ -562,7 +575,7 @@ def main(argv: list[str]) -> int:
                                             stopping=stop):
             return 0
         encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
-        follower = ItemsFollower(store, encoder, settings)
+        follower = ItemsFollower(store, encoder, settings, model_version=version)
         try:
             log.info("following %r", settings.topics.items)
             follower.run(stop)

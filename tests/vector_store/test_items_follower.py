@@ -177,6 +177,28 @@ def test_every_edge_shard_follows_the_whole_topic(kafka_bootstrap: str, unique: 
     assert follow_all(tmp_path / "a") not in (first, second)
 
 
+def test_a_new_model_reads_the_catalogue_topic_again(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """Items published after the last export have vectors from that model's space; the next
+    model's follower reads `items` from the start and embeds them again, the first does not."""
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    eye = np.eye(DIM, dtype=np.float32)
+    ids = [f"i{k}" for k in range(3)]
+    _produce(kafka_bootstrap, settings.topics.items, [_item(i, eye[k].tolist()) for k, i in enumerate(ids)], ids)
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        for version, new_vectors in (("v1", 3), ("v1", 0), ("v2", 3)):
+            follower = ItemsFollower(store, _embed, settings, model_version=version)
+            try:
+                stats = IndexStats()
+                deadline = time.monotonic() + 5.0  # an empty poll or two: the same group has nothing new
+                while stats.embedded < new_vectors or (new_vectors == 0 and time.monotonic() < deadline):
+                    assert time.monotonic() < deadline + DEADLINE_S, f"{version}: {stats}"
+                    stats += follower.poll_once()
+                assert stats.embedded == new_vectors, (version, stats)
+            finally:
+                follower.close()
+
+
 def test_offsets_are_committed_only_after_the_upsert(
     kafka_bootstrap: str, unique: str, tmp_path: Path
 ) -> None:
