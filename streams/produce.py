@@ -229,11 +229,16 @@ def read_movielens(path: Path, *, save_min_rating: int = 4, surface: str = "home
     """MovieLens `u.data` ratings as action events, in time order (ties: user, then item)."""
     rows: list[tuple[int, int, int, int]] = []
     with path.open(encoding="latin-1") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             parts = line.split()
-            if len(parts) == 4:
+            if not parts:
+                continue
+            try:
                 user, item, rating, ts = (int(p) for p in parts)
-                rows.append((ts, user, item, rating))
+            except ValueError:  # not four integers: skipped with its place, as read_jsonl does
+                log.warning("%s:%d: not `user item rating timestamp`; skipped", path, n)
+                continue
+            rows.append((ts, user, item, rating))
     rows.sort()
     return [
         ActionEvent(user, item, "save" if rating >= save_min_rating else "click", surface, ts * 1000)
