@@ -43,6 +43,14 @@ def _settings(kafka_bootstrap: str, unique: str, path: Path) -> Settings:
     )
 
 
+def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        admin.close()
+
+
 def _produce(bootstrap: str, topic: str, values: list[bytes | None], keys: list[str]) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     for key, value in zip(keys, values, strict=True):
@@ -68,9 +76,7 @@ def _poll_until(follower: ItemsFollower, done: Callable[[IndexStats], bool]) -> 
 def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
     settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
     topic = settings.topics.items
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    admin.close()
+    _create_topic(kafka_bootstrap, topic, partitions=2)
     eye = np.eye(DIM, dtype=np.float32)
 
     with EdgeStore(settings.vector_store) as store:
@@ -151,9 +157,7 @@ def test_every_edge_shard_follows_the_whole_topic(kafka_bootstrap: str, unique: 
     the start instead of resuming from its predecessor's offsets."""
     settings = _settings(kafka_bootstrap, unique, tmp_path / "unused")
     topic = settings.topics.items
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
-    admin.close()
+    _create_topic(kafka_bootstrap, topic, partitions=4)
     eye = np.eye(DIM, dtype=np.float32)
     ids = [f"i{k}" for k in range(DIM)]
     _produce(kafka_bootstrap, topic, [_item(i, eye[k].tolist()) for k, i in enumerate(ids)], ids)
