@@ -5,7 +5,7 @@ clusters, 4,000 items skewed by popularity within each cluster, 60k events; dive
 on the planted clusters), `ml100k` (MovieLens-100K ratings replayed as events; diversity on
 the movies' genres) and `beauty` (Amazon Beauty's purchase sequences; it has no item metadata,
 so diversity is measured on 20 clusters of the items' co-purchase factors). On each, two
-models are trained identically on the future window (every position's next `WINDOW` engaged
+models are trained identically on the future window (the engaged events among every position's next `WINDOW`
 items are its targets, PinRec's unordered future-window loss);
 they differ only in M, the number of query embeddings the head emits. Slots are trained as a
 mixture of softmaxes (`train.slots=mixture`, inference/train.py `slot_loss`): each window
@@ -14,7 +14,7 @@ best; slot 0 also answers alone for the next engagement (for M = 1 the same two 
 so both models share one objective).
 
 Evaluation, per test user: the history is everything before the user's last 10% of events;
-the future window is the next `WINDOW` engaged (non-"hide") events after it, less the items
+the future window is the engaged (non-"hide") events among the next `WINDOW` after it, less the items
 already in the history (the lists exclude those). Each model
 produces one merged list of `BUDGET` candidates (M = 4: every embedding gets an equal share,
 merged round-robin and de-duplicated, which is what the worker's `merge_hits` fair share does

@@ -253,8 +253,13 @@ def tail_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1, m
     replayed in time order)."""
     starts, ends = log.offsets[:-1], log.offsets[1:]
     lengths = ends - starts
-    n_test = np.where(lengths >= min_train + 2, np.maximum(1, np.floor(lengths * test_frac)), 0).astype(np.int64)
-    n_valid = np.where(lengths >= min_train + 2, np.maximum(1, np.floor(lengths * valid_frac)), 0).astype(np.int64)
+    def held_out(frac: float) -> np.ndarray:
+        # At least one per user when asked for a share, none when asked for none (a model
+        # trained for serving keeps every user's newest event).
+        n = np.maximum(1, np.floor(lengths * frac)) if frac > 0 else np.zeros_like(lengths)
+        return np.where(lengths >= min_train + 2, n, 0).astype(np.int64)
+
+    n_test, n_valid = held_out(test_frac), held_out(valid_frac)
     test_start = ends - n_test
     valid_start = test_start - n_valid
     return Split(
@@ -262,6 +267,14 @@ def tail_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1, m
         valid=concat_ranges(valid_start, test_start),
         test=concat_ranges(test_start, ends),
     )
+
+
+def engaged(log: EventLog, rows: np.ndarray, negative_actions: Sequence[str]) -> np.ndarray:
+    """`rows` less those whose action is a negative one ("hide"). Such events are never targets
+    in training, so scoring them as validation or test hits would reward retrieving what users
+    hid (and select checkpoints for it)."""
+    negative = [log.actions.index(a) + 1 for a in negative_actions if a in log.actions]
+    return rows[~np.isin(log.action[rows], negative)]
 
 
 def train_until(split: Split, rows: np.ndarray, log: EventLog) -> np.ndarray:
@@ -318,7 +331,6 @@ class TrainBatch:
     target_item: np.ndarray  # int64 [B, T, W] (0 = none)
     target_action: np.ndarray  # int64 [B, T, W]
     target_surface: np.ndarray  # int64 [B, T, W]
-    target_ts: np.ndarray  # float64 [B, T, W]
 
 
 def training_windows(log: EventLog, train_end: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +368,6 @@ def gather_train_batch(
         target_item=np.where(valid, log.item[safe], 0),
         target_action=np.where(valid, log.action[safe], 0),
         target_surface=np.where(valid, log.surface[safe], 0),
-        target_ts=np.where(valid, log.ts[safe], 0.0),
     )
 
 

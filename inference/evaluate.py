@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.data import EventLog, concat_ranges, eval_histories, user_histories
+from inference.data import EventLog, concat_ranges, engaged, eval_histories, user_histories
 from inference.model import GenerativeRetriever
 
 OutcomeChoice = str | int  # "true" (the target's own), "none" (0), an action name or an index
@@ -90,7 +90,9 @@ def generate(
             torch.as_tensor(h.action, device=device),
             torch.as_tensor(h.surface, device=device),
             torch.as_tensor(h.ts, device=device),
-            torch.as_tensor(log.ts[r], device=device),
+            # Requested when the worker computes: right after the newest event of the history,
+            # not at the target's own time (that would tell the model when the target happens).
+            torch.as_tensor(h.ts[:, -1], device=device),
             torch.as_tensor(t_surf[:, None], device=device),
             torch.as_tensor(t_out[:, None], device=device),
         )
@@ -318,7 +320,7 @@ def main(argv: list[str]) -> int:
     log = load_dataset(args.dataset, args.path, settings)
     log = ckpt.align(log)
     split = make_split(log, args.split, args.dataset)
-    rows = split.test if args.on == "test" else split.valid
+    rows = engaged(log, split.test if args.on == "test" else split.valid, settings.train.negative_actions)
     metrics = ranking_metrics(
         model, log, rows, exclude_history=args.exclude_history, outcome=args.outcome, ks=(5, 10, 20, 50)
     )

@@ -18,7 +18,11 @@ Design against the paper (PinRec, arXiv 2504.10507; shared/REFERENCES.md):
   2 x 64 by default, which is what 10^5-event data sets support).
 - **Head** (`QueryHead`): conditioned on the target surface, the target outcome (0 =
   unconditioned; trained with outcome dropout so both are meaningful), the log time from
-  the newest event to the request, and a learned query-slot embedding m = 0..M-1. It emits M
+  the newest event to the request, and a learned query-slot embedding m = 0..M-1. (PinRec runs
+  at request time; this system computes each user's lists when an action arrives and serves
+  them later, so the request is "right after the newest event" in training, evaluation and
+  serving alike: a gap of ~0. Training with the next engagement's time as the request taught
+  the model how long until its target, which serving never knows.) It emits M
   L2-normalised query embeddings per (surface, outcome) -- multi-token generation in one
   forward pass. PinRec conditions its slots on explicit future offsets (now, +30 s, ...); we
   learn the slots and train them with an unordered mixture loss over a future window

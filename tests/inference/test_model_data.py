@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from inference.data import (
+    engaged,
     eval_histories,
     events_from_dicts,
     iterate_train_batches,
@@ -119,3 +120,18 @@ def test_reindex_drops_unknown_items() -> None:
     other = reindex_items(log, np.array(["b", "z", "a"]))
     assert other.item.tolist() == [3, 1, 3, 1]
     assert other.offsets.tolist() == [0, 4]
+
+
+def test_a_split_asked_for_no_test_share_keeps_every_event() -> None:
+    log = _log()
+    split = tail_split(log, test_frac=0.0, valid_frac=0.1)
+    assert len(split.test) == 0  # the newest event of every user is trained on (a model for serving)
+    assert (split.valid >= 0).all() and len(split.valid) > 0
+
+
+def test_hidden_items_are_not_evaluation_targets() -> None:
+    events = [{"user_id": 1, "item_id": i, "action": a, "surface": "home", "ts": 1000 * i}
+              for i, a in enumerate(["click", "save", "hide", "click"])]
+    log = events_from_dicts(events, ["click", "save", "hide"], ["home"])
+    assert engaged(log, np.arange(4), ["hide"]).tolist() == [0, 1, 3]
+    assert engaged(log, np.arange(4), []).tolist() == [0, 1, 2, 3]

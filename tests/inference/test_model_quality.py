@@ -15,6 +15,7 @@ from inference.checkpoint import Checkpoint
 from inference.data import EventLog, Split
 from inference.evaluate import (
     generate,
+    generate,
     item_matrix,
     merged_candidates,
     popularity_metrics,
@@ -144,3 +145,20 @@ def test_users_with_short_histories_get_the_first_query_s_list_alone(tiny_model:
     assert any(not np.array_equal(a, s) for a, s in zip(alone, shared))  # the M queries do reach other items
     for short, a, s, m in zip(lengths < cut, alone, shared, mixed):
         np.testing.assert_array_equal(m, a if short else s)
+
+
+def test_queries_do_not_know_when_their_target_happens(tiny_model: Trained, planted_log: EventLog, planted_split: Split) -> None:
+    """The worker computes a user's lists right after their newest action, before anyone knows
+    when the next one comes: evaluation must ask the model the same, not at the target's time."""
+    import dataclasses
+
+    model, info, _ = tiny_model
+    items = item_matrix(model, info.features)
+    last = planted_split.test[planted_split.test + 1 == planted_log.offsets[planted_log.user[planted_split.test] + 1]]
+    rows = last[:64]  # users' newest events: moving them changes no history
+    later = planted_log.ts.copy()
+    later[rows] += 30 * 86400.0  # every target a month later
+    moved = dataclasses.replace(planted_log, ts=later)
+    (now,) = list(generate(model, planted_log, rows, items, batch_size=len(rows)))
+    (then,) = list(generate(model, moved, rows, items, batch_size=len(rows)))
+    torch.testing.assert_close(now.queries, then.queries)
