@@ -120,7 +120,7 @@ class TrainSettings(BaseModel):
     seed: int = 0  # torch / numpy seeds: a run is reproducible on the same machine
     device: str = "auto"  # auto (cuda when present) | cuda | cpu
     num_threads: int = 2  # torch CPU threads; the dev machine has 2 shared cores
-    amp: bool = True  # mixed precision: fp16 on CUDA, bf16 on CPUs that have AMX/AVX512-BF16
+    amp: bool = True  # mixed precision: bf16 on CUDA cards and CPUs (AMX/AVX512-BF16) that have it, fp32 elsewhere
     epochs: int = 200  # upper bound; early stopping usually ends sooner
     batch_size: int = 128  # training windows per step
     lr: float = 1e-3  # peak AdamW learning rate
