@@ -254,8 +254,8 @@ def tail_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1, m
     starts, ends = log.offsets[:-1], log.offsets[1:]
     lengths = ends - starts
     def held_out(frac: float) -> np.ndarray:
-        # At least one per user when asked for a share, none when asked for none (a model
-        # trained for serving keeps every user's newest event).
+        # At least one per user when asked for a share, none when asked for none: a model
+        # trained for serving (test_frac=0) gives up only its validation share.
         n = np.maximum(1, np.floor(lengths * frac)) if frac > 0 else np.zeros_like(lengths)
         return np.where(lengths >= min_train + 2, n, 0).astype(np.int64)
 

@@ -14,7 +14,19 @@ from typing import Protocol
 
 import msgpack
 
-__all__ = ["Refusal", "dead_letter", "dlq_key", "dlq_record"]
+__all__ = ["DETAIL_MAX_CHARS", "Refusal", "bounded_detail", "dead_letter", "dlq_key", "dlq_record"]
+
+# A detail is for humans; the DLQ record carries the original bytes for anything longer.
+DETAIL_MAX_CHARS = 1000
+
+
+def bounded_detail(detail: str) -> str:
+    """A refusal's detail cut to DETAIL_MAX_CHARS: it quotes hostile input, and its size must
+    not follow that input's (a 900 KB field quoted whole would push the DLQ record past the
+    broker's limit, and the refused record would never leave)."""
+    if len(detail) > DETAIL_MAX_CHARS:
+        return detail[:DETAIL_MAX_CHARS] + f"... ({len(detail)} chars)"
+    return detail
 
 
 class Refusal(Protocol):
@@ -57,7 +69,7 @@ def dlq_record(
     return msgpack.packb(
         {
             "reason": refusal.reason,
-            "detail": refusal.detail,
+            "detail": bounded_detail(refusal.detail),
             "original": original[:max_original],
             "original_size": len(original),
             "truncated": len(original) > max_original,

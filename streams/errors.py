@@ -11,6 +11,8 @@ original bytes with `reason` to the dead-letter topic, so a reason is a short, s
 
 from __future__ import annotations
 
+from recsys.dead_letters import bounded_detail
+
 __all__ = ["REASONS", "InvalidEvent", "StreamsError", "TooLate"]
 
 # The stable reasons. Metrics label by these; the DLQ record carries one in "reason".
@@ -42,15 +44,12 @@ class InvalidEvent(StreamsError):
 
     def __init__(self, reason: str, detail: str = "") -> None:
         assert reason in REASONS, f"unknown reason {reason!r}; add it to REASONS"
-        if len(detail) > DETAIL_MAX_CHARS:  # it quotes hostile input: its size must not follow it
-            detail = detail[:DETAIL_MAX_CHARS] + f"... ({len(detail)} chars)"
+        detail = bounded_detail(detail)
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
 
 
-# A detail is for humans; the DLQ record carries the original bytes for anything longer.
-DETAIL_MAX_CHARS = 1000
 
 
 class TooLate(InvalidEvent):

@@ -71,8 +71,9 @@ class VectorStore(ABC):
         or None: never, or a load that did not finish."""
 
     @abstractmethod
-    def mark_catalogue(self, version: str) -> None:
-        """Record that the item table of model ``version`` is wholly loaded (and durable)."""
+    def mark_catalogue(self, version: str | None) -> None:
+        """Record that the item table of model ``version`` is wholly loaded (and durable);
+        None clears the record (a load is starting)."""
 
     def items_group(self, base: str) -> str:
         """The consumer group in which a follower of `items` commits for this store. A shared

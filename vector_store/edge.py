@@ -109,7 +109,10 @@ class EdgeStore(VectorStore):
             return None
         return str(json.loads(marker.read_text(encoding="utf-8"))["model_version"])
 
-    def mark_catalogue(self, version: str) -> None:
+    def mark_catalogue(self, version: str | None) -> None:
+        if version is None:
+            (self.path / _CATALOGUE_FILE).unlink(missing_ok=True)
+            return
         self.flush()  # the marker must not outlive points a crash would lose
         with atomic_write(self.path / _CATALOGUE_FILE) as f:
             f.write(json.dumps({"model_version": version}).encode())

@@ -46,7 +46,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from recsys.dead_letters import dead_letter
+from recsys.dead_letters import bounded_detail, dead_letter
 from recsys.settings import Settings, get_settings
 from recsys.topics import ensure_topics_when_reachable, topic_configs
 from vector_store import open_store
@@ -68,6 +68,7 @@ ITEM_REASONS: tuple[str, ...] = (
     "wrong type",  # e.g. item_id neither int nor str, created_at not an int
     "bad value",  # right type, wrong value: blank / too long id, non-finite number
     "unknown surface",  # a surface not in settings.events.surfaces (it would be eligible nowhere)
+    "wrong key",  # the Kafka key is not str(item_id): compaction keeps one record per key
     "cannot embed",  # the model has nothing to embed it from (features of the wrong width, or none for an unseen id)
 )
 
@@ -82,6 +83,7 @@ class BadItemMessage(ValueError):
 
     def __init__(self, reason: str, detail: str) -> None:
         assert reason in ITEM_REASONS, f"unknown reason {reason!r}; add it to ITEM_REASONS"
+        detail = bounded_detail(detail)
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
@@ -373,6 +375,10 @@ class ItemsFollower:
             for rec in records:
                 try:
                     item = decode_item(rec.value, self.settings.events.max_id_length, self.settings.events.surfaces)
+                    if rec.key != str(item.item_id).encode():
+                        # `items` is compacted by key: records of two items under one key would
+                        # leave only the later one to a shard built after compaction.
+                        raise BadItemMessage("wrong key", f"key {rec.key!r:.80} is not str(item_id) {str(item.item_id)!r:.80}")
                 except BadItemMessage as e:
                     log.warning("items %s[%d]@%d refused: %s", tp.topic, tp.partition, rec.offset, e)
                     refused.append((rec, e))
@@ -402,13 +408,15 @@ class ItemsFollower:
 
         if not refused:
             return 0
-        if self._producer is None:
-            from kafka import KafkaProducer
-
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers, acks="all")
         cfg = self.settings.streams  # the same bounds as actions.dlq: the broker's limit is the same
         try:
+            if self._producer is None:
+                from kafka import KafkaProducer
+
+                timeout_ms = int(self.settings.vector_store.dead_letter_timeout_s * 1000)
+                self._producer = KafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers, acks="all",
+                    max_block_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)  # give up as the acks do
             futures = []
             for rec, e in refused:
                 key, value = dead_letter(e, key=rec.key, original=rec.value, topic=rec.topic, partition=rec.partition,
@@ -554,6 +562,9 @@ def main(argv: list[str]) -> int:
         # first, must not pass for this model's whole catalogue.
         loaded = store.catalogue_version()
         if args.reindex or loaded != version:
+            # Cleared first: a load cut short must not leave the previous model's marker over a
+            # store that holds some of this model's vectors (a roll-back would then skip the load).
+            store.mark_catalogue(None)
             n = index_item_table(store, table, settings.events.surfaces)
             store.mark_catalogue(version)
             log.info("indexed %d items of model %s from %s (%s; before: %s)", n, version, model_dir,

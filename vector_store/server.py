@@ -90,7 +90,7 @@ class ServerStore(VectorStore):
         version = metadata.get(_CATALOGUE_KEY)
         return None if version is None else str(version)
 
-    def mark_catalogue(self, version: str) -> None:
+    def mark_catalogue(self, version: str | None) -> None:
         self._require_dim()
         self.client.update_collection(self.collection, metadata={_CATALOGUE_KEY: version})
 

@@ -85,16 +85,20 @@ def test_new_item_becomes_retrievable(kafka_bootstrap: str, unique: str, tmp_pat
         store.upsert([ItemRecord(f"old{i}", ("home", "search")) for i in range(3)], eye[:3])
         follower = ItemsFollower(store, _embed, settings)
         try:
+            huge = "x" * 900_000  # quoted in the detail, it would push the DLQ record past the broker's limit
             _produce(kafka_bootstrap, topic,
                      [_item("new", eye[5].tolist(), surfaces=["search"]), b"not msgpack",
-                      _item("typo", eye[6].tolist(), surfaces=["Search"])],
-                     ["new", "junk", "typo"])
-            stats = _poll_until(follower, lambda s: s.embedded >= 1 and s.skipped >= 2)
-            assert (stats.embedded, stats.skipped, stats.dead_lettered) == (1, 2, 2)
+                      _item("typo", eye[6].tolist(), surfaces=["Search"]), _item("other", eye[7].tolist()),
+                      _item("big", eye[7].tolist(), created_at=huge)],
+                     ["new", "junk", "typo", "not-other", "big"])
+            stats = _poll_until(follower, lambda s: s.embedded >= 1 and s.skipped >= 4)
+            assert (stats.embedded, stats.skipped, stats.dead_lettered) == (1, 4, 4)
             # The refused records are on items.dlq with their reasons, before their offsets were committed.
             dead = {key: msgpack.unpackb(value) for key, value in read_topic(kafka_bootstrap, settings.topics.items_dlq)}
-            assert {key: d["reason"] for key, d in dead.items()} == {"junk": "not msgpack", "typo": "unknown surface"}
+            assert {key: d["reason"] for key, d in dead.items()} == {
+                "junk": "not msgpack", "typo": "unknown surface", "not-other": "wrong key", "big": "wrong type"}
             assert dead["junk"]["original"] == b"not msgpack" and dead["junk"]["topic"] == topic
+            assert len(dead["big"]["detail"]) < 2000 and dead["big"]["original_size"] > 900_000
             assert store.retrieve(["typo"]) == {}
             # Retrievable by the very next query, with its surface eligibility.
             both = np.stack([eye[5], eye[5]])
@@ -125,9 +129,22 @@ def test_a_refusal_that_cannot_be_dead_lettered_is_not_committed(
     from vector_store.indexer import DeadLetterFailed
 
     settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    settings = settings.model_copy(update={
+        "vector_store": settings.vector_store.model_copy(update={"dead_letter_timeout_s": 3.0})})
     _produce(kafka_bootstrap, settings.topics.items, [b"not msgpack"], ["junk"])
     with EdgeStore(settings.vector_store) as store:
         store.ensure_collection(DIM)
+        follower = ItemsFollower(store, _embed, settings)
+        # Its producer cannot be made (the broker went away after the poll), as in the outage
+        # run() waits out: the refused record must not be committed meanwhile either.
+        follower.bootstrap_servers = "localhost:1"
+        try:
+            with pytest.raises(DeadLetterFailed):
+                _poll_until(follower, lambda s: False)
+        finally:
+            follower.close()
+        assert _committed(kafka_bootstrap, settings, follower.group_id) == 0
+        # Restarted (the process stops on DeadLetterFailed), and the send itself fails this time.
         follower = ItemsFollower(store, _embed, settings)
         follower._producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
 

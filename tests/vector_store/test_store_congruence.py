@@ -149,6 +149,8 @@ def test_the_catalogue_marker_names_the_last_whole_load(kind: str, stores: Calla
     store.mark_catalogue("m1")
     store.mark_catalogue("m2")
     assert store.catalogue_version() == "m2"
+    store.mark_catalogue(None)  # a load is starting
+    assert store.catalogue_version() is None
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
