@@ -2,16 +2,17 @@
 
 A topic left to the broker's auto-creation gets the broker's defaults: `candidates` would then
 be a plain 7-day log instead of a compacted one, and a server started after a week would find
-no list for a user who has one. The local stack creates every topic up front; in a deployment
-(docker-compose) the worker makes sure of the two it writes, `candidates` and `popular`, before
-it produces a record.
+no list for a user who has one, and `items` would lose the catalogue a shard built later reads
+from it. The local stack creates every topic up front; in a deployment (docker-compose) the
+worker makes sure of those it writes or follows (`candidates`, `popular`, `items`, `items.dlq`)
+and `recsys index --follow` of `items` and `items.dlq`, before either reads or writes a record.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from recsys.settings import TopicSettings
 
