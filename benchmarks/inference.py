@@ -163,13 +163,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure(worker: Any, runtime: Any, batches: list[list[dict[str, Any]]], repeats: int) -> dict[str, Any]:
     """Users/s of Worker.compute and of the session alone on the same inputs, interleaved."""
-    now_ms = int(time.time() * 1000)
-    encoded = [worker.encode(b, now_ms) for b in batches]  # exactly what compute feeds the session
+    encoded = [worker.encode(b) for b in batches]  # exactly what compute feeds the session
     users = sum(len(b) for b in batches)
 
     def full() -> int:
         for b in batches:
-            worker.compute(b, now_ms=now_ms)
+            worker.compute(b)
         return users
 
     def ort_only() -> int:

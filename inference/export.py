@@ -11,7 +11,7 @@ Writes into `settings.inference.model_dir` (or `--out`):
       action          int64   [B, T]     index into meta["actions"] + 1; 0 = padding
       surface         int64   [B, T]     index into meta["surfaces"] + 1; 0 = padding
       event_ts        float64 [B, T]     event time, epoch seconds
-      request_ts      float64 [B]        request time, epoch seconds
+      request_ts      float64 [B]        request time, epoch seconds (trained and served as the newest event's time)
       target_surface  int64   [B, Q]     surface to generate for, index + 1 (0 = any surface)
       target_outcome  int64   [B, Q]     outcome to aim for, action index + 1 (0 = unconditioned)
     output
@@ -67,7 +67,7 @@ USER_MODEL_SPEC: dict[str, Any] = {
         "action": {"dtype": "int64", "shape": ["B", "T"], "doc": "actions index + 1; 0 = padding"},
         "surface": {"dtype": "int64", "shape": ["B", "T"], "doc": "surfaces index + 1; 0 = padding"},
         "event_ts": {"dtype": "float64", "shape": ["B", "T"], "doc": "epoch seconds"},
-        "request_ts": {"dtype": "float64", "shape": ["B"], "doc": "epoch seconds"},
+        "request_ts": {"dtype": "float64", "shape": ["B"], "doc": "epoch seconds; trained and served as the newest event's time"},
         "target_surface": {"dtype": "int64", "shape": ["B", "Q"], "doc": "surfaces index + 1; 0 = any"},
         "target_outcome": {"dtype": "int64", "shape": ["B", "Q"], "doc": "actions index + 1; 0 = unconditioned"},
     },

@@ -122,7 +122,6 @@ def encode_histories(
     updates: Sequence[dict[str, Any]],
     runtime: ModelRuntime,
     conditions: Sequence[Condition],
-    now_ms: int,
     vectors: Mapping[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
     """The user model's inputs for a micro-batch (see inference/export.py for the contract).
@@ -173,7 +172,10 @@ def encode_histories(
         "action": action,
         "surface": surface,
         "event_ts": event_ts,
-        "request_ts": np.full((b,), now_ms / 1000.0, np.float64),
+        # The request is the newest event's time, as in training: the lists are computed for
+        # right after it. The wall clock would feed a worker catching up on a backlog gaps the
+        # model never saw in training.
+        "request_ts": event_ts[:, -1].copy(),
         "target_surface": np.tile(np.array([surface_ix[c.surface] for c in conditions], np.int64), (b, 1)).reshape(b, q),
         "target_outcome": np.tile(np.array([action_ix[c.outcome] for c in conditions], np.int64), (b, 1)).reshape(b, q),
     }
@@ -684,15 +686,12 @@ class Worker:
             log.error("worker: user %r skipped (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
         return kept, results
 
-    def compute(
-        self, updates: Sequence[dict[str, Any]], now_ms: int | None = None
-    ) -> list[dict[str, dict[str, list[Any]]]]:
-        """Per user, per surface: {"items": [...], "scores": [...]} (no I/O besides the store).
-        ``now_ms`` is the request time the model conditions on (default: the wall clock)."""
+    def compute(self, updates: Sequence[dict[str, Any]]) -> list[dict[str, dict[str, list[Any]]]]:
+        """Per user, per surface: {"items": [...], "scores": [...]} (no I/O besides the store)."""
         cfg = self.settings.inference
         budget = cfg.candidates_per_surface
         recent = recent_items(updates)  # excluded from the user's candidates
-        inputs = self.encode(updates, int(time.time() * 1000) if now_ms is None else now_ms, recent)
+        inputs = self.encode(updates, recent)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
         plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single_query_users(updates, self.runtime.max_len, cfg))
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
@@ -722,14 +721,12 @@ class Worker:
             for u in range(len(updates))
         ]
 
-    def encode(
-        self, updates: Sequence[dict[str, Any]], now_ms: int, recent: Sequence[list[str]] | None = None
-    ) -> dict[str, np.ndarray]:
+    def encode(self, updates: Sequence[dict[str, Any]], recent: Sequence[list[str]] | None = None) -> dict[str, np.ndarray]:
         """The session's inputs for a micro-batch (history vectors looked up or fetched);
         ``recent``: `recent_items(updates)` when the caller has it already."""
         history_ids = set().union(*(recent_items(updates) if recent is None else recent))
         vectors = self.runtime.vector_lookup(history_ids, fetch=self._fetch_vectors)
-        return encode_histories(updates, self.runtime, self.conditions, now_ms, vectors)
+        return encode_histories(updates, self.runtime, self.conditions, vectors)
 
     def candidates_record(self, update: dict[str, Any], surfaces: dict[str, Any]) -> dict[str, Any]:
         return {

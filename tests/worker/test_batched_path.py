@@ -136,10 +136,10 @@ def test_query_limits() -> None:
     assert query_limits(np.array([7.5, 17.5, 100.0, 0.2]), 100, 2.0).tolist() == [15, 35, 100, 1]
 
 
-def _reference_compute(worker: Worker, updates: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+def _reference_compute(worker: Worker, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The worker's path as it was: per-user plan, every query asks for the whole budget."""
     cfg = worker.settings.inference
-    queries = worker.runtime.generate(worker.encode(updates, now_ms))
+    queries = worker.runtime.generate(worker.encode(updates))
     plans = plan_queries(queries, worker.conditions, cfg.candidates_per_surface, cfg.merge_cosine,
                          single_query_users(updates, worker.runtime.max_len, cfg))
     matrix, surfaces, exclude = [], [], []
@@ -190,9 +190,8 @@ def test_compute_equals_the_reference_pipeline(
             events = [{"item_id": table.ids[int(rng.integers(0, len(table.ids)))], "action": ["click", "save"][int(rng.integers(0, 2))],
                        "surface": surfaces[int(rng.integers(0, 3))], "ts": 1_700_000_000_000 + 1000 * j} for j in range(n)]
             updates.append({"user_id": f"u{u}", "version": 1, "events": events})
-        now = 1_700_000_100_000
-        got = worker.compute(updates, now_ms=now)
-        want = _reference_compute(worker, updates, now)
+        got = worker.compute(updates)
+        want = _reference_compute(worker, updates)
         for g, w in zip(got, want, strict=True):
             assert g.keys() == w.keys()
             for surface in g:
@@ -201,7 +200,7 @@ def test_compute_equals_the_reference_pipeline(
         if min_history:  # the light users' extra embeddings were folded into their first ones
             single = single_query_users(updates, runtime.max_len, settings.inference)
             assert 0 < single.sum() < len(updates)
-            unfolded = plan_batch(runtime.generate(worker.encode(updates, now)), worker.conditions, 20, settings.inference.merge_cosine)
+            unfolded = plan_batch(runtime.generate(worker.encode(updates)), worker.conditions, 20, settings.inference.merge_cosine)
             assert worker.last_plan_size[1] < len(unfolded.budgets)
         if headroom < 1:
             assert worker.last_plan_size[2] > 0  # the re-search path ran
@@ -226,13 +225,15 @@ def test_encode_with_the_runtime_lookup_equals_a_plain_dict(small_model_dir: Pat
     ]
     conds = conditions_for(Settings(), runtime.surfaces, runtime.actions)
     ids = {str(e["item_id"]) for u in updates for e in u["events"]}
-    fast = encode_histories(updates, runtime, conds, 1_700_000_003_000, runtime.vector_lookup(ids, fetch=fetch))
-    plain = encode_histories(updates, runtime, conds, 1_700_000_003_000, runtime.item_vectors_for(ids, fetch=fetch))
+    fast = encode_histories(updates, runtime, conds, runtime.vector_lookup(ids, fetch=fetch))
+    plain = encode_histories(updates, runtime, conds, runtime.item_vectors_for(ids, fetch=fetch))
     assert fast.keys() == plain.keys()
     for name in fast:
         np.testing.assert_array_equal(fast[name], plain[name], err_msg=name)
     np.testing.assert_array_equal(fast["item_emb"][0, 1], late)  # fetched once, then cached
     assert not fast["item_emb"][0, 2].any() and fast["action"][1, 0] == 0  # unknown: zeros; left padding
+    # Asked for right after each user's newest event, as the model was trained, whatever the clock says.
+    np.testing.assert_array_equal(fast["request_ts"], [1_700_000_002.0, 1_700_000_000.5])
 
 
 def test_an_id_the_store_does_not_know_is_asked_for_again_only_after_the_retry_window(

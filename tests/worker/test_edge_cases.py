@@ -159,7 +159,7 @@ def test_history_longer_than_the_model_reads_and_unknown_items(worker: Worker) -
         {"user_id": "unknown", "version": 1, "events": [ev("nope-1"), ev("nope-2")]},
         {"user_id": "one", "version": 1, "events": [ev(3)]},
     ]
-    inputs = worker.encode(updates, NOW) if hasattr(worker, "encode") else None
+    inputs = worker.encode(updates) if hasattr(worker, "encode") else None
     if inputs is not None:
         assert inputs["item_emb"].shape[1] == runtime.max_len
         assert not inputs["item_emb"][1].any()  # unknown items: zero vectors, not an error
