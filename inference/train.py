@@ -290,7 +290,7 @@ def batch_loss(
     # (outcome 0, dropped out) it answers for every engagement.
     pos &= (out[:, None] == 0) | (t_act[b, t] == out[:, None])
     # The request is the moment the worker computes the lists: right after the position's own
-    # event (`evaluate.query_batches` and the worker alike), never the next engagement's time.
+    # event (`evaluate.generate` and the worker alike), never the next engagement's time.
     # Given that time, the model learnt something serving never knows (how long until the
     # target): on ML-100K it was worth ~30% of recall@10 that vanished at a gap of 0.
     gap = torch.zeros(P, dtype=torch.float64, device=device)

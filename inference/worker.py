@@ -788,7 +788,7 @@ def _budget_sanity(settings: Settings) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from recsys.topics import ensure_topics_when_reachable, topic_configs
+    from recsys.topics import ensure_own_topics
     from vector_store import open_store
 
     parser = argparse.ArgumentParser(prog="recsys worker", description="user-updates -> candidates (ONNX Runtime)")
@@ -806,12 +806,9 @@ def main(argv: list[str]) -> int:
     # `candidates` and `popular` must be compacted (the server rebuilds its state from them), as
     # must `items` (a new shard reads the whole catalogue from it): left to the broker's
     # auto-creation by a first send they would be plain logs with a retention.
-    t, configs = settings.topics, topic_configs(settings.topics)
-    mine = [t.candidates, t.popular] + ([] if args.no_follow_items else [t.items, t.items_dlq])
-    written = {name: configs[name] for name in mine}
-    if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers, written,
-                                        settings.kafka.partitions, settings.streams.replication_factor,
-                                        stopping=stopping):
+    t = settings.topics
+    if not ensure_own_topics(settings, [t.candidates, t.popular] + ([] if args.no_follow_items else [t.items, t.items_dlq]),
+                             stopping):
         log.warning("worker: stopped before Kafka could be reached")
         return 0
     try:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from recsys.settings import TopicSettings
+from recsys.settings import Settings, TopicSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ def ensure_topics_when_reachable(bootstrap: str, configs: Mapping[str, Mapping[s
             stopping.wait(delay)
             delay = min(delay * 2, max_s)
     return False
+
+
+def ensure_own_topics(settings: Settings, names: Iterable[str], stopping: threading.Event | None = None) -> bool:
+    """`ensure_topics_when_reachable` for the named project topics, with their configs, the
+    partition count and the replication factor the settings give."""
+    configs = topic_configs(settings.topics)
+    return ensure_topics_when_reachable(settings.kafka.bootstrap_servers, {name: configs[name] for name in names},
+                                        settings.kafka.partitions, settings.streams.replication_factor, stopping=stopping)
 
 
 def _value(entry: object) -> object:

@@ -48,7 +48,7 @@ import numpy as np
 
 from recsys.dead_letters import bounded_detail, dead_letter
 from recsys.settings import Settings, get_settings
-from recsys.topics import ensure_topics_when_reachable, topic_configs
+from recsys.topics import ensure_own_topics
 from vector_store import open_store
 from vector_store.base import VectorStore
 from vector_store.schema import ItemId, ItemRecord, point_id
@@ -374,11 +374,7 @@ class ItemsFollower:
                 polled[tp] = records[-1].offset + 1
             for rec in records:
                 try:
-                    item = decode_item(rec.value, self.settings.events.max_id_length, self.settings.events.surfaces)
-                    if rec.key != str(item.item_id).encode():
-                        # `items` is compacted by key: records of two items under one key would
-                        # leave only the later one to a shard built after compaction.
-                        raise BadItemMessage("wrong key", f"key {rec.key!r:.80} is not str(item_id) {str(item.item_id)!r:.80}")
+                    item = self._decode(rec)
                 except BadItemMessage as e:
                     log.warning("items %s[%d]@%d refused: %s", tp.topic, tp.partition, rec.offset, e)
                     refused.append((rec, e))
@@ -398,6 +394,16 @@ class ItemsFollower:
         self._commit()
         self.stats += stats
         return stats
+
+    def _decode(self, rec: Any) -> ItemMessage:
+        """`decode_item` of a record, whose key must be str(item_id): `items` is compacted by
+        key, so records of two items under one key would leave only the later one to a shard
+        built after compaction."""
+        events = self.settings.events
+        item = decode_item(rec.value, events.max_id_length, events.surfaces)
+        if rec.key != str(item.item_id).encode():
+            raise BadItemMessage("wrong key", f"key {rec.key!r:.80} is not str(item_id) {str(item.item_id)!r:.80}")
+        return item
 
     def _dead_letter(self, refused: list[tuple[Any, BadItemMessage]]) -> int:
         """Write each refused record to `items.dlq` (the `actions.dlq` contract) and wait for the
@@ -579,11 +585,7 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         # `items` compacted (a shard built later reads the whole catalogue from it) and
         # `items.dlq`, before anything reads or writes them.
-        t, configs = settings.topics, topic_configs(settings.topics)
-        if not ensure_topics_when_reachable(settings.kafka.bootstrap_servers,
-                                            {name: configs[name] for name in (t.items, t.items_dlq)},
-                                            settings.kafka.partitions, settings.streams.replication_factor,
-                                            stopping=stop):
+        if not ensure_own_topics(settings, (settings.topics.items, settings.topics.items_dlq), stop):
             return 0
         encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
         follower = ItemsFollower(store, encoder, settings, model_version=version)
