@@ -83,25 +83,37 @@ class PendingCommits:
 
 def read_topic(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
     """Every (key, value) of ``topic`` up to its current end, partition by partition, in log order."""
+    return [(r.key.decode(), r.value) for r in read_to_end(bootstrap, topic) if r.value is not None]
+
+
+def read_to_end(bootstrap: str, topic: str, group_id: str | None = None) -> list[Any]:
+    """The records of ``topic`` up to the end offsets it has now, partition by partition, in log
+    order: from the beginning, or from ``group_id``'s committed offsets (what that group has
+    yet to read). Reads with manually assigned partitions, so the group is neither joined nor
+    committed to."""
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
+        if group_id is not None:
+            for tp in tps:
+                committed = consumer.committed(tp)
+                if committed is not None:
+                    consumer.seek(tp, committed)
         end = consumer.end_offsets(tps)
-        out: list[tuple[str, bytes]] = []
         by_tp: dict[Any, list[Any]] = defaultdict(list)
         while any(consumer.position(tp) < end[tp] for tp in tps):
             for tp, batch in consumer.poll(timeout_ms=500).items():
-                by_tp[tp].extend(batch)
-        for tp in tps:
-            out += [(r.key.decode(), r.value) for r in sorted(by_tp[tp], key=lambda r: r.offset) if r.value is not None]
-        return out
+                by_tp[tp].extend(r for r in batch if r.offset < end[tp])
+        return [r for tp in tps for r in sorted(by_tp[tp], key=lambda r: r.offset)]
     finally:
-        consumer.close()
+        consumer.close(autocommit=False)
 
 
 def _partitions(consumer: Any, topic: str) -> set[int]:

@@ -14,7 +14,10 @@ Two sources, one write path (`index_items` / `index_item_table`):
 whole item (features included); a shard built later (a new worker, a rebuilt one) reads the
 topic from the start, each Edge shard in a consumer group of its own (`items_group`), and so
 does a new model's follower (the model version is in the group), re-embedding the items
-published since the previous export in the new model's space.
+published since the previous export in the new model's space. A follower that starts behind
+indexes each item's newest record up to the topic's end at its start and passes over the older
+ones (`CatchUp`): replayed in order, an item withdrawn later would be served as eligible until
+the replay reached its withdrawal.
 
 Offsets are committed only after the upsert is durable, so a crash re-reads (at least once;
 upserts are idempotent). Refused records (malformed, an unknown surface, or an item the
@@ -112,12 +115,15 @@ class IndexStats:
     payload_only: int = 0  # items already stored, vector kept
     skipped: int = 0  # refused messages (malformed, or nothing to embed them from)
     dead_lettered: int = 0  # refused messages written to items.dlq (the follower's)
+    superseded: int = 0  # records passed over on catching up: a newer one of the item followed
+
 
     def __iadd__(self, other: IndexStats) -> IndexStats:
         self.embedded += other.embedded
         self.payload_only += other.payload_only
         self.skipped += other.skipped
         self.dead_lettered += other.dead_lettered
+        self.superseded += other.superseded
         return self
 
 
@@ -305,6 +311,62 @@ def index_item_table(
 
 
 # -- the `items` follower ---------------------------------------------------------------------
+Key = tuple[int, bytes]  # (partition, record key): one item's records, in log order
+
+
+@dataclass
+class CatchUp:
+    """What a follower that starts behind must not replay: each item's records older than its
+    newest one up to the topic's end at the start.
+
+    A consumer group that starts behind (every new shard, every new model's group: the whole
+    topic) would otherwise index each item's history batch by batch, and the store would serve
+    the states in between: an item withdrawn later (``surfaces: []``) eligible again, a
+    popularity going back, until the replay reached the newest record. Compaction keeps only
+    the newest record per key, but not in the log's active segment, nor before the cleaner
+    has run. The records past the start's end are live: indexed in order, as always."""
+
+    latest: dict[Key, int]  # offset of each item's newest valid record in the catch-up range
+    features_at: dict[Key, int]  # ... of its newest one with features, where the newest has none
+    _features: dict[Key, tuple[float, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, records: Sequence[Any], decode: Callable[[Any], ItemMessage]) -> CatchUp:
+        """From the records a follower has yet to read (`read_to_end`). Refused records do not
+        count: one must not hide the valid record before it, which a live follower would have
+        indexed."""
+        latest: dict[Key, int] = {}
+        features_at: dict[Key, int] = {}
+        for rec in records:
+            try:
+                item = decode(rec)
+            except BadItemMessage:
+                continue
+            key = (rec.partition, rec.key)
+            latest[key] = rec.offset
+            if item.features is not None:
+                features_at[key] = rec.offset
+        return cls(latest, {k: o for k, o in features_at.items() if o != latest[k]})
+
+    def thin(self, rec: Any, item: ItemMessage) -> ItemMessage | None:
+        """The item to index for a record, or None when a newer record of the item follows in
+        the catch-up range. The newest gets the features of an older record when it has none,
+        as `index_items` does within one batch: a payload-only update of an item published
+        after the model's export could not be embedded without them."""
+        key = (rec.partition, rec.key)
+        newest = self.latest.get(key)
+        if newest is None or rec.offset > newest:  # live, or an item the range does not hold
+            return item
+        if rec.offset < newest:
+            if self.features_at.get(key) == rec.offset:
+                self._features[key] = item.features  # type: ignore[assignment]
+            return None
+        del self.latest[key]
+        self.features_at.pop(key, None)
+        features = self._features.pop(key, None)
+        return item if item.features is not None or features is None else dataclasses.replace(item, features=features)
+
+
 @dataclass
 class ItemsFollower:
     """Consumes `items`, indexes each poll's batch, commits offsets after the upsert."""
@@ -326,10 +388,21 @@ class ItemsFollower:
         if self.group_id is None:
             group = self.store.items_group(self.settings.vector_store.indexer_group_id)
             self.group_id = group if self.model_version is None else f"{group}.{self.model_version}"
+        from recsys.kafka_clients import read_to_end
+
+        # Before the group consumer starts: the records it has yet to read, up to the end now.
+        backlog = read_to_end(self._bootstrap, self.settings.topics.items, self.group_id)
+        self._catch_up = CatchUp.scan(backlog, self._decode)
+        log.info("items follower: %d records to catch up on, %d items", len(backlog), len(self._catch_up.latest))
+        del backlog
         self._consumer = self._new_consumer()
         self._since_optimize = 0
         self._pending = PendingCommits(self.settings.kafka.rejoin_after_s)  # indexed and flushed, not committed
         self._producer: Any = None  # of items.dlq, made at the first refusal
+
+    @property
+    def _bootstrap(self) -> str:
+        return self.bootstrap_servers or self.settings.kafka.bootstrap_servers
 
     def _new_consumer(self) -> Any:
         from recsys.kafka_clients import group_consumer
@@ -337,7 +410,7 @@ class ItemsFollower:
         vs = self.settings.vector_store
         return group_consumer(
             self.settings.topics.items,
-            bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers,
+            bootstrap_servers=self._bootstrap,
             group_id=self.group_id,
             enable_auto_commit=False,  # commit after the upsert, never before
             auto_offset_reset="earliest",  # a fresh group indexes the topic's whole history
@@ -368,6 +441,7 @@ class ItemsFollower:
         items: list[ItemMessage] = []
         source: dict[Any, Any] = {}  # point -> its latest record (the one index_items keeps), for dead-lettering
         refused: list[tuple[Any, BadItemMessage]] = []
+        superseded = 0  # older records of items whose newest is still to come (CatchUp)
         polled: dict[Any, int] = {}
         for tp, records in batches.items():
             if records:
@@ -379,11 +453,16 @@ class ItemsFollower:
                     log.warning("items %s[%d]@%d refused: %s", tp.topic, tp.partition, rec.offset, e)
                     refused.append((rec, e))
                     continue
-                items.append(item)
-                source[point_id(item.item_id)] = rec
+                kept = self._catch_up.thin(rec, item)
+                if kept is None:
+                    superseded += 1
+                    continue
+                items.append(kept)
+                source[point_id(kept.item_id)] = rec
         stats = index_items(self.store, items, self.embed_items, self.settings.events.surfaces,
                             lambda item, e: refused.append((source[point_id(item.item_id)], e)))
         stats.skipped = len(refused)  # the decoder's refusals and the encoder's
+        stats.superseded = superseded
         self._since_optimize += stats.embedded
         if vs.optimize_every and self._since_optimize >= vs.optimize_every:
             self.store.optimize()
@@ -421,7 +500,7 @@ class ItemsFollower:
 
                 timeout_ms = int(self.settings.vector_store.dead_letter_timeout_s * 1000)
                 self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap_servers or self.settings.kafka.bootstrap_servers, acks="all",
+                    bootstrap_servers=self._bootstrap, acks="all",
                     max_block_ms=timeout_ms, bootstrap_timeout_ms=timeout_ms)  # give up as the acks do
             futures = []
             for rec, e in refused:

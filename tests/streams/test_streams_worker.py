@@ -28,6 +28,7 @@ import msgpack
 import pytest
 
 from recsys.kafka_broker import free_port
+from recsys.kafka_clients import read_to_end
 from streams.app import read_counters
 from streams.produce import Record, ensure_topic, produce
 from streams.schema import ActionEvent, encode_event, now_ms
@@ -44,32 +45,10 @@ ROOT = Path(__file__).resolve().parents[2]
 # ---------------------------------------------------------------- helpers: topics
 
 
-def read_topic(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of `topic` from the beginning up to its current end, partition by partition."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records: list[Any] = []
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return sorted(records, key=lambda r: (r.partition, r.offset))
-    finally:
-        consumer.close()
-
-
 def updates_by_user(bootstrap: str, topic: str) -> dict[str, list[dict[str, Any]]]:
     """user key -> every user-updates value for that user, in log order."""
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in read_topic(bootstrap, topic):
+    for r in read_to_end(bootstrap, topic):
         out[r.key.decode()].append(msgpack.unpackb(r.value, raw=False))
     return out
 
@@ -241,7 +220,7 @@ def original(record: Record) -> bytes:
 
 def dlq_reasons(bootstrap: str, topic: str, originals: set[bytes]) -> Counter[tuple[bytes, str]]:
     out: Counter[tuple[bytes, str]] = Counter()
-    for r in read_topic(bootstrap, topic):
+    for r in read_to_end(bootstrap, topic):
         rec = msgpack.unpackb(r.value, raw=False)
         assert set(rec) >= {"reason", "original", "topic", "partition", "offset", "at"}
         if rec["original"] in originals:
@@ -403,7 +382,7 @@ def test_sigterm_and_sigkill_mid_stream_lose_nothing_and_match_an_uninterrupted_
         # The changelog holds the same final state (it is what the table is recovered from).
         from streams.sequences import decode_state
 
-        latest = {r.key.decode(): decode_state(r.value) for r in read_topic(kafka_bootstrap, victim.changelog)}
+        latest = {r.key.decode(): decode_state(r.value) for r in read_to_end(kafka_bootstrap, victim.changelog)}
         assert {u: [(e.item_id, e.action, e.surface, e.ts) for e in s.events] for u, s in latest.items()} == expected
     finally:
         if victim.proc is not None:
@@ -468,7 +447,7 @@ def test_hostile_payloads_through_the_worker_all_reach_the_dlq_with_their_reason
     assert worker.invalid() - before_invalid == Counter(reason for _, _, reason in hostile)
     # Each one is in the DLQ exactly once, found by its position, with its reason and original.
     found: Counter[tuple[int, int]] = Counter()
-    for r in read_topic(worker.bootstrap, worker.dlq):
+    for r in read_to_end(worker.bootstrap, worker.dlq):
         rec = msgpack.unpackb(r.value, raw=False)
         position = (rec["partition"], rec["offset"])
         if rec["topic"] != worker.actions or position not in where:
@@ -527,7 +506,7 @@ def test_a_hostile_key_near_the_broker_limit_reaches_the_dlq_cut_and_the_worker_
         ]
 
         found: dict[tuple[int, int], Any] = {}
-        for r in read_topic(kafka_bootstrap, victim.dlq):
+        for r in read_to_end(kafka_bootstrap, victim.dlq):
             rec = msgpack.unpackb(r.value, raw=False)
             assert rec["topic"] == victim.actions
             found[(rec["partition"], rec["offset"])] = (r, rec)

@@ -220,6 +220,48 @@ def test_a_new_model_reads_the_catalogue_topic_again(kafka_bootstrap: str, uniqu
                 follower.close()
 
 
+def test_a_follower_that_starts_behind_indexes_each_item_in_its_newest_state(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """A new shard's or model's group replays the whole topic: an item withdrawn later must not
+    be served as eligible on the way (one record per poll here, so every state in between would
+    be), and a payload-only newest record still gets the features of the record before it."""
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    settings.vector_store.indexer_max_records = 1
+    topic = settings.topics.items
+    _create_topic(kafka_bootstrap, topic, partitions=1)
+    eye = np.eye(DIM, dtype=np.float32)
+    _produce(kafka_bootstrap, topic,
+             [_item("gone", eye[1].tolist(), surfaces=["home"]), _item("late", eye[2].tolist(), surfaces=["home"]),
+              msgpack.packb({"item_id": "late", "surfaces": ["search"], "created_at": 1, "popularity": 5.0}),
+              _item("gone", eye[1].tolist(), surfaces=[]),
+              b"not msgpack"],  # refused: it does not hide the withdrawal before it
+             ["gone", "late", "late", "gone", "gone"])
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        upserted: list[tuple[str, tuple[str, ...]]] = []
+        upsert = store.upsert
+
+        def recording(records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
+            upserted.extend((str(r.item_id), r.surfaces) for r in records)
+            upsert(records, vectors)
+
+        store.upsert = recording  # type: ignore[method-assign]
+        follower = ItemsFollower(store, _embed, settings)
+        try:
+            stats = _poll_until(follower, lambda s: s.embedded + s.superseded + s.skipped >= 5)
+            assert (stats.embedded, stats.superseded, stats.skipped) == (2, 2, 1)
+            assert upserted == [("late", ("search",)), ("gone", ())]
+            assert store.query_batch(eye[2:3], 1, ["search"])[0][0][0] == "late"
+            assert store.query_batch(eye[1:2], 1, ["home"]) == [[]]  # nothing else is on "home"
+            # Past the catch-up, records are live: each is indexed in turn.
+            _produce(kafka_bootstrap, topic, [_item("gone", eye[1].tolist(), surfaces=["home"])], ["gone"])
+            _poll_until(follower, lambda s: s.embedded >= 1)
+            assert upserted[-1] == ("gone", ("home",))
+        finally:
+            follower.close()
+
+
 def test_offsets_are_committed_only_after_the_upsert(
     kafka_bootstrap: str, unique: str, tmp_path: Path
 ) -> None:
