@@ -420,10 +420,13 @@ def fit(
     metric = tcfg.eval_metric
 
     def lr_at(step: int) -> float:
-        # Linear warm-up, then cosine decay to min_lr over the planned epochs (nanoGPT's get_lr).
+        # Linear warm-up, then cosine decay to min_lr over the planned epochs (nanoGPT's get_lr),
+        # reached at the last batch. `step` is the batch's position, not the optimizer steps
+        # taken: a fine-tuning stage skips every batch without its surface's targets, and
+        # counted in steps its schedule never got near min_lr.
         if step < tcfg.warmup_steps:
             return stage.lr * (step + 1) / tcfg.warmup_steps
-        ratio = min(1.0, (step - tcfg.warmup_steps) / max(1, total_steps - tcfg.warmup_steps))
+        ratio = min(1.0, (step + 1 - tcfg.warmup_steps) / max(1, total_steps - tcfg.warmup_steps))
         floor = min(tcfg.min_lr, stage.lr)
         return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (stage.lr - floor)
 
@@ -452,9 +455,11 @@ def fit(
             mininterval=5.0,
             file=sys.stderr,
         )
-        for batch in bar:
+        lr = stage.lr
+        for position, batch in enumerate(bar, start=st.epoch * steps_per_epoch):
+            lr = lr_at(position)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(st.step)
+                g["lr"] = lr
             with autocast(device, tcfg.amp):
                 out = batch_loss(model, batch, features, stage.spec, device, stage.frozen_trunk)
             if out is None:
@@ -471,7 +476,7 @@ def fit(
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         st.epoch += 1
         st.seconds = time.time() - t_start
-        row: dict[str, float] = {"epoch": st.epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
+        row: dict[str, float] = {"epoch": st.epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr}
         out_of_time = tcfg.max_minutes > 0 and st.seconds > tcfg.max_minutes * 60
         validating = len(stage.valid_rows) > 0  # none in a final refit: the last weights are kept
         if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time:

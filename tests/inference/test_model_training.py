@@ -158,6 +158,19 @@ def test_finetuning_moves_only_that_surfaces_head(tiny_model: tuple[GenerativeRe
     assert (out / "finetune-home_curves.png").exists()
 
 
+def test_each_fine_tuning_stage_decays_its_learning_rate_to_the_floor(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """A fine-tuning stage skips the batches without its surface's targets; its cosine schedule
+    follows the batches' positions, so it still ends at min_lr rather than partway down."""
+    settings = tiny_settings(tmp_path, "train.epochs=1", "train.finetune_epochs=2", "train.finetune_lr=0.003",
+                             "train.min_lr=0.0001", "train.warmup_steps=2")
+    _, _, results = train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
+    assert len(results) > 1
+    for stage in results[1:]:
+        assert stage.history[-1]["lr"] == pytest.approx(1e-4)
+
+
 def test_checkpoint_round_trip(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], planted_log: EventLog) -> None:
     model, info, out = tiny_model
     loaded, linfo = load_checkpoint(out / "ckpt_best.pt")
