@@ -163,9 +163,10 @@ def evaluation_points(
     log: EventLog, part: np.ndarray, before: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
     """One point per user: the first event of `part` (the test or validation rows), its future
-    = the next WINDOW engaged items (not reaching `before`'s rows: the validation windows stop
+    = the next WINDOW engaged (not `train.negative_actions`) items (not reaching `before`'s rows: the validation windows stop
     at the test part), and the user's items before it."""
-    positive = [i + 1 for i, a in enumerate(log.actions) if a not in ("hide",)]
+    negative = Settings().train.negative_actions  # never targets, in training or here
+    positive = [i + 1 for i, a in enumerate(log.actions) if a not in negative]
     rows = part[np.unique(log.user[part], return_index=True)[1]]
     stop = None
     if before is not None:
