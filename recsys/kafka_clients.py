@@ -86,12 +86,13 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
     return [(r.key.decode(), r.value) for r in read_to_end(bootstrap, topic) if r.value is not None]
 
 
-def read_to_end(bootstrap: str, topic: str, group_id: str | None = None) -> list[Any]:
+def read_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stall_s: float = 30.0) -> list[Any]:
     """The records of ``topic`` up to the end offsets it has now, partition by partition, in log
     order: from the beginning, or from ``group_id``'s committed offsets (what that group has
     yet to read). Reads with manually assigned partitions, so the group is neither joined nor
-    committed to."""
+    committed to. Raises KafkaTimeoutError when no record arrives for ``stall_s`` before the end."""
     from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaTimeoutError
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
     try:
@@ -108,8 +109,14 @@ def read_to_end(bootstrap: str, topic: str, group_id: str | None = None) -> list
                     consumer.seek(tp, committed)
         end = consumer.end_offsets(tps)
         by_tp: dict[Any, list[Any]] = defaultdict(list)
+        last_progress = time.monotonic()
         while any(consumer.position(tp) < end[tp] for tp in tps):
-            for tp, batch in consumer.poll(timeout_ms=500).items():
+            batches = consumer.poll(timeout_ms=500)
+            if batches:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > stall_s:
+                raise KafkaTimeoutError(f"reading {topic} to its end: no record for {stall_s:.0f} s")
+            for tp, batch in batches.items():
                 by_tp[tp].extend(r for r in batch if r.offset < end[tp])
         return [r for tp in tps for r in sorted(by_tp[tp], key=lambda r: r.offset)]
     finally:

@@ -41,6 +41,9 @@ class KafkaSettings(BaseModel):
     # worker's and the items follower's consumers both guard against it):
     # commits refused as "rebalance in progress" this long replace the consumer with a fresh one
     rejoin_after_s: float = 30.0
+    # A read to a topic's end (the items follower's catch-up) that gets no record this long
+    # fails instead of waiting for ever on a broker that went away.
+    read_stall_s: float = 30.0
 
 
 class TopicSettings(BaseModel):

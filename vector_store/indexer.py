@@ -391,7 +391,8 @@ class ItemsFollower:
         from recsys.kafka_clients import read_to_end
 
         # Before the group consumer starts: the records it has yet to read, up to the end now.
-        backlog = read_to_end(self._bootstrap, self.settings.topics.items, self.group_id)
+        backlog = read_to_end(self._bootstrap, self.settings.topics.items, self.group_id,
+                              stall_s=self.settings.kafka.read_stall_s)
         self._catch_up = CatchUp.scan(backlog, self._decode)
         log.info("items follower: %d records to catch up on, %d items", len(backlog), len(self._catch_up.latest))
         del backlog
