@@ -42,6 +42,9 @@ def load_dataset(
     n_items: int = 300,
 ) -> EventLog:
     path = path or default_path(name, settings)
+    if path is not None and not path.exists():
+        where = "" if name in ("events",) else f" (--path, or train.datasets_dir = {settings.train.datasets_dir})"
+        raise FileNotFoundError(f"--dataset {name}: {path} not found{where}")
     ev = settings.events
     if name == "beauty":
         assert path is not None

@@ -303,21 +303,26 @@ def popularity_metrics(
 
 def main(argv: list[str]) -> int:
     from inference.checkpoint import load_checkpoint
-    from inference.datasets import load_dataset, make_split
+    from inference.datasets import DATASETS, load_dataset, make_split
     from recsys.settings import get_settings
 
     settings = get_settings()
     p = argparse.ArgumentParser(prog="recsys evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=settings.train.out_dir / "ckpt_best.pt")
-    p.add_argument("--dataset", default="beauty", help="beauty | ml100k | events | synthetic")
+    p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="what the checkpoint is scored on")
     p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
     p.add_argument("--split", default="auto", help="loo | tail | auto")
     p.add_argument("--on", default="test", choices=["valid", "test"])
     p.add_argument("--exclude-history", action="store_true")
     p.add_argument("--outcome", default="true", help="true | none | an action name")
     args = p.parse_args(argv)
+    if not args.checkpoint.exists():
+        p.error(f"{args.checkpoint} not found: train first (`recsys train`) or pass --checkpoint")
     model, ckpt = load_checkpoint(args.checkpoint)
-    log = load_dataset(args.dataset, args.path, settings)
+    try:
+        log = load_dataset(args.dataset, args.path, settings)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
     log = ckpt.align(log)
     split = make_split(log, args.split, args.dataset)
     rows = engaged(log, split.test if args.on == "test" else split.valid, settings.train.negative_actions)

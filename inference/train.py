@@ -646,7 +646,10 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     settings = apply_overrides(settings, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    log_ = load_dataset(args.dataset, args.path, settings)
+    try:
+        log_ = load_dataset(args.dataset, args.path, settings)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
     split = make_split(log_, args.split, args.dataset)
     model, info, _results = train(log_, split, settings, args.out, name=args.dataset, finetune=args.finetune, resume=args.resume, progress=not args.quiet)
     summary = {"checkpoint": str(args.out / "ckpt_best.pt"), "version": info.version, "stages": info.state["stages"]}

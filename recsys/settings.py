@@ -12,7 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +23,14 @@ from pydantic_settings import (
 CACHE_DIR = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys"))
 
 
-class KafkaSettings(BaseModel):
+class Section(BaseModel):
+    """One section of the settings. A key it does not have (a typo in RECSYS_SERVING__HOTS or in
+    the TOML file) is an error: ignored, the setting would silently keep its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSettings(Section):
     """The event log: where clients connect, and how the local broker is run."""
 
     bootstrap_servers: str = "localhost:9092"  # what every client connects to
@@ -46,7 +53,7 @@ class KafkaSettings(BaseModel):
     read_stall_s: float = 30.0
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(Section):
     """Topic names (the data-flow diagram in the README)."""
 
     actions: str = "actions"  # raw action events (msgpack), key = user id
@@ -61,7 +68,7 @@ class TopicSettings(BaseModel):
     popular: str = "popular"
 
 
-class EventSettings(BaseModel):
+class EventSettings(Section):
     """What a valid action event is; shared by the streams, the model and the worker."""
 
     surfaces: list[str] = ["home", "search", "related"]  # where actions happen; the model has one embedding per surface
@@ -75,7 +82,7 @@ class EventSettings(BaseModel):
     max_nesting: int = 8  # nesting depth of values under unknown keys (kept, so bounded)
 
 
-class StreamsSettings(BaseModel):
+class StreamsSettings(Section):
     """The Faust app that keeps per-user sequences."""
 
     app_id: str = "recsys-streams"  # Faust app id = consumer group; names the changelog topic
@@ -102,7 +109,7 @@ class StreamsSettings(BaseModel):
     loglevel: str = "info"  # the worker's log level
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     """The generative retriever's shape; saved inside every checkpoint and ONNX file."""
 
     dim: int = 64  # embedding width (items, queries)
@@ -116,7 +123,7 @@ class ModelSettings(BaseModel):
     init_temperature: float = 0.05  # initial softmax temperature of cosine scores (learned)
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(Section):
     """Training and offline evaluation of the generative retriever (`recsys train|evaluate`)."""
 
     out_dir: Path = Path("var/train")  # checkpoints (ckpt_last.pt, ckpt_best.pt), curves PNG, log
@@ -156,7 +163,7 @@ class TrainSettings(BaseModel):
     datasets_dir: Path = Path("../shared/datasets")  # public data (benchmarks only)
 
 
-class InferenceSettings(BaseModel):
+class InferenceSettings(Section):
     """The ONNX Runtime worker: from user-updates to candidates."""
 
     model_dir: Path = Path("var/model")  # model.onnx, item_encoder.onnx, items.npz, meta.json
@@ -207,7 +214,7 @@ class InferenceSettings(BaseModel):
     }
 
 
-class VectorStoreSettings(BaseModel):
+class VectorStoreSettings(Section):
     """Where item embeddings live and how they are searched."""
 
     backend: str = "edge"  # edge (embedded Qdrant Edge) | server (qdrant-client)
@@ -234,7 +241,7 @@ class VectorStoreSettings(BaseModel):
     optimize_every: int = 50_000  # new items before the follower rebuilds Edge's HNSW (0 = never)
 
 
-class ServingSettings(BaseModel):
+class ServingSettings(Section):
     """The gRPC GetCandidates server (serving/): limits, fallback, security, processes."""
 
     host: str = "127.0.0.1"  # bind address; 0.0.0.0 / [::] to serve other machines
@@ -260,6 +267,7 @@ class ServingSettings(BaseModel):
     snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker)
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
+    apply_yield_every: int = 32  # records applied between two turns of the event loop's RPCs
     max_fetch_bytes: int = 8 << 20  # Kafka fetch size cap per partition and per request
     metadata_retry_s: float = 1.0  # back-off after a failed fetch from Kafka
     metadata_refresh_ms: int = 5000  # how soon a newly created topic / partition is followed
@@ -271,7 +279,7 @@ class Settings(BaseSettings):
         env_prefix="RECSYS_",
         env_nested_delimiter="__",
         toml_file=os.environ.get("RECSYS_CONFIG"),
-        extra="ignore",
+        extra="forbid",  # an unknown TOML section; unknown variables are caught by each Section
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -294,8 +302,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if os.environ.get("RECSYS_CONFIG"):
-            sources.append(TomlConfigSettingsSource(settings_cls, os.environ["RECSYS_CONFIG"]))
+        if config := os.environ.get("RECSYS_CONFIG"):
+            if not Path(config).is_file():  # pydantic-settings would read a missing file as empty
+                raise FileNotFoundError(f"RECSYS_CONFIG={config}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, config))
         return tuple(sources)
 
 

@@ -107,11 +107,16 @@ class CandidatesFollower:
         cfg = self.settings.serving
         while True:
             try:
-                if self.topic in await consumer.topics():
-                    consumer.subscribe([self.topic])
-                    return
+                topics = await consumer.topics()
             except KafkaError as exc:
+                # Not "the topic does not exist": a replica marked caught up here would report
+                # SERVING with an empty store and answer every known user with fallbacks.
                 log.warning("candidates follower: metadata failed (%s); retrying", exc)
+                await asyncio.sleep(cfg.metadata_retry_s)
+                continue
+            if self.topic in topics:
+                consumer.subscribe([self.topic])
+                return
             if not self.caught_up.is_set():
                 log.info("candidates follower: topic %s does not exist yet; serving fallbacks", self.topic)
                 self.caught_up.set()
@@ -143,8 +148,13 @@ class CandidatesFollower:
                 log.warning("candidates follower: fetch failed (%s); retrying", exc)
                 await asyncio.sleep(cfg.metadata_retry_s)
                 continue
+            applied = 0
             for records in batches.values():
                 for record in records:
+                    applied += 1
+                    if applied % cfg.apply_yield_every == 0:
+                        # Decoding a full fetch takes tens of ms: let the RPCs waiting meanwhile run.
+                        await asyncio.sleep(0)
                     try:
                         self._apply(record.key, record.value)
                     except Exception:  # noqa: BLE001 - one record must not end the follower

@@ -135,10 +135,12 @@ def build_response(
     fallback: PopularityFallback,
     limits: Limits,
 ) -> pb.GetCandidatesResponse:
-    """The answer to a valid request: the user's list for the surface, else the fallback."""
+    """The answer to a valid request: the user's list for the surface, else the fallback (also
+    for an empty list: the worker publishes one when the store had nothing eligible to return,
+    e.g. a catalogue not loaded yet, and no candidates is no answer)."""
     limit = request.limit or limits.default_limit
     lists: SurfaceList | None = record.surfaces.get(request.surface) if record is not None else None
-    if record is not None and lists is not None:
+    if record is not None and lists is not None and len(lists.items) > 0:
         response = pb.GetCandidatesResponse(
             user_id=request.user_id,
             surface=request.surface,
@@ -424,14 +426,22 @@ def _supervise(settings: Settings) -> int:
     for proc in procs:
         proc.start()
     told: set[int] = set()
+    crashed = False
     while any(proc.is_alive() for proc in procs):
+        if not stopping.is_set() and (dead := [p for p in procs if p.exitcode is not None]):
+            # One process down means a replica at part of its capacity that looks healthy to its
+            # supervisor (compose, Kubernetes): stop the others and exit non-zero, so it restarts.
+            print(f"recsys serve: {dead[0].name} exited ({dead[0].exitcode}); stopping the others", flush=True)
+            crashed = True
+            stopping.set()
         if stopping.is_set():
             for i, proc in enumerate(procs):
                 if i not in told and proc.is_alive() and started[i].is_set():
                     proc.terminate()  # SIGTERM: each drains its calls and stops on its own
                     told.add(i)
         multiprocessing.connection.wait([proc.sentinel for proc in procs if proc.is_alive()], timeout=0.1)
-    return max((abs(p.exitcode or 0) for p in procs), default=0)
+    code = max((abs(p.exitcode or 0) for p in procs), default=0)
+    return code or (1 if crashed else 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

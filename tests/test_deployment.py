@@ -48,3 +48,18 @@ def test_services_run_the_project_entry_points() -> None:
     for name in ("indexer", "streams", "worker", "server"):
         assert ours[name].get("restart") in ("on-failure", "always", "unless-stopped"), name
     assert "restart" not in ours["trainer"]
+
+
+def test_the_broker_keeps_its_topics_on_the_volume() -> None:
+    """The apache/kafka image logs to /tmp unless told otherwise: a recreated container would
+    lose every topic, the compacted catalogue and candidates included."""
+    kafka = yaml.safe_load(COMPOSE.read_text())["services"]["kafka"]
+    mounts = {volume.split(":")[1] for volume in kafka["volumes"]}
+    assert kafka["environment"]["KAFKA_LOG_DIRS"] in mounts
+
+
+def test_the_server_can_be_scaled() -> None:
+    """`--scale server=N` (README): a fixed host port could be bound by one replica only."""
+    (port,) = yaml.safe_load(COMPOSE.read_text())["services"]["server"]["ports"]
+    host, container = port.rsplit(":", 1)
+    assert container == "50051" and "-" in host, port

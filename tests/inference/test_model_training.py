@@ -225,6 +225,24 @@ def test_cli_export_and_evaluate(tiny_model: tuple[GenerativeRetriever, Checkpoi
     assert metrics["recall@10"] > 0.3 and metrics["n_targets"] > 100
 
 
+def test_cli_says_what_is_missing(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A data file or checkpoint that is not there is a usage error naming it, not a traceback
+    (a fresh clone has no ../shared/datasets)."""
+    from inference import evaluate
+    from inference import train as train_cli
+
+    _, _, out = tiny_model
+    cases = [(train_cli.main, ["--dataset", "beauty", "--path", str(tmp_path / "Beauty.txt")], "Beauty.txt not found"),
+             (evaluate.main, ["--checkpoint", str(tmp_path / "none.pt")], "none.pt not found"),
+             (evaluate.main, ["--checkpoint", str(out / "ckpt_best.pt"), "--dataset", "ml100k",
+                              "--path", str(tmp_path / "u.data")], "u.data not found")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_fused_softmax_with_a_window_of_targets_sums_their_cross_entropies() -> None:
     g = torch.Generator().manual_seed(1)
     R, N, D, W = 11, 40, 6, 3

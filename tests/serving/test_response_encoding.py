@@ -32,7 +32,7 @@ def reference(request: pb.GetCandidatesRequest, record: UserCandidates) -> pb.Ge
 
 
 @settings(max_examples=200, deadline=None)
-@given(pairs=st.lists(st.tuples(ids, scores), max_size=40), limit=st.integers(0, 50))
+@given(pairs=st.lists(st.tuples(ids, scores), min_size=1, max_size=40), limit=st.integers(0, 50))
 def test_build_response_matches_the_plain_construction(pairs: list[tuple[str, float]], limit: int) -> None:
     lists = SurfaceList(tuple(i for i, _ in pairs), array("f", [s for _, s in pairs]))
     record = UserCandidates("u", "v1", 5, 6, {"home": lists})
@@ -42,3 +42,11 @@ def test_build_response_matches_the_plain_construction(pairs: list[tuple[str, fl
         assert got == reference(request, record)
     encoded, offsets = encode_candidates(lists)
     assert len(offsets) == len(pairs) + 1 and offsets[-1] == len(encoded)
+
+
+def test_an_empty_published_list_is_answered_with_the_fallback() -> None:
+    """The worker publishes an empty list when the store had nothing eligible (a catalogue not
+    loaded yet): the user gets the popular items, flagged, as an unknown user would."""
+    record = UserCandidates("u", "v1", 5, 6, {"home": SurfaceList((), array("f"))})
+    got = build_response(pb.GetCandidatesRequest(user_id="u", surface="home"), record, FALLBACK, LIMITS)
+    assert got.is_fallback and got.model_version != "v1"

@@ -308,6 +308,35 @@ def test_recsys_serve_process_sigterm_snapshot_and_workers(
     assert snapshot.exists() and b"home-p1-0" in snapshot.read_bytes()
 
 
+def test_recsys_serve_workers_stops_when_one_process_dies(
+    kafka_bootstrap: str, unique: str, model_dir: Path
+) -> None:
+    """One of `--workers 2` killed: the supervisor stops the other and exits non-zero, so that
+    compose or Kubernetes restarts the replica instead of it running at half capacity."""
+    topic = f"candidates-crash-{unique}"
+    create_topic(kafka_bootstrap, topic)
+    env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
+           "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), "--workers", "2"],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        asyncio.run(wait_serving(port))
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        servers = [int(c) for c in children
+                   if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(servers) == 2, children
+        os.kill(servers[0], signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0, output
+        assert "exited (-9); stopping the others" in output, output
+        assert output.count("shutting down: NOT_SERVING") == 1, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_recsys_serve_workers_sigterm_while_starting_exits_cleanly(
     kafka_bootstrap: str, unique: str, model_dir: Path
 ) -> None:

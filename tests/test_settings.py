@@ -1,0 +1,45 @@
+"""The settings object: a configuration mistake is an error that names it, never a silent default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from recsys.settings import Settings
+
+
+def test_environment_variables_reach_their_section(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_SERVING__PORT", "6000")
+    assert Settings().serving.port == 6000
+
+
+@pytest.mark.parametrize("toml", ["[kafak]\nport = 1\n", "[kafka]\nbogus = 1\n"])
+def test_an_unknown_key_in_the_config_file_is_refused(toml: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "recsys.toml"
+    path.write_text(toml)
+    monkeypatch.setenv("RECSYS_CONFIG", str(path))
+    with pytest.raises(ValidationError, match="kafak|kafka.bogus"):
+        Settings()
+
+
+def test_a_misspelt_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_SERVING__HOTS", "0.0.0.0")
+    with pytest.raises(ValidationError, match="serving.hots"):
+        Settings()
+
+
+def test_a_config_file_that_is_not_there_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(FileNotFoundError, match="missing.toml"):
+        Settings()
+
+
+def test_the_config_file_sets_values_the_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "recsys.toml"
+    path.write_text('[serving]\nport = 7000\nhost = "0.0.0.0"\n')
+    monkeypatch.setenv("RECSYS_CONFIG", str(path))
+    monkeypatch.setenv("RECSYS_SERVING__PORT", "7001")
+    settings = Settings()
+    assert (settings.serving.host, settings.serving.port) == ("0.0.0.0", 7001)
