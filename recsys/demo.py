@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+import signal
 import statistics
 import threading
 import time
@@ -70,39 +72,20 @@ def show(console: Console, user: str, event: dict[str, Any], reply: Any, latency
     console.print(table)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="recsys demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--work-dir", type=Path, default=Path("var/demo"))
-    parser.add_argument("--seconds", type=float, default=60.0, help="how long to stream")
-    parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--items", type=int, default=400)
-    parser.add_argument("--rate", type=float, default=100.0, help="background events per second")
-    parser.add_argument("--featured", type=int, default=3, help="users whose candidates are shown")
-    parser.add_argument("--retrain", action="store_true")
-    parser.add_argument("--seed", type=int, default=7)
-    args = parser.parse_args(argv)
-
+def featured_actions(stack: LocalStack, args: argparse.Namespace) -> list[float]:
+    """Until `args.seconds` have passed: one action of a featured user at a time, its new
+    candidates shown once served; returns each action's time from produce to served (ms)."""
     settings = get_settings()
-    model_dir = args.work_dir.resolve() / "model"
-    ensure_model(model_dir, users=args.users, items=args.items, seed=args.seed, retrain=args.retrain)
+    channel = grpc.insecure_channel(stack.grpc_target)
+    stub = pb_grpc.CandidatesStub(channel)
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
 
-    console.print("[bold]starting[/bold] Kafka, the indexer, streams, worker and gRPC server ...")
-    with LocalStack(args.work_dir / "run", model_dir) as stack:
-        console.print(f"gRPC GetCandidates on {stack.grpc_target}; logs in {stack.work_dir / 'logs'}")
-        assert stack.bootstrap is not None
-        stop = threading.Event()
-        traffic = threading.Thread(target=background_traffic, daemon=True, args=(
-            stack.bootstrap, settings.topics.actions, args.users, args.items, args.rate, stop))
-        traffic.start()
-
-        channel = grpc.insecure_channel(stack.grpc_target)
-        stub = pb_grpc.CandidatesStub(channel)
-        from kafka import KafkaProducer
-
-        producer = KafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=0)
-        featured = [f"demo-{u}" for u in range(args.featured)]
-        latencies: list[float] = []
-        deadline = time.monotonic() + args.seconds
+    producer = KafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=0)
+    featured = [f"demo-{u}" for u in range(args.featured)]
+    latencies: list[float] = []
+    deadline = time.monotonic() + args.seconds
+    try:
         for step in itertools.count():
             if time.monotonic() > deadline:
                 break
@@ -134,10 +117,51 @@ def main(argv: list[str]) -> int:
                 console.print(f"[red]user {user}: no fresh candidates within 10 s[/red]")
                 stack.check_alive()
             time.sleep(1.0)
-        stop.set()
-        producer.close()
+    finally:  # before the stack stops: a producer left open retries a dead broker at exit
+        with contextlib.suppress(KafkaError):
+            producer.close(timeout=2)
         channel.close()
-        if latencies:
-            console.print(f"[bold]produce -> served[/bold] over {len(latencies)} featured actions: "
-                          f"median {statistics.median(latencies):.0f} ms, max {max(latencies):.0f} ms")
+    return latencies
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="recsys demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("var/demo"))
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to stream")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=100.0, help="background events per second")
+    parser.add_argument("--featured", type=int, default=3, help="users whose candidates are shown")
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    model_dir = args.work_dir.resolve() / "model"
+    ensure_model(model_dir, users=args.users, items=args.items, seed=args.seed, retrain=args.retrain)
+
+    # `kill`, `timeout` and a closed terminal stop the demo as Ctrl-C does: through the stack's
+    # clean stop, not leaving the broker and the services (each in a session of its own) behind.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.default_int_handler)
+    console.print("[bold]starting[/bold] Kafka, the indexer, streams, worker and gRPC server ...")
+    try:
+        with LocalStack(args.work_dir / "run", model_dir) as stack:
+            console.print(f"gRPC GetCandidates on {stack.grpc_target}; logs in {stack.work_dir / 'logs'}")
+            assert stack.bootstrap is not None
+            stop = threading.Event()
+            traffic = threading.Thread(target=background_traffic, daemon=True, args=(
+                stack.bootstrap, settings.topics.actions, args.users, args.items, args.rate, stop))
+            traffic.start()
+
+            try:
+                latencies = featured_actions(stack, args)
+            finally:
+                stop.set()
+            if latencies:
+                console.print(f"[bold]produce -> served[/bold] over {len(latencies)} featured actions: "
+                              f"median {statistics.median(latencies):.0f} ms, max {max(latencies):.0f} ms")
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP: the stack has stopped on the way out
+        console.print("[yellow]stopped[/yellow]: the broker and every service are down")
+        return 130
     return 0

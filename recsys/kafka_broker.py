@@ -10,6 +10,7 @@ started directly (`kafka.Kafka`). Readiness is a metadata request that succeeds,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -217,6 +218,16 @@ class LocalBroker:
             return None
         return pid
 
+    def _running_port(self) -> int | None:
+        """The client port in the server.properties the running broker was started with."""
+        props = self.data_dir / "server.properties"
+        if not props.exists():
+            return None
+        for line in props.read_text().splitlines():
+            if line.startswith("listeners=") and "PLAINTEXT://" in line:
+                return int(line.split("PLAINTEXT://", 1)[1].split(",", 1)[0].rsplit(":", 1)[1])
+        return None
+
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self.data_dir / "server.properties"
@@ -237,7 +248,13 @@ class LocalBroker:
 
     def start(self) -> str:
         """Start the broker if it is not running; return its bootstrap address."""
-        if self.pid() is not None:
+        if (pid := self.pid()) is not None:
+            running = self._running_port()
+            if running not in (None, self.cfg.port):
+                # Waiting on the new port would time out with a misleading "did not answer".
+                raise BrokerError(f"the broker of {self.data_dir} (pid {pid}) is still running, on port {running}, "
+                                  f"not {self.cfg.port}: stop it first (`recsys kafka stop` with its settings, or "
+                                  f"kill {pid})")
             wait_until_ready(self.bootstrap, self.cfg.start_timeout_s)
             return self.bootstrap
         # Readiness is "something answers on the port": a port held by another broker (another
@@ -285,7 +302,8 @@ class LocalBroker:
                 break
             time.sleep(0.2)
         else:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self._pid_file.unlink(missing_ok=True)
         return True
 

@@ -127,10 +127,21 @@ class LocalStack:
         self.services["serve"].wait_until(healthy, timeout_s, "gRPC health SERVING")
 
     def stop(self) -> None:
-        for service in reversed(list(self.services.values())):
-            service.stop()
-        if self.broker is not None:
-            self.broker.stop()
+        """Stop every service, then the broker. Each runs in a session of its own, so whatever
+        this misses outlives us: a second Ctrl-C while the clean stop waits kills the rest
+        instead of leaving them running (the next run would meet a broker on the old ports and
+        a worker holding the Edge shard's lock)."""
+        try:
+            for service in reversed(list(self.services.values())):
+                service.stop()
+            if self.broker is not None:
+                self.broker.stop()
+        except KeyboardInterrupt:
+            for service in self.services.values():
+                service.kill()
+            if self.broker is not None:
+                self.broker.stop(timeout_s=0)
+            raise
 
     def __enter__(self) -> LocalStack:
         try:

@@ -33,6 +33,11 @@ def test_start_stop_idempotent(tmp_path: Path) -> None:
     first = broker.start()
     pid = broker.pid()
     assert broker.start() == first and broker.pid() == pid  # second start reuses the process
+    # The same data dir asked for other ports (a demo rerun after one that was killed): said at once.
+    moved = LocalBroker(KafkaSettings(data_dir=tmp_path, port=free_port(), controller_port=free_port(),
+                                      start_timeout_s=5))
+    with pytest.raises(BrokerError, match=f"pid {pid}\\) is still running, on port {broker.cfg.port}"):
+        moved.start()
     assert broker.stop() is True
     assert broker.pid() is None
     assert broker.stop() is False
