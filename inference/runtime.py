@@ -28,7 +28,7 @@ from recsys.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelRuntime", "VectorLookup", "choose_providers"]
+__all__ = ["ModelRuntime", "VectorLookup", "choose_providers", "load_cuda_libraries"]
 
 Fetch = Callable[[Sequence[str]], dict[Any, np.ndarray]]  # item ids -> the vectors the store has
 
@@ -40,6 +40,22 @@ def _now() -> float:
 
 def _ttl_cache(size: int, ttl_s: float) -> TTLCache[str, Any]:
     return TTLCache(maxsize=max(1, size), ttl=ttl_s, timer=_now)
+
+
+def load_cuda_libraries() -> bool:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels into the process (ONNX Runtime's
+    `preload_dlls`), so that the CUDA EP finds them: nothing else puts them on the loader's
+    path, since the worker never imports torch. Only where an NVIDIA driver is installed
+    (libcuda.so.1): elsewhere there is no GPU to run on, and loading a gigabyte of libraries
+    would buy nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    ort.preload_dlls(directory="")  # "": the nvidia site packages, then the default paths
+    return True
 
 
 def choose_providers(provider: str) -> list[str]:
@@ -95,6 +111,8 @@ class ModelRuntime:
         # spinning steals the CPU the rest of the micro-batch (numpy, Kafka) needs: 2x slower here.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers = choose_providers(provider)
+        if providers[0] == "CUDAExecutionProvider":
+            load_cuda_libraries()
         if provider == "auto":
             # Without a GPU the CUDA EP fails to load its libraries and ORT logs that as an
             # error; in auto mode that is expected, so we report the outcome ourselves below.
@@ -104,6 +122,9 @@ class ModelRuntime:
         finally:
             ort.set_default_logger_severity(2)
         if providers[0] == "CUDAExecutionProvider" and session.get_providers()[0] != providers[0]:
+            if provider == "cuda":  # asked for by name (docker-compose's GPU worker): no quiet CPU fallback
+                raise RuntimeError("provider=cuda, but the CUDA execution provider could not load "
+                                   "(no GPU, no NVIDIA driver, or a CUDA library missing)")
             log.warning("CUDA execution provider unavailable (no GPU or CUDA libraries): running on CPU")
         items = np.load(model_dir / "items.npz", allow_pickle=False)
         ids = items["ids"].astype(str)
