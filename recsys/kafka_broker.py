@@ -134,7 +134,7 @@ def ensure_jars(cfg: KafkaSettings) -> Path:
     shutil.rmtree(tmp_lib, ignore_errors=True)
     print(f"fetching Kafka {cfg.version} from Maven Central into {home} ...", file=sys.stderr)
     proc = subprocess.run(
-        [mvn, "-q", "-B", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
+        [mvn, "-q", "-B", "--strict-checksums", "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
          "-DincludeScope=runtime", f"-DoutputDirectory={tmp_lib}"],
         capture_output=True, text=True,
     )

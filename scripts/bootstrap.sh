@@ -43,8 +43,10 @@ fi
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 BASE_SITE=$("$BASE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$BASE_SITE" > "$SITE/_recsys_base.pth"
-if ! .venv/bin/python -c 'import recsys, sys; sys.exit(0 if recsys.__file__.startswith(sys.argv[1]) else 1)' "$ROOT" 2>/dev/null \
-   || [ ! -x .venv/bin/recsys ]; then
+# -P: without it the current directory comes first on sys.path and `import recsys` would find
+# ./recsys whatever the editable install points at (a copied clone would run the original's code).
+if ! .venv/bin/python -P -c 'import recsys, sys; sys.exit(0 if recsys.__file__.startswith(sys.argv[1] + "/") else 1)' "$ROOT" 2>/dev/null \
+   || [ ! -x .venv/bin/recsys ] || [ "$(head -1 .venv/bin/recsys)" != "#!$ROOT/.venv/bin/python" ]; then
     "$BASE/bin/pip" --python .venv/bin/python install -q --no-deps --no-build-isolation -e . 
 fi
 
