@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from serving.store import CandidateStore, MalformedCandidates, parse_candidates
@@ -147,6 +148,12 @@ def test_snapshot_round_trip_and_newest_wins_on_load(tmp_path: Path, make_candid
     u3 = restored.get("u3")
     assert u3 is not None and u3.model_version == "newer"
     assert CandidateStore(1).load(tmp_path / "missing") == 0
+    # The file is one msgpack array of the records, written and read record by record.
+    records = msgpack.unpackb(path.read_bytes(), raw=False)
+    assert [r["user_id"] for r in records] == [f"u{k}" for k in range(10)]
+    (tmp_path / "not-a-list").write_bytes(msgpack.packb({"user_id": "u"}))
+    with pytest.raises(MalformedCandidates, match="not a list"):
+        CandidateStore(1).load(tmp_path / "not-a-list")
 
 
 def test_max_users_must_be_positive() -> None:
