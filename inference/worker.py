@@ -51,6 +51,7 @@ from inference.runtime import ModelRuntime, VectorLookup
 from recsys.kafka_clients import PendingCommits, group_consumer
 from recsys.settings import InferenceSettings, Settings, get_settings
 from recsys.topics import POPULAR_KEY
+from vector_store.base import VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,19 @@ class Condition:
 def conditions_for(settings: Settings, surfaces: Sequence[str], actions: Sequence[str]) -> list[Condition]:
     """The conditions of every surface, in the model's surface order; weights sum to 1 per surface."""
     out: list[Condition] = []
+    # A typo ("Home") would leave that surface aiming at clicks without a word. (A configured
+    # surface the model was not trained on is no typo: it has no conditions to weigh.)
+    if unknown_surfaces := set(settings.inference.outcome_weights) - set(surfaces) - set(settings.events.surfaces):
+        raise ValueError(f"outcome_weights names surfaces that are neither configured nor the model's: "
+                         f"{sorted(unknown_surfaces)}; the model has {list(surfaces)}")
     for surface in surfaces:
         weights = {o: w for o, w in settings.inference.outcome_weights.get(surface, {}).items() if w > 0}
         unknown = set(weights) - set(actions)
         if unknown:
             raise ValueError(f"outcome_weights[{surface!r}] names outcomes the model lacks: {sorted(unknown)}")
+        if negative := set(weights) & set(settings.train.negative_actions):
+            raise ValueError(f"outcome_weights[{surface!r}] aims at {sorted(negative)}, which users do to reject "
+                             "an item (train.negative_actions): give it weight 0")
         if not weights:  # a surface with no stated goal aims at clicks
             weights = {actions[0]: 1.0}
         total = sum(weights.values())
@@ -456,6 +465,7 @@ class Worker:
     updates_skipped = 0  # unusable `user-updates` records (inference/guards.py: clean_update)
     _kafka_delay = 0.1  # current back-off after a failed poll or commit (broker unreachable)
     users_failed = 0  # users whose data made compute raise; skipped, the rest of the batch served
+    _failed_in_a_row = 0  # users failed since the last one served (SystemicFailure past a bound)
 
     def __init__(self, settings: Settings, runtime: ModelRuntime, store: Any, item_follower: Any = None) -> None:
         from kafka import KafkaProducer
@@ -658,8 +668,11 @@ class Worker:
         StoreUnavailable from the retrying store and ends the loop uncommitted; so does a store
         call that can never succeed (StoreCallFailed): skipping every user would commit a batch
         with nothing written. For the same reason a batch of several users that ALL fail on
-        their own is taken as the worker's fault, not the data's: SystemicFailure, uncommitted
-        (a lone user that fails is still skipped: one record cannot tell the two apart)."""
+        their own is taken as the worker's fault, not the data's: SystemicFailure, uncommitted.
+        A lone user that fails is skipped (one record cannot tell the two apart), but
+        `inference.max_failed_in_a_row` users failing with none served between is systemic
+        too: at low traffic most batches hold one user, and a broken session would otherwise
+        skip and commit every update while the process looked healthy."""
         try:
             return updates, self.compute(updates)
         except (StoreUnavailable, StoreCallFailed):
@@ -677,10 +690,11 @@ class Worker:
                 raise
             except Exception as exc:  # noqa: BLE001
                 failed.append((update, exc))
-        if failed and not kept and len(updates) > 1:
+        self._failed_in_a_row = 0 if kept else self._failed_in_a_row + len(failed)
+        if failed and not kept and (len(updates) > 1 or self._failed_in_a_row >= self.settings.inference.max_failed_in_a_row):
             exc = failed[-1][1]
-            raise SystemicFailure(f"all {len(updates)} users of the batch failed, the last with "
-                                  f"{type(exc).__name__}: {exc}") from exc
+            raise SystemicFailure(f"all {len(updates)} users of the batch failed ({self._failed_in_a_row} in a row), "
+                                  f"the last with {type(exc).__name__}: {exc}") from exc
         for update, exc in failed:
             self.users_failed += 1
             log.error("worker: user %r skipped (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
@@ -787,6 +801,23 @@ def _budget_sanity(settings: Settings) -> None:
                          "limit_headroom <= limit_headroom_max, merge_cosine finite")
 
 
+def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, stopping: threading.Event) -> bool:
+    """Until the store holds model ``version``'s whole item table (its catalogue marker, set by
+    `recsys index`). This model's queries against another model's vectors, or an empty store,
+    would publish lists that replace every active user's good ones. A Qdrant server is loaded
+    by the indexer beside us: wait for it (False if stopped first). An Edge shard is this
+    process's alone, so nobody else can load it while we wait: say so and stop."""
+    while (loaded := store.catalogue_version()) != version:
+        now = f"model {loaded}'s" if loaded else "no whole catalogue"
+        if settings.vector_store.backend == "edge":
+            raise SystemExit(f"worker: the Edge shard {settings.vector_store.path} holds {now}, not model {version}'s: "
+                             "run `recsys index` first (it loads the exported items.npz)")
+        log.warning("worker: the vector store holds %s, not model %s's; waiting for `recsys index` to load it", now, version)
+        if stopping.wait(settings.inference.store_retry_max_s):
+            return False
+    return True
+
+
 def main(argv: list[str]) -> int:
     from recsys.topics import ensure_own_topics
     from vector_store import open_store
@@ -818,6 +849,9 @@ def main(argv: list[str]) -> int:
                                 stopping=stopping, **retry)
     except StoreUnavailable:
         log.warning("worker: stopped before the vector store could be opened")
+        return 0
+    if not wait_for_catalogue(store, runtime.version, settings, stopping):
+        log.warning("worker: stopped before the vector store held the model's catalogue")
         return 0
     follower = None
     if not args.no_follow_items:

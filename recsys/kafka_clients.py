@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -87,28 +86,36 @@ def read_topic(bootstrap: str, topic: str) -> list[tuple[str, bytes]]:
 
 
 def read_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stall_s: float = 30.0) -> list[Any]:
-    """The records of ``topic`` up to the end offsets it has now, partition by partition, in log
-    order: from the beginning, or from ``group_id``'s committed offsets (what that group has
-    yet to read). Reads with manually assigned partitions, so the group is neither joined nor
-    committed to. Raises KafkaTimeoutError when no record arrives for ``stall_s`` before the end."""
+    """`iter_to_end`'s records, partition by partition, in log order."""
+    records = list(iter_to_end(bootstrap, topic, group_id, stall_s=stall_s))
+    return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+def iter_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stall_s: float = 30.0) -> Iterator[Any]:
+    """The records of ``topic`` up to the end offsets it has now, as they are fetched (in log
+    order within a partition): from the beginning, or from ``group_id``'s committed offsets
+    (what that group has yet to read). Reads with manually assigned partitions, so the group
+    is neither joined nor committed to. Raises KafkaTimeoutError when the broker does not
+    answer, or no record arrives for ``stall_s`` before the end."""
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaTimeoutError
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False)
+    # earliest: a committed offset the log no longer holds resumes where the group consumer will
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         if not tps:
-            return []
+            return
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         if group_id is not None:
             for tp in tps:
-                committed = consumer.committed(tp)
+                committed = consumer.committed(tp, timeout_ms=int(stall_s * 1000))
                 if committed is not None:
                     consumer.seek(tp, committed)
         end = consumer.end_offsets(tps)
-        by_tp: dict[Any, list[Any]] = defaultdict(list)
         last_progress = time.monotonic()
         while any(consumer.position(tp) < end[tp] for tp in tps):
             batches = consumer.poll(timeout_ms=500)
@@ -117,8 +124,7 @@ def read_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stal
             elif time.monotonic() - last_progress > stall_s:
                 raise KafkaTimeoutError(f"reading {topic} to its end: no record for {stall_s:.0f} s")
             for tp, batch in batches.items():
-                by_tp[tp].extend(r for r in batch if r.offset < end[tp])
-        return [r for tp in tps for r in sorted(by_tp[tp], key=lambda r: r.offset)]
+                yield from (r for r in batch if r.offset < end[tp])
     finally:
         consumer.close(autocommit=False)
 

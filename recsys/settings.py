@@ -170,6 +170,9 @@ class InferenceSettings(Section):
     group_id: str = "recsys-inference"  # consumer group on user-updates; add workers to scale
     max_batch: int = 256  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
+    # Users failing one after another with none served between: past this many the worker stops
+    # (uncommitted) instead of skipping them, as for a batch whose users all fail
+    max_failed_in_a_row: int = 20
     provider: str = "auto"  # auto | cuda | cpu
     # ONNX Runtime intra-op threads of the model's session (0 = one per core). 1: the worker
     # shares a few cores with Kafka, Faust and the server; one thread each measured better there.
@@ -267,7 +270,7 @@ class ServingSettings(Section):
     snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker)
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
-    apply_yield_every: int = 32  # records applied between two turns of the event loop's RPCs
+    apply_yield_every: int = Field(32, gt=0)  # records applied between two turns of the event loop's RPCs
     max_fetch_bytes: int = 8 << 20  # Kafka fetch size cap per partition and per request
     metadata_retry_s: float = 1.0  # back-off after a failed fetch from Kafka
     metadata_refresh_ms: int = 5000  # how soon a newly created topic / partition is followed

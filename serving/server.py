@@ -13,8 +13,8 @@ What the server guarantees:
   enforced by gRPC and checked between the lookups of a batch; RESOURCE_EXHAUSTED beyond
   max_concurrent_rpcs; message sizes capped both ways (a batch answer over the cap is refused
   with a reason, where gRPC would refuse it bare).
-- Unknown users (and known users without a list for that surface) get the surface's
-  popularity list with is_fallback = true.
+- Unknown users (and known users without a list, or with an empty one, for that surface) get
+  the surface's popularity list with is_fallback = true.
 - gRPC health checking (`grpc.health.v1`; SERVING only after the topic has been read to its
   end once, NOT_SERVING while shutting down) and server reflection.
 - Optional TLS (serving.tls_cert + tls_key) and an optional bearer token on the
@@ -428,7 +428,8 @@ def _supervise(settings: Settings) -> int:
     told: set[int] = set()
     crashed = False
     while any(proc.is_alive() for proc in procs):
-        if not stopping.is_set() and (dead := [p for p in procs if p.exitcode is not None]):
+        # Exit 0 is a clean stop (the terminal's Ctrl-C reaches every process itself).
+        if not stopping.is_set() and (dead := [p for p in procs if p.exitcode not in (None, 0)]):
             # One process down means a replica at part of its capacity that looks healthy to its
             # supervisor (compose, Kubernetes): stop the others and exit non-zero, so it restarts.
             print(f"recsys serve: {dead[0].name} exited ({dead[0].exitcode}); stopping the others", flush=True)

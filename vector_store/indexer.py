@@ -42,7 +42,7 @@ import logging
 import math
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,20 +324,30 @@ class CatchUp:
     the states in between: an item withdrawn later (``surfaces: []``) eligible again, a
     popularity going back, until the replay reached the newest record. Compaction keeps only
     the newest record per key, but not in the log's active segment, nor before the cleaner
-    has run. The records past the start's end are live: indexed in order, as always."""
+    has run. The records past the start's end are live: indexed in order, as always.
+
+    Nothing here depends on what was read before a restart: an older record is skipped
+    whatever the consumer's history, and features an item's newest record lacks are indexed
+    with that newest record's payload at the older record's offset (so a commit past it loses
+    nothing). The maps are kept until the group's commits pass the range (`release`): a
+    replaced consumer re-reads from the last commit and must thin the same way."""
 
     latest: dict[Key, int]  # offset of each item's newest valid record in the catch-up range
-    features_at: dict[Key, int]  # ... of its newest one with features, where the newest has none
-    _features: dict[Key, tuple[float, ...]] = field(default_factory=dict)
+    # items whose newest record has no features but an older one does: (its offset, the newest)
+    carry: dict[Key, tuple[int, ItemMessage]]
+    ends: dict[int, int]  # partition -> the offset after its last record in the range
 
     @classmethod
-    def scan(cls, records: Sequence[Any], decode: Callable[[Any], ItemMessage]) -> CatchUp:
-        """From the records a follower has yet to read (`read_to_end`). Refused records do not
-        count: one must not hide the valid record before it, which a live follower would have
-        indexed."""
+    def scan(cls, records: Iterable[Any], decode: Callable[[Any], ItemMessage]) -> CatchUp:
+        """From the records a follower has yet to read (`iter_to_end`), as they come. Records
+        the decoder refuses do not count: one must not hide the valid record before it, which a
+        live follower would have indexed."""
         latest: dict[Key, int] = {}
         features_at: dict[Key, int] = {}
+        carry: dict[Key, tuple[int, ItemMessage]] = {}
+        ends: dict[int, int] = {}
         for rec in records:
+            ends[rec.partition] = max(ends.get(rec.partition, 0), rec.offset + 1)
             try:
                 item = decode(rec)
             except BadItemMessage:
@@ -346,25 +356,34 @@ class CatchUp:
             latest[key] = rec.offset
             if item.features is not None:
                 features_at[key] = rec.offset
-        return cls(latest, {k: o for k, o in features_at.items() if o != latest[k]})
+                carry.pop(key, None)
+            elif key in features_at:
+                carry[key] = (features_at[key], item)
+        return cls(latest, carry, ends)
 
     def thin(self, rec: Any, item: ItemMessage) -> ItemMessage | None:
         """The item to index for a record, or None when a newer record of the item follows in
-        the catch-up range. The newest gets the features of an older record when it has none,
-        as `index_items` does within one batch: a payload-only update of an item published
-        after the model's export could not be embedded without them."""
+        the catch-up range."""
         key = (rec.partition, rec.key)
         newest = self.latest.get(key)
-        if newest is None or rec.offset > newest:  # live, or an item the range does not hold
+        if newest is None or rec.offset >= newest:  # the newest, live, or an item the range does not hold
             return item
-        if rec.offset < newest:
-            if self.features_at.get(key) == rec.offset:
-                self._features[key] = item.features  # type: ignore[assignment]
-            return None
-        del self.latest[key]
-        self.features_at.pop(key, None)
-        features = self._features.pop(key, None)
-        return item if item.features is not None or features is None else dataclasses.replace(item, features=features)
+        carried = self.carry.get(key)
+        if carried is not None and carried[0] == rec.offset:
+            # The newest without features could not embed an item published after the model's
+            # export: its final state now, with these features (as index_items merges them
+            # within one batch); the newest then only refreshes the payload.
+            return dataclasses.replace(carried[1], features=item.features)
+        return None
+
+    def release(self, committed: Mapping[int, int]) -> None:
+        """Forget each partition whose range ``committed`` (partition -> the offset this
+        follower committed) has passed: no consumer of the group reads it again."""
+        done = {p for p, end in self.ends.items() if committed.get(p, 0) >= end}
+        if done:
+            self.latest = {k: o for k, o in self.latest.items() if k[0] not in done}
+            self.carry = {k: c for k, c in self.carry.items() if k[0] not in done}
+            self.ends = {p: end for p, end in self.ends.items() if p not in done}
 
 
 @dataclass
@@ -388,14 +407,14 @@ class ItemsFollower:
         if self.group_id is None:
             group = self.store.items_group(self.settings.vector_store.indexer_group_id)
             self.group_id = group if self.model_version is None else f"{group}.{self.model_version}"
-        from recsys.kafka_clients import read_to_end
+        from recsys.kafka_clients import iter_to_end
 
         # Before the group consumer starts: the records it has yet to read, up to the end now.
-        backlog = read_to_end(self._bootstrap, self.settings.topics.items, self.group_id,
+        backlog = iter_to_end(self._bootstrap, self.settings.topics.items, self.group_id,
                               stall_s=self.settings.kafka.read_stall_s)
         self._catch_up = CatchUp.scan(backlog, self._decode)
-        log.info("items follower: %d records to catch up on, %d items", len(backlog), len(self._catch_up.latest))
-        del backlog
+        log.info("items follower: %d items to catch up on", len(self._catch_up.latest))
+        self._committed: dict[int, int] = {}  # partition -> offset, as this follower committed it
         self._consumer = self._new_consumer()
         self._since_optimize = 0
         self._pending = PendingCommits(self.settings.kafka.rejoin_after_s)  # indexed and flushed, not committed
@@ -521,8 +540,14 @@ class ItemsFollower:
         raises they stay pending for the next poll). A consumer stuck in a rebalance is
         replaced: the fresh one re-reads from the committed offsets, and indexing an item again
         is an upsert."""
+        offsets = dict(self._pending.offsets)
         if not self._pending.commit(self._consumer):
             self._replace_consumer()
+            return
+        if self._catch_up.ends:
+            for tp, offset in offsets.items():
+                self._committed[tp.partition] = max(offset, self._committed.get(tp.partition, 0))
+            self._catch_up.release(self._committed)
 
     def _replace_consumer(self) -> None:
         """A fresh consumer for a stuck one. If creating it fails (broker down), the field is

@@ -25,6 +25,10 @@ def test_conditions_follow_surface_weights() -> None:
     assert conds == [Condition("home", "save", 0.7), Condition("home", "click", 0.3), Condition("search", "click", 1.0)]
     with pytest.raises(ValueError, match="outcomes the model lacks"):
         conditions_for(Settings(inference=InferenceSettings(outcome_weights={"home": {"buy": 1}})), ["home"], ["click"])
+    with pytest.raises(ValueError, match=r"neither configured nor the model's: \['Home'\]"):
+        conditions_for(Settings(inference=InferenceSettings(outcome_weights={"Home": {"save": 1}})), ["home"], ["click", "save"])
+    with pytest.raises(ValueError, match=r"aims at \['hide'\]"):
+        conditions_for(Settings(inference=InferenceSettings(outcome_weights={"home": {"hide": 1}})), ["home"], ["click", "hide"])
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

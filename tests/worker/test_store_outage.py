@@ -35,7 +35,7 @@ from recsys.processes import Service, settings_env
 from recsys.settings import Settings, VectorStoreSettings
 from streams.synthetic import N_CLUSTERS, cluster_features
 from vector_store import open_store
-from vector_store.indexer import ItemsFollower, ItemTable, OnnxItemEncoder, index_item_table, model_id_bucket
+from vector_store.indexer import ItemsFollower, ItemTable, OnnxItemEncoder, index_item_table, model_id_bucket, model_version
 from worker_helpers import committed_and_end, read_candidates
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
@@ -159,6 +159,7 @@ def test_a_worker_started_while_its_shard_is_locked_waits_commits_nothing_then_c
     settings = Settings(vector_store={"path": tmp_path / "shard"})
     holder = open_store(settings, dim=ItemTable.load(small_model_dir).embeddings.shape[1])
     index_item_table(holder, ItemTable.load(small_model_dir), settings.events.surfaces)
+    holder.mark_catalogue(model_version(small_model_dir))  # as `recsys index` does
 
     users = [f"locked-{i}" for i in range(20)]
     now = int(time.time() * 1000)
@@ -201,12 +202,12 @@ def test_failures_that_are_not_the_data_stop_the_batch_instead_of_skipping_its_u
 ) -> None:
     """A shard built for another model (dimension 8): every query fails the same way. That is
     not the users' data: the batch must raise (and stay uncommitted), not be skipped user by
-    user and committed with nothing written."""
+    user and committed with nothing written; so must a run of lone users that all fail."""
     from inference.guards import StoreCallFailed
     from inference.runtime import ModelRuntime
     from inference.worker import SystemicFailure, Worker
 
-    settings = Settings(vector_store={"path": tmp_path / "shard"})
+    settings = Settings(vector_store={"path": tmp_path / "shard"}, inference={"max_failed_in_a_row": 5})
     store = open_store(settings, dim=8)
     try:
         index_item_table(store, ItemTable(["a", "b"], np.eye(2, 8, dtype=np.float32), np.ones(2, np.float32)),
@@ -228,5 +229,10 @@ def test_failures_that_are_not_the_data_stop_the_batch_instead_of_skipping_its_u
         assert worker.users_failed == 0
         # A lone failing user is still skipped: one record cannot say whose fault it is.
         assert worker.compute_isolated(batch("a", 1)) == ([], []) and worker.users_failed == 1
+        # ... but not the fifth user in a row to fail (3 + 1 + 1) with none served between: at
+        # low traffic every batch holds one user, and a broken worker would skip them all.
+        with pytest.raises(SystemicFailure, match="5 in a row"):
+            worker.compute_isolated(batch("a", 1))
+        assert worker.users_failed == 1
     finally:
         store.close()
