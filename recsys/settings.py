@@ -274,6 +274,9 @@ class ServingSettings(Section):
     max_fetch_bytes: int = 8 << 20  # Kafka fetch size cap per partition and per request
     metadata_retry_s: float = 1.0  # back-off after a failed fetch from Kafka
     metadata_refresh_ms: int = 5000  # how soon a newly created topic / partition is followed
+    # after SIGTERM: health says NOT_SERVING but calls are answered this long (a load balancer
+    # polling health moves away; e.g. above its probe period behind one), then refused
+    drain_s: float = Field(0.0, ge=0)
     shutdown_grace_s: float = 5.0  # in-flight calls get this long after SIGTERM
 
 

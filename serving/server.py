@@ -20,8 +20,9 @@ What the server guarantees:
 - Optional TLS (serving.tls_cert + tls_key) and an optional bearer token on the
   `authorization` metadata (serving.auth_token; UNAUTHENTICATED otherwise; health stays open
   so that probes need no secret).
-- SIGTERM/SIGINT: NOT_SERVING, in-flight calls finish within shutdown_grace_s, the store is
-  snapshotted when snapshot_path is set.
+- SIGTERM/SIGINT: NOT_SERVING, still answering for drain_s (load balancers that poll health
+  move away), then in-flight calls finish within shutdown_grace_s; the store is snapshotted
+  when snapshot_path is set.
 
 Throughput: one Python process serves a few thousand unary calls per second per core, so
 `--workers N` starts N processes on the same port (SO_REUSEPORT; the kernel spreads
@@ -373,8 +374,12 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: NOT_SERVING, %.1f s grace for in-flight calls", cfg.shutdown_grace_s)
+        log.info("shutting down: NOT_SERVING, %.1f s drain, %.1f s grace for in-flight calls",
+                 cfg.drain_s, cfg.shutdown_grace_s)
         await health_servicer.enter_graceful_shutdown()
+        # Still answering (health Check says NOT_SERVING) while load balancers that poll it move
+        # the traffic away: server.stop refuses every new call at once, probes included.
+        await asyncio.sleep(cfg.drain_s)
         await server.stop(cfg.shutdown_grace_s)
         for task in tasks:
             task.cancel()

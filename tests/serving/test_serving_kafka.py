@@ -308,6 +308,39 @@ def test_recsys_serve_process_sigterm_snapshot_and_workers(
     assert snapshot.exists() and b"home-p1-0" in snapshot.read_bytes()
 
 
+def test_recsys_serve_drains_before_refusing_calls(model_dir: Path) -> None:
+    """After SIGTERM, for serving.drain_s: health says NOT_SERVING (so a load balancer polling
+    it moves away) while calls are still answered; then the process stops cleanly."""
+    env = {**os.environ, "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__DRAIN_S": "3",
+           "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), "--no-follow"],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    async def during_the_drain() -> tuple[int, pb.GetCandidatesResponse]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:  # the signal lands within a few ms
+                status = (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    return status, await get(port, "anyone")
+                await asyncio.sleep(0.02)
+            raise AssertionError("health never said NOT_SERVING")
+
+    try:
+        asyncio.run(wait_serving(port))
+        proc.send_signal(signal.SIGTERM)
+        status, reply = asyncio.run(during_the_drain())
+        assert reply.is_fallback and reply.candidates  # answered, not UNAVAILABLE
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "3.0 s drain" in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_recsys_serve_workers_stops_when_one_process_dies(
     kafka_bootstrap: str, unique: str, model_dir: Path
 ) -> None:
