@@ -95,9 +95,12 @@ def clean_update(raw: bytes | None, keep: int) -> dict[str, Any] | None:
         return None
     version = update.get("version")
     last_ts = update.get("last_event_ts")
+    hidden = update.get("hidden")
     return {
         **update,
         "events": clean,
+        # Items the user hid, kept out of their candidates; an update without them hides nothing.
+        "hidden": [str(i) for i in hidden if _is_id(i)] if isinstance(hidden, list) else [],
         "version": version if isinstance(version, int) and not isinstance(version, bool) else 0,
         "last_event_ts": last_ts if isinstance(last_ts, int) and not isinstance(last_ts, bool) and last_ts > 0
         else max(e["ts"] for e in clean),

@@ -11,7 +11,7 @@ An update's journey, top to bottom (`Worker.process`):
                                   each query asks for headroom x its share, not the budget
                                   (the headroom adapts: next_headroom)
     store.query_arrays            ONE vector-store call for the whole micro-batch, the user's
-                                  recent items excluded, surface eligibility filtered
+                                  recent and hidden items excluded, surface eligibility filtered
     merge_batch                   fair-share interleave of the queries' lists (merge_key), de-dup,
                                   top-N; a surface whose cut lists might hide a candidate is
                                   searched again at the full budget, so the lists are exactly
@@ -125,6 +125,18 @@ def recent_items(updates: Sequence[dict[str, Any]]) -> list[list[str]]:
     excluded from that user's candidates, and (their union) the histories' vectors to look up.
     One C-level pass per user (map/itemgetter): this runs for every event of a batch."""
     return [list(dict.fromkeys(map(str, map(_ITEM_ID, u["events"])))) for u in updates]
+
+
+def excluded_items(updates: Sequence[dict[str, Any]], recent: Sequence[list[str]]) -> list[list[str]]:
+    """Per user, what their candidates must not hold: the items of their recent events and
+    every item they hid (`clean_update`'s "hidden": hides that left the sequence included)."""
+    out = []
+    for update, ids in zip(updates, recent, strict=True):
+        if hidden := update.get("hidden"):
+            seen = set(ids)
+            ids = ids + [i for i in dict.fromkeys(map(str, hidden)) if i not in seen]
+        out.append(ids)
+    return out
 
 
 def encode_histories(
@@ -704,16 +716,17 @@ class Worker:
         """Per user, per surface: {"items": [...], "scores": [...]} (no I/O besides the store)."""
         cfg = self.settings.inference
         budget = cfg.candidates_per_surface
-        recent = recent_items(updates)  # excluded from the user's candidates
+        recent = recent_items(updates)  # their vectors are the model's input
+        excluded = excluded_items(updates, recent)  # recent and hidden: never candidates
         inputs = self.encode(updates, recent)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
         plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single_query_users(updates, self.runtime.max_len, cfg))
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
 
         def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:
-            # ONE store call for these queries; the user's recent items excluded, eligibility filtered.
+            # ONE store call for these queries; the user's recent and hidden items excluded, eligibility filtered.
             hits = self.store.query_arrays(plan.vectors[rows], limits, [names[r] for r in rows.tolist()],
-                                           recent, plan.user[rows])
+                                           excluded, plan.user[rows])
             merged = merge_batch(hits.codes, hits.scores, plan.budgets[rows], plan.group[rows],
                                  plan.n_groups, limits, budget)
             return merged, hits.id_texts()

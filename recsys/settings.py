@@ -91,6 +91,9 @@ class StreamsSettings(Section):
     max_sequence_len: int = 50  # events kept per user
     max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
     lateness_ms: int = 60 * 1000  # out-of-order events up to this old are inserted in order
+    # items a user hid (train.negative_actions) that stay out of their candidates after the
+    # hide has left the sequence; the newest hides kept
+    max_hidden: int = Field(200, ge=0)
     flush_interval_s: float = 0.05  # user-updates are coalesced per user within this window
     max_batch_events: int = 5000  # a flush window also closes after this many events (binds only in catch-up: 100k events/s at 50 ms)
     delivery: str = "window"  # window: Faust's consumer hands `actions` over a window at a time (streams/delivery.py); stream: stock Faust per-event stream

@@ -14,6 +14,11 @@ off at once (older than everything in a full sequence, or beyond the age bound) 
 counted, not stored, not dead-lettered - which is also exactly how a replayed, long-evicted
 event must be treated.
 
+Beside the sequence, the items the user hid (`train.negative_actions`), one entry per item at
+its newest hide, the newest `streams.max_hidden` kept and no age bound: a hidden item must stay
+out of the user's candidates after the hide has fallen off the sequence. Also a function of the
+set of accepted events (the newest K of a set), so replays leave it as they find it.
+
 Two forms of the same thing: `fold_event` on a tuple of `SeqEvent`s is the reference (pure,
 simple, what the tests reason with); `PackedSeq` is what the worker folds and stores. It keeps
 each event already encoded in its `user-updates` wire form, so that a window costs per user
@@ -39,6 +44,7 @@ from streams.schema import ActionEvent, Id
 
 __all__ = [
     "Folded",
+    "Hidden",
     "Outcome",
     "PackedSeq",
     "SeqEvent",
@@ -46,6 +52,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "fold_event",
+    "fold_hidden",
     "order_key",
     "user_update",
 ]
@@ -107,6 +114,28 @@ def fold_event(seq: tuple[SeqEvent, ...], event: ActionEvent, settings: Settings
     return Folded(out, Outcome.APPLIED)
 
 
+Hidden = tuple[tuple[int, Id], ...]  # (time of the hide, item), by (ts, str(item)); one per item
+
+
+def _hidden_key(entry: tuple[int, Id]) -> tuple[int, str]:
+    return (entry[0], str(entry[1]))
+
+
+def fold_hidden(hidden: Hidden, event: ActionEvent, settings: Settings) -> Hidden:
+    """The items a user hid, after one more accepted event; pure. An item is kept once, at its
+    newest hide; the newest `max_hidden` are kept (the same object when nothing changed)."""
+    limit = settings.streams.max_hidden
+    if limit <= 0 or event.action not in settings.train.negative_actions:
+        return hidden
+    item = str(event.item_id)
+    entries = {str(i): (ts, i) for ts, i in hidden}
+    if item in entries and entries[item][0] >= event.ts:
+        return hidden
+    entries[item] = (event.ts, event.item_id)
+    kept = tuple(sorted(entries.values(), key=_hidden_key)[-limit:])
+    return hidden if kept == hidden else kept
+
+
 @dataclass(frozen=True, slots=True)
 class UserState:
     """The value of the `sequences` table for one user."""
@@ -114,27 +143,30 @@ class UserState:
     user_id: Id  # as the first event spelled it (the table key is str(user_id))
     version: int  # bumped at every emitted update; strictly increasing per user
     events: tuple[SeqEvent, ...]  # oldest -> newest
+    hidden: Hidden = ()  # `fold_hidden`'s
 
 
 def encode_state(state: UserState) -> bytes:
     """The table (changelog) value of `state`: `PackedSeq`'s form."""
-    return PackedSeq.of(state.user_id, state.version, state.events).encode()
+    return PackedSeq.of(state.user_id, state.version, state.events, state.hidden).encode()
 
 
 def decode_state(raw: bytes) -> UserState:
     """A table (changelog) value as a `UserState` (either form: `PackedSeq.decode`)."""
     packed = PackedSeq.decode(raw)
-    return UserState(packed.user_id, packed.version, packed.events())
+    return UserState(packed.user_id, packed.version, packed.events(), tuple(packed.hidden))
 
 
 def user_update(state: UserState, *, last_event_ts: int, emitted_at: int) -> dict[str, Any]:
-    """The `user-updates` value (shared contract): the whole bounded sequence, oldest -> newest."""
+    """The `user-updates` value (shared contract): the whole bounded sequence, oldest -> newest,
+    and the items the user hid (oldest hide first), to be kept out of their candidates."""
     return {
         "user_id": state.user_id,
         "version": state.version,
         "events": [e.to_wire() for e in state.events],
         "last_event_ts": last_event_ts,
         "emitted_at": emitted_at,
+        "hidden": [item for _, item in state.hidden],
     }
 
 
@@ -156,48 +188,52 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-_UPDATE_USER_ID = b"\x85" + msgpack.packb("user_id")  # a map of 5 entries, in user_update's order
+_UPDATE_USER_ID = b"\x86" + msgpack.packb("user_id")  # a map of 6 entries, in user_update's order
 _UPDATE_VERSION = msgpack.packb("version")
 _UPDATE_EVENTS = msgpack.packb("events")
 _UPDATE_LAST_EVENT_TS = msgpack.packb("last_event_ts")
 _UPDATE_EMITTED_AT = msgpack.packb("emitted_at")
+_UPDATE_HIDDEN = msgpack.packb("hidden")
 
 
 class PackedSeq:
     """One user's sequence as the worker folds and the table stores it (mutable).
 
     Table value: msgpack {"user_id", "version", "ts": [event time, ...], "sizes": [bytes, ...],
-    "events": bin}, where "events" is the events' user-updates maps (`SeqEvent.to_wire`),
-    msgpack-encoded and concatenated, oldest -> newest, and "sizes" their lengths. The earlier
-    form, "events": [[ts, item, action, surface], ...], is still read.
+    "events": bin, "hidden": [[ts, item], ...]}, where "events" is the events' user-updates maps
+    (`SeqEvent.to_wire`), msgpack-encoded and concatenated, oldest -> newest, and "sizes" their
+    lengths. The earlier forms, "events": [[ts, item, action, surface], ...] and no "hidden",
+    are still read.
     """
 
-    __slots__ = ("sizes", "ts", "user_id", "version", "wire")
+    __slots__ = ("hidden", "sizes", "ts", "user_id", "version", "wire")
 
-    def __init__(self, user_id: Id, version: int, ts: list[int], sizes: list[int], wire: bytes) -> None:
+    def __init__(self, user_id: Id, version: int, ts: list[int], sizes: list[int], wire: bytes,
+                 hidden: Hidden = ()) -> None:
         self.user_id = user_id
         self.version = version
         self.ts = ts  # event times, oldest -> newest (what the age bound and appends look at)
         self.sizes = sizes  # byte length of each event's wire form in `wire`
         self.wire = wire  # the events' wire forms, concatenated
+        self.hidden = hidden  # `fold_hidden`'s
 
     @classmethod
-    def of(cls, user_id: Id, version: int, events: Sequence[SeqEvent]) -> PackedSeq:
+    def of(cls, user_id: Id, version: int, events: Sequence[SeqEvent], hidden: Hidden = ()) -> PackedSeq:
         wires = [_wire_event(*e) for e in events]
-        return cls(user_id, version, [e.ts for e in events], [len(w) for w in wires], b"".join(wires))
+        return cls(user_id, version, [e.ts for e in events], [len(w) for w in wires], b"".join(wires), hidden)
 
     @classmethod
     def decode(cls, raw: bytes) -> PackedSeq:
         obj = msgpack.unpackb(raw, raw=False)
         events = obj["events"]
+        hidden = tuple((ts, item) for ts, item in obj.get("hidden", ()))
         if isinstance(events, bytes):
-            return cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events)
-        return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events])  # the earlier form
+            return cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events, hidden)
+        return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)  # the earlier form
 
     def encode(self) -> bytes:
-        return _pack(
-            {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}
-        )
+        return _pack({"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes,
+                      "events": self.wire, "hidden": self.hidden})
 
     def events(self) -> tuple[SeqEvent, ...]:
         unpacker = msgpack.Unpacker(raw=False)
@@ -205,7 +241,14 @@ class PackedSeq:
         return tuple(SeqEvent(m["ts"], m["item_id"], m["action"], m["surface"]) for m in unpacker)
 
     def fold(self, event: ActionEvent, settings: Settings) -> Outcome:
-        """`fold_event` in place: same sequence, same outcome, same `TooLate`."""
+        """`fold_event` and `fold_hidden` in place: same sequence, same outcome, same
+        `TooLate`, same hidden items."""
+        outcome = self._fold_sequence(event, settings)  # raises TooLate first: nothing hidden then
+        if event.action in settings.train.negative_actions:
+            self.hidden = fold_hidden(self.hidden, event, settings)
+        return outcome
+
+    def _fold_sequence(self, event: ActionEvent, settings: Settings) -> Outcome:
         ts = self.ts
         if ts and event.ts <= ts[-1]:
             # Not an append (out of order, duplicate, stale, too late): the reference decides.
@@ -236,4 +279,5 @@ class PackedSeq:
             _UPDATE_USER_ID, _pack(self.user_id), _UPDATE_VERSION, _pack(self.version),
             _UPDATE_EVENTS, _array_header(len(self.ts)), self.wire,
             _UPDATE_LAST_EVENT_TS, _pack(last_event_ts), _UPDATE_EMITTED_AT, _pack(emitted_at),
+            _UPDATE_HIDDEN, _pack([item for _, item in self.hidden]),
         ))  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import msgpack
 import pytest
@@ -14,6 +15,7 @@ from recsys.settings import Settings
 from streams.errors import TooLate
 from streams.schema import ActionEvent
 from streams.sequences import (
+    Hidden,
     Outcome,
     PackedSeq,
     SeqEvent,
@@ -21,6 +23,7 @@ from streams.sequences import (
     decode_state,
     encode_state,
     fold_event,
+    fold_hidden,
     order_key,
     user_update,
 )
@@ -111,13 +114,55 @@ def test_state_and_update_wire_forms() -> None:
         ],
         "last_event_ts": T0 + 10,
         "emitted_at": T0 + 20,
+        "hidden": [],
     }
+
+
+def test_a_hidden_item_stays_hidden_after_the_hide_leaves_the_sequence() -> None:
+    """Kept once per item at its newest hide, the newest max_hidden, with no age bound: a hide
+    must keep the item out of the user's candidates for good, not for 50 events."""
+    settings = Settings(streams={"max_sequence_len": 3, "max_hidden": 2})
+    packed = PackedSeq("u", 0, [], [], b"")
+    for e in [ev(0, "a", "hide"), ev(1, 7, "hide"), ev(2, "a", "hide"), ev(3, "x"), ev(4, "y"), ev(5, "z")]:
+        packed.fold(e, settings)
+    assert [e.item_id for e in packed.events()] == ["x", "y", "z"]  # every hide has left the sequence
+    assert packed.hidden == ((T0 + 1, 7), (T0 + 2, "a"))
+    packed.fold(ev(6, "b", "hide"), settings)
+    assert packed.hidden == ((T0 + 2, "a"), (T0 + 6, "b"))  # 7, the oldest hide, makes room
+    update = msgpack.unpackb(packed.update(last_event_ts=1, emitted_at=2), raw=False)
+    assert update["hidden"] == ["a", "b"]
+    assert decode_state(packed.encode()).hidden == ((T0 + 2, "a"), (T0 + 6, "b"))
+    # The table value written before hides were kept is still read: nobody hidden.
+    older = msgpack.packb({"user_id": "u", "version": 1, "ts": [], "sizes": [], "events": b""})
+    assert PackedSeq.decode(older).hidden == ()
 
 
 # Events of one user: small ranges so that duplicates and equal timestamps are common.
 events = st.lists(
     st.builds(ev, st.integers(0, 3_000), st.integers(0, 6), st.sampled_from(["click", "save"])), max_size=40
 )
+
+
+def hidden_reference(evs: list[ActionEvent], settings: Settings) -> Hidden:
+    """The newest max_hidden distinct hidden items, each at its newest hide."""
+    newest: dict[str, tuple[int, Any]] = {}
+    for e in evs:
+        if e.action in settings.train.negative_actions and e.ts > newest.get(str(e.item_id), (-1, None))[0]:
+            newest[str(e.item_id)] = (e.ts, e.item_id)
+    return tuple(sorted(newest.values(), key=lambda h: (h[0], str(h[1])))[-settings.streams.max_hidden:])
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.lists(st.builds(ev, st.integers(0, 3_000), st.integers(0, 9), st.sampled_from(["click", "hide"])), max_size=40),
+       st.randoms(use_true_random=False))
+def test_the_hidden_items_do_not_depend_on_arrival_order_or_replays(evs: list[ActionEvent], rnd) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(streams={"max_hidden": 3})
+    shuffled = evs + evs[: len(evs) // 2]  # and a replay of the first half
+    rnd.shuffle(shuffled)
+    folded: Hidden = ()
+    for e in shuffled:
+        folded = fold_hidden(folded, e, settings)
+    assert folded == hidden_reference(evs, settings)
 
 
 def reference(evs: list[ActionEvent], settings: Settings) -> tuple[SeqEvent, ...]:
@@ -192,11 +237,13 @@ long_settings = Settings(streams={"max_sequence_len": 17, "max_age_ms": 2_500, "
 
 @hsettings(max_examples=300, deadline=None)
 @given(st.lists(st.builds(ev, st.integers(0, 3_000), st.integers(0, 6) | st.text(max_size=3),
-                          st.sampled_from(["click", "save"]), st.sampled_from(["home", "search"])), max_size=60),
+                          st.sampled_from(["click", "save", "hide"]), st.sampled_from(["home", "search"])), max_size=60),
        st.sampled_from([S, long_settings]))  # fmt: skip
 def test_packed_fold_matches_the_reference_fold(evs: list[ActionEvent], settings: Settings) -> None:
-    """Same outcome, same TooLate, same sequence, same table and update bytes, event by event."""
+    """Same outcome, same TooLate, same sequence and hidden items, same table and update bytes,
+    event by event."""
     seq: tuple[SeqEvent, ...] = ()
+    hidden: Hidden = ()
     packed = PackedSeq("u", 0, [], [], b"")
     for e in evs:
         try:
@@ -206,8 +253,8 @@ def test_packed_fold_matches_the_reference_fold(evs: list[ActionEvent], settings
                 packed.fold(e, settings)
             continue
         assert packed.fold(e, settings) is want.outcome
-        seq = want.seq
-        assert packed.events() == seq and packed.ts == [x.ts for x in seq]
-    state = UserState("u", 0, seq)
+        seq, hidden = want.seq, fold_hidden(hidden, e, settings)
+        assert packed.events() == seq and packed.ts == [x.ts for x in seq] and packed.hidden == hidden
+    state = UserState("u", 0, seq, hidden)
     assert packed.encode() == encode_state(state) and decode_state(packed.encode()) == state
     assert packed.update(last_event_ts=1, emitted_at=2) == msgpack.packb(user_update(state, last_event_ts=1, emitted_at=2))

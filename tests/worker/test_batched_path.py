@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inference.guards import clean_update
 from inference.runtime import ModelRuntime
 from inference.worker import (
     Condition,
@@ -205,6 +207,32 @@ def test_compute_equals_the_reference_pipeline(
         if headroom < 1:
             assert worker.last_plan_size[2] > 0  # the re-search path ran
             assert worker.headroom == 2 * headroom  # ... so the next micro-batch reads deeper
+    finally:
+        store.close()
+
+
+def test_items_the_user_hid_are_never_candidates_though_the_hide_left_the_sequence(
+    small_model_dir: Path, tmp_path: Path
+) -> None:
+    """`user-updates` carries the items a user hid (streams.sequences.fold_hidden), including
+    hides that fell off the bounded sequence: none of them comes back, on any surface."""
+    settings = Settings(inference={"candidates_per_surface": 20}, vector_store={"path": tmp_path / "qdrant"})
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    table = ItemTable.load(small_model_dir)
+    store = open_store(settings, dim=runtime.dim)
+    try:
+        store.upsert([ItemRecord(i, tuple(settings.events.surfaces)) for i in table.ids], table.embeddings)
+        worker = Worker.offline(settings, runtime, store)
+        events = [{"item_id": table.ids[j], "action": "click", "surface": "home", "ts": 1_700_000_000_000 + j}
+                  for j in range(5)]
+        update = {"user_id": "u", "version": 1, "events": events}
+        (before,) = worker.compute([update])
+        hidden = before["home"]["items"][:3] + before["search"]["items"][:2]
+        (after,) = worker.compute([{**update, "hidden": hidden}])
+        for surface, lists in after.items():
+            assert not set(lists["items"]) & set(hidden), surface
+            assert len(lists["items"]) == 20  # the list is refilled, not shortened
+        assert clean_update(msgpack.packb({**update, "hidden": [7, "x", None, True]}), keep=50)["hidden"] == ["7", "x"]
     finally:
         store.close()
 
