@@ -128,6 +128,11 @@ def fold_hidden(hidden: Hidden, event: ActionEvent, settings: Settings) -> Hidde
     if limit <= 0 or event.action not in settings.train.negative_actions:
         return hidden
     item = str(event.item_id)
+    if not hidden or (event.ts, item) > _hidden_key(hidden[-1]):
+        # The common case, a newer hide than every kept one: append, unless the item is
+        # already hidden (then its entry moves to the end).
+        if all(str(i) != item for _, i in hidden):
+            return (*hidden, (event.ts, event.item_id))[-limit:]
     entries = {str(i): (ts, i) for ts, i in hidden}
     if item in entries and entries[item][0] >= event.ts:
         return hidden
@@ -194,6 +199,7 @@ _UPDATE_EVENTS = msgpack.packb("events")
 _UPDATE_LAST_EVENT_TS = msgpack.packb("last_event_ts")
 _UPDATE_EMITTED_AT = msgpack.packb("emitted_at")
 _UPDATE_HIDDEN = msgpack.packb("hidden")
+_EMPTY_ARRAY = msgpack.packb([])
 
 
 class PackedSeq:
@@ -232,8 +238,10 @@ class PackedSeq:
         return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)  # the earlier form
 
     def encode(self) -> bytes:
-        return _pack({"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes,
-                      "events": self.wire, "hidden": self.hidden})
+        state = {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}
+        if self.hidden:  # most users hide nothing: no key, as in the earlier form
+            state["hidden"] = self.hidden
+        return _pack(state)
 
     def events(self) -> tuple[SeqEvent, ...]:
         unpacker = msgpack.Unpacker(raw=False)
@@ -279,5 +287,5 @@ class PackedSeq:
             _UPDATE_USER_ID, _pack(self.user_id), _UPDATE_VERSION, _pack(self.version),
             _UPDATE_EVENTS, _array_header(len(self.ts)), self.wire,
             _UPDATE_LAST_EVENT_TS, _pack(last_event_ts), _UPDATE_EMITTED_AT, _pack(emitted_at),
-            _UPDATE_HIDDEN, _pack([item for _, item in self.hidden]),
+            _UPDATE_HIDDEN, _pack([item for _, item in self.hidden]) if self.hidden else _EMPTY_ARRAY,
         ))  # fmt: skip
