@@ -274,6 +274,9 @@ class ServingSettings(Section):
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
     apply_yield_every: int = Field(32, gt=0)  # records applied between two turns of the event loop's RPCs
+    # follow `items` too: an item withdrawn from a surface leaves the lists already published
+    # (else it stays in them until each of those users acts again)
+    follow_items: bool = True
     max_fetch_bytes: int = 8 << 20  # Kafka fetch size cap per partition and per request
     metadata_retry_s: float = 1.0  # back-off after a failed fetch from Kafka
     metadata_refresh_ms: int = 5000  # how soon a newly created topic / partition is followed

@@ -25,10 +25,11 @@ from aiokafka.errors import KafkaError
 
 from recsys.settings import Settings
 from recsys.topics import POPULAR_KEY
+from serving.eligibility import Eligibility
 from serving.fallback import PopularityFallback
 from serving.store import CandidateStore
 
-__all__ = ["CandidatesFollower", "PopularFollower", "decode_value"]
+__all__ = ["CandidatesFollower", "ItemsFollower", "PopularFollower", "decode_value"]
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +193,23 @@ class PopularFollower(CandidatesFollower):
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         super()._apply(key, value)
         self.fallback.published = self.store.get(POPULAR_KEY)
+
+
+class ItemsFollower(CandidatesFollower):
+    """Follows `items` (the catalogue: which surfaces each item may be served on) into the
+    server's Eligibility, so that an item withdrawn after a user's lists were computed leaves
+    them at once. Read whole before SERVING, as `candidates` is."""
+
+    def __init__(self, settings: Settings, eligibility: Eligibility) -> None:
+        super().__init__(settings, CandidateStore(1), topic=settings.topics.items)
+        self.eligibility = eligibility
+
+    def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        self.records += 1
+        if value is None:
+            return
+        try:
+            decoded = decode_value(value)
+        except UNDECODABLE:
+            return  # the indexer dead-letters it; the item keeps its last valid eligibility
+        self.eligibility.apply(key, decoded)

@@ -15,6 +15,8 @@ What the server guarantees:
   with a reason, where gRPC would refuse it bare).
 - Unknown users (and known users without a list, or with an empty one, for that surface) get
   the surface's popularity list with is_fallback = true.
+- Items withdrawn from a surface on `items` after the lists were made are left out of every
+  answer at once (serving/eligibility.py), not when each user next acts.
 - gRPC health checking (`grpc.health.v1`; SERVING only after the topic has been read to its
   end once, NOT_SERVING while shutting down) and server reflection.
 - Optional TLS (serving.tls_cert + tls_key) and an optional bearer token on the
@@ -51,6 +53,7 @@ from grpc_reflection.v1alpha import reflection
 from recsys.settings import Settings, get_settings
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
+from serving.eligibility import Eligibility
 from serving.fallback import PopularityFallback
 from serving.store import CandidateStore, SurfaceList, UserCandidates
 
@@ -135,12 +138,16 @@ def build_response(
     record: UserCandidates | None,
     fallback: PopularityFallback,
     limits: Limits,
+    eligibility: Eligibility | None = None,
 ) -> pb.GetCandidatesResponse:
-    """The answer to a valid request: the user's list for the surface, else the fallback (also
-    for an empty list: the worker publishes one when the store had nothing eligible to return,
-    e.g. a catalogue not loaded yet, and no candidates is no answer)."""
+    """The answer to a valid request: the user's list for the surface, less the items withdrawn
+    from it since (`eligibility`), else the fallback (also for an empty list: the worker
+    publishes one when the store had nothing eligible to return, e.g. a catalogue not loaded
+    yet, and no candidates is no answer)."""
     limit = request.limit or limits.default_limit
     lists: SurfaceList | None = record.surfaces.get(request.surface) if record is not None else None
+    if lists is not None and eligibility is not None:
+        lists = eligibility.filter(lists, request.surface)
     if record is not None and lists is not None and len(lists.items) > 0:
         response = pb.GetCandidatesResponse(
             user_id=request.user_id,
@@ -151,6 +158,8 @@ def build_response(
         )
     else:
         lists, model_version, generated_at = fallback.entry(request.surface)
+        if eligibility is not None:
+            lists = eligibility.filter(lists, request.surface)
         response = pb.GetCandidatesResponse(
             user_id=request.user_id,
             surface=request.surface,
@@ -166,10 +175,12 @@ def build_response(
 class CandidatesServicer(pb_grpc.CandidatesServicer):
     """Thin: validate, look up, build; every failure is a status with a detail."""
 
-    def __init__(self, store: CandidateStore, fallback: PopularityFallback, limits: Limits) -> None:
+    def __init__(self, store: CandidateStore, fallback: PopularityFallback, limits: Limits,
+                 eligibility: Eligibility | None = None) -> None:
         self.store = store
         self.fallback = fallback
         self.limits = limits
+        self.eligibility = eligibility
 
     async def GetCandidates(
         self, request: pb.GetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
@@ -178,7 +189,7 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if (error := validate_request(request, self.limits)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
-        return build_response(request, self.store.get(request.user_id), self.fallback, self.limits)
+        return build_response(request, self.store.get(request.user_id), self.fallback, self.limits, self.eligibility)
 
     async def BatchGetCandidates(
         self, request: pb.BatchGetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
@@ -199,7 +210,8 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded mid-batch")
-            response.responses.append(build_response(item, self.store.get(item.user_id), self.fallback, self.limits))
+            response.responses.append(build_response(item, self.store.get(item.user_id), self.fallback, self.limits,
+                                                     self.eligibility))
         # Each valid request is small, but max_batch of them with long ids can add up to an
         # answer gRPC would refuse to send with a bare "larger than max": say what to change.
         if (size := response.ByteSize()) > self.limits.max_message_bytes:
@@ -294,6 +306,7 @@ def create_server(
     fallback: PopularityFallback,
     *,
     health_servicer: health.aio.HealthServicer | None = None,
+    eligibility: Eligibility | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build and bind (not start) the server; returns it with the bound port (host:0 picks one).
 
@@ -307,7 +320,7 @@ def create_server(
         options=_server_options(settings),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
-    _add_servicer(CandidatesServicer(store, fallback, Limits(settings)), server)
+    _add_servicer(CandidatesServicer(store, fallback, Limits(settings), eligibility), server)
     if health_servicer is None:
         health_servicer = health.aio.HealthServicer()  # reports "" (the whole server) SERVING
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -334,7 +347,7 @@ async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> 
 
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound."""
-    from serving.follower import CandidatesFollower, PopularFollower  # aiokafka only where a topic is followed
+    from serving.follower import CandidatesFollower, ItemsFollower, PopularFollower  # aiokafka only where a topic is followed
 
     cfg = settings.serving
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
@@ -343,8 +356,11 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     fallback = PopularityFallback(settings.inference.model_dir, settings.events.surfaces, cfg.fallback_size)
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, serving=False)
-    server, port = create_server(settings, store, fallback, health_servicer=health_servicer)
+    eligibility = Eligibility(settings.events.surfaces)
+    server, port = create_server(settings, store, fallback, health_servicer=health_servicer, eligibility=eligibility)
     followers = [CandidatesFollower(settings, store), PopularFollower(settings, fallback)] if cfg.follow else []
+    if cfg.follow and cfg.follow_items:
+        followers.append(ItemsFollower(settings, eligibility))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

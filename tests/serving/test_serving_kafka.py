@@ -166,6 +166,40 @@ def test_serves_the_topic_keeps_up_and_recovers_after_restart(
     asyncio.run(scenario())
 
 
+def test_an_item_withdrawn_after_the_lists_were_made_leaves_them(
+    kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make
+) -> None:
+    """A takedown on `items` (surfaces: []) reaches the lists already served, without the user
+    acting again; a restarted server has read `items` whole before it says SERVING."""
+    topic, items = f"candidates-elig-{unique}", f"items-elig-{unique}"
+    create_topic(kafka_bootstrap, topic)
+    create_topic(kafka_bootstrap, items)
+    cfg = _settings(settings, kafka_bootstrap, topic)
+    cfg = cfg.model_copy(update={"topics": cfg.topics.model_copy(update={"items": items})})
+
+    async def scenario() -> None:
+        await produce(kafka_bootstrap, topic, [("u1", make_candidates("u1", source_event_ts=T0))])
+        first = RunningServe(cfg)
+        port = await first.port()
+        await wait_serving(port)
+        served = [c.item_id for c in (await get(port, "u1", limit=5)).candidates]
+        gone = served[1]
+        await produce(kafka_bootstrap, items, [(gone, {"item_id": gone, "surfaces": []})])
+        deadline = time.monotonic() + 30
+        while gone in [c.item_id for c in (await get(port, "u1", limit=5)).candidates]:
+            assert time.monotonic() < deadline, "the withdrawal never reached the served list"
+            await asyncio.sleep(0.05)
+        assert [c.item_id for c in (await get(port, "u1", limit=4)).candidates] == [i for i in served if i != gone]
+        await first.stop()
+        second = RunningServe(cfg)
+        port = await second.port()
+        await wait_serving(port)
+        assert gone not in [c.item_id for c in (await get(port, "u1", limit=5)).candidates]
+        await second.stop()
+
+    asyncio.run(scenario())
+
+
 def test_missing_topic_serves_fallbacks_then_follows_it_once_created(
     kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make
 ) -> None:

@@ -1,0 +1,78 @@
+"""Where each item may still be served: the server's view of the `items` topic's surfaces.
+
+A user's lists are computed when the user acts; an item withdrawn afterwards (`surfaces: []` on
+`items`, say a takedown) or taken off one surface would otherwise stay in every list that holds
+it until each of those users acts again, for an inactive user for good. The server follows
+`items` (compacted: the newest record per item) and drops such items from what it answers, on
+the surfaces they left. Only restricted items are kept (eligible on fewer than every configured
+surface); an item whose newest record names every surface, or none (missing = all), is not.
+
+Records are read as the indexer reads them (`vector_store.indexer.decode_item`'s rules for the
+two fields used here); a record it refuses is not looked at here either: the indexer
+dead-letters it, and the item keeps its last valid eligibility.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections.abc import Sequence
+from typing import Any
+
+from serving.store import SurfaceList
+
+__all__ = ["Eligibility"]
+
+log = logging.getLogger(__name__)
+
+
+class Eligibility:
+    """item id -> the surfaces it may be served on, for the items not eligible everywhere."""
+
+    def __init__(self, surfaces: Sequence[str]) -> None:
+        self.surfaces = frozenset(surfaces)
+        self.restricted: dict[str, frozenset[str]] = {}
+        self.version = 0  # bumped at every change: lists filtered under an older one are redone
+
+    def apply(self, key: bytes | None, value: Any) -> None:
+        """One decoded `items` value (None: a tombstone, which the indexer refuses too)."""
+        if not isinstance(value, dict):
+            return
+        item_id = value.get("item_id")
+        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)) or key != str(item_id).encode():
+            return
+        surfaces = value.get("surfaces")
+        if surfaces is not None and not (isinstance(surfaces, list) and all(isinstance(s, str) for s in surfaces)):
+            return
+        if surfaces is not None and not set(surfaces) <= self.surfaces:
+            return  # "unknown surface": refused by the indexer
+        item = str(item_id)
+        allowed = self.surfaces if surfaces is None else frozenset(surfaces)
+        before = self.restricted.get(item, self.surfaces)
+        if allowed == before:
+            return
+        if allowed == self.surfaces:
+            del self.restricted[item]
+        else:
+            self.restricted[item] = allowed
+        self.version += 1
+
+    def filter(self, lists: SurfaceList, surface: str) -> SurfaceList:
+        """``lists`` less the items not eligible on ``surface``; the same object when none is
+        dropped. Memoised on the list until the next change, so a list served again costs a
+        dict lookup."""
+        restricted = self.restricted
+        if not restricted:
+            return lists
+        memo_key = "eligible:" + surface  # the model table's fallback list is one object for every surface
+        cached = lists.memo.get(memo_key)
+        if cached is not None and cached[0] == self.version:
+            return cached[1]  # type: ignore[no-any-return]
+        keep = [k for k, item in enumerate(lists.items)
+                if (allowed := restricted.get(item)) is None or surface in allowed]
+        if len(keep) == len(lists.items):
+            out = lists
+        else:
+            out = SurfaceList(tuple(lists.items[k] for k in keep), array("f", (lists.scores[k] for k in keep)))
+        lists.memo[memo_key] = (self.version, out)
+        return out
