@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from vector_store.errors import DimensionMismatchError
+from vector_store.errors import CorruptPointError, DimensionMismatchError
 
 __all__ = ["RetryingStore", "StoreUnavailable", "call_with_retry", "clean_update", "is_transient"]
 
@@ -112,7 +112,8 @@ def is_transient(exc: BaseException) -> bool:
     # The call or the code is wrong, not the store down: repeating cannot help (a NameError
     # once had the worker "waiting for the store" forever).
     if isinstance(exc, (ValueError, TypeError, LookupError, AttributeError, AssertionError, NameError,
-                        ArithmeticError, ImportError, NotImplementedError, DimensionMismatchError)):
+                        ArithmeticError, ImportError, NotImplementedError, DimensionMismatchError,
+                        CorruptPointError)):
         return False
     code = getattr(exc, "code", None)  # grpc.RpcError: only the codes of an unreachable/overloaded server
     if callable(code):

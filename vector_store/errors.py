@@ -3,7 +3,8 @@
 VectorStoreError                 base: anything the store could not do
  ├── StoreLockedError            the Edge shard directory is open elsewhere (WAL lock)
  ├── CollectionMissingError      a read or write before ensure_collection(dim) created it
- └── DimensionMismatchError      vectors (or an existing collection) have another width
+ ├── DimensionMismatchError      vectors (or an existing collection) have another width
+ └── CorruptPointError           a stored point without the payload every point of ours has
 """
 
 from __future__ import annotations
@@ -28,3 +29,8 @@ class CollectionMissingError(VectorStoreError):
 
 class DimensionMismatchError(VectorStoreError):
     """Raised when vectors do not match the collection's dimension."""
+
+
+class CorruptPointError(VectorStoreError):
+    """Raised when a stored point has no item id in its payload (written by something else
+    into the collection): asking again cannot help, so it is not retried as an outage."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vector_store.errors import VectorStoreError
+from vector_store.errors import CorruptPointError
 
 ItemId = int | str
 PointId = int | uuid.UUID
@@ -92,7 +92,8 @@ def point_payload(point: Any) -> dict[str, Any]:
     """A stored point's payload (Edge and server alike); one without an item id is corruption."""
     payload = point.payload
     if not payload or ITEM_ID not in payload:
-        raise VectorStoreError(f"point {point.id} has no {ITEM_ID!r} in its payload")
+        raise CorruptPointError(f"point {point.id} has no {ITEM_ID!r} in its payload (not written by recsys: "
+                                "another writer shares the collection?)")
     return dict(payload)
 
 

@@ -58,6 +58,15 @@ def test_a_gone_qdrant_server_is_a_transient_failure_and_the_back_off_doubles(pr
     # A bug is not an outage: raised at once, never waited out.
     for bug in (NameError("name 'x' is not defined"), ImportError("no module"), ZeroDivisionError(), KeyError("k")):
         assert not is_transient(bug), repr(bug)
+    # Nor is a point another writer left without our payload: every query that meets it fails
+    # the same way, so the worker stops with the reason instead of retrying for ever.
+    from types import SimpleNamespace
+
+    from vector_store.schema import point_payload
+
+    with pytest.raises(Exception, match="has no 'item_id'") as corrupt:
+        point_payload(SimpleNamespace(id=7, payload={"title": "not ours"}))
+    assert not is_transient(corrupt.value)
 
     attempts = 0
     stopping = threading.Event()
