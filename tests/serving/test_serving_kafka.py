@@ -7,12 +7,13 @@ Real broker (session fixture `kafka_bootstrap`), real grpc.aio server via `serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +313,26 @@ def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
     asyncio.run(scenario())
 
 
+@contextlib.contextmanager
+def serve_process(port: int, *args: str, **env: str) -> Iterator[subprocess.Popen[str]]:
+    """`recsys serve --port PORT ARGS` as a real process, with these RECSYS_* variables (and a
+    1 s shutdown grace); killed at the end if a failed assertion left it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), *args],
+                            env={**os.environ, "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1", **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def kafka_env(bootstrap: str, topic: str, model_dir: Path) -> dict[str, str]:
+    return {"RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
+            "RECSYS_INFERENCE__MODEL_DIR": str(model_dir)}
+
+
 def test_recsys_serve_process_sigterm_snapshot_and_workers(
     kafka_bootstrap: str, unique: str, tmp_path: Path, model_dir: Path, make_candidates: Make
 ) -> None:
@@ -320,36 +341,24 @@ def test_recsys_serve_process_sigterm_snapshot_and_workers(
     topic = f"candidates-proc-{unique}"
     create_topic(kafka_bootstrap, topic)
     asyncio.run(produce(kafka_bootstrap, topic, [("p1", make_candidates("p1", source_event_ts=T0))]))
-    env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
-           "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
     snapshot = tmp_path / "snap.msgpack"
 
     for args in (["--snapshot", str(snapshot)], ["--workers", "2"]):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), *args],
-                                env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
+        with serve_process(port, *args, **kafka_env(kafka_bootstrap, topic, model_dir)) as proc:
             asyncio.run(wait_serving(port))
             reply = asyncio.run(get(port, "p1"))
             assert not reply.is_fallback and reply.candidates[0].item_id == "home-p1-0"
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, output
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     assert snapshot.exists() and b"home-p1-0" in snapshot.read_bytes()
 
 
 def test_recsys_serve_drains_before_refusing_calls(model_dir: Path) -> None:
     """After SIGTERM, for serving.drain_s: health says NOT_SERVING (so a load balancer polling
     it moves away) while calls are still answered; then the process stops cleanly."""
-    env = {**os.environ, "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__DRAIN_S": "3",
-           "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), "--no-follow"],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     async def during_the_drain() -> tuple[int, pb.GetCandidatesResponse]:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -362,17 +371,13 @@ def test_recsys_serve_drains_before_refusing_calls(model_dir: Path) -> None:
                 await asyncio.sleep(0.02)
             raise AssertionError("health never said NOT_SERVING")
 
-    try:
+    with serve_process(port, "--no-follow", RECSYS_INFERENCE__MODEL_DIR=str(model_dir), RECSYS_SERVING__DRAIN_S="3") as proc:
         asyncio.run(wait_serving(port))
         proc.send_signal(signal.SIGTERM)
-        status, reply = asyncio.run(during_the_drain())
+        _, reply = asyncio.run(during_the_drain())
         assert reply.is_fallback and reply.candidates  # answered, not UNAVAILABLE
         output, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "3.0 s drain" in output, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_recsys_serve_workers_stops_when_one_process_dies(
@@ -382,12 +387,8 @@ def test_recsys_serve_workers_stops_when_one_process_dies(
     compose or Kubernetes restarts the replica instead of it running at half capacity."""
     topic = f"candidates-crash-{unique}"
     create_topic(kafka_bootstrap, topic)
-    env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
-           "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), "--workers", "2"],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with serve_process(port, "--workers", "2", **kafka_env(kafka_bootstrap, topic, model_dir)) as proc:
         asyncio.run(wait_serving(port))
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         servers = [int(c) for c in children
@@ -398,10 +399,6 @@ def test_recsys_serve_workers_stops_when_one_process_dies(
         assert proc.returncode != 0, output
         assert "exited (-9); stopping the others" in output, output
         assert output.count("shutting down: NOT_SERVING") == 1, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_recsys_serve_workers_sigterm_while_starting_exits_cleanly(
@@ -411,11 +408,7 @@ def test_recsys_serve_workers_sigterm_while_starting_exits_cleanly(
     still importing: it died of the forwarded signal, exit 15) stops every one cleanly."""
     topic = f"candidates-early-{unique}"
     create_topic(kafka_bootstrap, topic)
-    env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
-           "RECSYS_INFERENCE__MODEL_DIR": str(model_dir), "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(free_port()), "--workers", "2"],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+    with serve_process(free_port(), "--workers", "2", **kafka_env(kafka_bootstrap, topic, model_dir)) as proc:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # the supervisor's handlers are in; its processes just spawned
         assert "starting 2 server processes" in first, first
@@ -424,7 +417,3 @@ def test_recsys_serve_workers_sigterm_while_starting_exits_cleanly(
         output = first + output
         assert proc.returncode == 0, output
         assert output.count("shutting down: NOT_SERVING") == 2, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
