@@ -352,8 +352,16 @@ class TrainResult:
     epochs: int
 
 
+TRAINING_PROTOCOL = 2  # RunState.protocol of the runs this code writes
+
+
 @dataclass
 class RunState:
+    # What the run's metrics mean. Raised when evaluation changes so that an older run's best
+    # cannot be compared with new evaluations (2: the request time is the newest history
+    # event's, not the target's, and "hide" is no target, 7a3ded6): resuming such a run kept a
+    # best no new evaluation could beat, and patience then exported the old weights.
+    protocol: int = 0
     epoch: int = 0
     step: int = 0
     seconds: float = 0.0
@@ -403,14 +411,18 @@ def fit(
         p.requires_grad_(True)
     optimizer = model.configure_optimizer(stage.lr, tcfg.weight_decay, (0.9, 0.98))
     features = None if log_.features is None else torch.as_tensor(log_.features, device=device)
-    st = RunState()
+    st = RunState(protocol=TRAINING_PROTOCOL)
     last, best_path = out_dir / f"{stage.name}_last.pt", out_dir / f"{stage.name}_best.pt"
     if resume and last.exists():
         blob = load_blob(last)
         model.load_state_dict(blob["model"])
         if blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
-        st = RunState(**blob["state"]["run"])
+        st = RunState(**{"protocol": 1, **blob["state"]["run"]})  # runs saved before the field: 1
+        if st.protocol != TRAINING_PROTOCOL:
+            raise ValueError(f"{last} was written by a run whose metrics are not comparable with this code's "
+                             f"(protocol {st.protocol}, now {TRAINING_PROTOCOL}): start afresh, without --resume "
+                             "or with another --out")
         torch.set_rng_state(blob["state"]["torch_rng"])
         if blob["state"].get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["state"]["cuda_rng"])

@@ -140,6 +140,28 @@ def test_resume_after_early_stopping_does_not_train_on(planted_log: EventLog, pl
     assert again.epochs == 2 and [h["epoch"] for h in again.history] == [1, 2]
 
 
+def test_a_run_whose_metrics_meant_something_else_is_not_resumed(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """A run saved before the evaluation changed (no protocol in its state: the request time was
+    the target's) kept a best metric no new evaluation could beat; resuming it is refused."""
+    import torch as t
+
+    model, info, settings = _fresh(planted_log, tmp_path, "train.eval_every=1")
+    tcfg = settings.train  # type: ignore[attr-defined]
+    spec = loss_spec(planted_log, planted_split.train_end, tcfg, torch.device("cpu"))
+    fit(model, planted_log, planted_split, tcfg, Stage("pretrain", 1, tcfg.lr, spec, planted_split.valid), info,
+        tmp_path, progress=False)
+    blob = load_blob(tmp_path / "pretrain_last.pt")
+    assert blob["state"]["run"]["protocol"] == 2
+    del blob["state"]["run"]["protocol"]  # as written before the field existed
+    t.save(blob, tmp_path / "pretrain_last.pt")
+    model2, info2, _ = _fresh(planted_log, tmp_path)
+    with pytest.raises(ValueError, match="not comparable"):
+        fit(model2, planted_log, planted_split, tcfg, Stage("pretrain", 2, tcfg.lr, spec, planted_split.valid), info2,
+            tmp_path, resume=True, progress=False)
+
+
 def test_sampled_softmax_with_log_q_learns(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
     settings = tiny_settings(tmp_path, "train.loss=sampled", "train.n_negatives=8", "train.epochs=10")
     model, _, results = train(planted_log, planted_split, settings, tmp_path, progress=False)
