@@ -77,8 +77,10 @@ def _clean_event(event: Any) -> dict[str, Any] | None:
     return {"item_id": item, "action": action, "surface": surface, "ts": ts}
 
 
-def clean_update(raw: bytes | None, keep: int) -> dict[str, Any] | None:
-    """A `user-updates` record as the worker can use it, or None (see the module docstring)."""
+def clean_update(raw: bytes | None, keep: int, keep_hidden: int = 200) -> dict[str, Any] | None:
+    """A `user-updates` record as the worker can use it, or None (see the module docstring):
+    the newest ``keep`` events and ``keep_hidden`` hidden items (the streams' bounds; a record
+    from elsewhere could carry a million, all going into the store's exclusion filter)."""
     if raw is None or len(raw) > _MAX_RECORD_BYTES:
         return None
     try:
@@ -100,7 +102,8 @@ def clean_update(raw: bytes | None, keep: int) -> dict[str, Any] | None:
         **update,
         "events": clean,
         # Items the user hid, kept out of their candidates; an update without them hides nothing.
-        "hidden": [str(i) for i in hidden if _is_id(i)] if isinstance(hidden, list) else [],
+        "hidden": [str(i) for i in hidden[-keep_hidden:] if _is_id(i)] if isinstance(hidden, list) and keep_hidden > 0
+        else [],
         "version": version if isinstance(version, int) and not isinstance(version, bool) else 0,
         "last_event_ts": last_ts if isinstance(last_ts, int) and not isinstance(last_ts, bool) and last_ts > 0
         else max(e["ts"] for e in clean),

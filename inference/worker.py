@@ -46,7 +46,7 @@ import msgpack
 import numpy as np
 from kafka.errors import KafkaError
 
-from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update
+from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update, is_transient
 from inference.runtime import ModelRuntime, VectorLookup
 from recsys.kafka_clients import PendingCommits, group_consumer
 from recsys.settings import InferenceSettings, Settings, get_settings
@@ -641,7 +641,7 @@ class Worker:
                 if part:
                     self._polled[tp] = part[-1].offset + 1
                 for record in part:
-                    update = clean_update(record.value, keep)
+                    update = clean_update(record.value, keep, self.settings.streams.max_hidden)
                     if update is None:
                         self.updates_skipped += 1
                         log.warning("worker: skipped an unusable update at %s:%d:%d (no user or no valid event)",
@@ -820,7 +820,18 @@ def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, sto
     would publish lists that replace every active user's good ones. A Qdrant server is loaded
     by the indexer beside us: wait for it (False if stopped first). An Edge shard is this
     process's alone, so nobody else can load it while we wait: say so and stop."""
-    while (loaded := store.catalogue_version()) != version:
+    while True:
+        try:
+            loaded = store.catalogue_version()
+        except Exception as exc:  # noqa: BLE001 - an outage is waited out, anything else raised
+            if not is_transient(exc):
+                raise
+            log.warning("worker: cannot read the vector store's catalogue marker (%s); retrying", exc)
+            if stopping.wait(settings.inference.store_retry_max_s):
+                return False
+            continue
+        if loaded == version:
+            return True
         now = f"model {loaded}'s" if loaded else "no whole catalogue"
         if settings.vector_store.backend == "edge":
             raise SystemExit(f"worker: the Edge shard {settings.vector_store.path} holds {now}, not model {version}'s: "
@@ -828,7 +839,6 @@ def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, sto
         log.warning("worker: the vector store holds %s, not model %s's; waiting for `recsys index` to load it", now, version)
         if stopping.wait(settings.inference.store_retry_max_s):
             return False
-    return True
 
 
 def main(argv: list[str]) -> int:

@@ -7,9 +7,10 @@ it until each of those users acts again, for an inactive user for good. The serv
 the surfaces they left. Only restricted items are kept (eligible on fewer than every configured
 surface); an item whose newest record names every surface, or none (missing = all), is not.
 
-Records are read as the indexer reads them (`vector_store.indexer.decode_item`'s rules for the
-two fields used here); a record it refuses is not looked at here either: the indexer
-dead-letters it, and the item keeps its last valid eligibility.
+Records are decoded by the indexer's own `decode_item` (and its key check): a record it refuses
+is not looked at here either (the indexer dead-letters it) and the item keeps its last valid
+eligibility, as in the vector store. Left: a record the indexer accepts but its encoder then
+refuses ("cannot embed") still counts here.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Sequence
-from typing import Any
-
 from serving.store import SurfaceList
 
 __all__ = ["Eligibility"]
@@ -34,27 +33,16 @@ class Eligibility:
         self.restricted: dict[str, frozenset[str]] = {}
         self.version = 0  # bumped at every change: lists filtered under an older one are redone
 
-    def apply(self, key: bytes | None, value: Any) -> None:
-        """One decoded `items` value (None: a tombstone, which the indexer refuses too)."""
-        if not isinstance(value, dict):
-            return
-        item_id = value.get("item_id")
-        if isinstance(item_id, bool) or not isinstance(item_id, (int, str)) or key != str(item_id).encode():
-            return
-        surfaces = value.get("surfaces")
-        if surfaces is not None and not (isinstance(surfaces, list) and all(isinstance(s, str) for s in surfaces)):
-            return
-        if surfaces is not None and not set(surfaces) <= self.surfaces:
-            return  # "unknown surface": refused by the indexer
-        item = str(item_id)
-        allowed = self.surfaces if surfaces is None else frozenset(surfaces)
-        before = self.restricted.get(item, self.surfaces)
+    def apply(self, item_id: str, surfaces: Sequence[str] | None) -> None:
+        """An item's newest surfaces (None: every surface), from a record the indexer accepts."""
+        allowed = self.surfaces if surfaces is None else frozenset(surfaces) & self.surfaces
+        before = self.restricted.get(item_id, self.surfaces)
         if allowed == before:
             return
         if allowed == self.surfaces:
-            del self.restricted[item]
+            del self.restricted[item_id]
         else:
-            self.restricted[item] = allowed
+            self.restricted[item_id] = allowed
         self.version += 1
 
     def filter(self, lists: SurfaceList, surface: str) -> SurfaceList:

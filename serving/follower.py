@@ -134,12 +134,12 @@ class CandidatesFollower:
                 try:
                     if pending is None and (assigned := consumer.assignment()):
                         pending = await consumer.end_offsets(list(assigned))
-                        log.info("candidates follower: %s, catching up to %s", self.topic, pending)
+                        log.info("follower of %s: catching up to %s", self.topic, pending)
                     if pending is not None:
                         for tp in [tp for tp, end in pending.items() if await consumer.position(tp) >= end]:
                             del pending[tp]
                         if not pending:
-                            log.info("candidates follower: caught up, %d users", len(self.store))
+                            log.info("follower of %s: caught up (%d records)", self.topic, self.records)
                             self.caught_up.set()
                 except KafkaError as exc:
                     log.warning("candidates follower: metadata failed (%s); retrying", exc)
@@ -205,11 +205,14 @@ class ItemsFollower(CandidatesFollower):
         self.eligibility = eligibility
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        from vector_store.indexer import BadItemMessage, decode_item
+
         self.records += 1
-        if value is None:
-            return
+        events = self.settings.events
         try:
-            decoded = decode_value(value)
-        except UNDECODABLE:
+            item = decode_item(value, events.max_id_length, events.surfaces)
+        except BadItemMessage:
             return  # the indexer dead-letters it; the item keeps its last valid eligibility
-        self.eligibility.apply(key, decoded)
+        if key != str(item.item_id).encode():
+            return  # "wrong key", likewise
+        self.eligibility.apply(str(item.item_id), item.surfaces)

@@ -17,8 +17,9 @@ What the server guarantees:
   the surface's popularity list with is_fallback = true.
 - Items withdrawn from a surface on `items` after the lists were made are left out of every
   answer at once (serving/eligibility.py), not when each user next acts.
-- gRPC health checking (`grpc.health.v1`; SERVING only after the topic has been read to its
-  end once, NOT_SERVING while shutting down) and server reflection.
+- gRPC health checking (`grpc.health.v1`; SERVING only after `candidates`, `popular` and
+  `items` have been read to their ends once, NOT_SERVING while shutting down) and server
+  reflection.
 - Optional TLS (serving.tls_cert + tls_key) and an optional bearer token on the
   `authorization` metadata (serving.auth_token; UNAUTHENTICATED otherwise; health stays open
   so that probes need no secret).

@@ -48,7 +48,7 @@ from streams.delivery import WindowedApp, partition_event, set_current_event
 from streams.errors import InvalidEvent
 from streams.outbox import Outbox
 from streams.schema import decode_event, now_ms
-from streams.sequences import PackedSeq
+from streams.sequences import Hidden, PackedSeq
 
 __all__ = ["Counters", "create_app", "main"]
 
@@ -190,6 +190,8 @@ def create_app(settings: Settings) -> faust.App:
         current_partition = -1
         try:
             for msg in messages:
+                p: _Pending | None = None
+                hidden: Hidden = ()
                 try:
                     event = decode_event(msg.value, settings, now=now)
                     key = event.key.encode()
@@ -209,8 +211,11 @@ def create_app(settings: Settings) -> faust.App:
                         stored = table.data.get(key)
                         seq = PackedSeq.decode(stored) if stored else PackedSeq(event.user_id, 0, [], [], b"")
                         p = pending[key] = _Pending(key, seq, events[msg.partition])
+                    hidden = p.seq.hidden
                     outcome = p.seq.fold(event, settings)
                 except InvalidEvent as exc:
+                    if p is not None and p.seq.hidden is not hidden:  # a hide too late for the sequence, taken
+                        p.emit = True
                     counters.invalid[exc.reason] += 1
                     # The DLQ record keeps at most dlq_max_key_bytes of the original key (a key
                     # near the broker's limit would otherwise make the DLQ record pass it, fail

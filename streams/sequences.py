@@ -16,8 +16,9 @@ event must be treated.
 
 Beside the sequence, the items the user hid (`train.negative_actions`), one entry per item at
 its newest hide, the newest `streams.max_hidden` kept and no age bound: a hidden item must stay
-out of the user's candidates after the hide has fallen off the sequence. Also a function of the
-set of accepted events (the newest K of a set), so replays leave it as they find it.
+out of the user's candidates after the hide has fallen off the sequence. A function of the set
+of hides (the newest K of a set), so replays leave it as they find it, and a hide is taken even
+when it is stale or too late for the sequence.
 
 Two forms of the same thing: `fold_event` on a tuple of `SeqEvent`s is the reference (pure,
 simple, what the tests reason with); `PackedSeq` is what the worker folds and stores. It keeps
@@ -122,11 +123,16 @@ def _hidden_key(entry: tuple[int, Id]) -> tuple[int, str]:
 
 
 def fold_hidden(hidden: Hidden, event: ActionEvent, settings: Settings) -> Hidden:
-    """The items a user hid, after one more accepted event; pure. An item is kept once, at its
-    newest hide; the newest `max_hidden` are kept (the same object when nothing changed)."""
-    limit = settings.streams.max_hidden
-    if limit <= 0 or event.action not in settings.train.negative_actions:
+    """The items a user hid, after one more event; pure. An item is kept once, at its newest
+    hide; the newest `max_hidden` are kept (the same object when nothing changed). A hide too
+    late for the sequence (`TooLate`, dead-lettered) still counts here: the result depends on
+    the set of hides only, so a late one can be taken. (An id spelled 7 and "7" is one item;
+    which spelling is kept at equal times depends on arrival, as in the sequence.)"""
+    if event.action not in settings.train.negative_actions:
         return hidden
+    limit = settings.streams.max_hidden
+    if limit <= 0:
+        return ()
     item = str(event.item_id)
     if not hidden or (event.ts, item) > _hidden_key(hidden[-1]):
         # The common case, a newer hide than every kept one: append, unless the item is
@@ -134,10 +140,9 @@ def fold_hidden(hidden: Hidden, event: ActionEvent, settings: Settings) -> Hidde
         if all(str(i) != item for _, i in hidden):
             return (*hidden, (event.ts, event.item_id))[-limit:]
     entries = {str(i): (ts, i) for ts, i in hidden}
-    if item in entries and entries[item][0] >= event.ts:
-        return hidden
-    entries[item] = (event.ts, event.item_id)
-    kept = tuple(sorted(entries.values(), key=_hidden_key)[-limit:])
+    if item not in entries or entries[item][0] < event.ts:
+        entries[item] = (event.ts, event.item_id)
+    kept = tuple(sorted(entries.values(), key=_hidden_key)[-limit:])  # also after max_hidden was lowered
     return hidden if kept == hidden else kept
 
 
@@ -249,12 +254,11 @@ class PackedSeq:
         return tuple(SeqEvent(m["ts"], m["item_id"], m["action"], m["surface"]) for m in unpacker)
 
     def fold(self, event: ActionEvent, settings: Settings) -> Outcome:
-        """`fold_event` and `fold_hidden` in place: same sequence, same outcome, same
-        `TooLate`, same hidden items."""
-        outcome = self._fold_sequence(event, settings)  # raises TooLate first: nothing hidden then
+        """`fold_hidden` and `fold_event` in place: same hidden items, same sequence, same
+        outcome, same `TooLate` (raised after the hide, if it is one, has been taken)."""
         if event.action in settings.train.negative_actions:
             self.hidden = fold_hidden(self.hidden, event, settings)
-        return outcome
+        return self._fold_sequence(event, settings)
 
     def _fold_sequence(self, event: ActionEvent, settings: Settings) -> Outcome:
         ts = self.ts

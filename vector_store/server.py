@@ -20,7 +20,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from recsys.settings import VectorStoreSettings
-from vector_store.base import Hit, VectorStore
+from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays
 from vector_store.errors import DimensionMismatchError, VectorStoreError
 from vector_store.schema import (
     ITEM_ID,
@@ -114,20 +114,41 @@ class ServerStore(VectorStore):
         surfaces: list[str | None],
         exclude: list[Sequence[ItemId]],
     ) -> list[list[Hit]]:
-        params = qm.SearchParams(hnsw_ef=max(self.settings.search_ef, limit))
+        filters = [_filter(surface, excl) for surface, excl in zip(surfaces, exclude, strict=True)]
+        return self._search(queries, [limit] * len(filters), filters)
+
+    def _query_arrays(
+        self,
+        queries: np.ndarray,
+        limits: np.ndarray,
+        surfaces: list[str | None],
+        exclude: list[Sequence[ItemId]],
+        exclude_of: np.ndarray,
+    ) -> BatchHits:
+        # One filter per (exclusion list, surface) pair, shared by its queries: the worker asks
+        # ~24 queries per user, and an exclusion list (recent and hidden items) can hold 250 ids.
+        filters: dict[tuple[int, str | None], qm.Filter | None] = {}
+        for surface, owner in zip(surfaces, exclude_of.tolist(), strict=True):
+            if (owner, surface) not in filters:
+                filters[owner, surface] = _filter(surface, exclude[owner])
+        per_query = [filters[owner, surface] for surface, owner in zip(surfaces, exclude_of.tolist(), strict=True)]
+        return hits_to_arrays(self._search(queries, limits.tolist(), per_query))
+
+    def _search(self, queries: np.ndarray, limits: list[int], filters: list[qm.Filter | None]) -> list[list[Hit]]:
         requests = [
             qm.QueryRequest(
                 query=q,
-                limit=limit,
-                filter=_filter(surface, excl),
-                params=params,
+                limit=max(limit, 1),
+                filter=f,
+                params=qm.SearchParams(hnsw_ef=max(self.settings.search_ef, limit)),
                 with_payload=[ITEM_ID],
             )
-            for q, surface, excl in zip(queries.tolist(), surfaces, exclude, strict=True)
+            for q, limit, f in zip(queries.tolist(), limits, filters, strict=True)
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
         return [
-            [(point_payload(p)[ITEM_ID], float(p.score)) for p in resp.points] for resp in responses
+            [(point_payload(p)[ITEM_ID], float(p.score)) for p in resp.points][:limit]
+            for resp, limit in zip(responses, limits, strict=True)
         ]
 
     def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:

@@ -31,29 +31,40 @@ def test_a_withdrawn_item_leaves_the_lists_on_the_surfaces_it_left_and_comes_bac
     fallback = PopularityFallback(tmp_path, SURFACES, 10)
     record = _record(["a", "b", "c"])
     assert _served(record, "home", eligibility, fallback) == ["a", "b", "c"]
-    eligibility.apply(b"b", {"item_id": "b", "surfaces": []})  # withdrawn
-    eligibility.apply(b"c", {"item_id": "c", "surfaces": ["search"]})  # search only now
+    eligibility.apply("b", ())  # withdrawn
+    eligibility.apply("c", ("search",))  # search only now
     assert _served(record, "home", eligibility, fallback) == ["a"]
     assert _served(record, "search", eligibility, fallback) == ["a", "c"]
     assert _served(record, "home", eligibility, fallback) == ["a"]  # memoised, same answer
-    eligibility.apply(b"b", {"item_id": "b"})  # surfaces missing = all: back everywhere
+    eligibility.apply("b", None)  # surfaces missing = all: back everywhere
     assert _served(record, "home", eligibility, fallback) == ["a", "b"]
     assert eligibility.restricted == {"c": frozenset({"search"})}
 
 
 def test_records_the_indexer_refuses_change_nothing(tmp_path: Path) -> None:
+    """The follower reads `items` with the indexer's decoder: a record the vector store never
+    took (a NaN popularity, an unknown surface, a wrong key) must not lift a takedown either."""
+    import msgpack
+
+    from serving.follower import ItemsFollower
+
     eligibility = Eligibility(SURFACES)
-    for key, value in [(b"x", {"item_id": "x", "surfaces": ["Home"]}),  # unknown surface
-                       (b"other", {"item_id": "x", "surfaces": []}),  # wrong key
-                       (b"x", {"item_id": "x", "surfaces": "home"}),  # wrong type
-                       (b"x", ["not", "a", "map"]), (b"x", None)]:
-        eligibility.apply(key, value)
-    assert eligibility.restricted == {} and eligibility.version == 0
+    follower = ItemsFollower(Settings(), eligibility)
+    follower._apply(b"x", msgpack.packb({"item_id": "x", "surfaces": []}))
+    for key, value in [(b"x", {"item_id": "x", "popularity": float("nan")}),
+                       (b"x", {"item_id": "x", "surfaces": ["Home"]}),
+                       (b"other", {"item_id": "x"}),
+                       (b"x", {"item_id": "x", "created_at": "2026-12-07"}),
+                       (b"x", ["not", "a", "map"])]:
+        follower._apply(key, msgpack.packb(value))
+    follower._apply(b"x", None)  # a tombstone
+    follower._apply(b"x", b"\xc1 not msgpack")
+    assert eligibility.restricted == {"x": frozenset()} and eligibility.version == 1
 
 
 def test_a_list_left_empty_is_answered_with_the_fallback(tmp_path: Path) -> None:
     eligibility = Eligibility(SURFACES)
-    eligibility.apply(b"a", {"item_id": "a", "surfaces": []})
+    eligibility.apply("a", ())
     fallback = PopularityFallback(tmp_path, SURFACES, 10)
     fallback.published = _record(["p", "a", "q"])  # the worker's popular list, also filtered
     response = build_response(pb.GetCandidatesRequest(user_id="u", surface="home"), _record(["a"]), fallback, LIMITS,

@@ -112,7 +112,9 @@ class RunningServe:
 def _settings(settings: Settings, bootstrap: str, topic: str, **serving: Any) -> Settings:
     return settings.model_copy(update={
         "kafka": settings.kafka.model_copy(update={"bootstrap_servers": bootstrap}),
-        "topics": settings.topics.model_copy(update={"candidates": topic}),
+        # popular and items named after the test's topic too: the broker is shared by the session
+        "topics": settings.topics.model_copy(update={"candidates": topic, "popular": f"{topic}.popular",
+                                                     "items": f"{topic}.items"}),
         "serving": settings.serving.model_copy(update={"poll_ms": 50, "metadata_retry_s": 0.2, "metadata_refresh_ms": 300, **serving}),
     })
 

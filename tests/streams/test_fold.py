@@ -132,6 +132,14 @@ def test_a_hidden_item_stays_hidden_after_the_hide_leaves_the_sequence() -> None
     update = msgpack.unpackb(packed.update(last_event_ts=1, emitted_at=2), raw=False)
     assert update["hidden"] == ["a", "b"]
     assert decode_state(packed.encode()).hidden == ((T0 + 2, "a"), (T0 + 6, "b"))
+    # A hide too late for the sequence is dead-lettered there but still taken: hides are a set.
+    late = Settings(streams={"max_sequence_len": 3, "max_hidden": 2, "lateness_ms": 1})
+    with pytest.raises(TooLate):
+        packed.fold(ev(4, "zz", "hide"), late)  # would enter the sequence, 2 ms behind its newest
+    assert packed.hidden == ((T0 + 4, "zz"), (T0 + 6, "b"))
+    # Lowering max_hidden takes effect at the next hide.
+    packed.fold(ev(7, "d", "hide"), Settings(streams={"max_hidden": 1}))
+    assert packed.hidden == ((T0 + 7, "d"),)
     # The table value written before hides were kept is still read: nobody hidden.
     older = msgpack.packb({"user_id": "u", "version": 1, "ts": [], "sizes": [], "events": b""})
     assert PackedSeq.decode(older).hidden == ()
@@ -246,14 +254,16 @@ def test_packed_fold_matches_the_reference_fold(evs: list[ActionEvent], settings
     hidden: Hidden = ()
     packed = PackedSeq("u", 0, [], [], b"")
     for e in evs:
+        hidden = fold_hidden(hidden, e, settings)  # taken even when the sequence refuses the event
         try:
             want = fold_event(seq, e, settings)
         except TooLate:
             with pytest.raises(TooLate):
                 packed.fold(e, settings)
+            assert packed.hidden == hidden
             continue
         assert packed.fold(e, settings) is want.outcome
-        seq, hidden = want.seq, fold_hidden(hidden, e, settings)
+        seq = want.seq
         assert packed.events() == seq and packed.ts == [x.ts for x in seq] and packed.hidden == hidden
     state = UserState("u", 0, seq, hidden)
     assert packed.encode() == encode_state(state) and decode_state(packed.encode()) == state

@@ -286,12 +286,14 @@ def test_out_of_order_events_within_lateness_end_up_in_order_later_ones_are_dead
 
     sent = [ev(0, 1), ev(30_000, 2), ev(10_000, 3), ev(20_000, 4), ev(5_000, 5), ev(10_000, 3)]  # last: duplicate
     too_late = ev(30_000 - lateness - 1, 6)
+    # A hide as late: dead-lettered for the sequence, but the item is hidden all the same.
+    late_hide = ActionEvent(user, 8, "hide", "home", t + 30_000 - lateness - 2)
     miskeyed: Record = (f"not-{user}", encode_event(ev(15_000, 7)))  # key must be str(user_id)
     # The newest first, on its own: every later window holds only older (late) events.
     produce(sent[:2], worker.bootstrap, worker.actions, progress=False)
     wait_until(lambda: len(events_of((updates_by_user(worker.bootstrap, worker.updates).get(user) or [{"events": []}])[-1])) == 2,
                60, "the first two events")
-    produce([*sent[2:], too_late, miskeyed], worker.bootstrap, worker.actions, progress=False)
+    produce([*sent[2:], too_late, late_hide, miskeyed], worker.bootstrap, worker.actions, progress=False)
 
     want = [(1, "click", "home", t), (5, "click", "home", t + 5_000), (3, "click", "home", t + 10_000),
             (4, "click", "home", t + 20_000), (2, "click", "home", t + 30_000)]  # fmt: skip
@@ -304,8 +306,11 @@ def test_out_of_order_events_within_lateness_end_up_in_order_later_ones_are_dead
     # events that triggered it (a window of only late ones would otherwise carry their time).
     for update in updates_by_user(worker.bootstrap, worker.updates)[user]:
         assert update["last_event_ts"] == max(e["ts"] for e in update["events"])
-    dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late), miskeyed[1]})
-    assert dead == Counter({(encode_event(too_late), "too late"): 1, (miskeyed[1], "wrong key"): 1})
+    wait_until(lambda: updates_by_user(worker.bootstrap, worker.updates)[user][-1]["hidden"] == [8], 60,
+               "the late hide taken")
+    dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late), encode_event(late_hide), miskeyed[1]})
+    assert dead == Counter({(encode_event(too_late), "too late"): 1, (encode_event(late_hide), "too late"): 1,
+                            (miskeyed[1], "wrong key"): 1})
 
 
 def test_a_burst_for_one_user_yields_a_handful_of_coalesced_updates(worker: Worker) -> None:

@@ -233,6 +233,8 @@ def test_items_the_user_hid_are_never_candidates_though_the_hide_left_the_sequen
             assert not set(lists["items"]) & set(hidden), surface
             assert len(lists["items"]) == 20  # the list is refilled, not shortened
         assert clean_update(msgpack.packb({**update, "hidden": [7, "x", None, True]}), keep=50)["hidden"] == ["7", "x"]
+        many = clean_update(msgpack.packb({**update, "hidden": list(range(10_000))}), keep=50, keep_hidden=200)
+        assert many["hidden"] == [str(i) for i in range(9_800, 10_000)]  # the newest, as the streams keep them
     finally:
         store.close()
 
