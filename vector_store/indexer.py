@@ -117,7 +117,6 @@ class IndexStats:
     dead_lettered: int = 0  # refused messages written to items.dlq (the follower's)
     superseded: int = 0  # records passed over on catching up: a newer one of the item followed
 
-
     def __iadd__(self, other: IndexStats) -> IndexStats:
         self.embedded += other.embedded
         self.payload_only += other.payload_only
