@@ -2,7 +2,8 @@
 
 The user model reads history items as their item-side embeddings (the same vectors the
 vector store indexes), so this module owns the id -> embedding lookup: the exported
-`items.npz` first, then vectors of items indexed later (fetched from the vector store and
+`items.npz` first (rows replaced when this process's items follower re-embeds an exported item:
+`reembedded`), then vectors of items indexed later (fetched from the vector store and
 cached for `fetched_item_ttl_s`, so a re-embedded item is picked up); ids the store does not
 know either are not asked of it again for `unknown_item_retry_s`. Both caches are bounded
 (`fetched_items_max`, least recently used dropped first). CUDA EP
@@ -180,6 +181,18 @@ class ModelRuntime:
         building a dict of every id (the worker's hot path). Unknown ids are fetched first."""
         self._fetch_missing(set(item_ids), fetch)
         return VectorLookup(self)
+
+    def reembedded(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
+        """Exported items the vector store now holds with new vectors (re-embedded from new
+        content features by the items follower in this process): the model reads them as those,
+        as the store searches them. Rows are written in place (a batch running meanwhile may read
+        one row old or new, never torn in a way that matters). Items not exported are left to the
+        fetched cache's lifetime: it is the worker thread's to mutate."""
+        for item_id, vector in zip(item_ids, np.asarray(vectors, dtype=np.float32), strict=True):
+            row = self.index.get(item_id)
+            if row is not None:
+                norm = float(np.linalg.norm(vector))
+                self.item_vectors[row] = vector / norm if norm > 0 else vector
 
     def _fetch_missing(self, item_ids: set[str], fetch: Fetch | None) -> None:
         """Ask ``fetch`` for the ids neither exported nor in the fetched cache; the ones it

@@ -888,7 +888,7 @@ def main(argv: list[str]) -> int:
     if not args.no_follow_items:
         model_dir = settings.inference.model_dir
         follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings,
-                                 model_version=runtime.version)
+                                 model_version=runtime.version, on_embedded=runtime.reembedded)
     worker = Worker(settings, runtime, store, follower)
     worker.stopping = stopping
     failed: list[BaseException] = []

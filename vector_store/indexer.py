@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 EmbedItems = Callable[[Sequence["ItemMessage"]], np.ndarray]  # items -> [N, D] float32
 IdBucket = Callable[[Sequence[ItemId]], np.ndarray]  # item ids -> int64 [N] hash buckets
 OnRefused = Callable[["ItemMessage", "BadItemMessage"], None]  # an item the encoder refused, and why
+OnEmbedded = Callable[[list[str], np.ndarray], None]  # ids (as text) and vectors of the items just embedded and stored
 
 
 # The stable reasons an `items` record is refused for; its dead-letter record carries one.
@@ -185,10 +186,12 @@ def index_items(
     embed_items: EmbedItems,
     all_surfaces: Sequence[str],
     on_refused: OnRefused | None = None,
+    on_embedded: OnEmbedded | None = None,
 ) -> IndexStats:
     """Upsert ``items``: embed the new ones (and any that carry features), keep the stored
     vector of the others and refresh their payload. Later messages for an id win. Items the
-    encoder refuses are skipped and passed to ``on_refused``."""
+    encoder refuses are skipped and passed to ``on_refused``; ``on_embedded`` gets the ids and
+    vectors of the items embedded, once stored."""
     by_point: dict[Any, ItemMessage] = {}
     for m in items:
         pid = point_id(m.item_id)
@@ -211,6 +214,8 @@ def index_items(
     if to_embed:
         store.ensure_collection(vectors.shape[1])  # the first item may arrive before any bulk load
         store.upsert([m.record(all_surfaces) for m in to_embed], vectors)
+        if on_embedded is not None:
+            on_embedded([str(m.item_id) for m in to_embed], vectors)
     if keep:
         store.upsert(
             [m.record(all_surfaces) for m in keep],
@@ -398,6 +403,9 @@ class ItemsFollower:
     # from the start, so that items published after the previous export are re-embedded too
     # instead of keeping vectors from the previous model's space.
     model_version: str | None = None
+    # Told of each item embedded (ids, vectors), once stored: the worker's model reads items as
+    # these vectors, and an exported item re-embedded from new features must change there too.
+    on_embedded: OnEmbedded | None = None
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
@@ -479,7 +487,7 @@ class ItemsFollower:
                 items.append(kept)
                 source[point_id(kept.item_id)] = rec
         stats = index_items(self.store, items, self.embed_items, self.settings.events.surfaces,
-                            lambda item, e: refused.append((source[point_id(item.item_id)], e)))
+                            lambda item, e: refused.append((source[point_id(item.item_id)], e)), self.on_embedded)
         stats.skipped = len(refused)  # the decoder's refusals and the encoder's
         stats.superseded = superseded
         self._since_optimize += stats.embedded

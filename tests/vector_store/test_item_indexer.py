@@ -91,10 +91,12 @@ def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) ->
         assert (stats.embedded, stats.payload_only) == (0, 1)
         assert store.records([1])[1] == ItemRecord("1", ("home",), 0, 0.9)
         np.testing.assert_allclose(store.retrieve([1])[1], v1, atol=1e-6)
-        # With content features it is re-embedded.
+        # With content features it is re-embedded, and whoever reads items as vectors is told.
+        told: list[tuple[list[str], np.ndarray]] = []
         stats = index_items(store, [ItemMessage("a", features=(1.0,))],
-                            lambda items: np.ones((len(items), DIM), np.float32), SURFACES)
-        assert stats.embedded == 1
+                            lambda items: np.ones((len(items), DIM), np.float32), SURFACES,
+                            on_embedded=lambda ids, vectors: told.append((ids, vectors)))
+        assert stats.embedded == 1 and [ids for ids, _ in told] == [["a"]]
         np.testing.assert_allclose(store.retrieve(["a"])["a"], np.full(DIM, DIM**-0.5), atol=1e-6)
         assert store.count() == 2
 

@@ -266,6 +266,17 @@ def test_encode_with_the_runtime_lookup_equals_a_plain_dict(small_model_dir: Pat
     np.testing.assert_array_equal(fast["request_ts"], [1_700_000_002.0, 1_700_000_000.5])
 
 
+def test_an_exported_item_re_embedded_by_the_follower_is_read_as_its_new_vector(small_model_dir: Path) -> None:
+    """The store searches the new vector of an item re-published with new features; the model
+    must read the item the same way (ItemsFollower.on_embedded -> ModelRuntime.reembedded)."""
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    item = str(runtime.item_ids[3])
+    new = np.arange(runtime.dim, dtype=np.float32) + 1.0
+    runtime.reembedded([item, "never-exported"], np.stack([new, new]))
+    np.testing.assert_allclose(runtime.vector_lookup([item])[item], new / np.linalg.norm(new), atol=1e-6)
+    assert "never-exported" not in runtime.vector_lookup(["never-exported"])  # left to the fetched cache
+
+
 def test_an_id_the_store_does_not_know_is_asked_for_again_only_after_the_retry_window(
     small_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
