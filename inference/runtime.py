@@ -185,9 +185,10 @@ class ModelRuntime:
     def reembedded(self, item_ids: Sequence[str], vectors: np.ndarray) -> None:
         """Exported items the vector store now holds with new vectors (re-embedded from new
         content features by the items follower in this process): the model reads them as those,
-        as the store searches them. Rows are written in place (a batch running meanwhile may read
-        one row old or new, never torn in a way that matters). Items not exported are left to the
-        fetched cache's lifetime: it is the worker thread's to mutate."""
+        as the store searches them. Rows are written in place: a batch running meanwhile may read
+        a row old, new, or (numpy copies without the GIL) part of each, for that batch only.
+        Items not exported are left to the fetched cache's lifetime: it is the worker thread's to
+        mutate."""
         for item_id, vector in zip(item_ids, np.asarray(vectors, dtype=np.float32), strict=True):
             row = self.index.get(item_id)
             if row is not None:

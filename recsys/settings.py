@@ -92,7 +92,8 @@ class StreamsSettings(Section):
     max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
     lateness_ms: int = 60 * 1000  # out-of-order events up to this old are inserted in order
     # items a user hid (train.negative_actions) that stay out of their candidates after the
-    # hide has left the sequence; the newest hides kept
+    # hide has left the sequence; the newest hides kept (the worker keeps as many of a record's:
+    # give both the same value)
     max_hidden: int = Field(200, ge=0)
     flush_interval_s: float = 0.05  # user-updates are coalesced per user within this window
     max_batch_events: int = 5000  # a flush window also closes after this many events (binds only in catch-up: 100k events/s at 50 ms)
@@ -203,8 +204,9 @@ class InferenceSettings(Section):
     # micro-batch for the same unknown ids would cost a round-trip each time (a server backend).
     unknown_item_retry_s: float = 30.0
     # A history item indexed after the model's export is fetched from the vector store and kept
-    # this long, then fetched again: an item re-embedded from new content features reaches the
-    # model's input within this time, not never.
+    # this long, then fetched again: such an item re-embedded from new content features reaches
+    # the model's input within this time, not never. (An exported item re-embedded is replaced
+    # at once by this process's items follower; not after a restart, nor by a separate indexer.)
     fetched_item_ttl_s: float = 300.0
     # Most fetched and unknown ids remembered at once (each kind; least recently used dropped
     # first), so the worker's memory stays bounded however many items arrive after export.

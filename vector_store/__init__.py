@@ -13,6 +13,7 @@ from recsys.settings import Settings, VectorStoreSettings
 from vector_store.base import BatchHits, Hit, VectorStore
 from vector_store.errors import (
     CollectionMissingError,
+    CorruptPointError,
     DimensionMismatchError,
     StoreLockedError,
     VectorStoreError,
@@ -22,6 +23,7 @@ from vector_store.schema import ItemId, ItemRecord, point_id
 __all__ = [
     "BatchHits",
     "CollectionMissingError",
+    "CorruptPointError",
     "DimensionMismatchError",
     "Hit",
     "ItemId",

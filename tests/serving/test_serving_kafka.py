@@ -332,6 +332,7 @@ def serve_process(port: int, *args: str, **env: str) -> Iterator[subprocess.Pope
 
 def kafka_env(bootstrap: str, topic: str, model_dir: Path) -> dict[str, str]:
     return {"RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
+            "RECSYS_TOPICS__POPULAR": f"{topic}.popular", "RECSYS_TOPICS__ITEMS": f"{topic}.items",
             "RECSYS_INFERENCE__MODEL_DIR": str(model_dir)}
 
 

@@ -42,3 +42,22 @@ def test_a_qdrant_server_is_waited_for_until_the_indexer_has_loaded_it() -> None
         store.mark_catalogue(None)
         stopping.set()
         assert wait_for_catalogue(store, "v2", settings, stopping) is False
+
+
+def test_a_store_outage_during_the_wait_is_waited_out() -> None:
+    """Reading the marker of a Qdrant server that is restarting fails like any store call:
+    waited out, not the worker's end."""
+
+    class Restarting:
+        calls = 0
+
+        def catalogue_version(self) -> str | None:
+            self.calls += 1
+            if self.calls < 3:
+                raise ConnectionError("connection refused")
+            return "v2"
+
+    settings = Settings(vector_store={"backend": "server", "url": ":memory:"}, inference={"store_retry_max_s": 0.01})
+    store = Restarting()
+    assert wait_for_catalogue(store, "v2", settings, threading.Event())  # type: ignore[arg-type]
+    assert store.calls == 3
