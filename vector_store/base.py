@@ -8,15 +8,18 @@ collection's width and per-query filter lists of the right length.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TypeVar
 
 import numpy as np
 
 from recsys.settings import VectorStoreSettings
 from vector_store.errors import CollectionMissingError, DimensionMismatchError
 from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query
+
+F = TypeVar("F")  # a backend's filter type
 
 Hit = tuple[ItemId, float]  # (item id, cosine similarity | popularity)
 
@@ -239,6 +242,24 @@ class VectorStore(ABC):
         if x.ndim == 2 and x.shape[1] != dim:
             raise DimensionMismatchError(f"{what}: collection has dim {dim}, got {x.shape[1]}")
         return check_matrix(x, dim, what)
+
+
+def shared_filters(
+    surfaces: Sequence[str | None],
+    exclude: Sequence[Sequence[ItemId]],
+    exclude_of: np.ndarray,
+    make: Callable[[str | None, Sequence[ItemId]], F],
+) -> list[F]:
+    """Each query's filter, made once per (exclusion list, surface) pair and shared by that
+    pair's queries: the worker asks ~24 queries per user, and an exclusion list (recent and
+    hidden items) can hold a few hundred ids."""
+    made: dict[tuple[int, str | None], F] = {}
+    out = []
+    for surface, owner in zip(surfaces, exclude_of.tolist(), strict=True):
+        if (owner, surface) not in made:
+            made[owner, surface] = make(surface, exclude[owner])
+        out.append(made[owner, surface])
+    return out
 
 
 def hits_to_arrays(lists: Sequence[Sequence[Hit]]) -> BatchHits:

@@ -26,7 +26,7 @@ import qdrant_edge as qe
 
 from recsys.files import atomic_write
 from recsys.settings import VectorStoreSettings
-from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays
+from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays, shared_filters
 from vector_store.errors import (
     CollectionMissingError,
     DimensionMismatchError,
@@ -192,20 +192,17 @@ class EdgeStore(VectorStore):
             rows, scores = exact.search_rows(queries, limits, surfaces, exclude, exclude_of,
                                              threads=self.settings.max_search_threads or 0)
             return BatchHits(rows, scores, exact.id_array, exact.text_array)
-        # One filter object per (exclusion list, surface) pair, shared by its queries.
-        filters: dict[tuple[int, str | None], qe.Filter | None] = {}
-        requests = []
-        for q, limit, surface, owner in zip(queries.tolist(), limits.tolist(), surfaces, exclude_of.tolist(), strict=True):
-            key = (owner, surface)
-            if key not in filters:
-                filters[key] = _filter(surface, exclude[owner])
-            requests.append(qe.QueryRequest(
+        requests = [
+            qe.QueryRequest(
                 limit=max(limit, 1),
                 query=qe.Query.Nearest(q),
-                filter=filters[key],
+                filter=f,
                 params=qe.SearchParams(hnsw_ef=max(self.settings.search_ef, limit)),
                 with_payload=[ITEM_ID],
-            ))
+            )
+            for q, limit, f in zip(queries.tolist(), limits.tolist(),
+                                   shared_filters(surfaces, exclude, exclude_of, _filter), strict=True)
+        ]
         results = self._live().query_batch(qe.QueryBatchRequest(requests))
         return hits_to_arrays([
             [(point_payload(p)[ITEM_ID], float(p.score)) for p in hits][:limit]

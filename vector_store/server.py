@@ -20,7 +20,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from recsys.settings import VectorStoreSettings
-from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays
+from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays, shared_filters
 from vector_store.errors import DimensionMismatchError, VectorStoreError
 from vector_store.schema import (
     ITEM_ID,
@@ -125,14 +125,8 @@ class ServerStore(VectorStore):
         exclude: list[Sequence[ItemId]],
         exclude_of: np.ndarray,
     ) -> BatchHits:
-        # One filter per (exclusion list, surface) pair, shared by its queries: the worker asks
-        # ~24 queries per user, and an exclusion list (recent and hidden items) can hold 250 ids.
-        filters: dict[tuple[int, str | None], qm.Filter | None] = {}
-        for surface, owner in zip(surfaces, exclude_of.tolist(), strict=True):
-            if (owner, surface) not in filters:
-                filters[owner, surface] = _filter(surface, exclude[owner])
-        per_query = [filters[owner, surface] for surface, owner in zip(surfaces, exclude_of.tolist(), strict=True)]
-        return hits_to_arrays(self._search(queries, limits.tolist(), per_query))
+        filters = shared_filters(surfaces, exclude, exclude_of, _filter)
+        return hits_to_arrays(self._search(queries, limits.tolist(), filters))
 
     def _search(self, queries: np.ndarray, limits: list[int], filters: list[qm.Filter | None]) -> list[list[Hit]]:
         requests = [
