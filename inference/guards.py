@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from recsys.settings import StreamsSettings
 from vector_store.errors import CorruptPointError, DimensionMismatchError
 
 __all__ = ["RetryingStore", "StoreUnavailable", "call_with_retry", "clean_update", "is_transient"]
@@ -77,7 +78,10 @@ def _clean_event(event: Any) -> dict[str, Any] | None:
     return {"item_id": item, "action": action, "surface": surface, "ts": ts}
 
 
-def clean_update(raw: bytes | None, keep: int, keep_hidden: int = 200) -> dict[str, Any] | None:
+_MAX_HIDDEN = StreamsSettings.model_fields["max_hidden"].default  # the streams' own bound
+
+
+def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN) -> dict[str, Any] | None:
     """A `user-updates` record as the worker can use it, or None (see the module docstring):
     the newest ``keep`` events and ``keep_hidden`` hidden items (the streams' bounds; a record
     from elsewhere could carry a million, all going into the store's exclusion filter)."""

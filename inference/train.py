@@ -361,7 +361,7 @@ class RunState:
     # cannot be compared with new evaluations (2: the request time is the newest history
     # event's, not the target's, and "hide" is no target, 7a3ded6): resuming such a run kept a
     # best no new evaluation could beat, and patience then exported the old weights.
-    protocol: int = 0
+    protocol: int = 1  # what a state saved before the field was
     epoch: int = 0
     step: int = 0
     seconds: float = 0.0
@@ -418,7 +418,7 @@ def fit(
         model.load_state_dict(blob["model"])
         if blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
-        st = RunState(**{"protocol": 1, **blob["state"]["run"]})  # runs saved before the field: 1
+        st = RunState(**blob["state"]["run"])
         if st.protocol != TRAINING_PROTOCOL:
             raise ValueError(f"{last} was written by a run whose metrics are not comparable with this code's "
                              f"(protocol {st.protocol}, now {TRAINING_PROTOCOL}): start afresh, without --resume "

@@ -28,8 +28,9 @@ from recsys.topics import POPULAR_KEY
 from serving.eligibility import Eligibility
 from serving.fallback import PopularityFallback
 from serving.store import CandidateStore
+from vector_store.indexer import BadItemMessage, decode_item  # the indexer's rules, not a copy of them
 
-__all__ = ["CandidatesFollower", "ItemsFollower", "PopularFollower", "decode_value"]
+__all__ = ["CandidatesFollower", "EligibilityFollower", "PopularFollower", "decode_value"]
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class PopularFollower(CandidatesFollower):
         self.fallback.published = self.store.get(POPULAR_KEY)
 
 
-class ItemsFollower(CandidatesFollower):
+class EligibilityFollower(CandidatesFollower):
     """Follows `items` (the catalogue: which surfaces each item may be served on) into the
     server's Eligibility, so that an item withdrawn after a user's lists were computed leaves
     them at once. Read whole before SERVING, as `candidates` is."""
@@ -205,8 +206,6 @@ class ItemsFollower(CandidatesFollower):
         self.eligibility = eligibility
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        from vector_store.indexer import BadItemMessage, decode_item
-
         self.records += 1
         events = self.settings.events
         try:

@@ -348,7 +348,7 @@ async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> 
 
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound."""
-    from serving.follower import CandidatesFollower, ItemsFollower, PopularFollower  # aiokafka only where a topic is followed
+    from serving.follower import CandidatesFollower, EligibilityFollower, PopularFollower  # aiokafka only where a topic is followed
 
     cfg = settings.serving
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
@@ -361,7 +361,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     server, port = create_server(settings, store, fallback, health_servicer=health_servicer, eligibility=eligibility)
     followers = [CandidatesFollower(settings, store), PopularFollower(settings, fallback)] if cfg.follow else []
     if cfg.follow and cfg.follow_items:
-        followers.append(ItemsFollower(settings, eligibility))
+        followers.append(EligibilityFollower(settings, eligibility))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

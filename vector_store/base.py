@@ -247,18 +247,18 @@ class VectorStore(ABC):
 def shared_filters(
     surfaces: Sequence[str | None],
     exclude: Sequence[Sequence[ItemId]],
-    exclude_of: np.ndarray,
     make: Callable[[str | None, Sequence[ItemId]], F],
 ) -> list[F]:
     """Each query's filter, made once per (exclusion list, surface) pair and shared by that
-    pair's queries: the worker asks ~24 queries per user, and an exclusion list (recent and
-    hidden items) can hold a few hundred ids."""
+    pair's queries: the worker asks ~24 queries per user, all with the same exclusion list
+    object (recent and hidden items, up to a few hundred ids)."""
     made: dict[tuple[int, str | None], F] = {}
     out = []
-    for surface, owner in zip(surfaces, exclude_of.tolist(), strict=True):
-        if (owner, surface) not in made:
-            made[owner, surface] = make(surface, exclude[owner])
-        out.append(made[owner, surface])
+    for surface, excl in zip(surfaces, exclude, strict=True):
+        key = (id(excl), surface)  # the lists outlive this call: ids stay unique meanwhile
+        if key not in made:
+            made[key] = make(surface, excl)
+        out.append(made[key])
     return out
 
 

@@ -201,7 +201,7 @@ class EdgeStore(VectorStore):
                 with_payload=[ITEM_ID],
             )
             for q, limit, f in zip(queries.tolist(), limits.tolist(),
-                                   shared_filters(surfaces, exclude, exclude_of, _filter), strict=True)
+                                   shared_filters(surfaces, [exclude[o] for o in exclude_of], _filter), strict=True)
         ]
         results = self._live().query_batch(qe.QueryBatchRequest(requests))
         return hits_to_arrays([

@@ -20,7 +20,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from recsys.settings import VectorStoreSettings
-from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays, shared_filters
+from vector_store.base import Hit, VectorStore, shared_filters
 from vector_store.errors import DimensionMismatchError, VectorStoreError
 from vector_store.schema import (
     ITEM_ID,
@@ -114,35 +114,14 @@ class ServerStore(VectorStore):
         surfaces: list[str | None],
         exclude: list[Sequence[ItemId]],
     ) -> list[list[Hit]]:
-        filters = [_filter(surface, excl) for surface, excl in zip(surfaces, exclude, strict=True)]
-        return self._search(queries, [limit] * len(filters), filters)
-
-    def _query_arrays(
-        self,
-        queries: np.ndarray,
-        limits: np.ndarray,
-        surfaces: list[str | None],
-        exclude: list[Sequence[ItemId]],
-        exclude_of: np.ndarray,
-    ) -> BatchHits:
-        filters = shared_filters(surfaces, exclude, exclude_of, _filter)
-        return hits_to_arrays(self._search(queries, limits.tolist(), filters))
-
-    def _search(self, queries: np.ndarray, limits: list[int], filters: list[qm.Filter | None]) -> list[list[Hit]]:
+        params = qm.SearchParams(hnsw_ef=max(self.settings.search_ef, limit))
         requests = [
-            qm.QueryRequest(
-                query=q,
-                limit=max(limit, 1),
-                filter=f,
-                params=qm.SearchParams(hnsw_ef=max(self.settings.search_ef, limit)),
-                with_payload=[ITEM_ID],
-            )
-            for q, limit, f in zip(queries.tolist(), limits, filters, strict=True)
+            qm.QueryRequest(query=q, limit=limit, filter=f, params=params, with_payload=[ITEM_ID])
+            for q, f in zip(queries.tolist(), shared_filters(surfaces, exclude, _filter), strict=True)
         ]
         responses = self.client.query_batch_points(self.collection, requests=requests)
         return [
-            [(point_payload(p)[ITEM_ID], float(p.score)) for p in resp.points][:limit]
-            for resp, limit in zip(responses, limits, strict=True)
+            [(point_payload(p)[ITEM_ID], float(p.score)) for p in resp.points] for resp in responses
         ]
 
     def retrieve(self, item_ids: Sequence[ItemId]) -> dict[ItemId, np.ndarray]:

@@ -46,10 +46,10 @@ def test_records_the_indexer_refuses_change_nothing(tmp_path: Path) -> None:
     took (a NaN popularity, an unknown surface, a wrong key) must not lift a takedown either."""
     import msgpack
 
-    from serving.follower import ItemsFollower
+    from serving.follower import EligibilityFollower
 
     eligibility = Eligibility(SURFACES)
-    follower = ItemsFollower(Settings(), eligibility)
+    follower = EligibilityFollower(Settings(), eligibility)
     follower._apply(b"x", msgpack.packb({"item_id": "x", "surfaces": []}))
     for key, value in [(b"x", {"item_id": "x", "popularity": float("nan")}),
                        (b"x", {"item_id": "x", "surfaces": ["Home"]}),
