@@ -129,6 +129,7 @@ class IndexStats:
 
 # -- decoding --------------------------------------------------------------------------------
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_NUMBER_TYPES = frozenset({int, float})  # exact types: msgpack gives no subclasses, and bool is not one of them
 
 
 def decode_item(value: bytes | None, max_id_length: int, known_surfaces: Sequence[str] | None = None) -> ItemMessage:
@@ -152,13 +153,16 @@ def decode_item(value: bytes | None, max_id_length: int, known_surfaces: Sequenc
         raise BadItemMessage("bad value", f"item_id must be non-blank and at most {max_id_length} bytes in UTF-8")
     features = obj.get("features")
     if features is not None:
-        if not isinstance(features, list) or not all(
-            isinstance(f, (int, float)) and not isinstance(f, bool) and abs(f) <= _FLOAT32_MAX
-            for f in features
-        ):
-            # The encoder runs in float32: a finite float64 beyond its range arrives as inf.
+        # map() keeps the per-feature checks in C: this runs for every record of `items`, in
+        # the indexer and in every server process before it reports SERVING.
+        if not isinstance(features, list) or not _NUMBER_TYPES.issuperset(map(type, features)):
             raise BadItemMessage("bad value", "features must be a list of finite float32 numbers")
-        features = tuple(float(f) for f in features)
+        features = tuple(map(float, features))  # msgpack's ints (64-bit) all fit a float
+        # The sum is NaN or inf when any feature is; the encoder runs in float32, so a finite
+        # float64 beyond its range would arrive as inf.
+        if features and not (math.isfinite(sum(features))
+                             and max(features) <= _FLOAT32_MAX and min(features) >= -_FLOAT32_MAX):
+            raise BadItemMessage("bad value", "features must be a list of finite float32 numbers")
     surfaces = obj.get("surfaces")
     if surfaces is not None:
         if not isinstance(surfaces, list) or not all(isinstance(s, str) for s in surfaces):

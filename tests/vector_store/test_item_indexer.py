@@ -11,6 +11,8 @@ import msgpack
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from vs_helpers import clustered
 from onnx import TensorProto, helper, numpy_helper
 
@@ -70,6 +72,25 @@ def test_decode_item() -> None:
     with pytest.raises(BadItemMessage, match="Search") as refused:
         decode_item(typo, 256, SURFACES)  # it would be eligible on search nowhere
     assert refused.value.reason == "unknown surface"
+
+
+_FEATURE = st.one_of(
+    st.floats(width=64), st.integers(min_value=-(2**63), max_value=2**64 - 1), st.booleans(),
+    st.sampled_from([3.4028234663852886e38, -3.4028234663852886e38, 3.4028235e38 * 1.0000001]),
+    st.none(), st.text(max_size=2),
+)
+
+
+@given(st.lists(_FEATURE, max_size=8))
+def test_features_are_refused_exactly_when_one_is_not_a_float32_number(features: list[object]) -> None:
+    f32_max = float(np.finfo(np.float32).max)
+    ok = all(type(f) in (int, float) and abs(f) <= f32_max for f in features)  # type: ignore[arg-type]
+    value = msgpack.packb({"item_id": 1, "features": features})
+    if ok:
+        assert decode_item(value, 256).features == tuple(float(f) for f in features)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(BadItemMessage, match="finite float32"):
+            decode_item(value, 256)
 
 
 def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) -> None:
