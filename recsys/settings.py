@@ -12,7 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -75,7 +75,9 @@ class EventSettings(Section):
     actions: list[str] = ["click", "save", "hide"]  # the outcome types
     max_event_bytes: int = 4096  # larger raw events go to the DLQ (checked before unpacking)
     max_id_length: int = 256  # string ids longer than this (utf-8 bytes) are rejected
-    max_future_ms: int = 5 * 60 * 1000  # events further ahead of the wall clock are rejected
+    # events further ahead than this of the record's Kafka timestamp (or of the wall clock, if
+    # sooner) are rejected; at most streams.lateness_ms (see Settings)
+    max_future_ms: int = 5 * 60 * 1000
     # 1990-01-01: anything older is a unit mistake (seconds sent as ms); MovieLens starts 1995.
     min_ts_ms: int = 631_152_000_000
     max_fields: int = 64  # entries of any msgpack map / array in an event (unpack limit)
@@ -90,7 +92,7 @@ class StreamsSettings(Section):
     data_dir: Path = Path("var/streams")  # Faust table state (rocksdb) and the worker's local files
     max_sequence_len: int = 50  # events kept per user
     max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
-    lateness_ms: int = 60 * 1000  # out-of-order events up to this old are inserted in order
+    lateness_ms: int = 5 * 60 * 1000  # out-of-order events up to this old are inserted in order
     # items a user hid (train.negative_actions) that stay out of their candidates after the
     # hide has left the sequence; the newest hides kept (the worker keeps as many of a record's:
     # give both the same value)
@@ -305,6 +307,17 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     vector_store: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @model_validator(mode="after")
+    def _future_within_lateness(self) -> Settings:
+        # An accepted event up to max_future_ms ahead becomes the user's newest; with a shorter
+        # lateness, the user's correctly timed events that follow would all be dead-lettered
+        # as too late until the clock caught up with it.
+        if self.events.max_future_ms > self.streams.lateness_ms:
+            raise ValueError(f"events.max_future_ms ({self.events.max_future_ms}) must not exceed "
+                             f"streams.lateness_ms ({self.streams.lateness_ms}): an event accepted from a "
+                             "clock that runs ahead would make the user's next events too late")
+        return self
 
     @classmethod
     def settings_customise_sources(

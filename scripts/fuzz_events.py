@@ -48,7 +48,8 @@ from recsys.settings import Settings
 
 NOW = 1_700_000_000_000  # the decoder's wall clock, fixed: results do not depend on the day
 # Small bounds, so that short inputs reach every branch of the fold (full, aged-out, late).
-SETTINGS = Settings(streams={"max_sequence_len": 5, "max_age_ms": 10_000, "lateness_ms": 1_000, "dlq_max_original_bytes": 1024})
+SETTINGS = Settings(streams={"max_sequence_len": 5, "max_age_ms": 10_000, "lateness_ms": 1_000, "dlq_max_original_bytes": 1024},
+                    events={"max_future_ms": 1_000})
 GOOD: dict[str, Any] = {"user_id": 7, "item_id": "sku-1", "action": "click", "surface": "home", "ts": NOW - 1_000}
 
 

@@ -25,7 +25,7 @@ REASONS: tuple[str, ...] = (
     "bad value",  # right type, wrong value: empty / too long id, negative dwell_ms, too deep extras
     "unknown action",  # action not in settings.events.actions
     "unknown surface",  # surface not in settings.events.surfaces
-    "ts in the future",  # ts more than settings.events.max_future_ms ahead of the wall clock
+    "ts in the future",  # ts more than settings.events.max_future_ms ahead of the record's Kafka time (or the clock, if earlier)
     "ts too old",  # ts before settings.events.min_ts_ms (usually seconds sent instead of ms)
     "wrong key",  # the Kafka key is not str(user_id) (per-user order and partitioning need it)
     "too late",  # event time behind the user's newest event by more than streams.lateness_ms

@@ -43,3 +43,10 @@ def test_the_config_file_sets_values_the_environment_overrides(tmp_path: Path, m
     monkeypatch.setenv("RECSYS_SERVING__PORT", "7001")
     settings = Settings()
     assert (settings.serving.host, settings.serving.port) == ("0.0.0.0", 7001)
+
+
+def test_a_future_horizon_beyond_the_lateness_is_refused() -> None:
+    # An event accepted from a clock running ahead would make the user's next events too late.
+    with pytest.raises(ValidationError, match="max_future_ms"):
+        Settings(events={"max_future_ms": 60_000}, streams={"lateness_ms": 59_999})
+    assert Settings(events={"max_future_ms": 60_000}, streams={"lateness_ms": 60_000}).streams.lateness_ms == 60_000

@@ -28,7 +28,8 @@ from streams.sequences import (
     user_update,
 )
 
-S = Settings(streams={"max_sequence_len": 5, "max_age_ms": 10_000, "lateness_ms": 1_000})
+S = Settings(streams={"max_sequence_len": 5, "max_age_ms": 10_000, "lateness_ms": 1_000},
+             events={"max_future_ms": 1_000})
 T0 = 1_700_000_000_000
 
 
@@ -133,7 +134,7 @@ def test_a_hidden_item_stays_hidden_after_the_hide_leaves_the_sequence() -> None
     assert update["hidden"] == ["a", "b"]
     assert decode_state(packed.encode()).hidden == ((T0 + 2, "a"), (T0 + 6, "b"))
     # A hide too late for the sequence is dead-lettered there but still taken: hides are a set.
-    late = Settings(streams={"max_sequence_len": 3, "max_hidden": 2, "lateness_ms": 1})
+    late = Settings(streams={"max_sequence_len": 3, "max_hidden": 2, "lateness_ms": 1}, events={"max_future_ms": 1})
     with pytest.raises(TooLate):
         packed.fold(ev(4, "zz", "hide"), late)  # would enter the sequence, 2 ms behind its newest
     assert packed.hidden == ((T0 + 4, "zz"), (T0 + 6, "b"))
@@ -240,7 +241,8 @@ def test_the_earlier_table_form_is_still_read() -> None:
 
 
 # Sequences long enough (17 > 15 entries) to cross msgpack's short-array header.
-long_settings = Settings(streams={"max_sequence_len": 17, "max_age_ms": 2_500, "lateness_ms": 800})
+long_settings = Settings(streams={"max_sequence_len": 17, "max_age_ms": 2_500, "lateness_ms": 800},
+                         events={"max_future_ms": 800})
 
 
 @hsettings(max_examples=300, deadline=None)

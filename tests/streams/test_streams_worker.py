@@ -279,7 +279,9 @@ def test_10k_events_1pct_malformed_every_valid_event_sequenced_every_bad_one_dea
 def test_out_of_order_events_within_lateness_end_up_in_order_later_ones_are_dead_lettered(worker: Worker) -> None:
     user = f"ooo-{uuid.uuid4().hex[:8]}"
     t = now_ms() - 120_000
-    lateness = 60_000  # the default streams.lateness_ms
+    from recsys.settings import Settings
+
+    lateness = Settings().streams.lateness_ms  # the worker sets none: the default
 
     def ev(dt: int, item: int) -> ActionEvent:
         return ActionEvent(user, item, "click", "home", t + dt)
@@ -311,6 +313,33 @@ def test_out_of_order_events_within_lateness_end_up_in_order_later_ones_are_dead
     dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late), encode_event(late_hide), miskeyed[1]})
     assert dead == Counter({(encode_event(too_late), "too late"): 1, (encode_event(late_hide), "too late"): 1,
                             (miskeyed[1], "wrong key"): 1})
+
+
+def test_the_future_check_reads_the_records_own_time_so_a_replay_judges_alike(worker: Worker) -> None:
+    # Two records stamped by Kafka ten minutes ago, their events' times behind the wall clock
+    # today: judged against the record's time, as they were when first read (and as a replay
+    # after a crash reads them), one is too far ahead of it.
+    from kafka import KafkaProducer
+
+    from recsys.settings import Settings
+
+    user = f"skew-{uuid.uuid4().hex[:8]}"
+    stamped = now_ms() - 600_000
+    ahead = Settings().events.max_future_ms
+    fine = ActionEvent(user, 1, "click", "home", stamped + ahead - 1_000)
+    skewed = ActionEvent(user, 2, "click", "home", stamped + ahead + 1_000)
+    producer = KafkaProducer(bootstrap_servers=worker.bootstrap, acks="all")
+    try:
+        for event in (fine, skewed):
+            producer.send(worker.actions, key=event.key.encode(), value=encode_event(event), timestamp_ms=stamped)
+        producer.flush()
+    finally:
+        producer.close()
+    wait_until(lambda: bool(ups := updates_by_user(worker.bootstrap, worker.updates).get(user))
+               and events_of(ups[-1]) == [(1, "click", "home", fine.ts)], 60, "the event within the horizon")
+    want = Counter({(encode_event(skewed), "ts in the future"): 1})
+    wait_until(lambda: dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(skewed)}) == want, 60,
+               "the skewed event dead-lettered")
 
 
 def test_a_burst_for_one_user_yields_a_handful_of_coalesced_updates(worker: Worker) -> None:
