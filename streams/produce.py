@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from recsys.settings import get_settings
 from streams.schema import ActionEvent, encode_event
 from streams.synthetic import synthetic_events
@@ -90,6 +92,13 @@ def to_record(item: Record) -> tuple[bytes | None, bytes]:
         key = None if user_id is None else str(user_id)
     try:
         value = encode_event(item)
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800" is valid JSON): sent as the bytes it names, which the
+        # worker refuses as "not msgpack" (not UTF-8), so the event is on record in the DLQ
+        # instead of aborting the replay halfway.
+        wire = item.to_wire() if isinstance(item, ActionEvent) else dict(item)
+        value = msgpack.packb(wire, use_bin_type=True, unicode_errors="surrogatepass")
+        return (None if key is None else key.encode("utf-8", "surrogatepass")), value
     except OverflowError:
         # The producer does not validate, so an int msgpack cannot carry goes as its decimal
         # text rather than aborting the replay or being dropped here: the worker then accepts
@@ -164,13 +173,13 @@ def produce(
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """One JSON object per non-empty line; a line that is not an object is reported and skipped."""
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line, parse_int=_json_int)
-            except json.JSONDecodeError as exc:
+            except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested thousands deep
                 log.warning("%s:%d: not JSON (%s); skipped", path, n, exc)
                 continue
             if not isinstance(obj, dict):
@@ -210,7 +219,9 @@ _ASCII_INT = re.compile(r"-?[0-9]+")
 
 def read_csv(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a CSV file with a header; empty cells are left out, numbers become ints."""
-    with path.open(encoding="utf-8", newline="") as f:
+    # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which would otherwise
+    # rename the first column ("\ufeffuser_id") and dead-letter every row as missing it.
+    with path.open(encoding="utf-8-sig", newline="") as f:
         for row in csv.DictReader(f):
             event: dict[str, Any] = {}
             for name, value in row.items():

@@ -96,6 +96,25 @@ def test_jsonl_int_too_long_for_python_is_read_as_text(tmp_path: Path) -> None:
     assert [e["item_id"] if "item_id" in e else e["user_id"] for e in read_jsonl(data)] == ["9" * 5000, 2]
 
 
+def test_jsonl_lines_json_accepts_but_msgpack_cannot_carry_are_sent_for_the_dlq(tmp_path: Path) -> None:
+    data = tmp_path / "events.jsonl"
+    good = '{"user_id": 3, "item_id": 4, "action": "click", "surface": "home", "ts": %d}' % TS
+    data.write_text('{"user_id": "\\ud800", "item_id": 1}\n' + "[" * 3000 + "]" * 3000 + "\n" + good + "\n")
+    events = list(read_jsonl(data))  # the deeply nested line is skipped with a warning, not fatal
+    assert [e["user_id"] for e in events] == ["\ud800", 3]
+    key, value = to_record(events[0])  # a lone surrogate: its bytes, which the worker refuses
+    assert key == "\ud800".encode("utf-8", "surrogatepass")
+    with pytest.raises(InvalidEvent, match="not msgpack"):
+        decode_event(value, Settings(), now=TS)
+    assert decode_event(to_record(events[1])[1], Settings(), now=TS).user_id == 3
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:
+    data = tmp_path / "events.csv"
+    data.write_text("user_id,item_id,action,surface,ts\n7,8,click,home,%d\n" % TS, encoding="utf-8-sig")
+    assert list(read_csv(data)) == [{"user_id": 7, "item_id": 8, "action": "click", "surface": "home", "ts": TS}]
+
+
 def test_a_malformed_movielens_line_is_skipped_not_fatal(tmp_path: Path) -> None:
     data = tmp_path / "u.data"
     data.write_text("196\t242\t3\t881250949\n196\tx\t4\t881250950\n\n186\t302\t4\n186\t302\t4\t891717742\n")
