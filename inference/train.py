@@ -493,7 +493,12 @@ def fit(
         validating = len(stage.valid_rows) > 0  # none in a final refit: the last weights are kept
         if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time:
             if validating:
-                val = ranking_metrics(model, log_, stage.valid_rows, batch_size=tcfg.eval_batch)
+                # A model trained never to see the target's outcome (or surface) is validated
+                # as it is used, unconditioned: the true one would feed an embedding row that
+                # never trained, and pick the checkpoint on noise.
+                val = ranking_metrics(model, log_, stage.valid_rows, batch_size=tcfg.eval_batch,
+                                      outcome="none" if stage.spec.outcome_dropout >= 1.0 else "true",
+                                      surface="none" if stage.spec.surface_dropout >= 1.0 else "true")
                 row |= {f"valid_{k}": v for k, v in val.items() if k != "n_targets"}
                 if f"valid_{metric}" not in st.best or val[metric] > st.best[f"valid_{metric}"]:
                     st.best = dict(row)

@@ -14,7 +14,7 @@ from gr_helpers import tiny_settings
 from planted import planted_events
 
 from inference.checkpoint import Checkpoint, load_blob, load_checkpoint
-from inference.data import EventLog, Split, gather_train_batch, iterate_train_batches, training_windows
+from inference.data import EventLog, Split, engaged, gather_train_batch, iterate_train_batches, training_windows
 from inference.evaluate import item_matrix, ranking_metrics
 from inference.model import GenerativeRetriever
 from inference.train import (
@@ -167,6 +167,19 @@ def test_sampled_softmax_with_log_q_learns(planted_log: EventLog, planted_split:
     model, _, results = train(planted_log, planted_split, settings, tmp_path, progress=False)
     assert results[0].history[0]["loss"] > results[0].history[-1]["loss"]
     assert ranking_metrics(model, planted_log, planted_split.valid, ks=(10,))["recall@10"] > 0.3
+
+
+def test_a_model_never_told_the_outcome_is_validated_unconditioned(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """Its outcome embeddings never train; checkpoints are picked on what it will be asked."""
+    settings = tiny_settings(tmp_path, "train.outcome_dropout=1.0", "train.epochs=5")
+    model, _, results = train(planted_log, planted_split, settings, tmp_path, progress=False)
+    best = results[0].best
+    rows = engaged(planted_log, planted_split.valid, settings.train.negative_actions)  # what training validates on
+    unconditioned = ranking_metrics(model, planted_log, rows, outcome="none")
+    assert best["valid_ndcg@10"] == pytest.approx(unconditioned["ndcg@10"], abs=1e-6)
+    assert best["valid_ndcg@10"] != pytest.approx(ranking_metrics(model, planted_log, rows)["ndcg@10"], abs=1e-6)
 
 
 def test_finetuning_moves_only_that_surfaces_head(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path]) -> None:
