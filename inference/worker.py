@@ -887,8 +887,15 @@ def main(argv: list[str]) -> int:
     store = RetryingStore(store, stopping=stopping, **retry)
     if not args.no_follow_items:
         model_dir = settings.inference.model_dir
-        follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings,
-                                 model_version=runtime.version, on_embedded=runtime.reembedded)
+        from recsys.kafka_clients import Stopped
+
+        try:
+            follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings,
+                                     model_version=runtime.version, on_embedded=runtime.reembedded, stop=stopping)
+        except Stopped:
+            log.info("stopped while the items follower caught up; nothing was committed")
+            store.close()
+            return 0
     worker = Worker(settings, runtime, store, follower)
     worker.stopping = stopping
     failed: list[BaseException] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -91,12 +92,18 @@ def read_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stal
     return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
-def iter_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stall_s: float = 30.0) -> Iterator[Any]:
+class Stopped(Exception):
+    """A read given up because the process was asked to stop (SIGTERM)."""
+
+
+def iter_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stall_s: float = 30.0,
+                stop: threading.Event | None = None) -> Iterator[Any]:
     """The records of ``topic`` up to the end offsets it has now, as they are fetched (in log
     order within a partition): from the beginning, or from ``group_id``'s committed offsets
     (what that group has yet to read). Reads with manually assigned partitions, so the group
     is neither joined nor committed to. Raises KafkaTimeoutError when the broker does not
-    answer, or no record arrives for ``stall_s`` before the end."""
+    answer, or no record arrives for ``stall_s`` before the end; Stopped once ``stop`` is set
+    (a long topic would otherwise hold a stopping process past its grace period)."""
     from kafka import KafkaConsumer, TopicPartition
     from kafka.errors import KafkaTimeoutError
 
@@ -118,6 +125,8 @@ def iter_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stal
         end = consumer.end_offsets(tps)
         last_progress = time.monotonic()
         while any(consumer.position(tp) < end[tp] for tp in tps):
+            if stop is not None and stop.is_set():
+                raise Stopped(f"reading {topic} to its end")
             batches = consumer.poll(timeout_ms=500)
             if batches:
                 last_progress = time.monotonic()

@@ -410,6 +410,8 @@ class ItemsFollower:
     # Told of each item embedded (ids, vectors), once stored: the worker's model reads items as
     # these vectors, and an exported item re-embedded from new features must change there too.
     on_embedded: OnEmbedded | None = None
+    # Set on SIGTERM: the catch-up scan at construction then raises kafka_clients.Stopped.
+    stop: threading.Event | None = None
     stats: IndexStats = field(default_factory=IndexStats)
 
     def __post_init__(self) -> None:
@@ -422,7 +424,7 @@ class ItemsFollower:
 
         # Before the group consumer starts: the records it has yet to read, up to the end now.
         backlog = iter_to_end(self._bootstrap, self.settings.topics.items, self.group_id,
-                              stall_s=self.settings.kafka.read_stall_s)
+                              stall_s=self.settings.kafka.read_stall_s, stop=self.stop)
         self._catch_up = CatchUp.scan(backlog, self._decode)
         log.info("items follower: %d items to catch up on", len(self._catch_up.latest))
         self._committed: dict[int, int] = {}  # partition -> offset, as this follower committed it
@@ -703,8 +705,14 @@ def main(argv: list[str]) -> int:
         # `items.dlq`, before anything reads or writes them.
         if not ensure_own_topics(settings, (settings.topics.items, settings.topics.items_dlq), stop):
             return 0
+        from recsys.kafka_clients import Stopped
+
         encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
-        follower = ItemsFollower(store, encoder, settings, model_version=version)
+        try:
+            follower = ItemsFollower(store, encoder, settings, model_version=version, stop=stop)
+        except Stopped:
+            log.info("stopped while catching up on %r; nothing was committed", settings.topics.items)
+            return 0
         try:
             log.info("following %r", settings.topics.items)
             follower.run(stop)

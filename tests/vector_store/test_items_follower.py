@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from recsys.kafka_clients import read_topic
+from recsys.kafka_clients import Stopped, read_topic
 from recsys.settings import Settings, VectorStoreSettings
 from vector_store import ItemRecord
 from vector_store.edge import EdgeStore
@@ -268,6 +269,21 @@ def test_a_follower_that_starts_behind_indexes_each_item_in_its_newest_state(
             assert not follower._catch_up.latest  # released once committed past the range
         finally:
             follower.close()
+
+
+def test_a_stop_during_the_catch_up_scan_gives_up_at_once(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """SIGTERM while a new shard scans the whole topic: the scan ends now, not at the topic's end."""
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    topic = settings.topics.items
+    _create_topic(kafka_bootstrap, topic, partitions=1)
+    _produce(kafka_bootstrap, topic, [_item(f"i{k}", [1.0] * DIM) for k in range(3)], [f"i{k}" for k in range(3)])
+    stop = threading.Event()
+    stop.set()
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)
+        with pytest.raises(Stopped):
+            ItemsFollower(store, _embed, settings, stop=stop)
+        assert store.count() == 0
 
 
 def test_offsets_are_committed_only_after_the_upsert(
