@@ -17,11 +17,11 @@ __all__ = ["REASONS", "InvalidEvent", "StreamsError", "TooLate"]
 
 # The stable reasons. Metrics label by these; the DLQ record carries one in "reason".
 REASONS: tuple[str, ...] = (
-    "oversized",  # raw bytes longer than settings.events.max_event_bytes (checked before unpacking)
-    "not msgpack",  # empty, truncated, trailing bytes, bad utf-8, too deep / too large containers
+    "oversized",  # raw bytes longer than settings.events.max_event_bytes (checked before unpacking), or a map / array of more than max_fields entries
+    "not msgpack",  # empty, truncated, trailing bytes, bad utf-8, too deep containers
     "not a map",  # valid msgpack, but not a map at the top level
     "missing field",  # one of user_id, item_id, action, surface, ts is absent (or nil)
-    "wrong type",  # e.g. ts not an int (bools are not ints), id neither int nor str
+    "wrong type",  # e.g. ts not an int (bools are not ints), id neither int nor str, a map key not a string
     "bad value",  # right type, wrong value: empty / too long id, negative dwell_ms, too deep extras
     "unknown action",  # action not in settings.events.actions
     "unknown surface",  # surface not in settings.events.surfaces

@@ -101,7 +101,12 @@ def decode_event(raw: bytes | None, settings: Settings, *, now: int | None = Non
             max_map_len=cfg.max_fields,
         )
     except Exception as exc:  # the unpacker raises half a dozen types (ValueError, StackError, ...)
-        raise InvalidEvent("not msgpack", f"{type(exc).__name__}: {exc}"[:200]) from None
+        # Valid msgpack past a limit, or with a non-string map key, is not "not msgpack": say
+        # which rule it broke (the unpacker tells them apart only by its message).
+        text = str(exc)
+        reason = ("oversized" if "exceeds max_" in text
+                  else "wrong type" if "not allowed for map key" in text else "not msgpack")
+        raise InvalidEvent(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not a map", f"top level is {type(obj).__name__}")
 

@@ -51,7 +51,7 @@ BAD: list[tuple[str, Any, str]] = [
     ("truncated", msgpack.packb(GOOD)[:-3], "not msgpack"),
     ("trailing bytes", msgpack.packb(GOOD) + b"\x00", "not msgpack"),
     ("bad utf-8", b"\x81\xa7user_id\xa2\xff\xfe", "not msgpack"),
-    ("int map key", {**GOOD, 5: 1}, "not msgpack"),
+    ("int map key", {**GOOD, 5: 1}, "wrong type"),  # valid msgpack: the rule broken, not "not msgpack"
     ("array", [1, 2, 3], "not a map"),
     ("scalar", 12, "not a map"),
     ("no user_id", {k: v for k, v in GOOD.items() if k != "user_id"}, "missing field"),
@@ -78,7 +78,7 @@ BAD: list[tuple[str, Any, str]] = [
     # Size is checked before unpacking: garbage that is too big is "oversized", not "not msgpack".
     ("oversized garbage", b"\xc1" * (S.events.max_event_bytes + 1), "oversized"),
     ("deep nesting", b"\x91" * 3000 + b"\xc0", "not msgpack"),
-    ("huge array header", b"\xdd\xff\xff\xff\xff", "not msgpack"),
+    ("huge array header", b"\xdd\xff\xff\xff\xff", "oversized"),  # past max_fields before anything is read
 ]
 
 
