@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.cooccurrence import item_factors
 from benchmarks.results_io import write_result
 from inference.data import (
     EventLog,
@@ -271,14 +272,7 @@ def cooccurrence_clusters(log: EventLog, k: int, seed: int) -> np.ndarray:
     """One-hot item clusters from who bought what (Beauty.txt has no item metadata): k-means
     over the items' rank-32 factors of the user x item incidence matrix. Model-independent: no
     model's embedding is involved, so both models' lists are measured on the same yardstick."""
-    incidence = torch.sparse_coo_tensor(
-        np.stack([log.user, log.item - 1]), torch.ones(log.n_events), (log.n_users, log.n_items),
-        check_invariants=True,
-    ).coalesce()
-    torch.manual_seed(seed)
-    _, s, v = torch.svd_lowrank(incidence, q=32, niter=4)
-    factors = (v * s).numpy()
-    factors /= np.maximum(np.linalg.norm(factors, axis=1, keepdims=True), 1e-9)
+    factors = item_factors(log, np.arange(log.n_events), 32, seed)
     rng = np.random.default_rng(seed)
     centres = factors[rng.choice(len(factors), k, replace=False)]
     for _ in range(50):  # Lloyd's k-means on the unit sphere (cosine)
