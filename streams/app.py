@@ -196,7 +196,8 @@ def create_app(settings: Settings) -> faust.App:
                     # "Now" for the future check is the record's own time when it is earlier
                     # than the clock: a replay after a crash then judges the event as it was
                     # judged first, and a producer whose clock runs ahead gains nothing.
-                    record_ms = int(msg.timestamp * 1000) if msg.timestamp else now
+                    # (-1: a record without a timestamp, from an old message format.)
+                    record_ms = int(msg.timestamp * 1000) if msg.timestamp and msg.timestamp > 0 else now
                     event = decode_event(msg.value, settings, now=min(now, record_ms))
                     key = event.key.encode()
                     if key != msg.key:  # per-user order and the table's partitioning rest on it
