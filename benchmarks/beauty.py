@@ -23,7 +23,7 @@ catalogue features are) are each item's rank-64 factors of the training rows' us
 incidence (`benchmarks/cooccurrence.py`; validation and test interactions never enter).
 
     python -m benchmarks.beauty                                             # the headline
-    python -m benchmarks.beauty --protocol refit --name beauty_refit
+    python -m benchmarks.beauty --protocol refit --item-factors 0 --name beauty_refit   # as beauty_refit.json was made
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from pathlib import Path
 import torch
 
 from benchmarks.results_io import RESULTS_DIR, write_result
-import numpy as np
-
 from benchmarks.cooccurrence import item_factors
 from inference.data import Split, concat_ranges, leave_one_out, load_sequences, train_until
 from inference.evaluate import popularity_metrics, ranking_metrics

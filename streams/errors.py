@@ -17,7 +17,7 @@ __all__ = ["REASONS", "InvalidEvent", "StreamsError", "TooLate"]
 
 # The stable reasons. Metrics label by these; the DLQ record carries one in "reason".
 REASONS: tuple[str, ...] = (
-    "oversized",  # raw bytes longer than settings.events.max_event_bytes (checked before unpacking), or a map / array of more than max_fields entries
+    "oversized",  # raw bytes longer than settings.events.max_event_bytes (checked before unpacking), or a map / array / ext header past its unpack limit (max_fields entries)
     "not msgpack",  # empty, truncated, trailing bytes, bad utf-8, too deep containers
     "not a map",  # valid msgpack, but not a map at the top level
     "missing field",  # one of user_id, item_id, action, surface, ts is absent (or nil)

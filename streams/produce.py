@@ -91,23 +91,21 @@ def to_record(item: Record) -> tuple[bytes | None, bytes]:
         user_id = item.get("user_id")
         key = None if user_id is None else str(user_id)
     try:
-        value = encode_event(item)
-    except UnicodeEncodeError:
-        # A lone surrogate ("\ud800" is valid JSON): sent as the bytes it names, which the
-        # worker refuses as "not msgpack" (not UTF-8), so the event is on record in the DLQ
-        # instead of aborting the replay halfway.
-        wire = item.to_wire() if isinstance(item, ActionEvent) else dict(item)
-        value = msgpack.packb(wire, use_bin_type=True, unicode_errors="surrogatepass")
-        return (None if key is None else key.encode("utf-8", "surrogatepass")), value
-    except OverflowError:
-        # The producer does not validate, so an int msgpack cannot carry goes as its decimal
-        # text rather than aborting the replay or being dropped here: the worker then accepts
-        # it as a str id (the same item by vector_store's point_id) or dead-letters it with a
-        # reason ("ts must be an int"), and the event is on record either way. The key is
-        # unchanged (str of the int is the text), so the user's events keep partition and order.
-        log.warning("user %.40s: an int beyond 64 bits is sent as its decimal text", key)
-        value = encode_event(_wire_safe(item.to_wire() if isinstance(item, ActionEvent) else item))
-    return (None if key is None else key.encode()), value
+        return (None if key is None else key.encode()), encode_event(item)
+    except (UnicodeEncodeError, OverflowError):
+        pass
+    # The producer does not validate, so what msgpack cannot carry is sent in a form it can
+    # rather than aborting the replay halfway or being dropped here; the event is on record
+    # either way:
+    # - an int beyond 64 bits goes as its decimal text: the worker accepts it as a str id (the
+    #   same item by vector_store's point_id) or dead-letters it with a reason ("ts must be an
+    #   int"); the key is unchanged (str of the int is the text), so partition and order stay;
+    # - a lone surrogate ("\ud800" is valid JSON) goes as the bytes it names, which the worker
+    #   refuses as "not msgpack" (not UTF-8).
+    log.warning("user %.40r: an int beyond 64 bits or a lone surrogate; sent for the worker to judge", key)
+    wire = _wire_safe(item.to_wire() if isinstance(item, ActionEvent) else dict(item))
+    value = msgpack.packb(wire, use_bin_type=True, unicode_errors="surrogatepass")
+    return (None if key is None else key.encode("utf-8", "surrogatepass")), value
 
 
 def _wire_safe(value: Any) -> Any:

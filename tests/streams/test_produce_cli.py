@@ -107,6 +107,9 @@ def test_jsonl_lines_json_accepts_but_msgpack_cannot_carry_are_sent_for_the_dlq(
     with pytest.raises(InvalidEvent, match="not msgpack"):
         decode_event(value, Settings(), now=TS)
     assert decode_event(to_record(events[1])[1], Settings(), now=TS).user_id == 3
+    both = {"user_id": "\ud800", "item_id": 2**70}  # each fallback alone would have raised on the other
+    with pytest.raises(InvalidEvent, match="not msgpack"):
+        decode_event(to_record(both)[1], Settings(), now=TS)
 
 
 def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> None:
