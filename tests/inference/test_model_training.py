@@ -182,6 +182,16 @@ def test_a_model_never_told_the_outcome_is_validated_unconditioned(
     assert best["valid_ndcg@10"] != pytest.approx(ranking_metrics(model, planted_log, rows)["ndcg@10"], abs=1e-6)
 
 
+def test_a_model_never_told_the_surface_is_validated_without_one(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    settings = tiny_settings(tmp_path, "train.surface_dropout=1.0", "train.epochs=5")
+    model, _, results = train(planted_log, planted_split, settings, tmp_path, progress=False)
+    rows = engaged(planted_log, planted_split.valid, settings.train.negative_actions)
+    no_surface = ranking_metrics(model, planted_log, rows, surface="none")
+    assert results[0].best["valid_ndcg@10"] == pytest.approx(no_surface["ndcg@10"], abs=1e-6)
+
+
 def test_finetuning_moves_only_that_surfaces_head(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path]) -> None:
     """The fixture fine-tuned every surface; pretrain_best.pt holds the weights before that."""
     model, _, out = tiny_model
