@@ -657,9 +657,6 @@ def model_id_bucket(model_dir: Path) -> IdBucket:
     return fn
 
 
-_model_id_bucket = model_id_bucket  # the name inference.worker imports today
-
-
 # -- CLI ---------------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys index", description=__doc__.split("\n\n")[0])
