@@ -94,13 +94,13 @@ SHARED = [
     "train.lr=0.002",
     "train.min_lr=0.0002",
     "train.warmup_steps=50",
-    "train.epochs=30",
+    "train.epochs=60",
     "train.eval_every=5",
     "train.patience=3",
     f"train.window={WINDOW}",
     "train.outcome_dropout=1.0",
     "train.surface_dropout=0.0",
-    "train.slots=mixture",
+    "train.slots=joint",
 ]
 
 
@@ -121,7 +121,7 @@ def plot(metrics: dict[str, object], path: Path, names: list[str]) -> None:
             ax.set_title(f"{name}: {label}")
         ax = axes[row][2]
         base = [float(metrics[f"{name}_m1_curve_round_robin_recall@{b}"]) for b in CURVE_BUDGETS]  # type: ignore[arg-type]
-        for merge, style in (("round_robin", "o-"), ("max_score", "s--")):
+        for merge, style in (("round_robin", "o-"), ("max_score", "s--"), ("joint", "^-")):
             m4 = [float(metrics[f"{name}_m4_curve_{merge}_recall@{b}"]) for b in CURVE_BUDGETS]  # type: ignore[arg-type]
             ax.plot(CURVE_BUDGETS, [a / b for a, b in zip(m4, base, strict=True)], style, label=f"M = 4, {merge.replace('_', '-')}")
         ax.axhline(1.0, color="tab:gray", lw=1)
@@ -181,6 +181,11 @@ def evaluation_points(
     return rows, future, histories
 
 
+def served_merge(model: GenerativeRetriever) -> str:
+    """The merge the worker applies to this model's queries (inference/worker.py)."""
+    return "joint" if model.cfg.joint_queries else "round_robin"
+
+
 def pick_min_history(model: GenerativeRetriever, log: EventLog, split: Split) -> int:
     """`inference.multi_query_min_history` chosen on validation users: the history length below
     which a user's first query alone recalls more of the window than the M queries' fair share
@@ -189,7 +194,8 @@ def pick_min_history(model: GenerativeRetriever, log: EventLog, split: Split) ->
     validation events), so no test target takes part in the choice."""
     rows, future, _ = evaluation_points(log, split.valid, before=split.test)
     lengths = input_lengths(model, log, rows)
-    shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below), future)
+    shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below,
+                                                              merge=served_merge(model)), future)
                      for below in (0, model.cfg.max_len + 1))
     scored = np.isfinite(shared)
     candidates = np.arange(model.cfg.max_len + 2)
@@ -215,25 +221,27 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
     t0 = time.time()
     model, _, results = train(log, split, settings, out / f"{name}-m{m}", name=f"{name}-m{m}", progress=not quiet)
     metrics: dict[str, object] = {f"{name}_n_users": len(rows)}
-    merges = ("round_robin", "max_score") if m > 1 else ("round_robin",)
+    served = served_merge(model)
+    merges = ("round_robin", "max_score", "joint") if m > 1 else ("round_robin",)
     lists = {  # each (merge, list length) ranked once; the headline is the 50-long one
         (merge, budget): merged_candidates(model, log, rows, budget, outcome="none", exclude_history=True, merge=merge)
         for merge in merges for budget in CURVE_BUDGETS
     }
-    cands = lists["round_robin", BUDGET]
     per_user = {merge: per_user_window_recall(lists[merge, BUDGET], future) for merge in merges}
-    metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(float(np.nanmean(per_user["round_robin"])), 4)
+    per_user["served"] = per_user[served]
+    metrics[f"{name}_m{m}_served_merge"] = served
+    metrics[f"{name}_m{m}_recall@{BUDGET}"] = round(float(np.nanmean(per_user[served])), 4)
     for (merge, budget), candidates in lists.items():  # does the picture depend on the list length?
         metrics[f"{name}_m{m}_curve_{merge}_recall@{budget}"] = round(window_recall(candidates, future), 4)
-    for key, value in diversity(cands, features).items():
+    for key, value in diversity(lists[served, BUDGET], features).items():
         metrics[f"{name}_m{m}_{key}"] = round(value, 4)
-    if m > 1:  # the alternative merge: every item ranked by its best score over the M queries
-        best = lists["max_score", BUDGET]
-        metrics[f"{name}_m{m}_recall@{BUDGET}_max_score_merge"] = round(float(np.nanmean(per_user["max_score"])), 4)
-        metrics[f"{name}_m{m}_intra_list_diversity_max_score_merge"] = round(diversity(best, features)["intra_list_diversity"], 4)
+    if m > 1:  # the other merges of the same queries
+        for merge in merges:
+            metrics[f"{name}_m{m}_recall@{BUDGET}_{merge}_merge"] = round(float(np.nanmean(per_user[merge])), 4)
+            metrics[f"{name}_m{m}_intra_list_diversity_{merge}_merge"] = round(diversity(lists[merge, BUDGET], features)["intra_list_diversity"], 4)
         # The worker with inference.multi_query_min_history picked on validation users.
         below = pick_min_history(model, log, split)
-        adaptive = merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below)
+        adaptive = merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below, merge=served)
         per_user["adaptive"] = per_user_window_recall(adaptive, future)
         metrics[f"{name}_m{m}_multi_query_min_history"] = below
         metrics[f"{name}_m{m}_recall@{BUDGET}_adaptive"] = round(float(np.nanmean(per_user["adaptive"])), 4)
@@ -249,7 +257,7 @@ def paired_metrics(name: str, m1: Run, m4: Run) -> dict[str, object]:
     interval per merge, and both models' recall by quartile of the users' history length
     (whether several queries pay off depends on how much a user has done)."""
     out: dict[str, object] = {}
-    base = m1.per_user["round_robin"]
+    base = m1.per_user["served"]
     for merge, recall in m4.per_user.items():
         gap, lo, hi = paired_gap(recall, base)
         out |= {f"{name}_m4_{merge}_gap@{BUDGET}": round(gap, 4),
@@ -264,7 +272,7 @@ def paired_metrics(name: str, m1: Run, m4: Run) -> dict[str, object]:
         out[f"{name}_history_q{q + 1}_min_events"] = int(history[users].min())
         out[f"{name}_history_q{q + 1}_max_events"] = int(history[users].max())
         for m, run in ((1, m1), (4, m4)):
-            out[f"{name}_m{m}_recall@{BUDGET}_history_q{q + 1}"] = round(float(np.nanmean(run.per_user["round_robin"][users])), 4)
+            out[f"{name}_m{m}_recall@{BUDGET}_history_q{q + 1}"] = round(float(np.nanmean(run.per_user["served"][users])), 4)
     return out
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from inference.data import EventLog, concat_ranges, engaged, eval_histories, user_histories
-from inference.model import GenerativeRetriever
+from inference.model import GenerativeRetriever, joint_score
 
 OutcomeChoice = str | int  # "true" (the target's own), "none" (0), an action name or an index
 
@@ -125,7 +125,8 @@ def ranking_metrics(
 ) -> dict[str, float]:
     """Full-ranking Recall@K and NDCG@K of each target row (one held-out item per row).
 
-    With M > 1 queries an item's score is its best cosine over the M queries."""
+    With M > 1 queries an item's score is its best cosine over the M queries, or their joint
+    score for a model trained with joint queries."""
     if target_action is not None:
         rows = rows[log.action[rows] == log.actions.index(target_action) + 1]
     items = item_matrix(model, log.features)
@@ -134,7 +135,7 @@ def ranking_metrics(
     for qb in generate(model, log, rows, items, outcome=outcome, surface=surface, batch_size=batch_size):
         if not torch.isfinite(qb.queries).all():  # a NaN score would rank its target first
             raise ValueError("the model generated non-finite query embeddings")
-        scores = (qb.queries @ items.T).amax(dim=1).cpu()  # (B, N)
+        scores = model.item_scores(qb.queries @ items.T).cpu()  # (B, N)
         target = torch.as_tensor(log.item[qb.rows] - 1)
         if exclude_history:
             mask = _history_mask(log, qb.rows, items.shape[0])
@@ -185,8 +186,10 @@ def merged_candidates(
     batch_size: int = 512,
 ) -> list[np.ndarray]:
     """Per row, the merged top-`limit` item indices (1..N) of the M generated queries: equal
-    budget shares in turns (`round_robin`, what the worker does), or every item ranked by its
-    best cosine over the queries (`max_score`). A row whose model input has fewer than
+    budget shares in turns (`round_robin`, what the worker does for a model without joint
+    queries), every item ranked by its best cosine over the queries (`max_score`), or by the
+    queries' joint score (`joint`, `model.joint_score`, the worker's merge for a model trained
+    with joint queries). A row whose model input has fewer than
     `single_below` events gets its first query's top `limit` alone (the worker's
     `inference.multi_query_min_history`)."""
     items = item_matrix(model, log.features)
@@ -199,11 +202,14 @@ def merged_candidates(
         k = min(limit, scores.shape[-1])
         one = single[len(out) : len(out) + len(qb.rows)]
         # Each query's own top list: for the round-robin, and for rows that get the first alone.
-        top = scores.topk(k, dim=-1).indices.numpy() if merge != "max_score" or one.any() else None  # (B, M, limit)
-        if merge == "max_score":
-            ranked = list(scores.amax(dim=1).topk(k, dim=-1).indices.numpy())
-        else:
+        top = scores.topk(k, dim=-1).indices.numpy() if merge == "round_robin" or one.any() else None  # (B, M, limit)
+        if merge in ("max_score", "joint"):
+            best = scores.amax(dim=1) if merge == "max_score" else joint_score(scores, float(model.scale()), dim=1)
+            ranked = list(best.topk(k, dim=-1).indices.numpy())
+        elif merge == "round_robin":
             ranked = [merge_round_robin(t, limit) for t in top]
+        else:
+            raise ValueError(f"unknown merge {merge!r}: round_robin | max_score | joint")
         out += [(top[i, 0] if alone else r) + 1 for i, (r, alone) in enumerate(zip(ranked, one, strict=True))]
     return out
 

@@ -43,6 +43,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,9 +77,24 @@ class ModelConfig:
     item_mlp: bool = False  # residual MLP in the item tower (PinRec's fusion MLP)
     head_mult: int = 4  # hidden width of the head MLP, in multiples of dim
     init_temperature: float = 0.05
+    # How the M queries of a condition rank items together. False: each query ranks alone and
+    # the worker gives each an equal share of the list (trained as a mixture of softmaxes). True
+    # (train.slots=joint): an item's score is the logsumexp of its M scaled cosines, one softmax
+    # over the catalogue, and the lists are the union of the queries' hits ranked by that score.
+    joint_queries: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def joint_score(cosines: Any, scale: float, dim: int = -1) -> Any:
+    """logsumexp over `dim` of scale x cosine, divided by the scale (so it stays on the cosine
+    scale, between the best cosine and it + log(M) / scale): the score a joint model's softmax
+    ranks items by. Torch tensors or numpy arrays."""
+    if isinstance(cosines, torch.Tensor):
+        return torch.logsumexp(cosines * scale, dim=dim) / scale
+    top = cosines.max(axis=dim, keepdims=True)
+    return (top + np.log(np.exp((cosines - top) * scale).sum(axis=dim, keepdims=True)) / scale).squeeze(dim)
 
 
 class MLP(nn.Module):
@@ -259,6 +275,13 @@ class GenerativeRetriever(nn.Module):
     def scale(self) -> torch.Tensor:
         """Logit scale (1 / temperature), capped as in CLIP so training cannot blow it up."""
         return self.logit_scale.exp().clamp(max=100.0)
+
+    def item_scores(self, cosines: torch.Tensor) -> torch.Tensor:
+        """(..., M, N) cosines of M queries with N items -> (..., N) the items' scores: the
+        joint score (`joint_score`) for joint queries, else the best cosine."""
+        if self.cfg.joint_queries:
+            return joint_score(cosines, float(self.scale()), dim=-2)
+        return cosines.amax(dim=-2)
 
     def encode(
         self, item_emb: torch.Tensor, action: torch.Tensor, surface: torch.Tensor, event_ts: torch.Tensor,

@@ -106,7 +106,7 @@ def _cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def model_config(settings: ModelSettings, log_: EventLog) -> ModelConfig:
+def model_config(settings: ModelSettings, log_: EventLog, slots: str = "mixture") -> ModelConfig:
     return ModelConfig(
         n_buckets=log_.n_items + 1,
         n_actions=len(log_.actions),
@@ -121,6 +121,7 @@ def model_config(settings: ModelSettings, log_: EventLog) -> ModelConfig:
         item_mlp=settings.item_mlp,
         head_mult=settings.head_mult,
         init_temperature=settings.init_temperature,
+        joint_queries=slots == "joint" and settings.num_queries > 1,
     )
 
 
@@ -161,6 +162,7 @@ class _SoftmaxXent(torch.autograd.Function):
         col_bias: torch.Tensor | None,  # (N,) added to every row (log-Q correction)
         hard: tuple[torch.Tensor, torch.Tensor, float] | None,  # (rows, cols, bias) hard negatives
         mm_dtype: torch.dtype | None,  # bf16 matmuls under mixed precision
+        join: int,  # consecutive rows scored as one (joint slots); target is then (R / join, W)
     ) -> torch.Tensor:
         qm, im = (q, items) if mm_dtype is None else (q.to(mm_dtype), items.to(mm_dtype))
         logits = (qm @ im.T).float()
@@ -169,23 +171,35 @@ class _SoftmaxXent(torch.autograd.Function):
         if hard is not None:
             rows, cols, value = hard
             logits.index_put_((rows, cols), torch.full_like(rows, value, dtype=logits.dtype), accumulate=True)
+        resp = None
+        if join > 1:
+            # Each row's score of an item is the logsumexp of its `join` queries' scores; the
+            # responsibilities (softmax over the queries) route the gradient back to them.
+            resp = logits.view(-1, join, logits.shape[1])
+            top = resp.amax(dim=1, keepdim=True)
+            resp.sub_(top).exp_()
+            per_item = resp.sum(dim=1, keepdim=True)
+            resp.div_(per_item)
+            logits = (top + per_item.log()).squeeze(1)  # (R / join, N)
         tgt_logit = logits.gather(1, target)  # (R, W)
         m = logits.amax(dim=1, keepdim=True)
         probs = logits.sub_(m).exp_()
         total = probs.sum(dim=1, keepdim=True)
         probs.div_(total)
-        ctx.save_for_backward(qm, im, target, probs)
+        ctx.save_for_backward(qm, im, target, probs, resp)
         ctx.dtypes = (q.dtype, items.dtype)
         return m + total.log() - tgt_logit
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        qm, im, target, probs = ctx.saved_tensors
+        qm, im, target, probs, resp = ctx.saved_tensors
         # d/dlogits of sum_w g_w * (lse - logit_w) = (sum_w g_w) * softmax - sum_w g_w * onehot_w
         probs.mul_(grad.sum(dim=1, keepdim=True))
         probs.scatter_add_(1, target, -grad)
+        if resp is not None:
+            probs = resp.mul_(probs[:, None, :]).view(-1, probs.shape[1])
         g = probs.to(qm.dtype)
-        return (g @ im).to(ctx.dtypes[0]), (g.T @ qm).to(ctx.dtypes[1]), None, None, None, None
+        return (g @ im).to(ctx.dtypes[0]), (g.T @ qm).to(ctx.dtypes[1]), None, None, None, None, None
 
 
 def softmax_xent(
@@ -195,11 +209,13 @@ def softmax_xent(
     col_bias: torch.Tensor | None = None,
     hard: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     mm_dtype: torch.dtype | None = None,
+    join: int = 1,
 ) -> torch.Tensor:
     """Cross-entropy of softmax(q @ items.T + biases) at `target`: (R,) for targets (R,), or
-    (R, W) for targets (R, W) sharing each row's softmax."""
+    (R, W) for targets (R, W) sharing each row's softmax. With `join` > 1 every `join`
+    consecutive rows of q are one row whose item scores are the logsumexp of theirs."""
     flat = target.dim() == 1
-    out: torch.Tensor = _SoftmaxXent.apply(q, items, target[:, None] if flat else target, col_bias, hard, mm_dtype)
+    out: torch.Tensor = _SoftmaxXent.apply(q, items, target[:, None] if flat else target, col_bias, hard, mm_dtype, join)
     return out[:, 0] if flat else out
 
 
@@ -316,12 +332,17 @@ def batch_loss(
         pr, w = negative[b, t].nonzero(as_tuple=True)  # (position, window slot) of each hard negative
         rows = (pr[:, None] * M + torch.arange(M, device=device)[None, :]).reshape(-1)
         hard = (rows, cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
+    if spec.slots == "joint" and M > 1:
+        per_target = softmax_xent(qs.float(), cand_items.float(), cols, col_bias, hard, spec.mm_dtype, join=M)  # (P, W)
+        n_pos = pos.sum()
+        loss = (per_target * pos).sum() / n_pos
+        return loss + per_target[torch.arange(P, device=device), first].mean(), int(n_pos)
     ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
     ce = ce.view(P, M, -1)  # (P, M, W)
     per_target = slot_loss(ce, spec.slots)  # (P, W)
     n_pos = pos.sum()
     loss = (per_target * pos).sum() / n_pos
-    if spec.slots in ("mixture", "wta") and (M > 1 or ce.shape[2] > 1):
+    if spec.slots in ("mixture", "wta", "joint") and (M > 1 or ce.shape[2] > 1):
         # Slot 0 also answers alone for the next engagement, the target its condition describes:
         # without this the mixture lets other slots absorb it and outcome conditioning fades.
         # (With M = 1 and a window of 1 this term would only repeat the loss above.)
@@ -578,7 +599,7 @@ def train(
     torch.set_num_threads(tcfg.num_threads)
     seed_everything(tcfg.seed)
     device = pick_device(tcfg.device)
-    model = GenerativeRetriever(model_config(settings.model, log_)).to(device)
+    model = GenerativeRetriever(model_config(settings.model, log_, tcfg.slots)).to(device)
     spec = loss_spec(log_, split.train_end, tcfg, device)
     counts = log_.item_counts(concat_ranges(log_.offsets[:-1], split.train_end))[1:]
     info = Checkpoint(
