@@ -183,7 +183,7 @@ def export_model(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) ->
         "score": "inner product of L2-normalised vectors (= cosine)",
         # config.joint_queries: a condition's M queries rank items by their joint score
         # (inference.model.joint_score at this scale), not each alone.
-        "logit_scale": float(model.scale()),
+        "logit_scale": float(model.scale().detach()),
         "opset": OPSET,
         "user_model": {"file": "user_model.onnx", **USER_MODEL_SPEC, "dims": {"D": D, "M": M, "T_max": cfg.max_len}},
         "item_encoder": {

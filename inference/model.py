@@ -43,7 +43,6 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,14 +86,11 @@ class ModelConfig:
         return asdict(self)
 
 
-def joint_score(cosines: Any, scale: float, dim: int = -1) -> Any:
-    """logsumexp over `dim` of scale x cosine, divided by the scale (so it stays on the cosine
-    scale, between the best cosine and it + log(M) / scale): the score a joint model's softmax
-    ranks items by. Torch tensors or numpy arrays."""
-    if isinstance(cosines, torch.Tensor):
-        return torch.logsumexp(cosines * scale, dim=dim) / scale
-    top = cosines.max(axis=dim, keepdims=True)
-    return (top + np.log(np.exp((cosines - top) * scale).sum(axis=dim, keepdims=True)) / scale).squeeze(dim)
+def joint_score(cosines: torch.Tensor, scale: float, dim: int = -1) -> torch.Tensor:
+    """logsumexp over `dim` of scale x cosine, divided by the scale, so it stays on the cosine
+    scale (between the best cosine and it + log(M) / scale): the score a joint model's softmax
+    ranks items by. inference.worker.joint_score is the same in numpy."""
+    return torch.logsumexp(cosines * scale, dim=dim) / scale
 
 
 class MLP(nn.Module):
@@ -280,7 +276,7 @@ class GenerativeRetriever(nn.Module):
         """(..., M, N) cosines of M queries with N items -> (..., N) the items' scores: the
         joint score (`joint_score`) for joint queries, else the best cosine."""
         if self.cfg.joint_queries:
-            return joint_score(cosines, float(self.scale()), dim=-2)
+            return joint_score(cosines, float(self.scale().detach()), dim=-2)
         return cosines.amax(dim=-2)
 
     def encode(

@@ -154,6 +154,16 @@ class ModelRuntime:
         return int(self.item_vectors.shape[1])
 
     @property
+    def joint_queries(self) -> bool:
+        """The model ranks items by its M queries' joint score (ModelConfig.joint_queries)."""
+        return bool(self.meta["config"].get("joint_queries", False))
+
+    @property
+    def logit_scale(self) -> float:
+        """The scale `joint_score` applies (meta.json's logit_scale; 1 / temperature)."""
+        return float(self.meta.get("logit_scale", 20.0))
+
+    @property
     def surfaces(self) -> list[str]:
         return list(self.meta["surfaces"])
 

@@ -17,6 +17,10 @@ An update's journey, top to bottom (`Worker.process`):
                                   searched again at the full budget, so the lists are exactly
                                   what full-budget queries give (exact search; under HNSW a
                                   cut list need not be a prefix of the longer one)
+    (joint_lists)                 a model with joint queries: each outcome's M queries search at
+                                  the full budget, and their hits become one list ranked by the
+                                  joint score over all M (model.joint_score); the fair share
+                                  then runs across outcomes only
     produce `candidates`          compacted, key = user id
     commit offsets                only after the candidates write is acknowledged, so a crash
                                   re-delivers (and recomputes) rather than loses an update
@@ -64,6 +68,7 @@ __all__ = [
     "QueryPlan",
     "encode_histories",
     "main",
+    "joint_lists",
     "merge_batch",
     "merge_hits",
     "merge_key",
@@ -464,6 +469,40 @@ def merge_batch(
     return MergedLists(c_sorted[take], scores.ravel()[at_hit[take]], counts, short)
 
 
+def joint_score(cosines: np.ndarray, scale: float) -> np.ndarray:
+    """inference.model.joint_score over the last axis, in numpy (the worker has no torch)."""
+    top = cosines.max(axis=-1, keepdims=True)
+    return (top + np.log(np.exp((cosines - top) * scale).sum(axis=-1, keepdims=True)) / scale)[..., 0]
+
+
+def joint_lists(
+    codes: np.ndarray, vectors: np.ndarray, queries: np.ndarray, m: int, scale: float, limit: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A joint model's queries, ``m`` at a time (one condition's), made into one ranked list
+    each: the union of their hits, every item scored by the joint score of its cosines with
+    all ``m`` queries (not only those that found it), de-duplicated, the best ``limit`` kept.
+
+    ``codes`` [K, L] the hits (-1: none), ``vectors`` [C, D] each code's item vector,
+    ``queries`` [K, D] -> ([K / m, limit] codes, -1 past the last; [K / m, limit] scores).
+    """
+    k, width = codes.shape
+    pools = codes.reshape(k // m, m * width)
+    padded = np.concatenate([vectors.reshape(-1, queries.shape[1]), np.zeros((1, queries.shape[1]), np.float32)])
+    cosines = np.einsum("pld,pmd->plm", padded[pools], queries.reshape(k // m, m, -1))  # code -1: the zero row
+    scores = joint_score(cosines, scale).astype(np.float32)
+    scores[pools < 0] = -np.inf
+    # Best first, an item's copies (same code, same score) side by side: by (-score, code).
+    order = np.lexsort((pools, -scores), axis=1)
+    pools, scores = np.take_along_axis(pools, order, 1), np.take_along_axis(scores, order, 1)
+    repeat = np.zeros_like(pools, dtype=bool)
+    repeat[:, 1:] = pools[:, 1:] == pools[:, :-1]
+    dropped = repeat | (pools < 0)
+    keep = np.argsort(dropped, axis=1, kind="stable")[:, :limit]  # the kept ones, in rank order
+    out_codes = np.take_along_axis(np.where(dropped, -1, pools), keep, 1)
+    out_scores = np.take_along_axis(np.where(dropped, -np.inf, scores), keep, 1).astype(np.float32)
+    return out_codes, out_scores
+
+
 _KAFKA_BACKOFF_S = (0.1, 2.0)  # back-off after a failed poll/commit: first, cap (kafka-python raises while the broker is down)
 
 
@@ -720,19 +759,28 @@ class Worker:
         excluded = excluded_items(updates, recent)  # recent and hidden: never candidates
         inputs = self.encode(updates, recent)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
-        plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single_query_users(updates, self.runtime.max_len, cfg))
+        if self.runtime.joint_queries:  # every query kept: an outcome's M score each item together
+            plan = plan_batch(queries, self.conditions, budget, math.inf)
+        else:
+            plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single_query_users(updates, self.runtime.max_len, cfg))
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
 
         def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:
             # ONE store call for these queries; the user's recent and hidden items excluded, eligibility filtered.
             hits = self.store.query_arrays(plan.vectors[rows], limits, [names[r] for r in rows.tolist()],
                                            excluded, plan.user[rows])
-            merged = merge_batch(hits.codes, hits.scores, plan.budgets[rows], plan.group[rows],
-                                 plan.n_groups, limits, budget)
+            codes, scores, budgets, group = hits.codes, hits.scores, plan.budgets[rows], plan.group[rows]
+            if self.runtime.joint_queries:
+                m = queries.shape[2]
+                codes, scores = joint_lists(codes, self._hit_vectors(hits), plan.vectors[rows], m, self.runtime.logit_scale, budget)
+                budgets, group, limits = budgets.reshape(-1, m).sum(axis=1), group[::m], limits[::m]
+            merged = merge_batch(codes, scores, budgets, group, plan.n_groups, limits, budget)
             return merged, hits.id_texts()
 
         everything = np.arange(len(plan.budgets))
-        merged, ids = search_and_merge(everything, query_limits(plan.budgets, budget, self.headroom))
+        # A joint list is exact only from full-budget searches: any query may supply all of it.
+        limits = np.full(len(everything), budget) if self.runtime.joint_queries else query_limits(plan.budgets, budget, self.headroom)
+        merged, ids = search_and_merge(everything, limits)
         lists = _group_lists(merged, ids)
         again = np.flatnonzero(np.isin(plan.group, np.flatnonzero(merged.short)))
         if len(again):  # lists cut too short for an exact merge: those surfaces at the full budget
@@ -764,6 +812,13 @@ class Worker:
             "version": update["version"],
             "surfaces": surfaces,
         }
+
+    def _hit_vectors(self, hits: Any) -> np.ndarray:
+        """[C, D] the vector of each code of a store answer (the store's own items: exported, or
+        fetched from it; zeros for one deleted meanwhile)."""
+        texts = hits.id_texts().tolist()
+        table, rows = self.runtime.vector_lookup(texts, fetch=self._fetch_vectors).table(texts)
+        return table[rows]
 
     def _fetch_vectors(self, item_ids: Sequence[str]) -> dict[Any, np.ndarray]:
         return dict(self.store.retrieve(list(item_ids)))

@@ -147,9 +147,10 @@ class TrainSettings(Section):
     # Targets per position: the next `window` engaged items (PinRec's future window). Every one
     # of the M query slots must get targets: with a window of 1 only slot 0 would ever train.
     window: int = 10
-    # How the M query slots share the window: mixture (of softmaxes; measured best for M = 4 in
-    # recall and diversity, benchmarks/multitoken.py) | offset (slot m: m-th block; needs
-    # window >= M) | wta (each target trains its best slot)
+    # How the M query slots share the window: mixture (of softmaxes, each slot ranks alone and
+    # the worker gives each an equal share of the list) | joint (one softmax over the logsumexp
+    # of the slots' scores; the worker ranks the union of their hits by it) | offset (slot m:
+    # m-th block; needs window >= M) | wta (each target trains its best slot)
     slots: str = "mixture"
     loss: str = "auto"  # full (softmax over every item) | sampled (in-batch + random, log-Q) | auto
     full_softmax_max_items: int = 200_000  # auto picks the full softmax up to this catalogue size

@@ -59,6 +59,55 @@ def test_fused_softmax_matches_cross_entropy(mm_dtype: torch.dtype | None) -> No
     assert torch.allclose(grads[1], items.grad, atol=tol)  # type: ignore[arg-type]
 
 
+def test_fused_joint_softmax_matches_a_softmax_over_the_logsumexp_of_the_queries() -> None:
+    """join=M: each item's logit is the logsumexp of the M queries' logits (biases and hard
+    negatives added per query row), one softmax per group of M rows, a window of targets."""
+    g = torch.Generator().manual_seed(1)
+    P, M, N, D, W = 9, 3, 41, 8, 4
+    q = torch.randn(P * M, D, generator=g, requires_grad=True)
+    items = torch.randn(N, D, generator=g, requires_grad=True)
+    target = torch.randint(0, N, (P, W), generator=g)
+    col_bias = torch.randn(N, generator=g)
+    rows, cols = torch.tensor([0, 4, 26]), torch.tensor([3, 7, 9])
+    weights = torch.rand(P, W, generator=g)
+
+    ours = softmax_xent(q, items, target, col_bias, (rows, cols, 1.5), None, join=M)
+    (ours * weights).sum().backward()
+    grads = q.grad.clone(), items.grad.clone()  # type: ignore[union-attr]
+    q.grad = items.grad = None
+
+    logits = (q @ items.T + col_bias).index_put((rows, cols), torch.full((3,), 1.5), accumulate=True)
+    joint = torch.logsumexp(logits.view(P, M, N), dim=1)
+    ref = torch.logsumexp(joint, dim=1, keepdim=True) - joint.gather(1, target)
+    (ref * weights).sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(grads[0], q.grad, atol=1e-5)  # type: ignore[arg-type]
+    assert torch.allclose(grads[1], items.grad, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_joint_queries_train_every_slot_and_the_model_ranks_by_their_joint_score(planted_log: EventLog, planted_split: Split) -> None:
+    """train.slots=joint: every slot gets a gradient, the model says it is joint (the export and
+    the worker read that), and it scores an item by the logsumexp of its M scaled cosines."""
+    settings = Settings()
+    tcfg = settings.train.model_copy(update={"slots": "joint"})
+    torch.manual_seed(0)
+    model = GenerativeRetriever(model_config(settings.model.model_copy(update={"dim": 16, "max_len": 16}), planted_log, "joint"))
+    assert model.cfg.joint_queries
+    assert not model_config(settings.model, planted_log, "mixture").joint_queries
+    assert not model_config(settings.model.model_copy(update={"num_queries": 1}), planted_log, "joint").joint_queries
+    spec = loss_spec(planted_log, planted_split.train_end, tcfg, torch.device("cpu"))
+    batch = next(iterate_train_batches(planted_log, planted_split.train_end, 16, 64, tcfg.window, np.random.default_rng(0)))
+    features = None if planted_log.features is None else torch.as_tensor(planted_log.features)
+    result = batch_loss(model, batch, features, spec, torch.device("cpu"))
+    assert result is not None
+    result[0].backward()
+    assert (model.head.slot.grad.norm(dim=1) > 0).all()  # type: ignore[union-attr]
+    assert (model.head.slot_maps.grad.flatten(1).norm(dim=1) > 0).all()  # type: ignore[union-attr]
+    cosines = torch.tensor([[[0.9, 0.1], [0.2, 0.8]]])  # (1, M=2, N=2)
+    scale = float(model.scale().detach())
+    assert torch.allclose(model.item_scores(cosines), torch.logsumexp(cosines * scale, dim=1) / scale)
+
+
 def _fresh(log: EventLog, tmp: Path, *extra: str) -> tuple[GenerativeRetriever, Checkpoint, object]:
     settings = tiny_settings(tmp, *extra)
     torch.manual_seed(0)

@@ -374,3 +374,100 @@ def test_the_headroom_doubles_while_lists_come_up_short_and_settles_back_when_no
     for _ in range(500):  # none short for a while: back down, never below the configured floor
         h = next_headroom(h, 0.0, cfg)
     assert h == 2.0
+
+
+def _joint_lists_reference(codes: np.ndarray, vectors: np.ndarray, queries: np.ndarray, m: int, scale: float,
+                           limit: int) -> list[list[tuple[int, float]]]:
+    """Per pool of m queries: the distinct hit codes, each scored against all m, best first."""
+    out = []
+    for p in range(len(codes) // m):
+        found = {int(c) for c in codes[p * m : (p + 1) * m].ravel() if c >= 0}
+        scored = [(c, float(np.log(np.exp(scale * (queries[p * m : (p + 1) * m] @ vectors[c])).sum()) / scale)) for c in found]
+        out.append(sorted(scored, key=lambda cs: (-cs[1], cs[0]))[:limit])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**32 - 1))
+def test_joint_lists_rank_the_union_of_a_pools_hits_by_the_joint_score(m: int, n_pools: int, width: int, limit: int, seed: int) -> None:
+    from inference.worker import joint_lists
+
+    rng = np.random.default_rng(seed)
+    vectors = _unit(rng.normal(size=(12, 8))).astype(np.float32)
+    queries = _unit(rng.normal(size=(m * n_pools, 8))).astype(np.float32)
+    codes = rng.integers(-1, 12, size=(m * n_pools, width))
+    codes[rng.random(codes.shape) < 0.2] = -1
+    got_codes, got_scores = joint_lists(codes, vectors, queries, m, 20.0, limit)
+    assert got_codes.shape == got_scores.shape == (n_pools, min(limit, m * width))
+    for row_codes, row_scores, want in zip(got_codes, got_scores, _joint_lists_reference(codes, vectors, queries, m, 20.0, limit), strict=True):
+        kept = row_codes >= 0
+        assert not kept[len(want):].any() and np.isneginf(row_scores[~kept]).all()
+        assert row_codes[kept].tolist() == [c for c, _ in want]
+        np.testing.assert_allclose(row_scores[kept], [s for _, s in want], rtol=1e-5, atol=1e-5)
+
+
+def test_the_workers_joint_score_is_the_models() -> None:
+    import torch
+
+    from inference import model, worker
+
+    cosines = np.random.default_rng(0).uniform(-1, 1, size=(5, 7, 4)).astype(np.float32)
+    np.testing.assert_allclose(worker.joint_score(cosines, 17.0), model.joint_score(torch.from_numpy(cosines), 17.0).numpy(), rtol=1e-6)
+
+
+@pytest.fixture
+def joint_model_dir(small_model_dir: Path, tmp_path: Path) -> Path:
+    """The small model with joint queries: the worker reads that, and the scale, from meta.json
+    (the ONNX graph is the same whichever way a model's queries are merged)."""
+    import json
+    import shutil
+
+    out = Path(shutil.copytree(small_model_dir, tmp_path / "joint-model"))
+    meta = json.loads((out / "meta.json").read_text())
+    meta["config"]["joint_queries"] = True
+    meta["logit_scale"] = 15.0
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_a_joint_models_lists_are_each_outcomes_union_ranked_by_the_joint_score_then_shared_fairly(
+    joint_model_dir: Path, tmp_path: Path
+) -> None:
+    """Real session, real Edge store: per (user, surface), each outcome's M queries' full-budget
+    hits ranked by their joint score over all M, the outcomes' lists then merged by the fair
+    share of their weights. Nothing is folded: near-duplicate embeddings still score together."""
+    settings = Settings(inference={"candidates_per_surface": 20, "multi_query_min_history": 50},
+                        vector_store={"path": tmp_path / "qdrant"})
+    runtime = ModelRuntime.load(joint_model_dir, "cpu")
+    assert runtime.joint_queries and runtime.logit_scale == 15.0
+    table = ItemTable.load(joint_model_dir)
+    surfaces = settings.events.surfaces
+    rng = np.random.default_rng(1)
+    store = open_store(settings, dim=runtime.dim)
+    try:
+        store.upsert([ItemRecord(i, tuple(surfaces)) for i in table.ids], table.embeddings)
+        worker = Worker.offline(settings, runtime, store)
+        updates = [{"user_id": f"u{u}", "version": 1, "events": [
+            {"item_id": table.ids[int(rng.integers(0, len(table.ids)))], "action": "click", "surface": "home",
+             "ts": 1_700_000_000_000 + 1000 * j} for j in range(int(rng.integers(1, 20)))]} for u in range(12)]
+        got = worker.compute(updates)
+        queries = runtime.generate(worker.encode(updates))  # [B, Q, M, D]
+        vectors = dict(zip(table.ids, table.embeddings, strict=True))
+        for u, update in enumerate(updates):
+            recent = sorted({e["item_id"] for e in update["events"]})
+            for surface in surfaces:
+                lists, budgets = [], []
+                for qi, cond in enumerate(worker.conditions):
+                    if cond.surface != surface:
+                        continue
+                    hits = store.query_batch(queries[u, qi], 20, [surface] * queries.shape[2], [recent] * queries.shape[2])
+                    found = {item for h in hits for item, _ in h}
+                    scored = [(item, float(np.log(np.exp(15.0 * (queries[u, qi] @ vectors[item])).sum()) / 15.0)) for item in found]
+                    lists.append(sorted(scored, key=lambda s: -s[1])[:20])
+                    budgets.append(20 * cond.weight)
+                items, scores = merge_hits(lists, budgets, 20)
+                assert got[u][surface]["items"] == items
+                np.testing.assert_allclose(got[u][surface]["scores"], scores, atol=1e-5)
+        assert worker.last_plan_size[1] == queries.shape[0] * queries.shape[1] * queries.shape[2]  # none folded
+    finally:
+        store.close()
