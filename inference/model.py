@@ -25,10 +25,14 @@ Design against the paper (PinRec, arXiv 2504.10507; shared/REFERENCES.md):
   the model how long until its target, which serving never knows.) It emits M
   L2-normalised query embeddings per (surface, outcome) -- multi-token generation in one
   forward pass. PinRec conditions its slots on explicit future offsets (now, +30 s, ...); we
-  learn the slots and train them with an unordered mixture loss over a future window
-  (train.py), so each slot specialises on part of what the user does next (a future step or a
-  distinct interest) instead of all collapsing onto the same "next item". The head's MLP is
-  one per surface so that per-surface fine-tuning touches only that surface's parameters.
+  learn the slots and train them with an unordered loss over a future window (train.py), so
+  each slot specialises on part of what the user does next (a future step or a distinct
+  interest) instead of all collapsing onto the same "next item". PinRec splits the candidate
+  budget across its tokens; with `joint_queries` the slots instead score items together (the
+  logsumexp of their scaled cosines, `joint_score`: one softmax whose mass a slot adds to where
+  it points) and the lists rank the union of their hits by that score, so a user whose future
+  is one interest is not given four equal shares of it. The head's MLP is one per surface so
+  that per-surface fine-tuning touches only that surface's parameters.
 - **Scores**: cosine(query, item) times a learned logit scale (a temperature) in training;
   serving only needs the normalised vectors (inner product = cosine).
 

@@ -7,9 +7,13 @@ actions). The position's M queries are conditioned on its next engagement: surfa
 Every window target is scored by all M query slots, and `train.slots` (`slot_loss`) says how
 the slots share it: `offset` (PinRec: slot m answers for the m-th block of the window),
 `mixture` (loss = -log mean_m softmax_m(target): a slot is rewarded for the targets it explains
-best, so slots specialise on future steps / distinct interests instead of collapsing) or `wta`
-(relaxed winner-takes-all: each target trains its best slot). For M = 1 and a window of 1 every
-mode is plain softmax cross-entropy (SASRec with a full softmax).
+best, so slots specialise on future steps / distinct interests instead of collapsing), `wta`
+(relaxed winner-takes-all: each target trains its best slot) or `joint` (one softmax over the
+catalogue whose logit for an item is the logsumexp of the M slots' logits: an item is as likely
+as its best slots make it, and a slot pointing at nothing this user wants adds next to nothing,
+so the lists need not give every slot an equal share; the model is marked
+`ModelConfig.joint_queries` and evaluated and served by that score). For M = 1 and a window of
+1 every mode is plain softmax cross-entropy (SASRec with a full softmax).
 
 The softmax runs over the whole catalogue when it is small enough (`loss = full`; 12k Beauty
 items cost less than the transformer), else over the batch's own targets plus uniformly drawn
