@@ -488,7 +488,7 @@ def joint_lists(
     k, width = codes.shape
     pools = codes.reshape(k // m, m * width)
     padded = np.concatenate([vectors.reshape(-1, queries.shape[1]), np.zeros((1, queries.shape[1]), np.float32)])
-    cosines = np.einsum("pld,pmd->plm", padded[pools], queries.reshape(k // m, m, -1))  # code -1: the zero row
+    cosines = padded[pools] @ queries.reshape(k // m, m, -1).transpose(0, 2, 1)  # [P, m L, m]; code -1: the zero row
     scores = joint_score(cosines, scale).astype(np.float32)
     scores[pools < 0] = -np.inf
     # Best first, an item's copies (same code, same score) side by side: by (-score, code).
