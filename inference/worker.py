@@ -558,6 +558,9 @@ class Worker:
         # (embeddings generated, queries searched, queries searched again) in the last compute
         self.last_plan_size = (0, 0, 0)
         self.headroom = settings.inference.limit_headroom  # next_headroom keeps it fitted to the model
+        if runtime.joint_queries and settings.inference.multi_query_min_history > 0:
+            log.warning("inference.multi_query_min_history=%d is ignored: model %s ranks by its queries' joint "
+                        "score, so every user gets all of them", settings.inference.multi_query_min_history, runtime.version)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
