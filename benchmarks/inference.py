@@ -46,8 +46,9 @@ REPEATS = 5
 TRAIN_SECONDS = 90.0
 
 
-def ensure_model(model_dir: Path, events: list[dict[str, Any]], train_seconds: float) -> Path:
-    """Train the default model briefly on ``events`` and export it (once; reused after)."""
+def ensure_model(model_dir: Path, events: list[dict[str, Any]], train_seconds: float, slots: str) -> Path:
+    """Train the default model (with `train.slots` = ``slots``) briefly on ``events`` and
+    export it (once; reused after)."""
     if (model_dir / "meta.json").exists():
         return model_dir
     from inference.data import events_from_dicts, tail_split
@@ -56,7 +57,7 @@ def ensure_model(model_dir: Path, events: list[dict[str, Any]], train_seconds: f
 
     settings = Settings()
     settings = settings.model_copy(update={"train": settings.train.model_copy(update={
-        "epochs": 50, "eval_every": 1, "patience": 2, "num_threads": 1, "max_minutes": train_seconds / 60.0})})
+        "epochs": 50, "eval_every": 1, "patience": 2, "num_threads": 1, "max_minutes": train_seconds / 60.0, "slots": slots})})
     log_ = events_from_dicts(events, settings.events.actions, settings.events.surfaces)
     split = tail_split(log_, test_frac=0.0, valid_frac=0.1)
     model, info, _ = train(log_, split, settings, model_dir / "train", name="bench-default", progress=False)
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = one per core)")
     p.add_argument("--work-dir", type=Path, default=Path("var/bench/inference"))
     p.add_argument("--profile", type=Path, help="instead of timing: py-spy record the compute path into this SVG")
+    p.add_argument("--slots", default=Settings().train.slots,
+                   help="train.slots of the model (joint: the worker ranks each outcome's queries' hits by their joint score)")
+    p.add_argument("--name", default="inference", help="results file name (benchmarks/results/<name>.json)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
 
@@ -121,9 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     from streams.synthetic import synthetic_events
 
     settings = Settings()
-    work = args.work_dir.resolve() / f"u{args.users}-i{args.items}-e{args.events}"
+    work = args.work_dir.resolve() / f"u{args.users}-i{args.items}-e{args.events}-{args.slots}"
     events = [e.to_wire() for e in synthetic_events(args.events, args.users, args.items, seed=21)]
-    model_dir = ensure_model(work / "model", events, args.train_seconds)
+    model_dir = ensure_model(work / "model", events, args.train_seconds, args.slots)
     runtime = ModelRuntime.load(model_dir, "cpu", threads=args.threads)
     updates = user_updates(events, settings.streams.max_sequence_len)
     batches = [updates[i * args.batch : (i + 1) * args.batch] for i in range(args.batches)]
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "surfaces": len(runtime.surfaces),
         "m": int(runtime.meta["config"]["num_queries"]),
+        "slots": args.slots,
+        "joint_queries": runtime.joint_queries,
         "dim": runtime.dim,
         "n_layers": int(runtime.meta["config"]["n_layers"]),
         "candidates_per_surface": settings.inference.candidates_per_surface,
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     print(metrics)
     if not args.no_save:
         command = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.inference", *sys.argv[1:]])
-        print(write_result("inference", metrics, command=command))
+        print(write_result(args.name, metrics, command=command))
 
 
 def measure(worker: Any, runtime: Any, batches: list[list[dict[str, Any]]], repeats: int) -> dict[str, Any]:
