@@ -20,7 +20,9 @@ An update's journey, top to bottom (`Worker.process`):
     (joint_lists)                 a model with joint queries: each outcome's M queries search at
                                   the full budget, and their hits become one list ranked by the
                                   joint score over all M (model.joint_score); the fair share
-                                  then runs across outcomes only
+                                  then runs across outcomes only. Nothing is folded, but users
+                                  below multi_query_min_history get each outcome's first query
+                                  alone, as with a model without joint queries
     produce `candidates`          compacted, key = user id
     commit offsets                only after the candidates write is acknowledged, so a crash
                                   re-delivers (and recomputes) rather than loses an update
@@ -477,10 +479,13 @@ def joint_score(cosines: np.ndarray, scale: float) -> np.ndarray:
 
 def joint_lists(
     codes: np.ndarray, vectors: np.ndarray, queries: np.ndarray, m: int, scale: float, limit: int,
+    alone: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A joint model's queries, ``m`` at a time (one condition's), made into one ranked list
     each: the union of their hits, every item scored by the joint score of its cosines with
     all ``m`` queries (not only those that found it), de-duplicated, the best ``limit`` kept.
+    A pool marked in ``alone`` ([K / m] bool) is its first query's list: scored by that
+    query's cosine only (its own hits come first; the others' are only ever below them).
 
     ``codes`` [K, L] the hits (-1: none), ``vectors`` [C, D] each code's item vector,
     ``queries`` [K, D] -> ([K / m, limit] codes, -1 past the last; [K / m, limit] scores).
@@ -489,6 +494,8 @@ def joint_lists(
     pools = codes.reshape(k // m, m * width)
     padded = np.concatenate([vectors.reshape(-1, queries.shape[1]), np.zeros((1, queries.shape[1]), np.float32)])
     cosines = padded[pools] @ queries.reshape(k // m, m, -1).transpose(0, 2, 1)  # [P, m L, m]; code -1: the zero row
+    if alone is not None:
+        cosines[alone, :, 1:] = -np.inf
     scores = joint_score(cosines, scale).astype(np.float32)
     scores[pools < 0] = -np.inf
     # Best first, an item's copies (same code, same score) side by side: by (-score, code).
@@ -558,9 +565,6 @@ class Worker:
         # (embeddings generated, queries searched, queries searched again) in the last compute
         self.last_plan_size = (0, 0, 0)
         self.headroom = settings.inference.limit_headroom  # next_headroom keeps it fitted to the model
-        if runtime.joint_queries and settings.inference.multi_query_min_history > 0:
-            log.warning("inference.multi_query_min_history=%d is ignored: model %s ranks by its queries' joint "
-                        "score, so every user gets all of them", settings.inference.multi_query_min_history, runtime.version)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -762,10 +766,14 @@ class Worker:
         excluded = excluded_items(updates, recent)  # recent and hidden: never candidates
         inputs = self.encode(updates, recent)
         queries = self.runtime.generate(inputs)  # [B, Q, M, D]
+        single = single_query_users(updates, self.runtime.max_len, cfg)
+        m, alone = queries.shape[2], None
         if self.runtime.joint_queries:  # every query kept: an outcome's M score each item together
             plan = plan_batch(queries, self.conditions, budget, math.inf)
+            if single is not None:
+                alone = single[plan.user[::m]]  # per outcome: its first query alone
         else:
-            plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single_query_users(updates, self.runtime.max_len, cfg))
+            plan = plan_batch(queries, self.conditions, budget, cfg.merge_cosine, single)
         names = [plan.surfaces[s] for s in plan.surface.tolist()]
 
         def search_and_merge(rows: np.ndarray, limits: np.ndarray) -> tuple[MergedLists, np.ndarray]:
@@ -773,16 +781,22 @@ class Worker:
             hits = self.store.query_arrays(plan.vectors[rows], limits, [names[r] for r in rows.tolist()],
                                            excluded, plan.user[rows])
             codes, scores, budgets, group = hits.codes, hits.scores, plan.budgets[rows], plan.group[rows]
-            if self.runtime.joint_queries:
-                m = queries.shape[2]
-                codes, scores = joint_lists(codes, self._hit_vectors(hits), plan.vectors[rows], m, self.runtime.logit_scale, budget)
+            if self.runtime.joint_queries:  # rows: every query, so pools stay whole
+                codes, scores = joint_lists(codes, self._hit_vectors(hits), plan.vectors[rows], m, self.runtime.logit_scale,
+                                            budget, alone)
                 budgets, group, limits = budgets.reshape(-1, m).sum(axis=1), group[::m], limits[::m]
             merged = merge_batch(codes, scores, budgets, group, plan.n_groups, limits, budget)
             return merged, hits.id_texts()
 
         everything = np.arange(len(plan.budgets))
-        # A joint list is exact only from full-budget searches: any query may supply all of it.
-        limits = np.full(len(everything), budget) if self.runtime.joint_queries else query_limits(plan.budgets, budget, self.headroom)
+        if self.runtime.joint_queries:
+            # A joint list is exact only from full-budget searches: any query may supply all of it
+            # (the other queries of a first-query-alone outcome: one hit, never ranked above its own).
+            limits = np.full(len(everything), budget)
+            if alone is not None:
+                limits.reshape(-1, m)[alone, 1:] = 1
+        else:
+            limits = query_limits(plan.budgets, budget, self.headroom)
         merged, ids = search_and_merge(everything, limits)
         lists = _group_lists(merged, ids)
         again = np.flatnonzero(np.isin(plan.group, np.flatnonzero(merged.short)))

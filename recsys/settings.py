@@ -189,8 +189,7 @@ class InferenceSettings(Section):
     # Users whose model input has fewer events than this get one query per outcome (its first
     # generated embedding, the outcome's whole budget) instead of M: on MovieLens several queries
     # cost light users recall and pay off only for long histories. 0: every user gets M.
-    # `python -m benchmarks.multitoken` picks it on validation users for each data set. Ignored
-    # for a model trained with train.slots=joint (its queries rank items together).
+    # `python -m benchmarks.multitoken` picks it on validation users for each data set.
     multi_query_min_history: int = 0
     # Each ANN query asks for this many times its share of the budget (not the whole budget);
     # a surface whose merge ran past the end of a list that was cut is searched again in full.

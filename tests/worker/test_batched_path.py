@@ -377,12 +377,14 @@ def test_the_headroom_doubles_while_lists_come_up_short_and_settles_back_when_no
 
 
 def _joint_lists_reference(codes: np.ndarray, vectors: np.ndarray, queries: np.ndarray, m: int, scale: float,
-                           limit: int) -> list[list[tuple[int, float]]]:
-    """Per pool of m queries: the distinct hit codes, each scored against all m, best first."""
+                           limit: int, alone: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per pool of m queries: the distinct hit codes, each scored against all m (the first
+    alone, for a pool marked in `alone`), best first."""
     out = []
     for p in range(len(codes) // m):
         found = {int(c) for c in codes[p * m : (p + 1) * m].ravel() if c >= 0}
-        scored = [(c, float(np.log(np.exp(scale * (queries[p * m : (p + 1) * m] @ vectors[c])).sum()) / scale)) for c in found]
+        pool = queries[p * m : p * m + 1] if alone[p] else queries[p * m : (p + 1) * m]
+        scored = [(c, float(np.log(np.exp(scale * (pool @ vectors[c])).sum()) / scale)) for c in found]
         out.append(sorted(scored, key=lambda cs: (-cs[1], cs[0]))[:limit])
     return out
 
@@ -397,9 +399,11 @@ def test_joint_lists_rank_the_union_of_a_pools_hits_by_the_joint_score(m: int, n
     queries = _unit(rng.normal(size=(m * n_pools, 8))).astype(np.float32)
     codes = rng.integers(-1, 12, size=(m * n_pools, width))
     codes[rng.random(codes.shape) < 0.2] = -1
-    got_codes, got_scores = joint_lists(codes, vectors, queries, m, 20.0, limit)
+    alone = rng.random(n_pools) < 0.3
+    got_codes, got_scores = joint_lists(codes, vectors, queries, m, 20.0, limit, alone)
     assert got_codes.shape == got_scores.shape == (n_pools, min(limit, m * width))
-    for row_codes, row_scores, want in zip(got_codes, got_scores, _joint_lists_reference(codes, vectors, queries, m, 20.0, limit), strict=True):
+    want_lists = _joint_lists_reference(codes, vectors, queries, m, 20.0, limit, alone)
+    for row_codes, row_scores, want in zip(got_codes, got_scores, want_lists, strict=True):
         kept = row_codes >= 0
         assert not kept[len(want):].any() and np.isneginf(row_scores[~kept]).all()
         assert row_codes[kept].tolist() == [c for c, _ in want]
@@ -435,8 +439,9 @@ def test_a_joint_models_lists_are_each_outcomes_union_ranked_by_the_joint_score_
 ) -> None:
     """Real session, real Edge store: per (user, surface), each outcome's M queries' full-budget
     hits ranked by their joint score over all M, the outcomes' lists then merged by the fair
-    share of their weights. Nothing is folded: near-duplicate embeddings still score together."""
-    settings = Settings(inference={"candidates_per_surface": 20, "multi_query_min_history": 50},
+    share of their weights. Nothing is folded: near-duplicate embeddings still score together.
+    A user below inference.multi_query_min_history gets each outcome's first query's list."""
+    settings = Settings(inference={"candidates_per_surface": 20, "multi_query_min_history": 8},
                         vector_store={"path": tmp_path / "qdrant"})
     runtime = ModelRuntime.load(joint_model_dir, "cpu")
     assert runtime.joint_queries and runtime.logit_scale == 15.0
@@ -453,6 +458,8 @@ def test_a_joint_models_lists_are_each_outcomes_union_ranked_by_the_joint_score_
         got = worker.compute(updates)
         queries = runtime.generate(worker.encode(updates))  # [B, Q, M, D]
         vectors = dict(zip(table.ids, table.embeddings, strict=True))
+        single = single_query_users(updates, runtime.max_len, settings.inference)
+        assert 0 < single.sum() < len(updates)
         for u, update in enumerate(updates):
             recent = sorted({e["item_id"] for e in update["events"]})
             for surface in surfaces:
@@ -461,9 +468,12 @@ def test_a_joint_models_lists_are_each_outcomes_union_ranked_by_the_joint_score_
                     if cond.surface != surface:
                         continue
                     hits = store.query_batch(queries[u, qi], 20, [surface] * queries.shape[2], [recent] * queries.shape[2])
-                    found = {item for h in hits for item, _ in h}
-                    scored = [(item, float(np.log(np.exp(15.0 * (queries[u, qi] @ vectors[item])).sum()) / 15.0)) for item in found]
-                    lists.append(sorted(scored, key=lambda s: -s[1])[:20])
+                    if single[u]:
+                        lists.append(hits[0])
+                    else:
+                        found = {item for h in hits for item, _ in h}
+                        scored = [(item, float(np.log(np.exp(15.0 * (queries[u, qi] @ vectors[item])).sum()) / 15.0)) for item in found]
+                        lists.append(sorted(scored, key=lambda s: -s[1])[:20])
                     budgets.append(20 * cond.weight)
                 items, scores = merge_hits(lists, budgets, 20)
                 assert got[u][surface]["items"] == items
