@@ -104,6 +104,8 @@ class ModelRuntime:
                 f"no model in {model_dir} (meta.json missing): run `recsys train --export` first"
             )
         meta = json.loads(meta_path.read_text())
+        if meta["config"].get("joint_queries") and "logit_scale" not in meta:
+            raise ValueError(f"{meta_path}: a model with joint queries needs its logit_scale (export it again)")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the CUDA-missing fallback warning is expected on CPU machines
         if threads:
@@ -161,7 +163,7 @@ class ModelRuntime:
     @property
     def logit_scale(self) -> float:
         """The scale `joint_score` applies (meta.json's logit_scale; 1 / temperature)."""
-        return float(self.meta.get("logit_scale", 20.0))
+        return float(self.meta["logit_scale"])
 
     @property
     def surfaces(self) -> list[str]:

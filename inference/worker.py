@@ -478,36 +478,47 @@ def joint_score(cosines: np.ndarray, scale: float) -> np.ndarray:
 
 
 def joint_lists(
-    codes: np.ndarray, vectors: np.ndarray, queries: np.ndarray, m: int, scale: float, limit: int,
-    alone: np.ndarray | None = None,
+    codes: np.ndarray, hit_scores: np.ndarray, vectors: np.ndarray, known: np.ndarray, queries: np.ndarray,
+    m: int, scale: float, limit: int, alone: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A joint model's queries, ``m`` at a time (one condition's), made into one ranked list
     each: the union of their hits, every item scored by the joint score of its cosines with
     all ``m`` queries (not only those that found it), de-duplicated, the best ``limit`` kept.
-    A pool marked in ``alone`` ([K / m] bool) is its first query's list: scored by that
-    query's cosine only (its own hits come first; the others' are only ever below them).
+    An item whose vector is not ``known`` (indexed after the export and not fetched yet) is
+    scored by the cosine the store gave it. A pool marked in ``alone`` ([K / m] bool) is its
+    first query's list: scored by that query's cosine only (its own hits come first; the
+    others' are only ever below them).
 
-    ``codes`` [K, L] the hits (-1: none), ``vectors`` [C, D] each code's item vector,
-    ``queries`` [K, D] -> ([K / m, limit] codes, -1 past the last; [K / m, limit] scores).
+    ``codes`` / ``hit_scores`` [K, L] the hits (code -1: none), ``vectors`` [C, D] and
+    ``known`` [C] each code's item vector, ``queries`` [K, D] -> ([K / m, limit] codes, -1 past
+    the last; [K / m, limit] scores).
     """
     k, width = codes.shape
-    pools = codes.reshape(k // m, m * width)
-    padded = np.concatenate([vectors.reshape(-1, queries.shape[1]), np.zeros((1, queries.shape[1]), np.float32)])
-    cosines = padded[pools] @ queries.reshape(k // m, m, -1).transpose(0, 2, 1)  # [P, m L, m]; code -1: the zero row
+    n_pools, d = k // m, queries.shape[1]
+    pools = codes.reshape(n_pools, m * width)
+    padded = np.concatenate([vectors.reshape(-1, d), np.zeros((1, d), np.float32)])  # code -1: the zero row
+    cosines = padded[pools] @ queries.reshape(n_pools, m, d).transpose(0, 2, 1)  # [P, m L, m]
+    unknown = (pools >= 0) & ~np.append(known, False)[pools]
+    if unknown.any():
+        finder = np.arange(m)[None, :] == (np.arange(m * width) // max(width, 1))[:, None]  # [m L, m]: who found it
+        said = np.where(finder[None], hit_scores.reshape(n_pools, m * width, 1), -np.inf)
+        cosines = np.where(unknown[..., None], said, cosines)
     if alone is not None:
         cosines[alone, :, 1:] = -np.inf
-    scores = joint_score(cosines, scale).astype(np.float32)
-    scores[pools < 0] = -np.inf
-    # Best first, an item's copies (same code, same score) side by side: by (-score, code).
-    order = np.lexsort((pools, -scores), axis=1)
+    with np.errstate(invalid="ignore"):  # an unknown item only another query found, in an alone pool: -inf
+        scores = joint_score(cosines, scale).astype(np.float32)
+    scores[(pools < 0) | np.isnan(scores)] = -np.inf
+    # Each item once, at its best score (copies of a known item score alike; an unknown one's
+    # copies carry their finders' cosines): by code, best first, then the rest dropped.
+    order = np.lexsort((-scores, pools), axis=1)
     pools, scores = np.take_along_axis(pools, order, 1), np.take_along_axis(scores, order, 1)
     repeat = np.zeros_like(pools, dtype=bool)
     repeat[:, 1:] = pools[:, 1:] == pools[:, :-1]
-    dropped = repeat | (pools < 0)
-    keep = np.argsort(dropped, axis=1, kind="stable")[:, :limit]  # the kept ones, in rank order
-    out_codes = np.take_along_axis(np.where(dropped, -1, pools), keep, 1)
-    out_scores = np.take_along_axis(np.where(dropped, -np.inf, scores), keep, 1).astype(np.float32)
-    return out_codes, out_scores
+    scores[repeat] = -np.inf
+    rank = np.lexsort((pools, -scores), axis=1)[:, :limit]  # best first; ties by code
+    out_codes, out_scores = np.take_along_axis(pools, rank, 1), np.take_along_axis(scores, rank, 1)
+    out_codes[np.isneginf(out_scores)] = -1
+    return out_codes, out_scores.astype(np.float32)
 
 
 _KAFKA_BACKOFF_S = (0.1, 2.0)  # back-off after a failed poll/commit: first, cap (kafka-python raises while the broker is down)
@@ -782,16 +793,17 @@ class Worker:
                                            excluded, plan.user[rows])
             codes, scores, budgets, group = hits.codes, hits.scores, plan.budgets[rows], plan.group[rows]
             if self.runtime.joint_queries:  # rows: every query, so pools stay whole
-                codes, scores = joint_lists(codes, self._hit_vectors(hits), plan.vectors[rows], m, self.runtime.logit_scale,
-                                            budget, alone)
+                codes, scores = self._joint_lists(hits, plan.vectors[rows], m, budget, alone)
                 budgets, group, limits = budgets.reshape(-1, m).sum(axis=1), group[::m], limits[::m]
             merged = merge_batch(codes, scores, budgets, group, plan.n_groups, limits, budget)
             return merged, hits.id_texts()
 
         everything = np.arange(len(plan.budgets))
         if self.runtime.joint_queries:
-            # A joint list is exact only from full-budget searches: any query may supply all of it
-            # (the other queries of a first-query-alone outcome: one hit, never ranked above its own).
+            # Full-budget searches, as any query may supply the whole list (the other queries of a
+            # first-query-alone outcome: one hit, never ranked above its own). The rescored union is
+            # the top by joint score but for an item just below every query's cut (none of 100 at a
+            # logit scale of 20 or more, 1-2 at 10, in a synthetic check).
             limits = np.full(len(everything), budget)
             if alone is not None:
                 limits.reshape(-1, m)[alone, 1:] = 1
@@ -830,12 +842,19 @@ class Worker:
             "surfaces": surfaces,
         }
 
-    def _hit_vectors(self, hits: Any) -> np.ndarray:
-        """[C, D] the vector of each code of a store answer (the store's own items: exported, or
-        fetched from it; zeros for one deleted meanwhile)."""
-        texts = hits.id_texts().tolist()
+    def _joint_lists(self, hits: Any, queries: np.ndarray, m: int, limit: int,
+                     alone: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """`joint_lists` of a store answer, with the vectors of the items it holds: looked up
+        for the codes that occur only (an exact store's codes span the whole catalogue)."""
+        hit = hits.codes >= 0
+        used, compact = np.unique(hits.codes[hit], return_inverse=True)
+        texts = hits.id_texts()[used].tolist()
         table, rows = self.runtime.vector_lookup(texts, fetch=self._fetch_vectors).table(texts)
-        return table[rows]
+        codes = np.full_like(hits.codes, -1)
+        codes[hit] = compact
+        codes, scores = joint_lists(codes, hits.scores, table[rows], np.asarray(rows) > 0, queries, m,
+                                    self.runtime.logit_scale, limit, alone)
+        return np.where(codes >= 0, used[np.maximum(codes, 0)] if len(used) else -1, -1), scores
 
     def _fetch_vectors(self, item_ids: Sequence[str]) -> dict[Any, np.ndarray]:
         return dict(self.store.retrieve(list(item_ids)))

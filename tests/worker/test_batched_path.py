@@ -376,16 +376,25 @@ def test_the_headroom_doubles_while_lists_come_up_short_and_settles_back_when_no
     assert h == 2.0
 
 
-def _joint_lists_reference(codes: np.ndarray, vectors: np.ndarray, queries: np.ndarray, m: int, scale: float,
-                           limit: int, alone: np.ndarray) -> list[list[tuple[int, float]]]:
+def _joint_lists_reference(codes: np.ndarray, hit_scores: np.ndarray, vectors: np.ndarray, known: np.ndarray,
+                           queries: np.ndarray, m: int, scale: float, limit: int,
+                           alone: np.ndarray) -> list[list[tuple[int, float]]]:
     """Per pool of m queries: the distinct hit codes, each scored against all m (the first
-    alone, for a pool marked in `alone`), best first."""
+    alone, for a pool marked in `alone`), or by the best cosine the store gave it where its
+    vector is not known; best first, ties by code."""
     out = []
     for p in range(len(codes) // m):
-        found = {int(c) for c in codes[p * m : (p + 1) * m].ravel() if c >= 0}
-        pool = queries[p * m : p * m + 1] if alone[p] else queries[p * m : (p + 1) * m]
-        scored = [(c, float(np.log(np.exp(scale * (pool @ vectors[c])).sum()) / scale)) for c in found]
-        out.append(sorted(scored, key=lambda cs: (-cs[1], cs[0]))[:limit])
+        n = 1 if alone[p] else m
+        scored = {}
+        for q in range(m):
+            for c, said in zip(codes[p * m + q].tolist(), hit_scores[p * m + q].tolist(), strict=True):
+                if c < 0:
+                    continue
+                if known[c]:
+                    scored[c] = float(np.log(np.exp(scale * (queries[p * m : p * m + n] @ vectors[c])).sum()) / scale)
+                elif q < n:
+                    scored[c] = max(scored.get(c, -np.inf), said)
+        out.append(sorted(scored.items(), key=lambda cs: (-cs[1], cs[0]))[:limit])
     return out
 
 
@@ -399,10 +408,12 @@ def test_joint_lists_rank_the_union_of_a_pools_hits_by_the_joint_score(m: int, n
     queries = _unit(rng.normal(size=(m * n_pools, 8))).astype(np.float32)
     codes = rng.integers(-1, 12, size=(m * n_pools, width))
     codes[rng.random(codes.shape) < 0.2] = -1
+    hit_scores = rng.uniform(-1, 1, size=codes.shape).astype(np.float32)
+    known = rng.random(12) < 0.8
     alone = rng.random(n_pools) < 0.3
-    got_codes, got_scores = joint_lists(codes, vectors, queries, m, 20.0, limit, alone)
+    got_codes, got_scores = joint_lists(codes, hit_scores, vectors, known, queries, m, 20.0, limit, alone)
     assert got_codes.shape == got_scores.shape == (n_pools, min(limit, m * width))
-    want_lists = _joint_lists_reference(codes, vectors, queries, m, 20.0, limit, alone)
+    want_lists = _joint_lists_reference(codes, hit_scores, vectors, known, queries, m, 20.0, limit, alone)
     for row_codes, row_scores, want in zip(got_codes, got_scores, want_lists, strict=True):
         kept = row_codes >= 0
         assert not kept[len(want):].any() and np.isneginf(row_scores[~kept]).all()
