@@ -11,20 +11,25 @@ they differ only in M, the number of query embeddings the head emits. Slots are 
 mixture of softmaxes (`train.slots=mixture`, inference/train.py `slot_loss`): each window
 target is scored by -log mean_m p_m(target), so slots specialise on the targets they explain
 best; slot 0 also answers alone for the next engagement (for M = 1 the same two terms apply,
-so both models share one objective).
+so both models share one objective). `--set train.slots=joint` measures the joint slots
+instead (one softmax over the logsumexp of the slots' logits, plus the mixture term; M = 1
+trains as before).
 
 Evaluation, per test user: the history is everything before the user's last 10% of events;
 the future window is the engaged (non-"hide") events among the next `WINDOW` after it, less the items
 already in the history (the lists exclude those). Each model
-produces one merged list of `BUDGET` candidates (M = 4: every embedding gets an equal share,
-merged round-robin and de-duplicated, which is what the worker's `merge_hits` fair share does
-with equal budgets; M = 1: its top `BUDGET`), the user's earlier items masked. Reported:
+produces one merged list of `BUDGET` candidates, the one the worker serves for that model (M = 1:
+its top `BUDGET`; M = 4 mixture: every embedding gets an equal share, merged round-robin and
+de-duplicated, which is what the worker's `merge_hits` fair share does with equal budgets;
+M = 4 joint: every item ranked by the queries' joint score, as the worker's `joint_lists`), the
+user's earlier items masked. Reported:
 recall@BUDGET of the merged list against the future window (PinRec's unordered recall), and
 diversity measured on model-independent item features: intra-list diversity (1 - mean
 pairwise cosine of the feature vectors), distinct categories per list, catalogue coverage.
-The max-score merge (every item ranked by its best cosine over the M queries) is reported
-beside it for M = 4. Recall is also measured at `CURVE_BUDGETS` (10-200 candidates; the worker
-serves 100 per surface) for both merges, keys `<data>_m<M>_curve_<merge>_recall@<K>`; the PNG's
+The other merges of M = 4's queries are reported beside it (`round_robin`, `max_score`: every
+item ranked by its best cosine, `joint`), keys `<data>_m4_recall@<BUDGET>_<merge>_merge`; the
+served one is `<data>_m4_served_merge`. Recall is also measured at `CURVE_BUDGETS` (10-200 candidates; the worker
+serves 100 per surface) for each merge, keys `<data>_m<M>_curve_<merge>_recall@<K>`; the PNG's
 third panel plots M = 4's recall over M = 1's at each list length. Both models rank the same
 users, so the gap is also reported paired, with a 95% bootstrap interval over users
 (`<data>_m4_<merge>_gap@50`, `_ci95_low`, `_ci95_high`), and split by quartile of the users'
@@ -32,6 +37,8 @@ history length (`<data>_m<M>_recall@50_history_q<1-4>`, the fourth panel): on re
 several queries pay off for users with long histories and cost recall for short ones.
 
     python -m benchmarks.multitoken --set train.num_threads=1   # 4 models, 2 at a time (~10-26 min)
+    python -m benchmarks.multitoken --name multitoken_joint --set train.num_threads=1 \
+        --set train.slots=joint --set train.epochs=60          # the joint slots (~13 min)
     python -m benchmarks.multitoken --datasets beauty --name multitoken_beauty --set train.num_threads=1   # ~33 min
 """
 
@@ -94,13 +101,13 @@ SHARED = [
     "train.lr=0.002",
     "train.min_lr=0.0002",
     "train.warmup_steps=50",
-    "train.epochs=60",
+    "train.epochs=30",
     "train.eval_every=5",
     "train.patience=3",
     f"train.window={WINDOW}",
     "train.outcome_dropout=1.0",
     "train.surface_dropout=0.0",
-    "train.slots=joint",
+    "train.slots=mixture",
 ]
 
 

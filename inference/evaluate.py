@@ -181,7 +181,7 @@ def merged_candidates(
     outcome: OutcomeChoice = "none",
     surface: OutcomeChoice = "true",
     exclude_history: bool = True,
-    merge: str = "round_robin",
+    merge: str | None = None,
     single_below: int = 0,
     batch_size: int = 512,
 ) -> list[np.ndarray]:
@@ -191,7 +191,8 @@ def merged_candidates(
     queries' joint score (`joint`, `model.joint_score`, the worker's merge for a model trained
     with joint queries). A row whose model input has fewer than
     `single_below` events gets its first query's top `limit` alone (the worker's
-    `inference.multi_query_min_history`)."""
+    `inference.multi_query_min_history`). By default, the merge the worker serves the model by."""
+    merge = merge or ("joint" if model.cfg.joint_queries else "round_robin")
     items = item_matrix(model, log.features)
     single = input_lengths(model, log, rows) < single_below
     out: list[np.ndarray] = []
