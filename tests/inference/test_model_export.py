@@ -169,6 +169,8 @@ def test_artifacts_carry_version_and_contract(tiny_model: Trained, exported: Pat
     assert meta["actions"] == ["click", "save", "hide"]
     assert meta["config"]["max_len"] == model.cfg.max_len
     assert meta["num_queries"] == model.cfg.num_queries
+    assert meta["config"]["joint_queries"] is False  # how the worker merges the queries
+    assert meta["logit_scale"] == pytest.approx(float(model.scale().detach()))  # what a joint model's merge needs
     assert meta["feature_dim"] == model.cfg.feature_dim
     assert list(meta["user_model"]["inputs"]) == list(USER_INPUTS)
     assert meta["id_hashing"]["n_buckets"] == len(info.item_ids) + 1
