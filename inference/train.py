@@ -444,6 +444,9 @@ def fit(
     last, best_path = out_dir / f"{stage.name}_last.pt", out_dir / f"{stage.name}_best.pt"
     if resume and last.exists():
         blob = load_blob(last)
+        if ModelConfig(**blob["model_args"]) != model.cfg:  # e.g. train.slots changed: the best so far was ranked otherwise
+            raise ValueError(f"{last} was written for another model ({blob['model_args']}, now {model.cfg.to_dict()}): "
+                             "start afresh, without --resume or with another --out")
         model.load_state_dict(blob["model"])
         if blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])

@@ -132,6 +132,13 @@ def test_resume_continues_where_the_run_stopped(planted_log: EventLog, planted_s
     assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
     assert load_blob(tmp_path / "pretrain_last.pt")["state"]["run"]["epoch"] == 4
 
+    # Resumed as another kind of model (train.slots=joint), its best so far would be compared
+    # with figures ranked another way: refused.
+    joint = GenerativeRetriever(model_config(settings.model, planted_log, "joint"))  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="another model"):
+        fit(joint, planted_log, planted_split, tcfg, Stage("pretrain", 6, tcfg.lr, spec, planted_split.valid), info2,
+            tmp_path, resume=True, progress=False)
+
 
 def test_a_run_resumed_after_an_interruption_ends_with_the_weights_of_an_uninterrupted_one(
     planted_log: EventLog, planted_split: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
