@@ -15,6 +15,7 @@ query embeddings merge like a real one's) and exported; 3 surfaces, each with tw
 `streams.max_sequence_len` events, exactly as `user-updates` carries them.
 
     python -m benchmarks.inference                   # writes inference.json
+    python -m benchmarks.inference --slots joint --name inference_joint   # a model with joint queries
     python -m benchmarks.inference --profile out.svg  # py-spy flame graph of the compute path
 """
 

@@ -28,7 +28,7 @@ diversity measured on model-independent item features: intra-list diversity (1 -
 pairwise cosine of the feature vectors), distinct categories per list, catalogue coverage.
 The other merges of M = 4's queries are reported beside it (`round_robin`, `max_score`: every
 item ranked by its best cosine, `joint`), keys `<data>_m4_recall@<BUDGET>_<merge>_merge`; the
-served one is `<data>_m4_served_merge`. Recall is also measured at `CURVE_BUDGETS` (10-200 candidates; the worker
+served one is `<data>_m4_served_merge` (its paired gap is also written as `<data>_m4_served_gap@50`). Recall is also measured at `CURVE_BUDGETS` (10-200 candidates; the worker
 serves 100 per surface) for each merge, keys `<data>_m<M>_curve_<merge>_recall@<K>`; the PNG's
 third panel plots M = 4's recall over M = 1's at each list length. Both models rank the same
 users, so the gap is also reported paired, with a 95% bootstrap interval over users
@@ -77,6 +77,7 @@ from inference.evaluate import (
     merged_candidates,
     paired_gap,
     per_user_window_recall,
+    served_merge,
     window_recall,
 )
 from inference.model import GenerativeRetriever
@@ -188,11 +189,6 @@ def evaluation_points(
     return rows, future, histories
 
 
-def served_merge(model: GenerativeRetriever) -> str:
-    """The merge the worker applies to this model's queries (inference/worker.py)."""
-    return "joint" if model.cfg.joint_queries else "round_robin"
-
-
 def pick_min_history(model: GenerativeRetriever, log: EventLog, split: Split) -> int:
     """`inference.multi_query_min_history` chosen on validation users: the history length below
     which a user's first query alone recalls more of the window than the M queries' fair share
@@ -201,8 +197,7 @@ def pick_min_history(model: GenerativeRetriever, log: EventLog, split: Split) ->
     validation events), so no test target takes part in the choice."""
     rows, future, _ = evaluation_points(log, split.valid, before=split.test)
     lengths = input_lengths(model, log, rows)
-    shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below,
-                                                              merge=served_merge(model)), future)
+    shared, alone = (per_user_window_recall(merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below), future)
                      for below in (0, model.cfg.max_len + 1))
     scored = np.isfinite(shared)
     candidates = np.arange(model.cfg.max_len + 2)

@@ -171,6 +171,11 @@ def merge_round_robin(ranked: np.ndarray, limit: int) -> np.ndarray:
     return np.asarray(out)
 
 
+def served_merge(model: GenerativeRetriever) -> str:
+    """The merge the worker serves this model's queries by (inference/worker.py)."""
+    return "joint" if model.cfg.joint_queries else "round_robin"
+
+
 @torch.no_grad()
 def merged_candidates(
     model: GenerativeRetriever,
@@ -192,7 +197,7 @@ def merged_candidates(
     with joint queries). A row whose model input has fewer than
     `single_below` events gets its first query's top `limit` alone (the worker's
     `inference.multi_query_min_history`). By default, the merge the worker serves the model by."""
-    merge = merge or ("joint" if model.cfg.joint_queries else "round_robin")
+    merge = merge or served_merge(model)
     items = item_matrix(model, log.features)
     single = input_lengths(model, log, rows) < single_below
     out: list[np.ndarray] = []

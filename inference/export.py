@@ -24,9 +24,9 @@ training vocabulary row + 1, 0 = unknown id) and `features` float32 [N, F] (F fi
 meta.json; a model trained without content features still takes F = 1 zeros so the interface is
 the same) -> `item_emb` float32 [N, D], L2-normalised.
 
-`items.npz` -- see inference/items.py. `meta.json` -- the model config, version, surfaces,
-actions, input/output names, dtypes and shapes, feature width, the id-bucket scheme with its
-vocabulary. The version string is also in both ONNX files' metadata_props (`version`), with
+`items.npz` -- see inference/items.py. `meta.json` -- the model config (`joint_queries`: how
+the worker merges the queries), version, surfaces, actions, input/output names, dtypes and
+shapes, feature width, the id-bucket scheme with its vocabulary, the logit scale. The version string is also in both ONNX files' metadata_props (`version`), with
 the model config (`model_config`).
 """
 

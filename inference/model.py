@@ -34,7 +34,8 @@ Design against the paper (PinRec, arXiv 2504.10507; shared/REFERENCES.md):
   is one interest is not given four equal shares of it. The head's MLP is one per surface so
   that per-surface fine-tuning touches only that surface's parameters.
 - **Scores**: cosine(query, item) times a learned logit scale (a temperature) in training;
-  serving only needs the normalised vectors (inner product = cosine).
+  serving needs the normalised vectors (inner product = cosine), and for joint queries the
+  scale too (meta.json's logit_scale).
 
 `GenerativeRetriever.forward` is exactly the exported `user_model.onnx` graph (inputs named
 in `USER_INPUTS`); `ItemEncoder.forward` is `item_encoder.onnx`. Training calls `encode` and

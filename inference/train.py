@@ -146,7 +146,7 @@ class LossSpec:
     surface: int | None = None  # fine-tuning: only targets on this surface
     hard_negative_weight: float = 0.0  # 0 = no hard negatives (pretraining)
     mm_dtype: torch.dtype | None = None  # bf16 softmax matmuls (CPU mixed precision)
-    slots: str = "offset"  # offset (slot m <-> m-th block of the window) | mixture (each target to its best slot)
+    slots: str = "offset"  # offset | mixture | wta | joint (TrainSettings.slots)
 
 
 class _SoftmaxXent(torch.autograd.Function):
@@ -246,7 +246,7 @@ def slot_loss(ce: torch.Tensor, slots: str) -> torch.Tensor:
         return (ce * w).sum(dim=1)
     if slots == "mixture":
         return -(torch.logsumexp(-ce, dim=1) - math.log(M))
-    raise ValueError(f"unknown train.slots {slots!r}: offset | mixture | wta")
+    raise ValueError(f"unknown train.slots {slots!r}: offset | mixture | wta (joint: batch_loss)")
 
 
 WTA_EPS = 0.05  # share of a target's weight spread over the slots that did not win it
@@ -336,17 +336,16 @@ def batch_loss(
         pr, w = negative[b, t].nonzero(as_tuple=True)  # (position, window slot) of each hard negative
         rows = (pr[:, None] * M + torch.arange(M, device=device)[None, :]).reshape(-1)
         hard = (rows, cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
+    ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
+    ce = ce.view(P, M, -1)  # (P, M, W)
     if spec.slots == "joint" and M > 1:
-        per_target = softmax_xent(qs.float(), cand_items.float(), cols, col_bias, hard, spec.mm_dtype, join=M)  # (P, W)
+        joint = softmax_xent(qs.float(), cand_items.float(), cols, col_bias, hard, spec.mm_dtype, join=M)  # (P, W)
         # Plus the mixture's term, so that each slot also explains part of the window alone: under
         # the joint softmax by itself a slot can settle where it adds nothing (multi-token
         # benchmark, seed 0: synthetic recall@50 .1397 without it, .1468 with it; ML-100K .4312, .4356).
-        ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
         n_pos = pos.sum()
-        loss = ((per_target + slot_loss(ce.view(P, M, -1), "mixture")) * pos).sum() / n_pos
-        return loss + per_target[torch.arange(P, device=device), first].mean(), int(n_pos)
-    ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
-    ce = ce.view(P, M, -1)  # (P, M, W)
+        loss = ((joint + slot_loss(ce, "mixture")) * pos).sum() / n_pos
+        return loss + joint[torch.arange(P, device=device), first].mean(), int(n_pos)
     per_target = slot_loss(ce, spec.slots)  # (P, W)
     n_pos = pos.sum()
     loss = (per_target * pos).sum() / n_pos

@@ -792,8 +792,9 @@ class Worker:
             hits = self.store.query_arrays(plan.vectors[rows], limits, [names[r] for r in rows.tolist()],
                                            excluded, plan.user[rows])
             codes, scores, budgets, group = hits.codes, hits.scores, plan.budgets[rows], plan.group[rows]
-            if self.runtime.joint_queries:  # rows: every query, so pools stay whole
-                codes, scores = self._joint_lists(hits, plan.vectors[rows], m, budget, alone)
+            if self.runtime.joint_queries:  # rows: whole (user, surface) groups, so pools stay whole
+                pools = rows[::m] // m
+                codes, scores = self._joint_lists(hits, plan.vectors[rows], m, budget, None if alone is None else alone[pools])
                 budgets, group, limits = budgets.reshape(-1, m).sum(axis=1), group[::m], limits[::m]
             merged = merge_batch(codes, scores, budgets, group, plan.n_groups, limits, budget)
             return merged, hits.id_texts()

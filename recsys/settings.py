@@ -193,6 +193,7 @@ class InferenceSettings(Section):
     multi_query_min_history: int = 0
     # Each ANN query asks for this many times its share of the budget (not the whole budget);
     # a surface whose merge ran past the end of a list that was cut is searched again in full.
+    # (A joint model's queries always ask for the whole budget.)
     limit_headroom: float = 2.0
     # The headroom adapts to the model (inference/worker.py: next_headroom): doubled while too
     # many lists are searched again, back down slowly to limit_headroom while none is.
