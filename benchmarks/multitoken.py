@@ -243,7 +243,7 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
             metrics[f"{name}_m{m}_intra_list_diversity_{merge}_merge"] = round(diversity(lists[merge, BUDGET], features)["intra_list_diversity"], 4)
         # The worker with inference.multi_query_min_history picked on validation users.
         below = pick_min_history(model, log, split)
-        adaptive = merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below, merge=served)
+        adaptive = merged_candidates(model, log, rows, BUDGET, outcome="none", single_below=below)  # the served merge
         per_user["adaptive"] = per_user_window_recall(adaptive, future)
         metrics[f"{name}_m{m}_multi_query_min_history"] = below
         metrics[f"{name}_m{m}_recall@{BUDGET}_adaptive"] = round(float(np.nanmean(per_user["adaptive"])), 4)
