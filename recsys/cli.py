@@ -7,7 +7,7 @@ import sys
 
 # command -> (module:function taking argv, one-line help). Each component parses its own flags.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "kafka": ("recsys.kafka_broker:main", "start | stop | status the local single-node Kafka broker"),
+    "kafka": ("recsys.kafka_broker:main", "start | stop | status | fetch | destroy the local single-node Kafka broker"),
     "produce": ("streams.produce:main", "replay a file or a synthetic stream into `actions`"),
     "streams": ("streams.app:main", "run the Faust worker (sequences table, DLQ, user-updates)"),
     "train": ("inference.train:main", "pretrain / fine-tune the generative retriever"),

@@ -90,15 +90,15 @@ class StreamsSettings(Section):
     app_id: str = "recsys-streams"  # Faust app id = consumer group; names the changelog topic
     store: str = "memory://"  # table store; memory:// replays the changelog at start, rocksdb:// needs rocksdict
     data_dir: Path = Path("var/streams")  # Faust table state (rocksdb) and the worker's local files
-    max_sequence_len: int = 50  # events kept per user
-    max_age_ms: int = 90 * 24 * 3600 * 1000  # events older than this (vs the newest) fall off
-    lateness_ms: int = 5 * 60 * 1000  # out-of-order events up to this old are inserted in order
+    max_sequence_len: int = Field(50, ge=1)  # events kept per user
+    max_age_ms: int = Field(90 * 24 * 3600 * 1000, ge=0)  # events older than this (vs the newest) fall off
+    lateness_ms: int = Field(5 * 60 * 1000, ge=0)  # out-of-order events up to this old are inserted in order
     # items a user hid (train.negative_actions) that stay out of their candidates after the
     # hide has left the sequence; the newest hides kept (the worker keeps as many of a record's:
     # give both the same value)
     max_hidden: int = Field(200, ge=0)
-    flush_interval_s: float = 0.05  # user-updates are coalesced per user within this window
-    max_batch_events: int = 5000  # a flush window also closes after this many events (binds only in catch-up: 100k events/s at 50 ms)
+    flush_interval_s: float = Field(0.05, ge=0)  # user-updates are coalesced per user within this window
+    max_batch_events: int = Field(5000, ge=1)  # a flush window also closes after this many events (binds only in catch-up: 100k events/s at 50 ms)
     delivery: str = "window"  # window: Faust's consumer hands `actions` over a window at a time (streams/delivery.py); stream: stock Faust per-event stream
     producer_max_batch_bytes: int = 512 * 1024  # producer batch per partition; Faust's 16 KiB default costs ~30% of ingest throughput
     web_host: str = "127.0.0.1"  # Faust's web server bind address (0.0.0.0 in containers)
@@ -108,7 +108,7 @@ class StreamsSettings(Section):
     # Static group membership (KIP-345): a worker restarted with the same id takes its partitions
     # back at once, without waiting out the session timeout. Unique per worker; None = dynamic.
     instance_id: str | None = None
-    replication_factor: int = 1  # of the topics the app creates (changelog, DLQ, user-updates)
+    replication_factor: int = 1  # of every topic the processes create (changelog, actions, DLQs, user-updates, candidates, popular, items)
     dlq_max_key_bytes: int = 1024  # the DLQ record's Kafka key is the original key cut to this (its value says key_size, key_truncated); a key can be ~1 MiB
     dlq_max_original_bytes: int = 512 * 1024  # at most this much of the DLQ record's (cut) key + the original value (broker limit ~1 MiB)
     stats_interval_s: float = 30.0  # how often the worker logs its counters
@@ -297,7 +297,7 @@ class Settings(BaseSettings):
         env_prefix="RECSYS_",
         env_nested_delimiter="__",
         toml_file=os.environ.get("RECSYS_CONFIG"),
-        extra="forbid",  # an unknown TOML section; unknown variables are caught by each Section
+        extra="forbid",  # an unknown TOML section; unknown variables: _known_sections and each Section
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -309,6 +309,17 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     vector_store: VectorStoreSettings = Field(default_factory=VectorStoreSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_sections(cls, data: object) -> object:
+        # pydantic-settings ignores a variable whose section does not exist (RECSYS_KAFAK__PORT),
+        # so the setting would silently keep its default; a misspelt field is caught by Section.
+        unknown = sorted(k for k in os.environ
+                         if k.upper().startswith("RECSYS_") and "__" in k and k[7:].split("__", 1)[0].lower() not in cls.model_fields)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: no such settings section (sections: {', '.join(cls.model_fields)})")
+        return data
 
     @model_validator(mode="after")
     def _future_within_lateness(self) -> Settings:

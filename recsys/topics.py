@@ -3,9 +3,12 @@
 A topic left to the broker's auto-creation gets the broker's defaults: `candidates` would then
 be a plain 7-day log instead of a compacted one, and a server started after a week would find
 no list for a user who has one, and `items` would lose the catalogue a shard built later reads
-from it. The local stack creates every topic up front; in a deployment (docker-compose) the
-worker makes sure of those it writes or follows (`candidates`, `popular`, `items`, `items.dlq`)
-and `recsys index --follow` of `items` and `items.dlq`, before either reads or writes a record.
+from it. The local stack creates every topic up front; in a deployment (docker-compose) each
+process makes sure of the topics it reads or writes before it touches a record: `recsys streams`
+of `actions`, `actions.dlq` and `user-updates` (Faust creates only its changelog, and an
+`actions` auto-created with the broker's partition count stops it: PartitionsMismatch), the
+worker of `candidates`, `popular`, `items` and `items.dlq`, `recsys index --follow` of `items` and
+`items.dlq`.
 """
 
 from __future__ import annotations

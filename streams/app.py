@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Sequence
@@ -44,11 +46,12 @@ from faust.types import EventT, Message, StoreT
 
 from recsys.dead_letters import dead_letter
 from recsys.settings import Settings, get_settings
+from recsys.topics import ensure_own_topics
 from streams.delivery import WindowedApp, partition_event, set_current_event
 from streams.errors import InvalidEvent
 from streams.outbox import Outbox
 from streams.schema import decode_event, now_ms
-from streams.sequences import Hidden, PackedSeq
+from streams.sequences import PackedSeq
 
 __all__ = ["Counters", "create_app", "main"]
 
@@ -123,6 +126,10 @@ def create_app(settings: Settings) -> faust.App:
     partitions = settings.kafka.partitions
     if cfg.delivery not in ("window", "stream"):
         raise ValueError(f"streams.delivery must be 'window' or 'stream', not {cfg.delivery!r}")
+    if cfg.delivery == "stream" and cfg.flush_interval_s <= 0:
+        # Faust's take_events reads within=0 as "no time limit": a quiet stream's events would wait
+        # for max_batch_events more to arrive.
+        raise ValueError("streams.delivery = 'stream' needs streams.flush_interval_s > 0")
     app = WindowedApp(
         cfg.app_id,
         broker=[f"kafka://{host.strip()}" for host in settings.kafka.bootstrap_servers.split(",")],
@@ -163,6 +170,7 @@ def create_app(settings: Settings) -> faust.App:
         "sequences", partitions=partitions, key_type=bytes, value_type=bytes, help="user -> last N events (streams.sequences.PackedSeq)"
     )
     counters = Counters()
+    negative = frozenset(settings.train.negative_actions)  # hides: kept even when too late for the sequence
     declared: list[bool] = []
 
     async def declare_outputs() -> None:
@@ -191,7 +199,6 @@ def create_app(settings: Settings) -> faust.App:
         try:
             for msg in messages:
                 p: _Pending | None = None
-                hidden: Hidden = ()
                 try:
                     # "Now" for the future check is the record's own time when it is earlier
                     # than the clock: a replay after a crash then judges the event as it was
@@ -216,10 +223,12 @@ def create_app(settings: Settings) -> faust.App:
                         stored = table.data.get(key)
                         seq = PackedSeq.decode(stored) if stored else PackedSeq(event.user_id, 0, [], [], b"")
                         p = pending[key] = _Pending(key, seq, events[msg.partition])
-                    hidden = p.seq.hidden
                     outcome = p.seq.fold(event, settings)
                 except InvalidEvent as exc:
-                    if p is not None and p.seq.hidden is not hidden:  # a hide too late for the sequence, taken
+                    if p is not None and event.action in negative:
+                        # A hide too late for the sequence is still taken (fold_hidden), and like
+                        # any valid event it re-emits the user even when it changed nothing: it
+                        # may be a replay after a crash whose update never left.
                         p.emit = True
                     counters.invalid[exc.reason] += 1
                     # The DLQ record keeps at most dlq_max_key_bytes of the original key (a key
@@ -302,6 +311,18 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
+def ensure_topics_before_start(settings: Settings, names: Sequence[str]) -> bool:
+    """`recsys.topics.ensure_own_topics`, obeying SIGTERM / SIGINT while it waits for the
+    broker (Faust's worker installs its own handlers only once it runs); False if told to stop."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return ensure_own_topics(settings, names, stopping)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str]) -> int:
     """`recsys streams [--loglevel LEVEL]`: run the worker until SIGTERM / SIGINT."""
     settings = get_settings()
@@ -309,6 +330,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--loglevel", default=settings.streams.loglevel)
     args = p.parse_args(argv)
     settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
+    # Faust creates only its own topics (the changelog). `actions` left to the broker's
+    # auto-creation gets the broker's partition count, and when that differs from
+    # kafka.partitions, which the changelog gets, Faust refuses to start (PartitionsMismatch);
+    # a cluster without auto-creation would never have it.
+    t = settings.topics
+    if not ensure_topics_before_start(settings, [t.actions, t.dlq, t.user_updates]):
+        log.warning("streams: stopped before Kafka could be reached")
+        return 0
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=args.loglevel, redirect_stdouts=False)
     # Faust's progress spinner sets the root logger to DEBUG at log levels >= WARNING, and then

@@ -50,3 +50,18 @@ def test_a_future_horizon_beyond_the_lateness_is_refused() -> None:
     with pytest.raises(ValidationError, match="max_future_ms"):
         Settings(events={"max_future_ms": 60_000}, streams={"lateness_ms": 59_999})
     assert Settings(events={"max_future_ms": 60_000}, streams={"lateness_ms": 60_000}).streams.lateness_ms == 60_000
+
+
+def test_a_misspelt_section_in_a_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_KAFAK__PORT", "1")
+    with pytest.raises(ValidationError, match="RECSYS_KAFAK__PORT: no such settings section"):
+        Settings()
+
+
+@pytest.mark.parametrize("streams", [{"max_sequence_len": 0}, {"max_sequence_len": -3}, {"max_age_ms": -1},
+                                     {"lateness_ms": -1}, {"max_batch_events": 0}, {"flush_interval_s": -0.1}])
+def test_sequence_bounds_that_would_keep_no_event_are_refused(streams: dict[str, float]) -> None:
+    # A fold that trims every event away left a user with an empty sequence: the window failed,
+    # unacked, and every restart replayed it into the same failure.
+    with pytest.raises(ValidationError, match=next(iter(streams))):
+        Settings(streams=streams)

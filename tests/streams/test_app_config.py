@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import pytest
 
 from recsys.settings import Settings
 from recsys.dead_letters import dlq_key, dlq_record
@@ -75,3 +76,10 @@ def test_counters_are_prometheus_text() -> None:
     assert 'recsys_streams_invalid_total{reason="not msgpack"} 1' in text
     assert "recsys_streams_updates_total 2" in text
     assert c.valid == 3
+
+
+def test_stock_delivery_without_a_flush_interval_is_refused() -> None:
+    # Faust's take_events reads within=0 as no time limit: a quiet stream would hold its events.
+    with pytest.raises(ValueError, match="flush_interval_s > 0"):
+        create_app(Settings(streams={"delivery": "stream", "flush_interval_s": 0}))
+    assert create_app(Settings(streams={"flush_interval_s": 0})).conf.id  # window delivery handles 0

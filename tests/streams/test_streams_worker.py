@@ -310,8 +310,16 @@ def test_out_of_order_events_within_lateness_end_up_in_order_later_ones_are_dead
         assert update["last_event_ts"] == max(e["ts"] for e in update["events"])
     wait_until(lambda: updates_by_user(worker.bootstrap, worker.updates)[user][-1]["hidden"] == [8], 60,
                "the late hide taken")
+    # The same late hide again, as a replay after a crash between the changelog and user-updates
+    # would bring it: it changes nothing, but the user is emitted again (the update may never have
+    # left), as for any replayed valid event.
+    version = updates_by_user(worker.bootstrap, worker.updates)[user][-1]["version"]
+    produce([late_hide], worker.bootstrap, worker.actions, progress=False)
+    wait_until(lambda: updates_by_user(worker.bootstrap, worker.updates)[user][-1]["version"] > version, 60,
+               "the replayed late hide re-emitted")
+    assert updates_by_user(worker.bootstrap, worker.updates)[user][-1]["hidden"] == [8]
     dead = dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(too_late), encode_event(late_hide), miskeyed[1]})
-    assert dead == Counter({(encode_event(too_late), "too late"): 1, (encode_event(late_hide), "too late"): 1,
+    assert dead == Counter({(encode_event(too_late), "too late"): 1, (encode_event(late_hide), "too late"): 2,
                             (miskeyed[1], "wrong key"): 1})
 
 
@@ -613,3 +621,35 @@ def test_stock_faust_delivery_gives_the_same_sequences(kafka_bootstrap: str, tmp
     finally:
         if stock.proc is not None:
             assert stock.stop(signal.SIGTERM) == 0, stock.tail()
+
+
+def test_the_worker_creates_its_topics_with_the_configured_partitions(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """No topic made beforehand, and a partition count the broker's auto-creation would not give:
+    `actions` left to the broker got its count while the changelog got the setting's, and Faust
+    refused to start (PartitionsMismatch)."""
+    from kafka import KafkaConsumer
+
+    partitions = PARTITIONS + 1  # the test broker auto-creates topics with PARTITIONS
+    fresh = Worker(kafka_bootstrap, f"fresh-{uuid.uuid4().hex[:8]}", tmp_path,
+                   extra_env={"RECSYS_KAFKA__PARTITIONS": str(partitions)})  # fmt: skip
+    now = now_ms()
+    events = list(synthetic_events(60, 12, 30, seed=5, start_ts_ms=now - 1_000, step_ms=10, user_prefix=f"{fresh.name}-"))
+    try:
+        fresh.start()
+        consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+        try:
+            found = {t: len(consumer.partitions_for_topic(t) or ()) for t in (fresh.actions, fresh.dlq, fresh.updates)}
+        finally:
+            consumer.close()
+        assert found == dict.fromkeys([fresh.actions, fresh.dlq, fresh.updates], partitions)
+        produce(events, kafka_bootstrap, fresh.actions, progress=False)
+        wait_until(lambda: fresh.valid() >= len(events), 60, f"the fresh worker ({fresh.tail()})")
+        wait_until(
+            lambda: {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, fresh.updates).items()}
+            == expected_sequences(events),
+            60,
+            "the fresh worker's sequences",
+        )
+    finally:
+        if fresh.proc is not None:
+            assert fresh.stop(signal.SIGTERM) == 0, fresh.tail()
