@@ -20,6 +20,7 @@ from vector_store.errors import CollectionMissingError, DimensionMismatchError
 from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query
 
 F = TypeVar("F")  # a backend's filter type
+SCROLL_PAGE = 4096  # points per scroll page when a whole collection is read (the exact snapshot, item_ids)
 
 Hit = tuple[ItemId, float]  # (item id, cosine similarity | popularity)
 
@@ -104,6 +105,10 @@ class VectorStore(ABC):
     @abstractmethod
     def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
         """Write one batch; ``vectors`` are float32 unit rows."""
+
+    @abstractmethod
+    def delete(self, item_ids: Sequence[ItemId]) -> None:
+        """Remove the items (those not stored are ignored)."""
 
     def flush(self) -> None:
         """Make every acknowledged write durable (a no-op where upserts already wait for it)."""
@@ -204,6 +209,10 @@ class VectorStore(ABC):
     @abstractmethod
     def records(self, item_ids: Sequence[ItemId]) -> dict[ItemId, ItemRecord]:
         """Stored payloads of the items that exist, keyed by the id as asked for."""
+
+    @abstractmethod
+    def item_ids(self) -> list[ItemId]:
+        """The ids of every stored item (as their payloads hold them), in no particular order."""
 
     @abstractmethod
     def top_popular(self, surface: str | None, limit: int) -> list[Hit]:

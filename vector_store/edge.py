@@ -26,7 +26,7 @@ import qdrant_edge as qe
 
 from recsys.files import atomic_write
 from recsys.settings import VectorStoreSettings
-from vector_store.base import BatchHits, Hit, VectorStore, hits_to_arrays, shared_filters
+from vector_store.base import SCROLL_PAGE, BatchHits, Hit, VectorStore, hits_to_arrays, shared_filters
 from vector_store.errors import (
     CollectionMissingError,
     DimensionMismatchError,
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 _CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create; its presence = shard exists
 _CATALOGUE_FILE = "recsys_catalogue.json"  # written after a whole bulk load: {"model_version": ...}
 _SHARD_ID_FILE = "recsys_shard_id"  # names this shard's own `items` consumer group
-_SCROLL_PAGE = 4096  # points per scroll page when loading the exact snapshot
 
 
 class EdgeStore(VectorStore):
@@ -146,6 +145,13 @@ class EdgeStore(VectorStore):
             # Past the threshold the snapshot is dropped for good: HNSW takes over.
             self._exact = snapshot if len(snapshot) < self.settings.exact_below else None
 
+    def delete(self, item_ids: Sequence[ItemId]) -> None:
+        if not item_ids:
+            return
+        self._live().update(qe.UpdateOperation.delete_points([point_id(i) for i in item_ids]))
+        if self._exact is not None:
+            self._refresh_exact()
+
     def flush(self) -> None:
         self._live().flush()
 
@@ -221,6 +227,17 @@ class EdgeStore(VectorStore):
             for item_id, rec in self._fetch(item_ids, with_vector=False).items()
         }
 
+    def item_ids(self) -> list[ItemId]:
+        ids: list[ItemId] = []
+        offset: Any = None
+        while True:
+            page, offset = self._live().scroll(
+                qe.ScrollRequest(offset=offset, limit=SCROLL_PAGE, with_payload=[ITEM_ID], with_vector=False)
+            )
+            ids.extend(point_payload(rec)[ITEM_ID] for rec in page)
+            if offset is None:
+                return ids
+
     def top_popular(self, surface: str | None, limit: int) -> list[Hit]:
         if limit <= 0:
             return []
@@ -276,7 +293,7 @@ class EdgeStore(VectorStore):
         while True:
             page, offset = self._live().scroll(
                 qe.ScrollRequest(
-                    offset=offset, limit=_SCROLL_PAGE, with_payload=True, with_vector=True
+                    offset=offset, limit=SCROLL_PAGE, with_payload=True, with_vector=True
                 )
             )
             for rec in page:

@@ -318,6 +318,21 @@ def index_item_table(
     return len(table.ids)
 
 
+def drop_items_outside(store: VectorStore, table: ItemTable) -> int:
+    """Delete the stored items that `table` lacks; returns how many. Before another model's
+    table is loaded: their vectors are that model's, in another space, and would be retrieved
+    with meaningless scores (and read as history inputs the new model was not exported with).
+    The new model's `items` follower, a new consumer group that reads the topic from its start,
+    embeds again those whose records carry features. Run while the marker still names the other
+    model, so a load cut short after it does it again on the next start."""
+    keep = {str(i) for i in table.ids}  # the point id depends on str(item id) only (vector_store.schema)
+    stale = [i for i in store.item_ids() if str(i) not in keep]
+    step = max(1, store.settings.upsert_batch)
+    for start in range(0, len(stale), step):
+        store.delete(stale[start : start + step])
+    return len(stale)
+
+
 # -- the `items` follower ---------------------------------------------------------------------
 Key = tuple[int, bytes]  # (partition, record key): one item's records, in log order
 
@@ -683,6 +698,9 @@ def main(argv: list[str]) -> int:
         # first, must not pass for this model's whole catalogue.
         loaded = store.catalogue_version()
         if args.reindex or loaded != version:
+            if loaded is not None and loaded != version:
+                dropped = drop_items_outside(store, table)
+                log.info("removed %d items of model %s that model %s's table lacks", dropped, loaded, version)
             # Cleared first: a load cut short must not leave the previous model's marker over a
             # store that holds some of this model's vectors (a roll-back would then skip the load).
             store.mark_catalogue(None)

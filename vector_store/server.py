@@ -20,7 +20,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 
 from recsys.settings import VectorStoreSettings
-from vector_store.base import Hit, VectorStore, shared_filters
+from vector_store.base import SCROLL_PAGE, Hit, VectorStore, shared_filters
 from vector_store.errors import DimensionMismatchError, VectorStoreError
 from vector_store.schema import (
     ITEM_ID,
@@ -106,6 +106,12 @@ class ServerStore(VectorStore):
         ]
         self.client.upsert(self.collection, points=points, wait=True)
 
+    def delete(self, item_ids: Sequence[ItemId]) -> None:
+        self._require_dim()
+        if item_ids:
+            self.client.delete(self.collection, points_selector=qm.PointIdsList(points=[_wire(point_id(i)) for i in item_ids]),
+                               wait=True)
+
     # -- reads -----------------------------------------------------------------------------
     def _query_batch(
         self,
@@ -138,6 +144,17 @@ class ServerStore(VectorStore):
             item_id: from_payload(point_payload(rec))
             for item_id, rec in self._fetch(item_ids, with_vectors=False).items()
         }
+
+    def item_ids(self) -> list[ItemId]:
+        self._require_dim()
+        ids: list[ItemId] = []
+        offset: Any = None
+        while True:
+            page, offset = self.client.scroll(self.collection, limit=SCROLL_PAGE, offset=offset,
+                                              with_payload=[ITEM_ID], with_vectors=False)
+            ids.extend(point_payload(rec)[ITEM_ID] for rec in page)
+            if offset is None:
+                return ids
 
     def top_popular(self, surface: str | None, limit: int) -> list[Hit]:
         self._require_dim()

@@ -196,6 +196,14 @@ def test_recsys_index_loads_each_model_table_once_and_wholly(tmp_path: Path, mon
         assert main([]) == 0
         np.testing.assert_allclose(stored_i7(), second.embeddings[7], atol=1e-6)
         assert main(["--reindex"]) == 0
+        # A newer model whose vocabulary lost items: their v2 vectors, from another space, go.
+        third = _write_model(model_dir, 30, 0, version="v3", seed=12)
+        assert main([]) == 0
+        with EdgeStore(shard) as store:
+            assert store.count() == 30 and store.catalogue_version() == "v3"
+            assert sorted(store.item_ids()) == sorted(third.ids)
+            (hits,) = store.query_batch(second.embeddings[40:41], 50)
+            assert "i40" not in {i for i, _ in hits}
     finally:
         get_settings.cache_clear()
 
