@@ -51,6 +51,7 @@ class ServerStore(VectorStore):
         self._dim: int | None = None
         if self.client.collection_exists(self.collection):
             self._dim = self._collection_dim()
+            self._ensure_payload_indexes()  # a crash right after create_collection skipped them
 
     # -- collection ------------------------------------------------------------------------
     @property
@@ -60,6 +61,7 @@ class ServerStore(VectorStore):
     def ensure_collection(self, dim: int) -> None:
         if self._dim is None and self.client.collection_exists(self.collection):
             self._dim = self._collection_dim()  # created by another process meanwhile
+            self._ensure_payload_indexes()
         if self._dim is not None:
             if self._dim != dim:
                 raise DimensionMismatchError(
@@ -68,18 +70,25 @@ class ServerStore(VectorStore):
                 )
             return
         s = self.settings
-        self.client.create_collection(
-            self.collection,
-            vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.COSINE),
-            hnsw_config=qm.HnswConfigDiff(
-                m=s.hnsw_m,
-                ef_construct=s.hnsw_ef_construct,
-                full_scan_threshold=full_scan_threshold_kb(s.exact_below, dim),
-            ),
-        )
-        self.client.create_payload_index(self.collection, SURFACES, qm.PayloadSchemaType.KEYWORD)
-        self.client.create_payload_index(self.collection, POPULARITY, qm.PayloadSchemaType.FLOAT)
+        try:
+            self.client.create_collection(
+                self.collection,
+                vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.COSINE),
+                hnsw_config=qm.HnswConfigDiff(
+                    m=s.hnsw_m,
+                    ef_construct=s.hnsw_ef_construct,
+                    full_scan_threshold=full_scan_threshold_kb(s.exact_below, dim),
+                ),
+            )
+        except Exception:
+            # Two processes starting at once (the indexer and a worker's follower): the loser is
+            # told the collection exists (409, ALREADY_EXISTS, or local mode's ValueError).
+            if not self.client.collection_exists(self.collection):
+                raise
+            self.ensure_collection(dim)  # the winner's collection, its dimension checked
+            return
         self._dim = dim
+        self._ensure_payload_indexes()
 
     def catalogue_version(self) -> str | None:
         if self._dim is None:
@@ -176,6 +185,13 @@ class ServerStore(VectorStore):
         self.client.close()
 
     # -- helpers ---------------------------------------------------------------------------
+    def _ensure_payload_indexes(self) -> None:
+        """Keyword index on `surfaces` (filters), float index on `popularity` (order_by needs it)."""
+        existing = self.client.get_collection(self.collection).payload_schema or {}
+        for name, kind in ((SURFACES, qm.PayloadSchemaType.KEYWORD), (POPULARITY, qm.PayloadSchemaType.FLOAT)):
+            if name not in existing:
+                self.client.create_payload_index(self.collection, name, kind, wait=True)
+
     def _collection_dim(self) -> int:
         vectors = self.client.get_collection(self.collection).config.params.vectors
         if isinstance(vectors, qm.VectorParams):
