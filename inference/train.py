@@ -691,7 +691,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--export", type=Path, nargs="?", const=settings.inference.model_dir, help="also export to this model dir")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting, e.g. train.epochs=50")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--unless-exported", action="store_true",
+                   help="do nothing when the --export directory already holds a model (a deployment's one-shot trainer, "
+                        "which `docker compose up` starts again each time, must not replace the served model)")
     args = p.parse_args(argv)
+    if args.unless_exported:
+        if not args.export:
+            p.error("--unless-exported needs --export")
+        if (meta := args.export / "meta.json").is_file():
+            version = json.loads(meta.read_text(encoding="utf-8")).get("version")
+            print(json.dumps({"skipped": f"{args.export} already holds model {version}", "version": version}, indent=2))
+            return 0
     settings = apply_overrides(settings, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -48,6 +48,8 @@ def test_services_run_the_project_entry_points() -> None:
     for name in ("indexer", "streams", "worker", "server"):
         assert ours[name].get("restart") in ("on-failure", "always", "unless-stopped"), name
     assert "restart" not in ours["trainer"]
+    # ... but every `up` starts it again: it must leave an exported model in place.
+    assert "--unless-exported" in ours["trainer"]["command"]
 
 
 def test_the_broker_keeps_its_topics_on_the_volume() -> None:

@@ -456,3 +456,22 @@ def test_log_q_counts_each_target_event_once() -> None:
     events = {(w, r) for w, r in zip(window, rows[batch.target_item > 0], strict=True)}
     assert int(distinct_targets(torch.as_tensor(batch.target_item))) == len(events)
     assert len(events) < int((batch.target_item > 0).sum())  # the old count
+
+
+def test_cli_train_unless_exported_keeps_the_model_already_there(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-compose's one-shot trainer is started again by every `up`: with --unless-exported
+    it leaves the exported model in place instead of training and replacing it."""
+    import json
+
+    from inference import train as train_cli
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "meta.json").write_text(json.dumps({"version": "deployed-1"}))
+    monkeypatch.setattr(train_cli, "train", lambda *a, **k: pytest.fail("trained over an exported model"))
+    assert train_cli.main(["--export", str(model_dir), "--unless-exported"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "deployed-1"
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["--unless-exported"])
+    assert exit_.value.code == 2 and "needs --export" in capsys.readouterr().err
