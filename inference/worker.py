@@ -548,6 +548,7 @@ class Worker:
         self.stopping = threading.Event()
         self.users_done = 0
         self.batches_done = 0  # micro-batches that regenerated at least one user
+        self.catalogue_changed: str | None = None  # what the store held instead, once run() saw it change
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
         self._pending = PendingCommits(settings.kafka.rejoin_after_s)  # settled offsets whose commit failed
 
@@ -588,7 +589,8 @@ class Worker:
         """
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
         report_at, reported, batches_then = time.monotonic() + 10.0, 0, 0
-        popular_at = time.monotonic()
+        popular_at = check_at = time.monotonic()
+        catalogue = self.store.catalogue_version()  # this model's, checked by main (wait_for_catalogue)
         inflight: tuple[list[Any], dict[Any, int]] | None = None  # (send futures, offsets) of the last batch
         while not self.stopping.is_set():
             updates = self.poll_batch()
@@ -599,6 +601,18 @@ class Worker:
             inflight = (sent, offsets) if offsets else None
             if inflight is None and self._pending.offsets:  # idle: a failed commit is retried, not left for the next record
                 self.commit()
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + self.settings.inference.catalogue_check_every_s
+                if (now_holds := self.store.catalogue_version()) != catalogue:
+                    # `recsys index` of another model over a shared store: the marker is cleared
+                    # while it loads, then names that model. This model's queries against those
+                    # vectors would replace every active user's lists with meaningless ones: stop,
+                    # the batch in hand uncommitted (the restart, which loads the model in model_dir
+                    # and waits for its catalogue, computes those users again).
+                    self.catalogue_changed = f"model {now_holds}'s" if now_holds else "no whole catalogue (a load under way)"
+                    log.error("worker: the vector store now holds %s, not model %s's; stopping", self.catalogue_changed,
+                              self.runtime.version)
+                    break
             if time.monotonic() >= popular_at:
                 self.publish_popular()
                 popular_at = time.monotonic() + self.settings.inference.popular_every_s
@@ -607,7 +621,7 @@ class Worker:
                 log.info("worker: %d users regenerated (%.0f/s, %.1f per micro-batch)", self.users_done,
                          (self.users_done - reported) / 10.0, (self.users_done - reported) / max(batches, 1))
                 report_at, reported, batches_then = time.monotonic() + 10.0, self.users_done, self.batches_done
-        if inflight is not None:
+        if inflight is not None and self.catalogue_changed is None:
             self.settle(*inflight)
 
     def publish_popular(self) -> bool:
@@ -1020,4 +1034,4 @@ def main(argv: list[str]) -> int:
                 follower_thread.join(30)  # out of its poll before its consumer is closed
             follower.close()
         store.close()
-    return 1 if failed else 0
+    return 1 if failed or worker.catalogue_changed else 0

@@ -218,6 +218,9 @@ class InferenceSettings(Section):
     # How often the worker publishes each surface's most popular eligible items (from the vector
     # store, so eligibility and popularity updates of the `items` topic count) to topics.popular.
     popular_every_s: float = 30.0
+    # How often the worker reads the store's catalogue marker: once another model's `recsys index`
+    # starts on a shared store (it clears the marker first), the worker stops within this long.
+    catalogue_check_every_s: float = Field(5.0, gt=0)
     # Each surface splits its budget across outcomes by its business goal.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},

@@ -5,6 +5,7 @@ every active user's good ones."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,39 @@ def test_a_store_outage_during_the_wait_is_waited_out() -> None:
     store = Restarting()
     assert wait_for_catalogue(store, "v2", settings, threading.Event())  # type: ignore[arg-type]
     assert store.calls == 3
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+def test_a_running_worker_stops_when_another_models_load_starts(kafka_bootstrap: str, small_model_dir: Path,
+                                                              tmp_path: Path, unique: str) -> None:
+    """`recsys index` of a newer model over a shared store clears the marker first: the older
+    model's worker stops instead of publishing its queries' hits among the newer vectors."""
+    from inference.guards import RetryingStore
+    from inference.runtime import ModelRuntime
+    from inference.worker import Worker
+    from vector_store.indexer import ItemTable, index_item_table
+
+    settings = Settings(kafka={"bootstrap_servers": kafka_bootstrap},
+                        topics={"user_updates": f"uu-{unique}", "candidates": f"cand-{unique}", "popular": f"pop-{unique}"},
+                        inference={"group_id": f"w-{unique}", "catalogue_check_every_s": 0.2, "max_wait_ms": 5},
+                        vector_store={"path": tmp_path / "shard"})
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    store = open_store(settings, dim=runtime.dim)
+    index_item_table(store, ItemTable.load(small_model_dir), settings.events.surfaces)
+    store.mark_catalogue(runtime.version)
+    worker = Worker(settings, runtime, RetryingStore(store, initial_s=0.05, max_s=0.2))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    try:
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and worker.catalogue_changed is None  # its own catalogue: it runs
+        store.mark_catalogue(None)  # the other model's load begins
+        thread.join(30)
+        assert not thread.is_alive()
+        assert worker.catalogue_changed == "no whole catalogue (a load under way)"
+    finally:
+        worker.stopping.set()
+        thread.join(30)
+        worker.close()
+        store.close()
