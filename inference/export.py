@@ -35,6 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,10 +123,33 @@ def _stamp(path: Path, props: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
+# The files of an export, in the order they replace the directory's: meta.json last, so a reader
+# that sees the new meta.json sees the rest; one that reads between two replacements finds parts
+# of two exports, which ModelRuntime.load refuses by their version stamps.
+EXPORT_FILES = ("items.npz", "item_encoder.onnx", "user_model.onnx", "meta.json")
+
+
 def export_model(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) -> dict[str, Any]:
-    """Write user_model.onnx, item_encoder.onnx, items.npz and meta.json; returns the meta."""
+    """Write user_model.onnx, item_encoder.onnx, items.npz and meta.json; returns the meta.
+
+    They are written into a staging directory first and then each renamed into `out_dir`: a
+    worker or server reading the directory meanwhile (a restart during an export), or an export
+    cut short, never leaves a file half written or a meta.json naming files it did not write."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir / ".export.staging"
+    shutil.rmtree(staging, ignore_errors=True)  # what an export cut short left
+    staging.mkdir()
+    try:
+        meta = _write_export(model, info, staging)
+        for name in EXPORT_FILES:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _write_export(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) -> dict[str, Any]:
     model = model.to("cpu").float().eval()
     cfg = model.cfg
     D, M = cfg.dim, cfg.num_queries
@@ -132,7 +157,7 @@ def export_model(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) ->
     items = item_matrix(model, info.features).numpy()
     n = items.shape[0]
     features = info.features if info.features is not None else np.zeros((n, 0), np.float32)
-    ItemTable(np.asarray(info.item_ids).astype(str), items, info.popularity, features).save(out_dir / "items.npz")
+    ItemTable(np.asarray(info.item_ids).astype(str), items, info.popularity, features, version=info.version).save(out_dir / "items.npz")
 
     # Example sizes avoid 0 and 1, which torch.export would specialise on.
     B, T, Q = 2, min(3, cfg.max_len), 2
@@ -201,7 +226,6 @@ def export_model(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) ->
     props = {"version": info.version, "model_config": json.dumps(cfg.to_dict())}
     for name in ("user_model.onnx", "item_encoder.onnx"):
         _stamp(out_dir / name, props)
-    # Atomically: servers re-read the model directory while an export writes it.
     with atomic_write(out_dir / "meta.json") as f:
         f.write((json.dumps(meta, indent=1, default=_json_default) + "\n").encode())
     return meta

@@ -15,7 +15,11 @@ straight read:
       more events than the worker needs             -> the newest `keep` events
       unknown items (never exported nor indexed)    -> kept: the model reads their action,
                                                        surface and time with a zero item vector
-      unknown action / surface names                -> kept: the model's padding index (0)
+      an action the model does not know             -> that event dropped: a token without an
+                                                       action is padding to the model, and as the
+                                                       newest event it would be the position the
+                                                       user's state is read from
+      unknown surface names                         -> kept: the model's padding index (0)
 
   Anything else a user's data makes the batch raise (a query the store rejects as
   non-finite, say) is isolated by the worker: the batch is recomputed user by user and only
@@ -36,7 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 import msgpack
@@ -81,10 +85,12 @@ def _clean_event(event: Any) -> dict[str, Any] | None:
 _MAX_HIDDEN = StreamsSettings.model_fields["max_hidden"].default  # the streams' own bound
 
 
-def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN) -> dict[str, Any] | None:
+def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN,
+                 actions: Collection[str] | None = None) -> dict[str, Any] | None:
     """A `user-updates` record as the worker can use it, or None (see the module docstring):
-    the newest ``keep`` events and ``keep_hidden`` hidden items (the streams' bounds; a record
-    from elsewhere could carry a million, all going into the store's exclusion filter)."""
+    of the newest ``keep`` events those whose action is one of ``actions`` (the model's; None:
+    any), and ``keep_hidden`` hidden items (the streams' bounds; a record from elsewhere could
+    carry a million, all going into the store's exclusion filter)."""
     if raw is None or len(raw) > _MAX_RECORD_BYTES:
         return None
     try:
@@ -96,7 +102,8 @@ def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN) -
     events = update.get("events")
     if not isinstance(events, list):
         return None
-    clean = [e for e in (_clean_event(e) for e in events[-keep:]) if e is not None] if keep > 0 else []
+    clean = [e for e in (_clean_event(e) for e in events[-keep:])
+             if e is not None and (actions is None or e["action"] in actions)] if keep > 0 else []
     if not clean:
         return None
     version = update.get("version")

@@ -3,7 +3,8 @@
 Keys: `ids` (str [N]; row r is item-encoder bucket r+1, see inference/hashing.py),
 `embeddings` (float32 [N, D], L2-normalised: exactly what the vector store indexes and what the
 user model reads as history-item inputs), `popularity` (float32 [N], training frequency, sums
-to 1; the serving fallback) and `features` (float32 [N, F] content features, F may be 0).
+to 1; the serving fallback), `features` (float32 [N, F] content features, F may be 0) and
+`version` (the model version, as meta.json's; absent in tables exported before it was added).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class ItemTable:
     embeddings: np.ndarray  # float32 [N, D]
     popularity: np.ndarray  # float32 [N]
     features: np.ndarray  # float32 [N, F]
+    version: str = ""  # the model's (meta.json's): a reader can tell a table from another export
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -41,6 +43,7 @@ class ItemTable:
                 embeddings=np.asarray(self.embeddings, dtype=np.float32),
                 popularity=np.asarray(self.popularity, dtype=np.float32),
                 features=np.asarray(self.features, dtype=np.float32),
+                version=np.asarray(self.version),
             )
 
     @staticmethod
@@ -48,4 +51,5 @@ class ItemTable:
         with np.load(path, allow_pickle=False) as z:
             n = len(z["ids"])
             features = z["features"] if "features" in z.files else np.zeros((n, 0), np.float32)
-            return ItemTable(z["ids"].astype(str), z["embeddings"], z["popularity"], features)
+            version = str(z["version"]) if "version" in z.files else ""
+            return ItemTable(z["ids"].astype(str), z["embeddings"], z["popularity"], features, version)

@@ -59,6 +59,25 @@ def load_cuda_libraries() -> bool:
     return True
 
 
+class MixedModelDirectory(RuntimeError):
+    """The model directory's files come from different exports (one under way, or cut short)."""
+
+
+def check_one_export(model_dir: Path, meta: dict[str, Any], session: ort.InferenceSession, items: Any) -> None:
+    """Raise `MixedModelDirectory` unless user_model.onnx and items.npz carry meta.json's
+    version: a worker that loaded parts of two exports would feed one model's item vectors to the
+    other's queries and search a third's catalogue, with no error anywhere."""
+    found = {"user_model.onnx": session.get_modelmeta().custom_metadata_map.get("version")}
+    if "version" in items.files:  # tables exported before the stamp carry none
+        found["items.npz"] = str(items["version"])
+    if len(items["ids"]) != meta.get("n_items", len(items["ids"])):
+        found["items.npz rows"] = f"{len(items['ids'])} (meta.json: {meta['n_items']})"
+    wrong = {name: v for name, v in found.items() if v != meta["version"]}
+    if wrong:
+        raise MixedModelDirectory(f"{model_dir} holds parts of different exports: meta.json is model {meta['version']}, "
+                                  f"but {wrong}; an export is under way or was cut short (export again)")
+
+
 def choose_providers(provider: str) -> list[str]:
     """ONNX Runtime providers for a settings value: auto | cuda | cpu."""
     available = ort.get_available_providers()
@@ -130,6 +149,7 @@ class ModelRuntime:
                                    "(no GPU, no NVIDIA driver, or a CUDA library missing)")
             log.warning("CUDA execution provider unavailable (no GPU or CUDA libraries): running on CPU")
         items = np.load(model_dir / "items.npz", allow_pickle=False)
+        check_one_export(model_dir, meta, session, items)
         ids = items["ids"].astype(str)
         runtime = cls(
             session=session,

@@ -696,6 +696,7 @@ class Worker:
         Malformed records are skipped and counted (inference/guards.py: clean_update)."""
         cfg = self.settings.inference
         keep = max(self.runtime.max_len, self.settings.streams.max_sequence_len)
+        actions = frozenset(self.runtime.actions)
         batch: list[dict[str, Any]] = []
         deadline: float | None = None
         while len(batch) < cfg.max_batch and not self.stopping.is_set():
@@ -712,10 +713,10 @@ class Worker:
                 if part:
                     self._polled[tp] = part[-1].offset + 1
                 for record in part:
-                    update = clean_update(record.value, keep, self.settings.streams.max_hidden)
+                    update = clean_update(record.value, keep, self.settings.streams.max_hidden, actions)
                     if update is None:
                         self.updates_skipped += 1
-                        log.warning("worker: skipped an unusable update at %s:%d:%d (no user or no valid event)",
+                        log.warning("worker: skipped an unusable update at %s:%d:%d (no user or no usable event)",
                                     record.topic, record.partition, record.offset)
                     else:
                         batch.append(update)
@@ -996,7 +997,7 @@ def main(argv: list[str]) -> int:
         from recsys.kafka_clients import Stopped
 
         try:
-            follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir)), settings,
+            follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads), settings,
                                      model_version=runtime.version, on_embedded=runtime.reembedded, stop=stopping)
         except Stopped:
             log.info("stopped while the items follower caught up; nothing was committed")

@@ -617,29 +617,40 @@ class OnnxItemEncoder:
     Runs on the CPU EP: new items trickle in, and the GPU belongs to the user model.
     """
 
-    def __init__(self, model_dir: Path, id_bucket: IdBucket) -> None:
+    def __init__(self, model_dir: Path, id_bucket: IdBucket, threads: int = 0) -> None:
         import onnxruntime as ort
 
         path = Path(model_dir) / "item_encoder.onnx"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: export the model first (`recsys export`)")
-        self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # As the user model's session (inference/runtime.py): spinning pool threads would take
+        # the CPU the worker's own loop needs, this session running beside it.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self._session.get_inputs()}
         if set(inputs) != {"id_bucket", "features"}:
             raise ValueError(f"{path}: expected inputs id_bucket, features; got {sorted(inputs)}")
         width = inputs["features"].shape[-1]
         if not isinstance(width, int):
             raise ValueError(f"{path}: the features input needs a fixed width, got {width!r}")
-        self.feature_dim = width
+        self._input_width = width
+        # A model trained without content features still takes a (zero) features column, so the
+        # input's width says nothing: meta.json does. Without them an unseen id cannot be placed.
+        meta_path = Path(model_dir) / "meta.json"
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        self.feature_dim = width if meta.get("uses_content_features", True) else 0
         self._id_bucket = id_bucket
 
     def __call__(self, items: Sequence[ItemMessage]) -> np.ndarray:
         from inference.hashing import UNKNOWN_BUCKET
 
-        feats = np.zeros((len(items), self.feature_dim), dtype=np.float32)
+        feats = np.zeros((len(items), self._input_width), dtype=np.float32)
         buckets = np.asarray(self._id_bucket([i.item_id for i in items]), dtype=np.int64)
         for row, item in enumerate(items):
-            if item.features is not None:
+            if item.features is not None and self.feature_dim:  # a model without them reads ids alone
                 if len(item.features) != self.feature_dim:
                     raise BadItemMessage(
                         "cannot embed", f"item {item.item_id!r}: {len(item.features)} features, "
@@ -722,7 +733,7 @@ def main(argv: list[str]) -> int:
             return 0
         from recsys.kafka_clients import Stopped
 
-        encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir))
+        encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads)
         try:
             follower = ItemsFollower(store, encoder, settings, model_version=version, stop=stop)
         except Stopped:

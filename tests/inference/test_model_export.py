@@ -16,7 +16,7 @@ from gr_helpers import HELD_OUT, features_of
 from inference.checkpoint import Checkpoint
 from inference.data import EventLog, Split, eval_histories
 from inference.evaluate import item_matrix
-from inference.export import export_model
+from inference.export import EXPORT_FILES, export_model
 from inference.hashing import id_bucket_fn
 from inference.items import ItemTable
 from inference.model import USER_INPUTS, GenerativeRetriever
@@ -179,5 +179,37 @@ def test_artifacts_carry_version_and_contract(tiny_model: Trained, exported: Pat
         assert props["version"] == info.version
         assert json.loads(props["model_config"])["dim"] == model.cfg.dim
     table = ItemTable.load(exported / "items.npz")
+    assert table.version == info.version
     np.testing.assert_allclose(np.linalg.norm(table.embeddings, axis=1), 1.0, atol=1e-5)
     assert table.popularity.sum() == pytest.approx(1.0, abs=1e-4)
+    assert sorted(p.name for p in exported.iterdir()) == sorted(EXPORT_FILES)  # no staging left behind
+
+
+def test_a_directory_holding_parts_of_two_exports_is_refused(tiny_model: Trained, exported: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export cut short after renaming its first files (or read between two renames) leaves
+    the older meta.json over newer parts: loaded, the worker would mix two models silently."""
+    import shutil
+
+    from inference import export as export_module
+    from inference.runtime import MixedModelDirectory, ModelRuntime
+
+    model, info, _ = tiny_model
+    mixed = tmp_path / "model"
+    shutil.copytree(exported, mixed)
+    newer = Checkpoint(**{**info.__dict__, "version": info.version + "-newer"})
+    real_replace = export_module.os.replace
+
+    def cut_short(src: object, dst: object) -> None:
+        if Path(str(dst)) == mixed / "meta.json":  # its last rename into the directory
+            raise OSError("killed before meta.json")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", cut_short)
+    with pytest.raises(OSError, match="killed"):
+        export_model(model, newer, mixed)
+    monkeypatch.undo()
+    with pytest.raises(MixedModelDirectory, match=r"meta.json is model .* but .*user_model.onnx"):
+        ModelRuntime.load(mixed, "cpu")
+    export_model(model, newer, mixed)  # the export run again completes it
+    assert ModelRuntime.load(mixed, "cpu").version == newer.version

@@ -247,6 +247,22 @@ def test_onnx_item_encoder(tmp_path: Path) -> None:
     assert refused.value.reason == "cannot embed"
 
 
+def test_a_model_without_content_features_refuses_unseen_ids_whatever_they_carry(tmp_path: Path) -> None:
+    """Such a model's encoder still takes a one-wide (zero) features input: read as one
+    feature, every unseen id got the "unknown" row plus nothing, one vector for them all."""
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(3, DIM)).astype(np.float32)
+    _tiny_encoder(tmp_path / "item_encoder.onnx", table, np.zeros((1, DIM), np.float32))
+    (tmp_path / "meta.json").write_text(json.dumps({"version": "v1", "uses_content_features": False}))
+    encoder = OnnxItemEncoder(tmp_path, _known_ok2)
+    assert encoder.feature_dim == 0
+    for features in ((0.3,), (5.0,), None):
+        with pytest.raises(BadItemMessage, match="the model has no content features"):
+            encoder([ItemMessage("new", features=features)])
+    # A known id is embedded by its id; features it carries (for another model) are not read.
+    np.testing.assert_allclose(encoder([ItemMessage("ok2", features=(7.0, 8.0))])[0], table[1], rtol=1e-6)
+
+
 def _known_ok2(ids: Sequence[object]) -> np.ndarray:
     """The tiny encoder's vocabulary: "ok2" owns bucket 1, every other id is unknown (0)."""
     return np.array([1 if i == "ok2" else 0 for i in ids], np.int64)

@@ -6,7 +6,8 @@ Every case has a defined answer and none may end the loop:
     empty history / no usable event / not an update  -> skipped, counted, no candidates record
     only unknown items, an item id never seen         -> candidates from action/surface/time
     more events than the model reads                  -> the newest max_len are read
-    unknown action or surface names                   -> read as padding; candidates served
+    an action the model does not know                 -> that event dropped; candidates served
+    unknown surface names                             -> read as padding; candidates served
 """
 
 from __future__ import annotations
@@ -148,6 +149,12 @@ def test_clean_update_defined_answers() -> None:
     assert some["version"] == 1 and some["last_event_ts"] == NOW
     weird = clean_update(msgpack.packb({"user_id": "u", "version": "x", "events": [ev(1)]}), 50)
     assert weird is not None and weird["version"] == 0
+    # An action the model was not trained on (added to events.actions since) would be a padding
+    # token, and as the newest event the one the user's state is read from: dropped.
+    model_actions = frozenset({"click", "save", "hide"})
+    shared = clean_update(update("u", [ev(1, NOW - 1), ev(2, action="share")]), 50, actions=model_actions)
+    assert shared is not None and [e["item_id"] for e in shared["events"]] == [1]
+    assert clean_update(update("u", [ev(2, action="share")]), 50, actions=model_actions) is None
 
 
 def test_history_longer_than_the_model_reads_and_unknown_items(worker: Worker) -> None:
