@@ -93,7 +93,10 @@ def decode_event(raw: bytes | None, settings: Settings, *, now: int | None = Non
         obj = msgpack.unpackb(
             raw,
             raw=False,  # str must be valid utf-8
-            strict_map_key=True,  # map keys must be str / bytes
+            # Any scalar key below the top level: unknown keys' values are kept as they came
+            # (DESIGN: kept but ignored); the top level's keys are checked below. Each map is
+            # bounded by max_map_len, so int keys cannot be used to flood a dict's hash.
+            strict_map_key=False,
             max_str_len=cfg.max_event_bytes,
             max_bin_len=cfg.max_event_bytes,
             max_ext_len=cfg.max_event_bytes,
@@ -101,14 +104,16 @@ def decode_event(raw: bytes | None, settings: Settings, *, now: int | None = Non
             max_map_len=cfg.max_fields,
         )
     except Exception as exc:  # the unpacker raises half a dozen types (ValueError, StackError, ...)
-        # Valid msgpack past a limit, or with a non-string map key, is not "not msgpack": say
+        # Valid msgpack past a limit, or with an unhashable map key, is not "not msgpack": say
         # which rule it broke (the unpacker tells them apart only by its message).
         text = str(exc)
         reason = ("oversized" if "exceeds max_" in text
-                  else "wrong type" if "not allowed for map key" in text else "not msgpack")
+                  else "wrong type" if "unhashable" in text else "not msgpack")  # a map or array as a key
         raise InvalidEvent(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not a map", f"top level is {type(obj).__name__}")
+    if bad_keys := [k for k in obj if not isinstance(k, str | bytes)]:
+        raise InvalidEvent("wrong type", f"field names must be strings, got {bad_keys[0]!r}"[:200])
 
     for name in REQUIRED_FIELDS:
         if obj.get(name) is None:  # nil counts as missing

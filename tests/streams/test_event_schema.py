@@ -34,6 +34,11 @@ def test_valid_event_round_trips_with_optional_fields_and_unknown_keys_kept() ->
     assert back.key == "u-1"
 
 
+def test_unknown_keys_keep_whatever_scalar_keys_their_maps_have() -> None:
+    # DESIGN: unknown keys are kept but ignored; only the event's own field names must be strings.
+    assert decode({**GOOD, "meta": {1: "x", "k": [1, {2: 3}]}}).extra == {"meta": {1: "x", "k": [1, {2: 3}]}}
+
+
 def test_time_is_timezone_aware_utc() -> None:
     event = decode(GOOD)
     assert event.time == datetime.fromtimestamp((NOW - 1000) / 1000, tz=UTC)
@@ -52,6 +57,8 @@ BAD: list[tuple[str, Any, str]] = [
     ("trailing bytes", msgpack.packb(GOOD) + b"\x00", "not msgpack"),
     ("bad utf-8", b"\x81\xa7user_id\xa2\xff\xfe", "not msgpack"),
     ("int map key", {**GOOD, 5: 1}, "wrong type"),  # valid msgpack: the rule broken, not "not msgpack"
+    ("array map key", msgpack.packb(GOOD)[:1].replace(b"\x85", b"\x86") + msgpack.packb(GOOD)[1:] + b"\x91\x01\x02",
+     "wrong type"),
     ("array", [1, 2, 3], "not a map"),
     ("scalar", 12, "not a map"),
     ("no user_id", {k: v for k, v in GOOD.items() if k != "user_id"}, "missing field"),
