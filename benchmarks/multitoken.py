@@ -222,7 +222,9 @@ def run_one(name: str, m: int, data: Path, out: Path, overrides: list[str], quie
     torch.set_num_threads(settings.train.num_threads)
     t0 = time.time()
     model, _, results = train(log, split, settings, out / f"{name}-m{m}", name=f"{name}-m{m}", progress=not quiet)
-    metrics: dict[str, object] = {f"{name}_n_users": len(rows)}
+    # Users whose window is empty (their held-out events all re-engage history items, or are
+    # hides) score NaN and are left out of every recall; the count says how many are scored.
+    metrics: dict[str, object] = {f"{name}_n_users": len(rows), f"{name}_n_users_scored": sum(len(f) > 0 for f in future)}
     served = served_merge(model)
     merges = ("round_robin", "max_score", "joint") if m > 1 else ("round_robin",)
     lists = {  # each (merge, list length) ranked once; the headline is the 50-long one
