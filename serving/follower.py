@@ -192,6 +192,12 @@ class PopularFollower(CandidatesFollower):
         self.fallback = fallback
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
+        if key != POPULAR_KEY.encode():
+            # The one-user store would take any user's record and evict the worker's lists with
+            # it: unknown users would get the model table's list until the next publication.
+            self.records += 1
+            self.store.malformed += 1
+            return
         super()._apply(key, value)
         self.fallback.published = self.store.get(POPULAR_KEY)
 

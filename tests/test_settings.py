@@ -65,3 +65,4 @@ def test_sequence_bounds_that_would_keep_no_event_are_refused(streams: dict[str,
     # unacked, and every restart replayed it into the same failure.
     with pytest.raises(ValidationError, match=next(iter(streams))):
         Settings(streams=streams)
+

@@ -113,5 +113,11 @@ def test_the_worker_s_published_lists_replace_the_item_table_s_per_surface(model
     assert fallback.get("search").items == ("s1", "s2", "s3")
     follower._apply(b"popular", b"\xc1")
     assert follower.store.malformed == 1 and fallback.get("search").items == ("s1", "s2", "s3")
+    # A user's record on `popular` (a misrouted producer): the one-user store must not take it
+    # and evict the worker's lists.
+    stray = msgpack.packb({"user_id": "u1", "model_version": "m7", "source_event_ts": 9_000, "generated_at": 9_000,
+                           "surfaces": {"search": {"items": ["x"], "scores": [1.0]}}})
+    follower._apply(b"u1", stray)
+    assert follower.store.malformed == 2 and fallback.get("search").items == ("s1", "s2", "s3")
     follower._apply(b"popular", None)  # tombstone
     assert fallback.published is None and fallback.get("search").items == ("i49", "i48", "i47")

@@ -50,3 +50,13 @@ def test_an_empty_published_list_is_answered_with_the_fallback() -> None:
     record = UserCandidates("u", "v1", 5, 6, {"home": SurfaceList((), array("f"))})
     got = build_response(pb.GetCandidatesRequest(user_id="u", surface="home"), record, FALLBACK, LIMITS)
     assert got.is_fallback and got.model_version != "v1"
+
+
+def test_no_answer_is_longer_than_max_limit_whatever_the_default() -> None:
+    """A default limit (or fallback size) configured above max_limit: the default request's
+    answer is still cut to max_limit, as any explicit limit is."""
+    limits = Limits(Settings(serving={"max_limit": 5, "default_limit": 100}))
+    lists = SurfaceList(tuple(f"i{k}" for k in range(20)), array("f", [1.0] * 20))
+    record = UserCandidates("u", "v1", 5, 6, {"home": lists})
+    got = build_response(pb.GetCandidatesRequest(user_id="u", surface="home"), record, FALLBACK, limits)
+    assert [c.item_id for c in got.candidates] == ["i0", "i1", "i2", "i3", "i4"]
