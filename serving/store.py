@@ -13,9 +13,10 @@ handlers read it. Three rules:
   applying the whole topic again is harmless.
 - **Bounded memory.** At most `max_users` users, least recently used (read or written) evicted
   first; an evicted user is served the popularity fallback until their next update. Item ids
-  are interned and scores kept as float32 arrays: ~4 KB per user at 3 surfaces x 100 items,
-  plus ~1.6 KB per surface once it has been served (its memoised protobuf encoding), and a
-  filtered copy of a list that holds an item withdrawn since (serving/eligibility.py).
+  are interned and scores kept as float32 arrays: ~4.8 KiB per user at 3 surfaces x 100 items,
+  plus ~2.0 KiB per surface once it has been served (its memoised protobuf encoding), and a
+  filtered copy of a list that holds an item withdrawn since (serving/eligibility.py); measured
+  by `python -m benchmarks.serving_memory`.
 - **Optional snapshot.** `save()` / `load()` write the records in the topic's own wire format
   (msgpack), so a restart can answer at once while the topic is re-read behind it.
 
