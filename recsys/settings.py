@@ -66,6 +66,9 @@ class TopicSettings(Section):
     # compacted: each surface's most popular eligible items as the vector store has them (the
     # server's fallback for unknown users), one `candidates`-format record, key "popular"
     popular: str = "popular"
+    # How long the compacted topics keep a tombstone (their delete.retention.ms): a reader that
+    # starts further behind than this, e.g. a server from an older snapshot, misses deletions.
+    tombstone_retention_ms: int = Field(24 * 3600 * 1000, gt=0)
 
 
 class EventSettings(Section):

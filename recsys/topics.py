@@ -27,8 +27,10 @@ POPULAR_KEY = "popular"  # key (and user_id) of the one `candidates`-format reco
 
 def topic_configs(t: TopicSettings) -> dict[str, dict[str, str]]:
     """Every topic the project uses -> the configs it needs (beyond the broker's defaults)."""
-    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: dict(COMPACTED), t.items_dlq: {},
-            t.candidates: dict(COMPACTED), t.popular: dict(COMPACTED)}
+    # Set, not left to the broker: the server refuses snapshots older than it (serving/store.py).
+    compacted = {**COMPACTED, "delete.retention.ms": str(t.tombstone_retention_ms)}
+    return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: dict(compacted), t.items_dlq: {},
+            t.candidates: dict(compacted), t.popular: dict(compacted)}
 
 
 def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,

@@ -27,7 +27,9 @@ Wire format of a record (the `candidates` contract in the team brief):
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -38,6 +40,8 @@ from typing import Any
 import msgpack
 
 from recsys.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CandidateStore", "MalformedCandidates", "SurfaceList", "UserCandidates", "parse_candidates"]
 
@@ -210,10 +214,17 @@ class CandidateStore:
                 f.write(packer.pack(record.to_wire()))
         return len(self._users)
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path, max_age_ms: int | None = None) -> int:
         """Apply a snapshot written by save() (newest-wins, like topic records), record by
-        record as it is read; returns applied."""
+        record as it is read; returns applied. A snapshot older than ``max_age_ms`` (the
+        topic's tombstone retention) is not loaded: the tombstones of users deleted since it was
+        written may be compacted away, and its records would bring those users back for good."""
         if not path.exists():
+            return 0
+        age_ms = (time.time() - path.stat().st_mtime) * 1000
+        if max_age_ms is not None and age_ms > max_age_ms:
+            log.warning("snapshot %s is %.1f h old, older than the topic keeps deletions (%.1f h): not loaded, "
+                        "the topic is read whole", path, age_ms / 3.6e6, max_age_ms / 3.6e6)
             return 0
         with path.open("rb") as f:
             unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)

@@ -33,6 +33,8 @@ def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str
     assert sorted(ensure_topics(kafka_bootstrap, configs, partitions=2)) == sorted(configs)
     assert _policy(kafka_bootstrap, f"c-{unique}") == "compact"
     assert _policy(kafka_bootstrap, f"a-{unique}") == "delete"
+    # the tombstone retention the server's snapshot age is held to (serving/store.py)
+    assert configs[f"c-{unique}"]["delete.retention.ms"] == str(TopicSettings().tombstone_retention_ms)
     with caplog.at_level(logging.WARNING, logger="recsys.topics"):
         assert ensure_topics(kafka_bootstrap, configs, partitions=2) == []  # idempotent
     assert not caplog.records  # topics with the right configs are left alone

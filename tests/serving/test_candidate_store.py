@@ -156,6 +156,24 @@ def test_snapshot_round_trip_and_newest_wins_on_load(tmp_path: Path, make_candid
         CandidateStore(1).load(tmp_path / "not-a-list")
 
 
+def test_a_snapshot_older_than_the_topics_tombstones_is_not_loaded(tmp_path: Path, make_candidates: Make) -> None:
+    """Users deleted after the snapshot was written may have had their tombstones compacted
+    away: loaded, the snapshot would serve them again, and save them into every later one."""
+    import os
+    import time
+
+    store = CandidateStore(10)
+    store.apply(make_candidates("deleted-since", source_event_ts=1))
+    path = tmp_path / "candidates.msgpack"
+    store.save(path)
+    day_ms = 24 * 3600 * 1000
+    assert CandidateStore(10).load(path, max_age_ms=day_ms) == 1  # fresh: loaded
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(path, (two_days_ago, two_days_ago))
+    stale = CandidateStore(10)
+    assert stale.load(path, max_age_ms=day_ms) == 0 and stale.get("deleted-since") is None
+
+
 def test_max_users_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_users"):
         CandidateStore(0)
