@@ -96,11 +96,12 @@ class LocalStack:
                 raise RuntimeError(f"{name} exited:\n{service.log_tail()}")
 
     def _create_topics(self) -> None:
-        from recsys.settings import TopicSettings
+        from recsys.settings import KafkaSettings, TopicSettings
         from recsys.topics import ensure_topics, topic_configs
 
         names = {k.split(".", 1)[1]: v for k, v in self.overrides.items() if k.startswith("topics.")}
-        ensure_topics(self.bootstrap, topic_configs(TopicSettings(**names)), self.partitions)
+        retention = int(self.overrides.get("kafka.tombstone_retention_ms", KafkaSettings().tombstone_retention_ms))
+        ensure_topics(self.bootstrap, topic_configs(TopicSettings(**names), retention), self.partitions)
 
     def start_service(self, name: str) -> Service:
         service = Service(name, [name], self.env(), self.work_dir / "logs").start()

@@ -51,6 +51,9 @@ class KafkaSettings(Section):
     # A read to a topic's end (the items follower's catch-up) that gets no record this long
     # fails instead of waiting for ever on a broker that went away.
     read_stall_s: float = 30.0
+    # How long the compacted topics keep a tombstone (their delete.retention.ms): a reader that
+    # starts further behind than this, e.g. a server from an older snapshot, misses deletions.
+    tombstone_retention_ms: int = Field(24 * 3600 * 1000, gt=0)
 
 
 class TopicSettings(Section):
@@ -66,9 +69,6 @@ class TopicSettings(Section):
     # compacted: each surface's most popular eligible items as the vector store has them (the
     # server's fallback for unknown users), one `candidates`-format record, key "popular"
     popular: str = "popular"
-    # How long the compacted topics keep a tombstone (their delete.retention.ms): a reader that
-    # starts further behind than this, e.g. a server from an older snapshot, misses deletions.
-    tombstone_retention_ms: int = Field(24 * 3600 * 1000, gt=0)
 
 
 class EventSettings(Section):

@@ -25,10 +25,10 @@ COMPACTED = {"cleanup.policy": "compact"}
 POPULAR_KEY = "popular"  # key (and user_id) of the one `candidates`-format record on topics.popular
 
 
-def topic_configs(t: TopicSettings) -> dict[str, dict[str, str]]:
+def topic_configs(t: TopicSettings, tombstone_retention_ms: int) -> dict[str, dict[str, str]]:
     """Every topic the project uses -> the configs it needs (beyond the broker's defaults)."""
     # Set, not left to the broker: the server refuses snapshots older than it (serving/store.py).
-    compacted = {**COMPACTED, "delete.retention.ms": str(t.tombstone_retention_ms)}
+    compacted = {**COMPACTED, "delete.retention.ms": str(tombstone_retention_ms)}
     return {t.actions: {}, t.dlq: {}, t.user_updates: {}, t.items: dict(compacted), t.items_dlq: {},
             t.candidates: dict(compacted), t.popular: dict(compacted)}
 
@@ -109,7 +109,7 @@ def ensure_topics_when_reachable(bootstrap: str, configs: Mapping[str, Mapping[s
 def ensure_own_topics(settings: Settings, names: Iterable[str], stopping: threading.Event | None = None) -> bool:
     """`ensure_topics_when_reachable` for the named project topics, with their configs, the
     partition count and the replication factor the settings give."""
-    configs = topic_configs(settings.topics)
+    configs = topic_configs(settings.topics, settings.kafka.tombstone_retention_ms)
     return ensure_topics_when_reachable(settings.kafka.bootstrap_servers, {name: configs[name] for name in names},
                                         settings.kafka.partitions, settings.streams.replication_factor, stopping=stopping)
 

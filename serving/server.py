@@ -357,7 +357,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     cfg = settings.serving
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
     if cfg.snapshot_path is not None:
-        loaded = store.load(cfg.snapshot_path, max_age_ms=settings.topics.tombstone_retention_ms)
+        loaded = store.load(cfg.snapshot_path, max_age_ms=settings.kafka.tombstone_retention_ms)
         log.info("loaded %d users from snapshot %s", loaded, cfg.snapshot_path)
     fallback = PopularityFallback(settings.inference.model_dir, settings.events.surfaces, cfg.fallback_size)
     health_servicer = health.aio.HealthServicer()

@@ -10,7 +10,7 @@ import pytest
 from kafka import KafkaAdminClient
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
-from recsys.settings import TopicSettings
+from recsys.settings import KafkaSettings, TopicSettings
 from recsys.topics import ensure_topics, ensure_topics_when_reachable, topic_configs
 
 pytestmark = pytest.mark.kafka
@@ -29,12 +29,13 @@ def _policy(bootstrap: str, topic: str) -> str:
 
 def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str, unique: str, caplog: pytest.LogCaptureFixture) -> None:
     configs = topic_configs(TopicSettings(actions=f"a-{unique}", dlq=f"d-{unique}", user_updates=f"u-{unique}",
-                                          items=f"i-{unique}", candidates=f"c-{unique}", popular=f"p-{unique}"))
+                                          items=f"i-{unique}", candidates=f"c-{unique}", popular=f"p-{unique}"),
+                            KafkaSettings().tombstone_retention_ms)
     assert sorted(ensure_topics(kafka_bootstrap, configs, partitions=2)) == sorted(configs)
     assert _policy(kafka_bootstrap, f"c-{unique}") == "compact"
     assert _policy(kafka_bootstrap, f"a-{unique}") == "delete"
     # the tombstone retention the server's snapshot age is held to (serving/store.py)
-    assert configs[f"c-{unique}"]["delete.retention.ms"] == str(TopicSettings().tombstone_retention_ms)
+    assert configs[f"c-{unique}"]["delete.retention.ms"] == str(KafkaSettings().tombstone_retention_ms)
     with caplog.at_level(logging.WARNING, logger="recsys.topics"):
         assert ensure_topics(kafka_bootstrap, configs, partitions=2) == []  # idempotent
     assert not caplog.records  # topics with the right configs are left alone
