@@ -76,13 +76,15 @@ class PopularityFallback:
     def entry(self, surface: str) -> tuple[SurfaceList, str, int]:
         """(list, model version, generated_at ms) of a surface's fallback: the worker's
         published list when there is one, else the model's item table."""
+        # One read of each: refresh() swaps _loaded from another thread (serving/server.py).
+        loaded, published = self._loaded, self.published
+        version, generated_at = (loaded.model_version, loaded.generated_at) if loaded else ("", 0)
         if surface not in self.surfaces:
-            return _EMPTY, self.model_version, self.generated_at
-        published = self.published
+            return _EMPTY, version, generated_at
         # An empty published list (a store with nothing indexed yet) is no fallback at all.
         if published is not None and (lists := published.surfaces.get(surface)) is not None and lists.items:
             return lists, published.model_version, published.generated_at
-        return (self._loaded.items if self._loaded else _EMPTY), self.model_version, self.generated_at
+        return (loaded.items if loaded else _EMPTY), version, generated_at
 
     def refresh(self) -> bool:
         """Reload if items.npz or meta.json changed since the last load; True when something

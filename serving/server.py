@@ -131,8 +131,8 @@ def encode_candidates(lists: SurfaceList) -> tuple[bytes, array[int]]:
                 break
         pos += length
         offsets.append(pos)
-    # An array, not a tuple of ints: 101 offsets past 256 cost ~3.2 KB as int objects in a
-    # tuple, 0.5 KB as uint32 (a served list's memo 5.1 -> 2.4 KB, half a user's memory).
+    # An array, not a tuple of ints: 101 offsets as int objects in a tuple cost ~3 KB, as uint32
+    # 0.4 KB (a served list's memo 4.9 -> 2.0 KiB: benchmarks/serving_memory.py).
     lists.memo["pb"] = result = (encoded, array("I", offsets))
     return result
 
