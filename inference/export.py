@@ -170,12 +170,14 @@ def _write_export(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) -
         torch.randint(0, cfg.n_surfaces + 1, (B, Q)),
         torch.randint(0, cfg.n_actions + 1, (B, Q)),
     )
-    bd, td, qd = torch.export.Dim("B", min=1), torch.export.Dim("T", min=1, max=cfg.max_len), torch.export.Dim("Q", min=1)
+    bd, qd = torch.export.Dim("B", min=1), torch.export.Dim("Q", min=1)
+    # A model that reads one event has a static T (a Dim cannot have min = max = 1).
+    seq = {0: bd, 1: torch.export.Dim("T", min=1, max=cfg.max_len)} if cfg.max_len > 1 else {0: bd}
     dynamic = {
-        "item_emb": {0: bd, 1: td},
-        "action": {0: bd, 1: td},
-        "surface": {0: bd, 1: td},
-        "event_ts": {0: bd, 1: td},
+        "item_emb": seq,
+        "action": seq,
+        "surface": seq,
+        "event_ts": seq,
         "request_ts": {0: bd},
         "target_surface": {0: bd, 1: qd},
         "target_outcome": {0: bd, 1: qd},

@@ -213,3 +213,19 @@ def test_a_directory_holding_parts_of_two_exports_is_refused(tiny_model: Trained
         ModelRuntime.load(mixed, "cpu")
     export_model(model, newer, mixed)  # the export run again completes it
     assert ModelRuntime.load(mixed, "cpu").version == newer.version
+
+
+def test_a_model_that_reads_one_event_exports(tmp_path: Path) -> None:
+    """max_len = 1: a static sequence axis (torch.export's Dim cannot have min = max = 1)."""
+    from inference.model import ModelConfig
+    from inference.runtime import ModelRuntime
+
+    cfg = ModelConfig(n_buckets=11, n_actions=3, n_surfaces=3, dim=8, n_layers=1, n_heads=1, max_len=1, num_queries=2)
+    model = GenerativeRetriever(cfg).eval()
+    info = Checkpoint(model_args=cfg.to_dict(), item_ids=np.array([str(i) for i in range(10)]), features=None,
+                      popularity=np.full(10, 0.1, np.float32), actions=("click", "save", "hide"),
+                      surfaces=("home", "search", "related"), version="one-event")
+    export_model(model, info, tmp_path)
+    feeds = random_feeds(model, 3, 1, 2, seed=0)
+    (onnx_out,) = ModelRuntime.load(tmp_path, "cpu").session.run(["queries"], feeds)
+    np.testing.assert_allclose(onnx_out, _torch(model, feeds), atol=TOL)
