@@ -106,6 +106,23 @@ class VectorStore(ABC):
     def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
         """Write one batch; ``vectors`` are float32 unit rows."""
 
+    def update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
+        """Replace the vectors of stored items and leave their payloads as they are: a payload a
+        follower writes meanwhile (an item withdrawn) is not overwritten by one read before it."""
+        dim = self._require_dim()
+        if len(item_ids) != len(vectors):
+            raise ValueError(f"update_vectors: {len(item_ids)} ids but {len(vectors)} vectors")
+        if len(item_ids) == 0:
+            return
+        x = normalise(self._check(vectors, dim, "update vectors"))
+        step = max(1, self.settings.upsert_batch)
+        for start in range(0, len(item_ids), step):
+            self._update_vectors(item_ids[start : start + step], x[start : start + step])
+
+    @abstractmethod
+    def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
+        """Write one batch of vectors (float32 unit rows) of stored items."""
+
     @abstractmethod
     def delete(self, item_ids: Sequence[ItemId]) -> None:
         """Remove the items (those not stored are ignored)."""

@@ -145,6 +145,15 @@ class EdgeStore(VectorStore):
             # Past the threshold the snapshot is dropped for good: HNSW takes over.
             self._exact = snapshot if len(snapshot) < self.settings.exact_below else None
 
+    def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
+        shard = self._live()
+        shard.update(qe.UpdateOperation.update_vectors(
+            [qe.PointVectors(point_id(i), v) for i, v in zip(item_ids, vectors.tolist(), strict=True)]))
+        if self._exact is not None:
+            records = self.records(item_ids)
+            self._exact = self._exact.with_upserts([records[i] for i in item_ids if i in records],
+                                                   vectors[[k for k, i in enumerate(item_ids) if i in records]])
+
     def delete(self, item_ids: Sequence[ItemId]) -> None:
         if not item_ids:
             return

@@ -302,18 +302,23 @@ def index_item_table(
 ) -> int:
     """Bulk-upsert the model's item table, then build the ANN index. Items already stored keep
     their payload (eligibility and popularity learned from the `items` topic) when
-    ``keep_payload``; only their vectors change. Returns the number of items written."""
+    ``keep_payload``; only their vectors change, written alone: a withdrawal a follower applies
+    meanwhile (a Qdrant server's, beside this) is not overwritten by the payload read before it.
+    Returns the number of items written."""
     store.ensure_collection(table.embeddings.shape[1])
     step = max(1, store.settings.upsert_batch)
     surfaces = tuple(all_surfaces)
     for start in range(0, len(table.ids), step):
         ids = table.ids[start : start + step]
+        vectors = table.embeddings[start : start + step]
         known = store.records(ids) if keep_payload else {}
-        records = [
-            known.get(i) or ItemRecord(i, surfaces, 0, float(p))
-            for i, p in zip(ids, table.popularity[start : start + step].tolist(), strict=True)
-        ]
-        store.upsert(records, table.embeddings[start : start + step])
+        stored = [k for k, i in enumerate(ids) if i in known]
+        new = [k for k, i in enumerate(ids) if i not in known]
+        if stored:
+            store.update_vectors([ids[k] for k in stored], vectors[stored])
+        if new:
+            popularity = table.popularity[start : start + step]
+            store.upsert([ItemRecord(ids[k], surfaces, 0, float(popularity[k])) for k in new], vectors[new])
     store.optimize()
     return len(table.ids)
 

@@ -115,6 +115,10 @@ class ServerStore(VectorStore):
         ]
         self.client.upsert(self.collection, points=points, wait=True)
 
+    def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
+        points = [qm.PointVectors(id=_wire(point_id(i)), vector=v) for i, v in zip(item_ids, vectors.tolist(), strict=True)]
+        self.client.update_vectors(self.collection, points=points, wait=True)
+
     def delete(self, item_ids: Sequence[ItemId]) -> None:
         self._require_dim()
         if item_ids:

@@ -126,6 +126,22 @@ def test_upsert_replaces_vector_and_payload(kind: str, stores: Callable[..., Vec
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_update_vectors_leaves_the_payload_as_stored(kind: str, stores: Callable[..., VectorStore]) -> None:
+    """A bulk load rewrites stored items' vectors only: a withdrawal written meanwhile stays."""
+    store = stores(kind)
+    store.ensure_collection(2)
+    store.upsert([ItemRecord("a", ("home",), 1, 0.5), ItemRecord(7, ("home", "search"), 2, 0.2)],
+                 np.array([[1, 0], [0, 1]], np.float32))
+    store.upsert([ItemRecord(7, (), 3, 0.2)], np.array([[0, 1]], np.float32))  # the follower's withdrawal
+    store.update_vectors(["7", "a"], np.array([[-1, 0], [0, -1]], np.float32))
+    assert store.records([7])[7] == ItemRecord(7, (), 3, 0.2)
+    assert store.records(["a"])["a"] == ItemRecord("a", ("home",), 1, 0.5)
+    np.testing.assert_allclose(store.retrieve(["a", 7])["a"], [0, -1], atol=1e-6)
+    (hits,) = store.query_batch(np.array([[0, -1]], np.float32), 5, ["home"])
+    assert hits == [("a", pytest.approx(1.0))]  # the new vector answers; 7 is on no surface
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
 def test_item_ids_lists_every_item_and_deleted_ones_are_gone(kind: str, stores: Callable[..., VectorStore]) -> None:
     records = make_records(300, seed=5)  # more than one page of some scrolls
     vectors = clustered(300, DIM, 5)
