@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -92,15 +92,7 @@ class VectorStore(ABC):
     def upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
         """Insert or replace items: ``records[i]`` with the embedding ``vectors[i]`` ([N, D]).
         Vectors are L2-normalised here; writes go in batches of settings.upsert_batch."""
-        dim = self._require_dim()
-        if len(records) != len(vectors):
-            raise ValueError(f"upsert: {len(records)} records but {len(vectors)} vectors")
-        if len(records) == 0:
-            return
-        x = normalise(self._check(vectors, dim, "upsert vectors"))
-        step = max(1, self.settings.upsert_batch)
-        for start in range(0, len(records), step):
-            self._upsert(records[start : start + step], x[start : start + step])
+        self._write_batches("upsert", "records", records, vectors, self._upsert)
 
     @abstractmethod
     def _upsert(self, records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
@@ -109,15 +101,21 @@ class VectorStore(ABC):
     def update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
         """Replace the vectors of stored items and leave their payloads as they are: a payload a
         follower writes meanwhile (an item withdrawn) is not overwritten by one read before it."""
+        self._write_batches("update_vectors", "ids", item_ids, vectors, self._update_vectors)
+
+    def _write_batches(self, what: str, rows: str, keys: Sequence[Any], vectors: np.ndarray,
+                       write: Callable[[Sequence[Any], np.ndarray], None]) -> None:
+        """Check ``vectors`` against ``keys`` and the collection, L2-normalise them, and hand
+        them to ``write`` in batches of settings.upsert_batch."""
         dim = self._require_dim()
-        if len(item_ids) != len(vectors):
-            raise ValueError(f"update_vectors: {len(item_ids)} ids but {len(vectors)} vectors")
-        if len(item_ids) == 0:
+        if len(keys) != len(vectors):
+            raise ValueError(f"{what}: {len(keys)} {rows} but {len(vectors)} vectors")
+        if len(keys) == 0:
             return
-        x = normalise(self._check(vectors, dim, "update vectors"))
+        x = normalise(self._check(vectors, dim, f"{what} vectors"))
         step = max(1, self.settings.upsert_batch)
-        for start in range(0, len(item_ids), step):
-            self._update_vectors(item_ids[start : start + step], x[start : start + step])
+        for start in range(0, len(keys), step):
+            write(keys[start : start + step], x[start : start + step])
 
     @abstractmethod
     def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
