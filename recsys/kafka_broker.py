@@ -304,6 +304,11 @@ class LocalBroker:
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            # Gone before the pid file: a start or destroy right after would race a JVM still
+            # holding the ports and the log directory.
+            deadline = time.monotonic() + timeout_s
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
         self._pid_file.unlink(missing_ok=True)
         return True
 

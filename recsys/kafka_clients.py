@@ -124,7 +124,16 @@ def iter_to_end(bootstrap: str, topic: str, group_id: str | None = None, *, stal
                     consumer.seek(tp, committed)
         end = consumer.end_offsets(tps)
         last_progress = time.monotonic()
-        while any(consumer.position(tp) < end[tp] for tp in tps):
+
+        def behind(tp: Any) -> bool:
+            # kafka-python returns None when the offset reset does not finish in time (the broker
+            # went away since end_offsets): the timeout this promises, not a TypeError.
+            position = consumer.position(tp, timeout_ms=int(stall_s * 1000))
+            if position is None:
+                raise KafkaTimeoutError(f"reading {topic} to its end: no position for {tp} in {stall_s:.0f} s")
+            return bool(position < end[tp])
+
+        while any(behind(tp) for tp in tps):
             if stop is not None and stop.is_set():
                 raise Stopped(f"reading {topic} to its end")
             batches = consumer.poll(timeout_ms=500)

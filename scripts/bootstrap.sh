@@ -23,6 +23,11 @@ PY
 )
 HASH=$(printf '%s' "$DEPS" | sha256sum | cut -c1-16)
 
+# Two clones (or CI beside a developer) bootstrapping at once must not pip-install into the
+# shared base virtualenv together: one at a time.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.bootstrap.lock"
+flock 9
 if [ ! -x "$BASE/bin/python" ]; then
     echo "bootstrap: creating the base virtualenv in $BASE"
     "$PY" -m venv "$BASE"

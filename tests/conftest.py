@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,13 @@ import pytest
 
 from recsys.kafka_broker import LocalBroker, free_port
 from recsys.settings import KafkaSettings
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM (a cancelled CI run, `timeout`) as Ctrl-C: pytest then runs the fixtures' teardown,
+    # which stops the session's broker and the stacks' services. Without it they outlived the run:
+    # they are started in sessions of their own.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
