@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from recsys.settings import Settings
+from recsys.settings import EventSettings, Settings
 from streams.errors import InvalidEvent
 
 __all__ = ["REQUIRED_FIELDS", "ActionEvent", "Id", "decode_event", "encode_event", "now_ms"]
@@ -90,30 +90,17 @@ def decode_event(raw: bytes | None, settings: Settings, *, now: int | None = Non
     if len(raw) > cfg.max_event_bytes:
         raise InvalidEvent("oversized", f"{len(raw)} bytes > max_event_bytes={cfg.max_event_bytes}")
     try:
-        obj = msgpack.unpackb(
-            raw,
-            raw=False,  # str must be valid utf-8
-            # Any scalar key below the top level: unknown keys' values are kept as they came
-            # (DESIGN: kept but ignored); the top level's keys are checked below. Each map is
-            # bounded by max_map_len, so int keys cannot be used to flood a dict's hash.
-            strict_map_key=False,
-            max_str_len=cfg.max_event_bytes,
-            max_bin_len=cfg.max_event_bytes,
-            max_ext_len=cfg.max_event_bytes,
-            max_array_len=cfg.max_fields,
-            max_map_len=cfg.max_fields,
-        )
-    except Exception as exc:  # the unpacker raises half a dozen types (ValueError, StackError, ...)
-        # Valid msgpack past a limit, or with an unhashable map key, is not "not msgpack": say
-        # which rule it broke (the unpacker tells them apart only by its message).
-        text = str(exc)
-        reason = ("oversized" if "exceeds max_" in text
-                  else "wrong type" if "unhashable" in text else "not msgpack")  # a map or array as a key
-        raise InvalidEvent(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
+        obj = _unpack(raw, cfg, strict_map_key=True)  # map keys str / bytes: every event as sent
+    except InvalidEvent as exc:
+        if "not allowed for map key" not in exc.detail:
+            raise
+        # A scalar key of another type: allowed below the top level (DESIGN: unknown keys are kept
+        # but ignored, their values as they came), so only those events pay for the second read.
+        obj = _unpack(raw, cfg, strict_map_key=False)
+        if isinstance(obj, dict) and (bad := [k for k in obj if not isinstance(k, (str, bytes))]):
+            raise InvalidEvent("wrong type", f"field names must be strings, got {bad[0]!r}"[:200]) from None
     if not isinstance(obj, dict):
         raise InvalidEvent("not a map", f"top level is {type(obj).__name__}")
-    if bad_keys := [k for k in obj if not isinstance(k, str | bytes)]:
-        raise InvalidEvent("wrong type", f"field names must be strings, got {bad_keys[0]!r}"[:200])
 
     for name in REQUIRED_FIELDS:
         if obj.get(name) is None:  # nil counts as missing
@@ -160,6 +147,30 @@ def decode_event(raw: bytes | None, settings: Settings, *, now: int | None = Non
         dwell_ms=dwell_ms,
         extra=extra,
     )
+
+
+def _unpack(raw: bytes, cfg: EventSettings, *, strict_map_key: bool) -> Any:
+    """msgpack within the event limits; `InvalidEvent` with the rule broken otherwise. Each map
+    is bounded by max_map_len, so non-string keys cannot be used to flood a dict's hash."""
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,  # str must be valid utf-8
+            strict_map_key=strict_map_key,
+            max_str_len=cfg.max_event_bytes,
+            max_bin_len=cfg.max_event_bytes,
+            max_ext_len=cfg.max_event_bytes,
+            max_array_len=cfg.max_fields,
+            max_map_len=cfg.max_fields,
+        )
+    except Exception as exc:  # the unpacker raises half a dozen types (ValueError, StackError, ...)
+        # Valid msgpack past a limit, or with a key of the wrong type, is not "not msgpack": say
+        # which rule it broke (the unpacker tells them apart only by its message).
+        text = str(exc)
+        reason = ("oversized" if "exceeds max_" in text
+                  else "wrong type" if "not allowed for map key" in text or "unhashable" in text  # a map or array as a key
+                  else "not msgpack")
+        raise InvalidEvent(reason, f"{type(exc).__name__}: {exc}"[:200]) from None
 
 
 def _int(value: Any, name: str) -> int:
