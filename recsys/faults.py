@@ -118,6 +118,10 @@ class RunReport:
     state: dict[str, dict[str, Any]] = field(default_factory=dict)  # per user: sequence, served_ts, fallback
 
 
+class FaultNotInjected(RuntimeError):
+    """A planned fault could not be applied (or its process not brought back): the run proves nothing."""
+
+
 class FaultRun:
     """One loaded run of the local stack with faults at evenly spaced times (none = the reference run)."""
 
@@ -242,6 +246,9 @@ class FaultRun:
             future.add_errback(on_err)
         if faults_thread is not None:
             faults_thread.join()
+        if failed_faults := [f for f in injected if "error" in f]:
+            producer.close()
+            raise FaultNotInjected(f"faults that could not be applied: {failed_faults}")
         if len(injected) < len(self.faults):  # the load ended first: say so, never pretend
             self.progress(f"only {len(injected)} of {len(self.faults)} faults fitted into {self.seconds:.0f} s of load")
         producer.flush()
@@ -251,6 +258,16 @@ class FaultRun:
         return acked, failed[0], injected, sent_done
 
     def _inject(self, stack: LocalStack, name: str, record: dict[str, Any]) -> None:
+        """Apply one fault and bring the process back; runs in a thread beside the sender, so a
+        failure is kept in ``record["error"]`` (raised once the load ends) instead of dying
+        with the thread while the report lists the fault as injected."""
+        try:
+            self._apply_fault(stack, name, record)
+        except Exception as exc:  # noqa: BLE001 - handed to the sender, which raises it
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            log.exception("fault %s failed", name)
+
+    def _apply_fault(self, stack: LocalStack, name: str, record: dict[str, Any]) -> None:
         kind, target = name.split(":")
         t0 = time.monotonic()
         if target == "broker":

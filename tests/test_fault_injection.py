@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from recsys.faults import FaultRun
+from recsys.faults import FaultNotInjected, FaultRun, make_events
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(600)]
 
@@ -35,3 +36,20 @@ def test_crashing_every_process_and_restarting_the_broker_under_load_loses_nothi
     assert report.events_lost == 0, json.dumps(report.details)
     assert report.updates_lost == 0, json.dumps(report.details)
     assert report.converged_s is not None
+
+
+class _Unkillable:
+    def kill(self) -> None:
+        raise ProcessLookupError("no such process")
+
+
+def test_a_fault_that_cannot_be_applied_fails_the_run_instead_of_being_reported_as_injected(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    # The stack stands in for LocalStack's process handling only; the load goes to the real broker.
+    stack = SimpleNamespace(bootstrap=kafka_bootstrap, overrides={"topics.actions": f"actions-{unique}"},
+                            services={"worker": _Unkillable()})
+    run = FaultRun(tmp_path, tmp_path, faults=["kill:worker"], events_per_s=50, seconds=0.5, downtime_s=0.0)
+    events = make_events(20, 5, ["i1", "i2"], seed=0, start_ts=1_700_000_000_000)
+    with pytest.raises(FaultNotInjected, match="ProcessLookupError: no such process"):
+        run._send_with_faults(stack, events)
