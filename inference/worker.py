@@ -550,6 +550,8 @@ class Worker:
         self.batches_done = 0  # micro-batches that regenerated at least one user
         self.catalogue_changed: str | None = None  # what the store held instead, once run() saw it change
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
+        self._polled_generation: int | None = None  # the group generation the batch was polled in
+        self.batches_dropped = 0  # batches computed after the group moved on: not sent (moved_on)
         self._pending = PendingCommits(settings.kafka.rejoin_after_s)  # settled offsets whose commit failed
 
     def _new_consumer(self) -> Any:
@@ -560,6 +562,7 @@ class Worker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.settings.inference.max_batch,
+            max_poll_interval_ms=int(self.settings.inference.max_poll_interval_s * 1000),
         )
 
     @classmethod
@@ -598,6 +601,9 @@ class Worker:
             sent = self.process(updates) if updates else []
             if inflight is not None:
                 self.settle(*inflight)
+            if sent is None:  # the group moved on while it was computed: another worker's now
+                self._replace_consumer()
+                sent, offsets = [], {}
             inflight = (sent, offsets) if offsets else None
             if inflight is None and self._pending.offsets:  # idle: a failed commit is retried, not left for the next record
                 self.commit()
@@ -669,12 +675,7 @@ class Worker:
             return
         try:
             if not self._pending.commit(self.consumer):
-                # A rebalance that never completes: the fresh consumer re-reads from the
-                # committed offsets. Until one exists (the broker may be down) the field is
-                # empty, never the closed consumer: poll_batch creates it.
-                old, self.consumer = self.consumer, None
-                old.close(autocommit=False)
-                self.consumer = self._new_consumer()
+                self._replace_consumer()  # a rebalance that never completes
         except (CommitFailedError, RebalanceInProgressError) as exc:
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
             # so nobody would re-read these: they stay pending (the retry follows the rejoin
@@ -684,6 +685,25 @@ class Worker:
             self._kafka_backoff("commit (group rebalanced)", exc)
         except KafkaError as exc:
             self._kafka_backoff("commit", exc)
+
+    def _replace_consumer(self) -> None:
+        """Close the consumer without committing; the fresh one joins the group anew and re-reads
+        from the committed offsets, so what was polled since is redone, not lost. Until it exists
+        (the broker may be down) the field is empty, never the closed consumer: poll_batch
+        creates it."""
+        old, self.consumer = self.consumer, None
+        old.close(autocommit=False)
+        self.consumer = self._new_consumer()
+
+    def moved_on(self) -> bool:
+        """Has the group left the generation the batch in hand was polled in? Then its
+        partitions may be another worker's, which recomputes the batch (it is uncommitted) and
+        may already have written newer lists for its users: sending ours after them would put
+        an older list last in the compacted `candidates`. kafka-python resets the generation
+        when the member is dropped, e.g. past `max_poll_interval_s` waiting out a store outage."""
+        if self.consumer is None:
+            return True
+        return self.consumer.group_metadata().generation_id != self._polled_generation
 
     def _kafka_backoff(self, what: str, exc: Exception) -> None:
         """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""
@@ -709,6 +729,8 @@ class Worker:
                 self._kafka_backoff("poll", exc)
                 break
             self._kafka_delay = _KAFKA_BACKOFF_S[0]
+            if records and not batch:
+                self._polled_generation = self.consumer.group_metadata().generation_id
             for tp, part in records.items():
                 if part:
                     self._polled[tp] = part[-1].offset + 1
@@ -726,13 +748,19 @@ class Worker:
                 break
         return batch
 
-    def process(self, updates: Sequence[dict[str, Any]]) -> list[Any]:
+    def process(self, updates: Sequence[dict[str, Any]]) -> list[Any] | None:
         """Compute a micro-batch's candidates and send them (not waiting for the broker);
-        returns the send futures, to be settled before the batch's offsets are committed."""
+        returns the send futures, to be settled before the batch's offsets are committed, or
+        None, nothing sent, when the group moved on meanwhile (`moved_on`)."""
         fresh = [u for u in coalesce(updates) if u.get("events")]
         if not fresh:
             return []
         fresh, results = self.compute_isolated(fresh)
+        if self.moved_on():
+            self.batches_dropped += 1
+            log.warning("worker: the consumer group moved on while %d users were computed; not sent "
+                        "(their partitions' owner computes them again)", len(fresh))
+            return None
         sent = [
             self.producer.send(
                 self.settings.topics.candidates,

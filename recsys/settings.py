@@ -224,6 +224,9 @@ class InferenceSettings(Section):
     # How often the worker reads the store's catalogue marker: once another model's `recsys index`
     # starts on a shared store (it clears the marker first), the worker stops within this long.
     catalogue_check_every_s: float = Field(5.0, gt=0)
+    # Longest a worker may spend between polls (a batch waiting out a store outage) before the
+    # group hands its partitions to another worker. A batch computed past it is not sent.
+    max_poll_interval_s: float = Field(300.0, gt=0)
     # Each surface splits its budget across outcomes by its business goal.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},
