@@ -365,6 +365,23 @@ def get_settings() -> Settings:
     return Settings()
 
 
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _default_text(source: str, value: object) -> str:
+    """A field's default as written (`1 << 20`, not 1048576: still readable, and the same on
+    every machine), with a `Field(...)`'s bounds said after it instead of its call."""
+    import ast
+
+    if value is None:
+        return ""
+    if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "Field" and value.args:
+        bounds = [f"{_BOUNDS[k.arg]} {ast.get_source_segment(source, k.value)}" for k in value.keywords if k.arg in _BOUNDS]
+        text = ast.get_source_segment(source, value.args[0]) or ""
+        return text + (f" ({', '.join(bounds)})" if bounds else "")
+    return ast.get_source_segment(source, value) or ""
+
+
 def documented_fields() -> list[tuple[str, str, str]]:
     """(environment variable, default, the comment beside the field) for every setting.
 
@@ -391,7 +408,7 @@ def documented_fields() -> list[tuple[str, str, str]]:
                 while first > 0 and lines[first - 1].strip().startswith("#"):
                     first -= 1
                 comment = " ".join(line.strip().lstrip("#").strip() for line in lines[first : stmt.lineno - 1])
-            default = ast.get_source_segment(source, stmt.value) if stmt.value is not None else ""
+            default = _default_text(source, stmt.value)
             env = f"RECSYS_{section.upper()}__{stmt.target.id.upper()}"
             rows.append((env, " ".join((default or "").split()), comment))
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ def render(text: str) -> str:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="only say whether the table is stale (exit 1), write nothing")
+    args = parser.parse_args()
     text = README.read_text()
     new = render(text)
-    if "--check" in sys.argv:
+    if args.check:
         sys.exit(0 if new == text else "README settings table is stale: run scripts/sync_readme.py")
     README.write_text(new)
