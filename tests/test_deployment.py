@@ -65,3 +65,17 @@ def test_the_server_can_be_scaled() -> None:
     (port,) = yaml.safe_load(COMPOSE.read_text())["services"]["server"]["ports"]
     host, container = port.rsplit(":", 1)
     assert container == "50051" and "-" in host, port
+
+
+def test_the_qdrant_server_is_the_minor_version_of_the_pinned_client() -> None:
+    """qdrant-client supports servers of its own minor version (it warns past one minor): a
+    client upgrade without the image, or the reverse, shows here and not in production."""
+    import re
+    import tomllib
+
+    image = yaml.safe_load(COMPOSE.read_text())["services"]["qdrant"]["image"]
+    deps = tomllib.loads((COMPOSE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    (client,) = [d for d in deps if d.startswith("qdrant-client==")]
+    server_minor = re.fullmatch(r"qdrant/qdrant:v(\d+\.\d+)\.\d+", image)
+    assert server_minor, image
+    assert client.removeprefix("qdrant-client==").rsplit(".", 1)[0] == server_minor.group(1), (image, client)

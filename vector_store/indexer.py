@@ -729,6 +729,11 @@ def main(argv: list[str]) -> int:
                      version, store.count())
         if not args.follow:
             return 0
+        if settings.vector_store.backend == "edge":
+            # One process per Edge shard: a worker started on it waits for this one to exit.
+            log.warning("following `items` holds the Edge shard %s: a worker on it cannot start until this stops "
+                        "(with the embedded store the worker follows `items` itself; --follow is for a Qdrant server)",
+                        settings.vector_store.path)
         stop = threading.Event()
         # `docker stop` sends SIGTERM: finish the current batch, close cleanly.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
