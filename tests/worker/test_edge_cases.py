@@ -166,10 +166,11 @@ def test_history_longer_than_the_model_reads_and_unknown_items(worker: Worker) -
         {"user_id": "unknown", "version": 1, "events": [ev("nope-1"), ev("nope-2")]},
         {"user_id": "one", "version": 1, "events": [ev(3)]},
     ]
-    inputs = worker.encode(updates) if hasattr(worker, "encode") else None
-    if inputs is not None:
-        assert inputs["item_emb"].shape[1] == runtime.max_len
-        assert not inputs["item_emb"][1].any()  # unknown items: zero vectors, not an error
+    inputs = worker.encode(updates)
+    assert inputs["item_emb"].shape[1] == runtime.max_len
+    # The newest max_len events are read, in order (the oldest would be a stale user).
+    np.testing.assert_allclose(inputs["event_ts"][0], [e["ts"] / 1000 for e in long_history[-runtime.max_len:]])
+    assert not inputs["item_emb"][1].any()  # unknown items: zero vectors, not an error
     kept, results = worker.compute_isolated(updates)
     assert [u["user_id"] for u in kept] == ["long", "unknown", "one"]
     for per_surface in results:
