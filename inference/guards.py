@@ -7,6 +7,10 @@ straight read:
   well-formed update or None. Defined answers:
 
       not msgpack / not a map / no usable user id   -> None (counted as malformed, skipped)
+        (a str id longer than events.max_id_length
+        bytes is not one: it would go into the
+        candidates record's key and value, and a
+        record the producer refuses stops the loop)
       an event without a usable item_id, action,
         surface or integer ts                        -> that event dropped, the rest kept
       no events left (an empty history)             -> None: no candidates record is written,
@@ -18,7 +22,10 @@ straight read:
       an action the model does not know             -> that event dropped: a token without an
                                                        action is padding to the model, and as the
                                                        newest event it would be the position the
-                                                       user's state is read from
+                                                       user's state is read from; its item is
+                                                       still kept out of the candidates
+                                                       ("unread_items")
+      a last_event_ts that is no epoch ms            -> the newest event's ts
       unknown surface names                         -> kept: the model's padding index (0)
 
   Anything else a user's data makes the batch raise (a query the store rejects as
@@ -45,7 +52,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from recsys.settings import StreamsSettings
+from recsys.settings import EventSettings, StreamsSettings
 from vector_store.errors import CorruptPointError, DimensionMismatchError
 
 __all__ = ["RetryingStore", "StoreUnavailable", "call_with_retry", "clean_update", "is_transient"]
@@ -67,8 +74,15 @@ class StoreCallFailed(RuntimeError):
     one user's data: the worker stops with the batch uncommitted instead of skipping users."""
 
 
+_MAX_ID_BYTES = EventSettings.model_fields["max_id_length"].default  # the streams' own bound
+
+
 def _is_id(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
+
+
+def _is_user_id(value: Any) -> bool:
+    return _is_id(value) and not (isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES)
 
 
 def _clean_event(event: Any) -> dict[str, Any] | None:
@@ -97,13 +111,13 @@ def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN,
         update = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
-    if not isinstance(update, dict) or not _is_id(update.get("user_id")):
+    if not isinstance(update, dict) or not _is_user_id(update.get("user_id")):
         return None
     events = update.get("events")
     if not isinstance(events, list):
         return None
-    clean = [e for e in (_clean_event(e) for e in events[-keep:])
-             if e is not None and (actions is None or e["action"] in actions)] if keep > 0 else []
+    well_formed = [e for e in (_clean_event(e) for e in events[-keep:]) if e is not None] if keep > 0 else []
+    clean = [e for e in well_formed if actions is None or e["action"] in actions]
     if not clean:
         return None
     version = update.get("version")
@@ -116,7 +130,11 @@ def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN,
         "hidden": [str(i) for i in hidden[-keep_hidden:] if _is_id(i)] if isinstance(hidden, list) and keep_hidden > 0
         else [],
         "version": version if isinstance(version, int) and not isinstance(version, bool) else 0,
-        "last_event_ts": last_ts if isinstance(last_ts, int) and not isinstance(last_ts, bool) and last_ts > 0
+        # Items of events the model does not read (an action added since it was trained): the
+        # user engaged with them all the same, so they stay out of the candidates too.
+        "unread_items": [str(e["item_id"]) for e in well_formed if e["action"] not in actions]
+        if actions is not None and len(well_formed) > len(clean) else [],
+        "last_event_ts": last_ts if isinstance(last_ts, int) and not isinstance(last_ts, bool) and 0 < last_ts <= _MAX_TS
         else max(e["ts"] for e in clean),
     }
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update, is_transient
 from inference.runtime import ModelRuntime, VectorLookup
@@ -136,12 +136,14 @@ def recent_items(updates: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def excluded_items(updates: Sequence[dict[str, Any]], recent: Sequence[list[str]]) -> list[list[str]]:
     """Per user, what their candidates must not hold: the items of their recent events and
-    every item they hid (`clean_update`'s "hidden": hides that left the sequence included)."""
+    every item they hid (`clean_update`'s "hidden": hides that left the sequence included), and
+    the items of recent events the model does not read ("unread_items")."""
     out = []
     for update, ids in zip(updates, recent, strict=True):
-        if hidden := update.get("hidden"):
+        more = [*update.get("hidden", ()), *update.get("unread_items", ())]
+        if more:
             seen = set(ids)
-            ids = ids + [i for i in dict.fromkeys(map(str, hidden)) if i not in seen]
+            ids = ids + [i for i in dict.fromkeys(map(str, more)) if i not in seen]
         out.append(ids)
     return out
 
@@ -551,6 +553,7 @@ class Worker:
         self.catalogue_changed: str | None = None  # what the store held instead, once run() saw it change
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
         self._polled_generation: int | None = None  # the group generation the batch was polled in
+        self._polled_partitions: set[Any] = set()  # and its records' partitions
         self.batches_dropped = 0  # batches computed after the group moved on: not sent (moved_on)
         self._pending = PendingCommits(settings.kafka.rejoin_after_s)  # settled offsets whose commit failed
 
@@ -687,23 +690,24 @@ class Worker:
             self._kafka_backoff("commit", exc)
 
     def _replace_consumer(self) -> None:
-        """Close the consumer without committing; the fresh one joins the group anew and re-reads
-        from the committed offsets, so what was polled since is redone, not lost. Until it exists
-        (the broker may be down) the field is empty, never the closed consumer: poll_batch
-        creates it."""
+        """Close the consumer without committing; its successor, which poll_batch creates (the
+        broker may be down now), joins the group anew and re-reads from the committed offsets,
+        so what was polled since is redone, not lost."""
         old, self.consumer = self.consumer, None
-        old.close(autocommit=False)
-        self.consumer = self._new_consumer()
+        if old is not None:
+            old.close(autocommit=False)
 
     def moved_on(self) -> bool:
-        """Has the group left the generation the batch in hand was polled in? Then its
-        partitions may be another worker's, which recomputes the batch (it is uncommitted) and
-        may already have written newer lists for its users: sending ours after them would put
-        an older list last in the compacted `candidates`. kafka-python resets the generation
-        when the member is dropped, e.g. past `max_poll_interval_s` waiting out a store outage."""
+        """Has the group moved on since the batch in hand was polled? Then its partitions may
+        be another worker's, which recomputes the batch (it is uncommitted) and may already have
+        written newer lists for its users: sending ours after them would put an older list last
+        in the compacted `candidates`. The member rejoins only inside poll(), so while a batch is
+        computed its generation either stays or is reset, when the group drops the member (e.g.
+        past `max_poll_interval_s` waiting out a store outage)."""
         if self.consumer is None:
             return True
-        return self.consumer.group_metadata().generation_id != self._polled_generation
+        return (self.consumer.group_metadata().generation_id != self._polled_generation
+                or not self._polled_partitions <= self.consumer.assignment())
 
     def _kafka_backoff(self, what: str, exc: Exception) -> None:
         """Wait before talking to the broker again: doubling from 0.1 s to 2 s while it fails."""
@@ -729,8 +733,6 @@ class Worker:
                 self._kafka_backoff("poll", exc)
                 break
             self._kafka_delay = _KAFKA_BACKOFF_S[0]
-            if records and not batch:
-                self._polled_generation = self.consumer.group_metadata().generation_id
             for tp, part in records.items():
                 if part:
                     self._polled[tp] = part[-1].offset + 1
@@ -746,6 +748,10 @@ class Worker:
                 deadline = time.monotonic() + cfg.max_wait_ms / 1000.0
             if deadline is None or time.monotonic() >= deadline:
                 break
+        # After the last poll: a rejoin inside poll_batch that kept this member's partitions is
+        # no reason to drop the batch (moved_on checks the partitions too).
+        self._polled_generation = self.consumer.group_metadata().generation_id if self.consumer is not None else None
+        self._polled_partitions = set(self._polled)
         return batch
 
     def process(self, updates: Sequence[dict[str, Any]]) -> list[Any] | None:
@@ -761,16 +767,26 @@ class Worker:
             log.warning("worker: the consumer group moved on while %d users were computed; not sent "
                         "(their partitions' owner computes them again)", len(fresh))
             return None
-        sent = [
-            self.producer.send(
-                self.settings.topics.candidates,
-                key=str(update["user_id"]).encode(),
-                # scores are float32: packed as such, 4 bytes less each
-                value=msgpack.packb(self.candidates_record(update, surfaces), use_single_float=True),
-            )
-            for update, surfaces in zip(fresh, results)
-        ]
-        self.users_done += len(fresh)
+        return self.publish(fresh, results)
+
+    def publish(self, updates: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]]) -> list[Any]:
+        """Send each user's candidates record (not waiting for the broker); the send futures."""
+        sent = []
+        for update, surfaces in zip(updates, results, strict=True):
+            try:
+                sent.append(self.producer.send(
+                    self.settings.topics.candidates,
+                    key=str(update["user_id"]).encode(),
+                    # scores are float32: packed as such, 4 bytes less each
+                    value=msgpack.packb(self.candidates_record(update, surfaces), use_single_float=True),
+                ))
+            except MessageSizeTooLargeError as exc:
+                # Refused before it left (this record only, e.g. too large for max_request_size):
+                # raising would stop the loop on it after every restart. Skipped, as a user whose
+                # compute fails.
+                self.users_failed += 1
+                log.error("worker: user %r's candidates not sent (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
+        self.users_done += len(sent)
         self.batches_done += 1
         return sent
 
@@ -786,7 +802,9 @@ class Worker:
         too: at low traffic most batches hold one user, and a broken session would otherwise
         skip and commit every update while the process looked healthy."""
         try:
-            return updates, self.compute(updates)
+            results = self.compute(updates)
+            self._failed_in_a_row = 0
+            return updates, results
         except (StoreUnavailable, StoreCallFailed):
             raise
         except Exception:  # noqa: BLE001 - isolated below; the loop must not die on one user's data

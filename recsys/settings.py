@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -178,7 +179,7 @@ class InferenceSettings(Section):
 
     model_dir: Path = Path("var/model")  # model.onnx, item_encoder.onnx, items.npz, meta.json
     group_id: str = "recsys-inference"  # consumer group on user-updates; add workers to scale
-    max_batch: int = 256  # users per micro-batch
+    max_batch: int = Field(256, ge=1)  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill
     # Users failing one after another with none served between: past this many the worker stops
     # (uncommitted) instead of skipping them, as for a batch whose users all fail
@@ -227,12 +228,22 @@ class InferenceSettings(Section):
     # Longest a worker may spend between polls (a batch waiting out a store outage) before the
     # group hands its partitions to another worker. A batch computed past it is not sent.
     max_poll_interval_s: float = Field(300.0, gt=0)
-    # Each surface splits its budget across outcomes by its business goal.
+    # Each surface splits its budget across outcomes by its business goal. Set per surface: a
+    # surface given (RECSYS_INFERENCE__OUTCOME_WEIGHTS__HOME__SAVE=1) is replaced whole, the
+    # others keep theirs.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},
         "search": {"click": 0.8, "save": 0.2},
         "related": {"click": 0.5, "save": 0.5},
     }
+
+    @field_validator("outcome_weights", mode="before")
+    @classmethod
+    def _per_surface(cls, value: Any) -> Any:
+        # A nested override would otherwise replace the whole map: setting home's weights
+        # silently left search and related with none (their lists then aim at clicks).
+        default = cls.model_fields["outcome_weights"].default
+        return {**default, **value} if isinstance(value, dict) else value
 
 
 class VectorStoreSettings(Section):

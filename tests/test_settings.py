@@ -66,3 +66,16 @@ def test_sequence_bounds_that_would_keep_no_event_are_refused(streams: dict[str,
     with pytest.raises(ValidationError, match=next(iter(streams))):
         Settings(streams=streams)
 
+
+
+def test_one_surfaces_outcome_weights_leave_the_other_surfaces_theirs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_INFERENCE__OUTCOME_WEIGHTS__HOME__SAVE", "0.9")
+    weights = Settings().inference.outcome_weights
+    assert weights["home"] == {"save": 0.9}  # the surface given is replaced whole
+    assert weights["search"] == {"click": 0.8, "save": 0.2} and weights["related"] == {"click": 0.5, "save": 0.5}
+
+
+def test_a_worker_batch_of_no_users_is_refused() -> None:
+    # max_batch = 0 polled nothing, ever, without a word.
+    with pytest.raises(ValidationError, match="max_batch"):
+        Settings(inference={"max_batch": 0})

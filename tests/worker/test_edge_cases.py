@@ -25,8 +25,8 @@ from kafka import KafkaProducer
 
 from inference.guards import RetryingStore, clean_update
 from inference.runtime import ModelRuntime
-from inference.worker import Worker
-from recsys.settings import Settings
+from inference.worker import Worker, excluded_items, recent_items
+from recsys.settings import EventSettings, Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
 from worker_helpers import committed_and_end, read_candidates
@@ -155,6 +155,16 @@ def test_clean_update_defined_answers() -> None:
     shared = clean_update(update("u", [ev(1, NOW - 1), ev(2, action="share")]), 50, actions=model_actions)
     assert shared is not None and [e["item_id"] for e in shared["events"]] == [1]
     assert clean_update(update("u", [ev(2, action="share")]), 50, actions=model_actions) is None
+    # ... but the user engaged with that item all the same: it stays out of their candidates.
+    assert shared["unread_items"] == ["2"]
+    assert excluded_items([shared], recent_items([shared])) == [["1", "2"]]
+    # A user id longer than the streams accept would make a candidates record the producer may
+    # refuse (and stop the loop on, after every restart): not a user id.
+    longest = "u" * EventSettings().max_id_length
+    assert clean_update(update(longest, [ev(1)]), 50) is not None
+    assert clean_update(update(longest + "u", [ev(1)]), 50) is None
+    # A last_event_ts that is no epoch ms (the server's int64 field could not take it).
+    assert clean_update(update("u", [ev(1, NOW)], last_event_ts=2**64 - 1), 50)["last_event_ts"] == NOW
 
 
 def test_history_longer_than_the_model_reads_and_unknown_items(worker: Worker) -> None:
@@ -236,3 +246,13 @@ def _serve_two_until_committed(worker: Worker, kafka_bootstrap: str, refused: li
     worker.stopping.set()
     thread.join(30)
     return committed, ends
+
+
+def test_a_record_the_producer_refuses_skips_that_user_instead_of_stopping_the_loop(worker: Worker, kafka_bootstrap: str) -> None:
+    """A candidates record over the producer's max_request_size is refused inside send(): raised
+    out of the loop it would stop the worker on that record after every restart."""
+    worker.producer.close()
+    worker.producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=128)  # every record is larger (~400 B)
+    updates = [{"user_id": f"u{i}", "version": 1, "last_event_ts": NOW, "hidden": [], "events": [ev(i)]} for i in range(3)]
+    assert worker.publish(updates, worker.compute(updates)) == []
+    assert worker.users_failed == 3 and worker.users_done == 0

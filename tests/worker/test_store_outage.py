@@ -245,3 +245,35 @@ def test_failures_that_are_not_the_data_stop_the_batch_instead_of_skipping_its_u
         assert worker.users_failed == 1
     finally:
         store.close()
+
+
+def test_lone_failing_users_far_apart_do_not_add_up_to_a_systemic_failure(small_model_dir: Path, tmp_path: Path) -> None:
+    """`max_failed_in_a_row` counts users failing with none served between: a batch served
+    without any failure ends the streak, however it was served."""
+    from inference.runtime import ModelRuntime
+    from inference.worker import Worker
+
+    settings = Settings(vector_store={"path": tmp_path / "shard"}, inference={"max_failed_in_a_row": 3})
+    runtime = ModelRuntime.load(small_model_dir, "cpu")
+    with open_store(settings, dim=runtime.dim) as store:
+        index_item_table(store, ItemTable.load(small_model_dir), settings.events.surfaces)
+        worker = Worker.offline(settings, runtime, store)
+        real_compute = worker.compute
+
+        def compute(updates: list[dict]) -> list:  # one user's data the model cannot take
+            if any(u["user_id"] == "bad" for u in updates):
+                raise ValueError("bad data")
+            return real_compute(updates)
+
+        worker.compute = compute  # type: ignore[method-assign]
+        now = int(time.time() * 1000)
+        item = str(runtime.item_ids[0])
+
+        def user(name: str) -> dict:
+            return {"user_id": name, "version": 1, "last_event_ts": now,
+                    "events": [{"item_id": item, "action": "click", "surface": "home", "ts": now}]}
+
+        for _ in range(5):  # each bad user alone, good users served between: never systemic
+            assert worker.compute_isolated([user("good")])[0] == [user("good")]
+            assert worker.compute_isolated([user("bad")]) == ([], [])
+        assert worker.users_failed == 5
