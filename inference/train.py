@@ -263,6 +263,27 @@ def distinct_targets(tgt: torch.Tensor) -> torch.Tensor:
     return nxt.sum() + tail.sum()
 
 
+def hard_negatives(negative: torch.Tensor, positive: torch.Tensor, targets: torch.Tensor, surface: torch.Tensor,
+                   on_surface: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, window slot) of each hard negative of a batch's (P, W) target window: a
+    negative event on the surface being fine-tuned (any, when pretraining), once per item and
+    position, and never an item that is also one of the position's positives (its boost
+    would land on the positive's own logit and weaken the pull towards it)."""
+    keep = negative.clone()
+    if on_surface is not None:
+        keep &= surface == on_surface
+    pr, w = keep.nonzero(as_tuple=True)
+    item = targets[pr, w]
+    keep = ~((targets[pr] == item[:, None]) & positive[pr]).any(dim=1)
+    pr, w, item = pr[keep], w[keep], item[keep]
+    # The same item hidden twice in a window: one boost (index_put_ accumulates).
+    key = pr * (int(targets.max()) + 1) + item
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    first = torch.full((len(uniq),), len(key), dtype=torch.long, device=key.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(key), device=key.device), reduce="amin")
+    return pr[first], w[first]
+
+
 def batch_loss(
     model: GenerativeRetriever,
     batch: TrainBatch,
@@ -333,7 +354,7 @@ def batch_loss(
         cols = torch.searchsorted(cand, targets.clamp(min=1))
     hard = None
     if spec.hard_negative_weight > 0:
-        pr, w = negative[b, t].nonzero(as_tuple=True)  # (position, window slot) of each hard negative
+        pr, w = hard_negatives(negative[b, t], pos, targets, t_surf[b, t], spec.surface)
         rows = (pr[:, None] * M + torch.arange(M, device=device)[None, :]).reshape(-1)
         hard = (rows, cols[pr, w].repeat_interleave(M), math.log(spec.hard_negative_weight))
     ce = softmax_xent(qs.float(), cand_items.float(), cols.repeat_interleave(M, dim=0), col_bias, hard, spec.mm_dtype)
@@ -482,6 +503,26 @@ def fit(
         }
         save_checkpoint(path, model, info, optimizer if with_optimizer else None)
 
+    validating = len(stage.valid_rows) > 0  # none in a final refit: the last weights are kept
+    metric_k = int(metric.split("@")[1])
+
+    def validate() -> dict[str, float]:
+        # A model trained never to see the target's outcome (or surface) is validated as it is
+        # used, unconditioned: the true one would feed an embedding row that never trained, and
+        # pick the checkpoint on noise.
+        val = ranking_metrics(model, log_, stage.valid_rows, ks=sorted({5, 10, metric_k}), batch_size=tcfg.eval_batch,
+                              outcome="none" if stage.spec.outcome_dropout >= 1.0 else "true",
+                              surface="none" if stage.spec.surface_dropout >= 1.0 else "true")
+        return {f"valid_{k}": v for k, v in val.items() if k != "n_targets"}
+
+    if stage.trainable is not None and validating and st.epoch == 0 and not st.history:
+        # A fine-tuning stage starts from trained weights: they are its epoch 0, so a stage that
+        # never beats them keeps them rather than shipping a worse head.
+        st.best = {"epoch": 0, "loss": float("nan")} | validate()
+        st.history.append(dict(st.best))
+        checkpoint(best_path, with_optimizer=False)
+        log.info("%s before fine-tuning %s", stage.name, json.dumps(st.best))
+
     t_start = time.time() - st.seconds
     while st.epoch < stage.epochs and not st.early_stopped:
         model.train()
@@ -521,17 +562,10 @@ def fit(
         st.seconds = time.time() - t_start
         row: dict[str, float] = {"epoch": st.epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr}
         out_of_time = tcfg.max_minutes > 0 and st.seconds > tcfg.max_minutes * 60
-        validating = len(stage.valid_rows) > 0  # none in a final refit: the last weights are kept
         if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time:
             if validating:
-                # A model trained never to see the target's outcome (or surface) is validated
-                # as it is used, unconditioned: the true one would feed an embedding row that
-                # never trained, and pick the checkpoint on noise.
-                val = ranking_metrics(model, log_, stage.valid_rows, batch_size=tcfg.eval_batch,
-                                      outcome="none" if stage.spec.outcome_dropout >= 1.0 else "true",
-                                      surface="none" if stage.spec.surface_dropout >= 1.0 else "true")
-                row |= {f"valid_{k}": v for k, v in val.items() if k != "n_targets"}
-                if f"valid_{metric}" not in st.best or val[metric] > st.best[f"valid_{metric}"]:
+                row |= validate()
+                if f"valid_{metric}" not in st.best or row[f"valid_{metric}"] > st.best[f"valid_{metric}"]:
                     st.best = dict(row)
                     st.bad_evals = 0
                     checkpoint(best_path, with_optimizer=False)

@@ -165,7 +165,8 @@ class TrainSettings(Section):
     negative_actions: list[str] = ["hide"]  # never targets; hard negatives when fine-tuning
     hard_negative_weight: float = 5.0  # a hard negative counts this many times in the softmax
     eval_every: int = 5  # epochs between validation runs
-    eval_metric: str = "ndcg@10"  # early stopping / best checkpoint on this validation metric
+    # early stopping / best checkpoint on this validation metric: recall@K or ndcg@K
+    eval_metric: str = Field("ndcg@10", pattern=r"^(recall|ndcg)@[1-9][0-9]*$")
     patience: int = 6  # validation runs without improvement before stopping
     eval_batch: int = 512  # users per evaluation batch
     max_minutes: float = 0.0  # stop after this wall time (0 = no limit)

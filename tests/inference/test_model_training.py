@@ -475,3 +475,54 @@ def test_cli_train_unless_exported_keeps_the_model_already_there(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_:
         train_cli.main(["--unless-exported"])
     assert exit_.value.code == 2 and "needs --export" in capsys.readouterr().err
+
+
+def test_a_fine_tuning_that_only_hurts_keeps_the_pretrained_head(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """The pretrained weights are each fine-tuning stage's epoch 0: a stage that never beats
+    them on validation (here a learning rate that wrecks the head) ships them unchanged."""
+    settings = tiny_settings(tmp_path, "train.epochs=2", "train.finetune_epochs=2", "train.finetune_lr=0.5",
+                             "train.warmup_steps=1", "train.eval_every=1")
+    model, _, results = train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
+    assert len(results) == 4
+    for stage in results[1:]:
+        assert stage.history[0]["epoch"] == 0 and stage.best["epoch"] == 0, stage.history
+        assert all(row["valid_ndcg@10"] < stage.best["valid_ndcg@10"] for row in stage.history[1:]), stage.history
+    before = load_blob(tmp_path / "pretrain_best.pt")["model"]
+    assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
+
+
+def test_the_validation_metric_can_be_any_recall_or_ndcg_cut_off(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """Early stopping and the best checkpoint read `train.eval_metric`: a cut-off validation did
+    not compute made every epoch "the best" and early stopping never fired."""
+    with pytest.raises(ValueError, match="eval_metric"):
+        tiny_settings(tmp_path, "train.eval_metric=mrr")
+    settings = tiny_settings(tmp_path, "train.epochs=2", "train.eval_every=1", "train.eval_metric=recall@20")
+    _, _, (result,) = train(planted_log, planted_split, settings, tmp_path, progress=False)
+    assert all("valid_recall@20" in row for row in result.history)
+    assert result.best["valid_recall@20"] == max(row["valid_recall@20"] for row in result.history)
+
+
+def test_hard_negatives_are_on_the_surface_once_per_item_and_never_a_positive() -> None:
+    from inference.train import hard_negatives
+
+    # Two positions, a window of 5: item ids, which are negatives (hides), which positives, surfaces.
+    targets = torch.tensor([[7, 3, 7, 5, 9], [4, 4, 6, 0, 0]])
+    negative = torch.tensor([[False, True, True, True, True], [False, True, True, False, False]])
+    positive = torch.tensor([[True, False, False, False, False], [True, False, False, False, False]])
+    surface = torch.tensor([[1, 1, 1, 2, 1], [1, 1, 1, 1, 1]])
+    pairs = set(zip(*(x.tolist() for x in hard_negatives(negative, positive, targets, surface, on_surface=1)), strict=True))
+    # Row 0: 3 and 9 stay; 7 is also the position's positive; 5 is on another surface.
+    # Row 1: 4 is also a positive (hidden after it was engaged); 6 stays.
+    assert pairs == {(0, 1), (0, 4), (1, 2)}
+    # Pretraining (no surface): every surface counts; an item hidden twice counts once.
+    twice = torch.tensor([[9, 9, 9, 0, 0]])
+    pr, w = hard_negatives(torch.tensor([[False, True, True, False, False]]), torch.tensor([[True, False, False, False, False]]),
+                           twice, torch.ones_like(twice), on_surface=None)
+    assert pr.tolist() == [] and w.tolist() == []  # 9 is the positive too
+    pr, w = hard_negatives(torch.tensor([[False, True, True, False, False]]), torch.tensor([[True, False, False, False, False]]),
+                           torch.tensor([[2, 9, 9, 0, 0]]), torch.ones_like(twice), on_surface=None)
+    assert list(zip(pr.tolist(), w.tolist(), strict=True)) == [(0, 1)]
