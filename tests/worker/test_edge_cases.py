@@ -256,3 +256,47 @@ def test_a_record_the_producer_refuses_skips_that_user_instead_of_stopping_the_l
     updates = [{"user_id": f"u{i}", "version": 1, "last_event_ts": NOW, "hidden": [], "events": [ev(i)]} for i in range(3)]
     assert worker.publish(updates, worker.compute(updates)) == []
     assert worker.users_failed == 3 and worker.users_done == 0
+
+
+def test_candidates_the_broker_refuses_leave_the_batch_uncommitted(worker: Worker, kafka_bootstrap: str) -> None:
+    """Offsets are committed only after the broker has the batch's candidates: here it refuses
+    them (a topic whose records may not pass 64 bytes; the producer learns so from the reply,
+    after send), the loop stops, nothing is committed; the restarted loop, writing where it
+    should, serves the users and commits."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    good_settings = worker.settings
+    small = f"{good_settings.topics.candidates}-small"
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        admin.create_topics([NewTopic(small, 1, 1, topic_configs={"max.message.bytes": "64"})])
+    finally:
+        admin.close()
+    worker.settings = good_settings.model_copy(update={"topics": good_settings.topics.model_copy(update={"candidates": small})})
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for key in ("good", "7"):
+        producer.send(good_settings.topics.user_updates, key=key.encode(), value=SERVED[key])
+    producer.flush()
+    producer.close()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    thread.join(90)
+    assert not thread.is_alive() and errors, "the refused candidates did not stop the loop"
+    committed, ends = committed_and_end(kafka_bootstrap, good_settings.inference.group_id, good_settings.topics.user_updates)
+    assert sum(ends.values()) == 2 and sum(committed.values()) == 0
+
+    worker.settings = good_settings
+    worker.producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    worker.consumer.close(autocommit=False)
+    worker.consumer = worker._new_consumer()  # as a restarted process: from the committed offsets
+    committed, ends = _serve_two_until_committed(worker, kafka_bootstrap, [None], 60)
+    assert committed == ends
+    assert set(read_candidates(kafka_bootstrap, good_settings.topics.candidates)) == {"good", "7"}
