@@ -1,6 +1,6 @@
 """The gRPC GetCandidates server (`recsys serve`): answers from the materialised `candidates`.
 
-    recsys serve [--host H] [--port P] [--workers N] [--no-follow] [--snapshot PATH]
+    recsys serve [--host H] [--port P] [--workers N] [--bootstrap B] [--no-follow] [--snapshot PATH]
 
 Shape (grpc's examples/python): pure helpers at module level (`validate_request`,
 `build_response`), a thin servicer, `create_server()` that builds and binds a grpc.aio server
