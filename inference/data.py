@@ -11,8 +11,9 @@ user's slice. Loaders exist for
 
 Splits say, per user, which events may be trained on (`train_end`) and which events are
 evaluation targets (`targets`): `leave_one_out` (last = test, second-to-last = validation,
-the published protocol for Beauty) and `tail_split` (each user's last fraction of events are
-targets, each predicted from everything before it).
+the published protocol for Beauty), `tail_split` (each user's last fraction of events are
+targets, each predicted from everything before it) and `time_split` (one cut-off in time for
+everybody: no training event is later than an evaluated one).
 
 Batches are built with numpy fancy indexing over the whole log (no per-event Python loop):
 histories are LEFT-padded so that the newest event is always the last column, which is what
@@ -264,6 +265,32 @@ def tail_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1, m
     valid_start = test_start - n_valid
     return Split(
         train_end=valid_start,
+        valid=concat_ranges(valid_start, test_start),
+        test=concat_ranges(test_start, ends),
+    )
+
+
+def time_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1) -> Split:
+    """One cut-off in time for everybody: the events of the last `test_frac` of the log's time
+    span (by event count) are test targets, the `valid_frac` before them validation targets,
+    everything earlier trains. Unlike `tail_split` (each user's own tail), no training event
+    happens after any evaluated one, so nothing of the evaluated period (a trend, a new item's
+    popularity) leaks into training. Every target is predicted from all of its user's events
+    before it. Users whose events all fall after a cut-off have no training events."""
+    if not (0 <= test_frac < 1 and 0 <= valid_frac < 1 and test_frac + valid_frac < 1):
+        raise ValueError(f"test_frac {test_frac} + valid_frac {valid_frac} must be a share of the log below 1")
+    t_valid, t_test = np.quantile(log.ts, [1 - test_frac - valid_frac, 1 - test_frac]) if len(log.ts) else (0.0, 0.0)
+    # Each user's events are in time order, so the rows before a cut-off are a prefix.
+    starts, ends = log.offsets[:-1], log.offsets[1:]
+    def before(t: float, frac: float) -> np.ndarray:
+        if frac <= 0:
+            return ends.copy()
+        below = np.concatenate([[0], np.cumsum(log.ts < t)])
+        return starts + (below[ends] - below[starts])
+
+    valid_start, test_start = before(t_valid, valid_frac + test_frac), before(t_test, test_frac)
+    return Split(
+        train_end=valid_start.astype(np.int64),
         valid=concat_ranges(valid_start, test_start),
         test=concat_ranges(test_start, ends),
     )

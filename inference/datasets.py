@@ -21,6 +21,7 @@ from inference.data import (
     load_movielens,
     load_sequences,
     tail_split,
+    time_split,
 )
 from recsys.settings import Settings
 
@@ -73,4 +74,6 @@ def make_split(log: EventLog, kind: str, dataset: str) -> Split:
         return leave_one_out(log)
     if kind == "tail":
         return tail_split(log)
-    raise ValueError(f"unknown split {kind!r}: loo | tail | auto")
+    if kind == "time":
+        return time_split(log)
+    raise ValueError(f"unknown split {kind!r}: loo | tail | time | auto")

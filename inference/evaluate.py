@@ -323,7 +323,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", type=Path, default=settings.train.out_dir / "ckpt_best.pt")
     p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="what the checkpoint is scored on")
     p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
-    p.add_argument("--split", default="auto", help="loo | tail | auto")
+    p.add_argument("--split", default="auto", help="loo | tail | time | auto: the split the model was trained with")
     p.add_argument("--on", default="test", choices=["valid", "test"])
     p.add_argument("--exclude-history", action="store_true")
     p.add_argument("--outcome", default="true", help="true | none | an action name")

@@ -718,7 +718,9 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="recsys train", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthetic", choices=DATASETS)
     p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
-    p.add_argument("--split", default="auto", help="loo | tail | auto (loo for beauty)")
+    p.add_argument("--split", default="auto",
+                   help="loo (each user's last two events) | tail (each user's last 10%% of events) | time (one cut-off for "
+                        "everybody: the log's last 10%% of events) | auto (loo for beauty, else tail)")
     p.add_argument("--out", type=Path, default=settings.train.out_dir, help="checkpoint directory")
     p.add_argument("--finetune", action="store_true", help="fine-tune every surface's head after pretraining")
     p.add_argument("--resume", action="store_true", help="continue from <out>/*_last.pt")

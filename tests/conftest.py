@@ -21,6 +21,21 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+# Switches of the test run itself, not settings of the code under test.
+_RUN_SWITCHES = {"RECSYS_SLOW_TESTS", "RECSYS_REQUIRE_COMPOSE", "RECSYS_REQUIRE_OPENSSL", "RECSYS_CACHE"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_settings_from_the_shell() -> Iterator[None]:
+    """A RECSYS_* setting exported in the shell would reach the tests' Settings() and the
+    processes they start, and make expected answers and services disagree: removed for the run."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RECSYS_") and k not in _RUN_SWITCHES}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("RECSYS_SLOW_TESTS") == "1":
         return

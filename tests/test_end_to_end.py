@@ -187,7 +187,10 @@ def test_a_new_item_is_retrievable_without_restart(stack: LocalStack) -> None:
 
 
 def test_restarted_server_recovers_every_user(stack: LocalStack) -> None:
-    users = ["e2e-user-1", "e2e-user-2"]
+    users = ["e2e-restart-1", "e2e-restart-2"]
+    for k, user in enumerate(users):
+        ts = _act(stack, user, 4 + k)
+        assert wait_for(lambda user=user, ts=ts: _fresh(stack, user, ts), FRESH_S)
     before = {u: _get(stack, u) for u in users}
     assert all(not r.is_fallback for reply in before.values() for r in reply.values())
     stack.restart("serve", kill=True)
@@ -199,8 +202,9 @@ def test_restarted_server_recovers_every_user(stack: LocalStack) -> None:
 
 
 def test_killing_the_worker_mid_stream_loses_no_update(stack: LocalStack) -> None:
-    """SIGKILL the worker while updates flow; after a restart every user's newest action is
-    reflected in `candidates` (offsets are committed only after the candidates write)."""
+    """SIGKILL the worker while updates flow, right after the last ones were sent (so a worker
+    that committed offsets before its candidates were written would lose those users' newest
+    action for good); after a restart every user's newest action is reflected in `candidates`."""
     users = [f"e2e-kill-{i}" for i in range(30)]
     last_ts: dict[str, int] = {}
     producer = KafkaProducer(bootstrap_servers=stack.bootstrap)
@@ -211,8 +215,8 @@ def test_killing_the_worker_mid_stream_loses_no_update(stack: LocalStack) -> Non
             producer.send(_topic(stack, "actions"), key=user.encode(), value=encode_event(event))
             last_ts[user] = ts
         producer.flush()
-        if round_ == 1:
-            stack.services["worker"].kill()
+    time.sleep(0.5)  # the last round reaches the streams and the worker's batches are in flight
+    stack.services["worker"].kill()
     producer.close()
     stack.start_service("worker")
 

@@ -17,6 +17,7 @@ from inference.data import (
     load_sequences,
     reindex_items,
     tail_split,
+    time_split,
     train_until,
 )
 
@@ -136,3 +137,30 @@ def test_hidden_items_are_not_evaluation_targets() -> None:
     log = events_from_dicts(events, ["click", "save", "hide"], ["home"])
     assert engaged(log, np.arange(4), ["hide"]).tolist() == [0, 1, 3]
     assert engaged(log, np.arange(4), []).tolist() == [0, 1, 2, 3]
+
+
+def test_time_split_has_one_cut_off_for_everybody() -> None:
+    """No training event after any evaluated one (a per-user tail lets other users' later events
+    train); each user's targets are a contiguous run after their training prefix."""
+    from inference.data import EventLog
+
+    rng = np.random.default_rng(0)
+    n = 2_000
+    users = np.sort(rng.integers(0, 50, n))
+    ts = np.empty(n)
+    for u in np.unique(users):  # each user active over a different stretch of time
+        rows = np.flatnonzero(users == u)
+        ts[rows] = np.sort(rng.uniform(u * 10, u * 10 + 500, len(rows)))
+    log = EventLog.from_columns(users.tolist(), rng.integers(0, 100, n).tolist(), rng.integers(0, 2, n),
+                                rng.integers(0, 2, n), ts, ["click", "save"], ["home", "search"])
+    split = time_split(log, test_frac=0.1, valid_frac=0.1)
+    train = np.concatenate([np.arange(a, b) for a, b in zip(log.offsets[:-1], split.train_end, strict=True)])
+    assert log.ts[train].max() < log.ts[split.valid].min() <= log.ts[split.valid].max() < log.ts[split.test].min()
+    assert len(train) + len(split.valid) + len(split.test) == n  # every event in exactly one part
+    assert abs(len(split.test) - 0.1 * n) <= 2 and abs(len(split.valid) - 0.1 * n) <= 2
+    # Per user: training prefix, then validation, then test rows, in order.
+    tail = tail_split(log)
+    tail_train = np.concatenate([np.arange(a, b) for a, b in zip(log.offsets[:-1], tail.train_end, strict=True)])
+    assert log.ts[tail_train].max() > log.ts[tail.test].min()  # what the time split avoids
+    with pytest.raises(ValueError, match="below 1"):
+        time_split(log, test_frac=0.5, valid_frac=0.5)

@@ -46,6 +46,8 @@ def test_a_target_seen_before_is_not_masked_away_by_the_history(tiny_model: Trai
     incl = ranking_metrics(model, planted_log, rows, ks=(10,))
     excl = ranking_metrics(model, planted_log, rows, ks=(10,), exclude_history=True)
     assert excl["recall@10"] >= incl["recall@10"] > 0
+    # And the other history items do leave the ranking: the target climbs above them.
+    assert excl["ndcg@10"] > incl["ndcg@10"] + 0.05, (incl, excl)
 
 
 def _item_ids(log: EventLog) -> np.ndarray:

@@ -355,6 +355,7 @@ def test_recsys_serve_process_sigterm_snapshot_and_workers(
             proc.send_signal(signal.SIGTERM)
             output, _ = proc.communicate(timeout=60)
             assert proc.returncode == 0, output
+            assert output.count("shutting down: NOT_SERVING") == (2 if "--workers" in args else 1), output
     assert snapshot.exists() and b"home-p1-0" in snapshot.read_bytes()
 
 
