@@ -335,12 +335,22 @@ def main(argv: list[str]) -> int:
         log = load_dataset(args.dataset, args.path, settings)
     except (FileNotFoundError, ValueError) as exc:
         p.error(str(exc))
-    log = ckpt.align(log)
+    # Split the data as it is, then drop what the checkpoint cannot embed: dropped first, the
+    # held-out targets moved back onto events the model trained on, and targets on items it
+    # never saw left the denominator instead of counting as misses.
     split = make_split(log, args.split, args.dataset)
     rows = engaged(log, split.test if args.on == "test" else split.valid, settings.train.negative_actions)
+    known = np.isin(log.item_ids[log.item - 1], np.asarray(ckpt.item_ids).astype(str))
+    aligned_row = np.cumsum(known) - 1  # the align keeps the other rows in order
+    log = ckpt.align(log)
+    scored = rows[known[rows]]
     metrics = ranking_metrics(
-        model, log, rows, exclude_history=args.exclude_history, outcome=args.outcome, ks=(5, 10, 20, 50)
+        model, log, aligned_row[scored], exclude_history=args.exclude_history, outcome=args.outcome, ks=(5, 10, 20, 50)
     )
+    unknown = len(rows) - len(scored)
+    if unknown:  # a miss each: no list of this model can hold an item it does not have
+        metrics = {k: v * len(scored) / len(rows) if "@" in k else v for k, v in metrics.items()}
+    metrics |= {"n_targets": len(rows), "n_targets_unknown_item": unknown}
     json.dump(metrics, sys.stdout, indent=2)
     print()
     return 0 if all(math.isfinite(v) for v in metrics.values()) else 1

@@ -157,7 +157,9 @@ class TrainSettings(Section):
     # m-th block; needs window >= M) | wta (each target trains its best slot)
     slots: str = "mixture"
     loss: str = "auto"  # full (softmax over every item) | sampled (in-batch + random, log-Q) | auto
-    full_softmax_max_items: int = 200_000  # auto picks the full softmax up to this catalogue size
+    # auto picks the full softmax up to this catalogue size. A batch's logits are (batch_size x
+    # max_len x M) x items floats: at the defaults 25,600 rows x 20k items = 2 GB (200k: 20 GB).
+    full_softmax_max_items: int = 20_000
     n_negatives: int = 2048  # random negatives per step for the sampled softmax
     outcome_dropout: float = 0.25  # share of targets trained unconditioned (outcome 0)
     surface_dropout: float = 0.1  # share of targets trained with surface 0 ("any surface")

@@ -285,6 +285,13 @@ def test_small_demo_model_trains_and_exports(tmp_path: Path) -> None:
     out = train_small_demo_model(events, settings, tmp_path / "model", max_seconds=15)
     for name in ("user_model.onnx", "item_encoder.onnx", "items.npz", "meta.json"):
         assert (out / name).stat().st_size > 0, name
+    # And it is a model the worker can load and run: every item of the events, unit vectors.
+    from inference.runtime import ModelRuntime
+
+    runtime = ModelRuntime.load(out, "cpu")
+    assert set(runtime.item_ids) == {str(e["item_id"]) for e in events}
+    vectors = runtime.item_vectors_for(list(runtime.item_ids))
+    assert all(np.isclose(np.linalg.norm(v), 1.0, atol=1e-4) and len(v) == runtime.dim for v in vectors.values())
 
 
 def test_small_demo_model_takes_its_own_lr_unless_one_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,6 +331,21 @@ def test_cli_export_and_evaluate(tiny_model: tuple[GenerativeRetriever, Checkpoi
     assert evaluate.main(["--checkpoint", str(out / "ckpt_best.pt"), "--dataset", "events", "--path", str(events)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["recall@10"] > 0.3 and metrics["n_targets"] > 100
+    assert metrics["n_targets_unknown_item"] == 0
+
+    # A newer dump: ten users' last action is on an item the checkpoint never saw. Each is a test
+    # target (the split is made on the data as it is) and a miss, not a target dropped.
+    rows = planted_events(n_items=N_ITEMS, n_clusters=N_CLUSTERS, exclude_items=HELD_OUT)
+    last: dict[str, dict] = {}
+    for e in rows:
+        last[str(e["user_id"])] = e
+    newer = [{**e, "item_id": "never-seen", "action": "click", "ts": e["ts"] + 1} for e in list(last.values())[:10]]
+    events.write_text("\n".join(json.dumps(e) for e in rows + newer))
+    assert evaluate.main(["--checkpoint", str(out / "ckpt_best.pt"), "--dataset", "events", "--path", str(events)]) == 0
+    with_unknown = json.loads(capsys.readouterr().out)
+    assert with_unknown["n_targets_unknown_item"] == 10
+    # Ten of the targets are misses whatever the model does.
+    assert with_unknown["recall@50"] <= 1 - 10 / with_unknown["n_targets"]
 
 
 def test_cli_says_what_is_missing(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], tmp_path: Path,
