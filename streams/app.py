@@ -258,7 +258,11 @@ def create_app(settings: Settings) -> faust.App:
             for p in pending.values():
                 if not p.emit:
                     continue
-                p.seq.version += 1
+                # A hybrid clock, not a counter: strictly increasing per user as before, and a
+                # user whose state starts afresh (a reset of the streams state, a new app id)
+                # starts above every version already in `candidates` instead of at 1, which the
+                # servers dropped as stale until the older records were gone.
+                p.seq.version = max(p.seq.version + 1, now_ms())
                 value = p.seq.encode()
                 if token is not None:
                     _current_event.reset(token)

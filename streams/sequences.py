@@ -151,7 +151,7 @@ class UserState:
     """The value of the `sequences` table for one user."""
 
     user_id: Id  # as the first event spelled it (the table key is str(user_id))
-    version: int  # bumped at every emitted update; strictly increasing per user
+    version: int  # at every emitted update max(version + 1, now in ms): strictly increasing per user
     events: tuple[SeqEvent, ...]  # oldest -> newest
     hidden: Hidden = ()  # `fold_hidden`'s
 

@@ -653,3 +653,35 @@ def test_the_worker_creates_its_topics_with_the_configured_partitions(kafka_boot
     finally:
         if fresh.proc is not None:
             assert fresh.stop(signal.SIGTERM) == 0, fresh.tail()
+
+
+def test_a_fresh_streams_state_emits_versions_above_the_old_ones(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A reset of the streams state (here: a new app id over the same topics, as a deleted
+    changelog or recreated topics also give) must not restart versions: servers keep the highest
+    version they hold and would drop every new list as stale."""
+    name = f"streams-{uuid.uuid4().hex[:8]}"
+    first = Worker(kafka_bootstrap, name, tmp_path / "first")
+    first.data_dir.mkdir()
+    ensure_topic(kafka_bootstrap, first.actions, PARTITIONS)
+    t = now_ms() - 60_000
+    events = [ActionEvent(f"u{u}", k, "click", "home", t + 10 * k + u) for u in range(5) for k in range(3)]
+    produce(events, kafka_bootstrap, first.actions, progress=False)
+    first.start()
+    try:
+        wait_until(lambda: len(updates_by_user(kafka_bootstrap, first.updates)) == 5, 60, "the first state's updates")
+    finally:
+        assert first.stop(signal.SIGTERM) == 0, first.tail()
+    before = updates_by_user(kafka_bootstrap, first.updates)
+    old = {u: max(x["version"] for x in ups) for u, ups in before.items()}
+
+    again = Worker(kafka_bootstrap, name, tmp_path / "again",
+                   extra_env={"RECSYS_STREAMS__APP_ID": f"{name}-reset", "RECSYS_STREAMS__INSTANCE_ID": f"{name}-reset"})
+    again.data_dir.mkdir()
+    again.start()  # reads `actions` from the start into an empty table
+    try:
+        wait_until(lambda: all(len(ups) > len(before[u]) for u, ups in updates_by_user(kafka_bootstrap, again.updates).items()),
+                   60, "the fresh state's updates")
+    finally:
+        assert again.stop(signal.SIGTERM) == 0, again.tail()
+    for user, ups in updates_by_user(kafka_bootstrap, again.updates).items():
+        assert ups[-1]["version"] > old[user], (user, old[user], [x["version"] for x in ups])
