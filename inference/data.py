@@ -271,29 +271,33 @@ def tail_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1, m
 
 
 def time_split(log: EventLog, test_frac: float = 0.1, valid_frac: float = 0.1) -> Split:
-    """One cut-off in time for everybody: the events of the last `test_frac` of the log's time
-    span (by event count) are test targets, the `valid_frac` before them validation targets,
-    everything earlier trains. Unlike `tail_split` (each user's own tail), no training event
-    happens after any evaluated one, so nothing of the evaluated period (a trend, a new item's
-    popularity) leaks into training. Every target is predicted from all of its user's events
-    before it. Users whose events all fall after a cut-off have no training events."""
+    """One cut-off in time for everybody: the log's last `test_frac` of events in time order are
+    test targets, the `valid_frac` before them validation targets, everything earlier trains.
+    Unlike `tail_split` (each user's own tail), no training event is later than an evaluated one,
+    so nothing of the evaluated period (a trend, a new item's popularity) leaks into training.
+    Events are ordered by (time, row), so tied times split by count as asked. A target is
+    predicted from all of its user's events before it; a user's very first event is no target
+    (nothing to predict it from: a cold start, not what the model is measured on)."""
     if not (0 <= test_frac < 1 and 0 <= valid_frac < 1 and test_frac + valid_frac < 1):
         raise ValueError(f"test_frac {test_frac} + valid_frac {valid_frac} must be a share of the log below 1")
-    t_valid, t_test = np.quantile(log.ts, [1 - test_frac - valid_frac, 1 - test_frac]) if len(log.ts) else (0.0, 0.0)
-    # Each user's events are in time order, so the rows before a cut-off are a prefix.
+    n = len(log.ts)
+    if n > 1 and log.ts.min() == log.ts.max():
+        raise ValueError("the events carry no times to cut on (e.g. a sequence file): use the loo or tail split")
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.lexsort((np.arange(n), log.ts))] = np.arange(n)
+    n_test, n_valid = int(round(n * test_frac)), int(round(n * valid_frac))
+    part = np.where(rank >= n - n_test, 2, np.where(rank >= n - n_test - n_valid, 1, 0))  # 0 train, 1 valid, 2 test
+    # Each user's events are in time order, so their training events are a prefix.
     starts, ends = log.offsets[:-1], log.offsets[1:]
-    def before(t: float, frac: float) -> np.ndarray:
-        if frac <= 0:
-            return ends.copy()
-        below = np.concatenate([[0], np.cumsum(log.ts < t)])
-        return starts + (below[ends] - below[starts])
-
-    valid_start, test_start = before(t_valid, valid_frac + test_frac), before(t_test, test_frac)
-    return Split(
-        train_end=valid_start.astype(np.int64),
-        valid=concat_ranges(valid_start, test_start),
-        test=concat_ranges(test_start, ends),
-    )
+    trains = np.concatenate([[0], np.cumsum(part == 0)])
+    train_end = starts + (trains[ends] - trains[starts])
+    first = np.zeros(n, dtype=bool)
+    first[starts[log.lengths() > 0]] = True
+    valid, test = np.flatnonzero((part == 1) & ~first), np.flatnonzero((part == 2) & ~first)
+    if (valid_frac > 0 and len(valid) == 0) or (test_frac > 0 and len(test) == 0) or not (part == 0).any():
+        raise ValueError(f"a time split of {n} events gives {int((part == 0).sum())} to train, {len(valid)} "
+                         f"validation and {len(test)} test targets: too few events for these shares")
+    return Split(train_end=train_end.astype(np.int64), valid=valid.astype(np.int64), test=test.astype(np.int64))
 
 
 def engaged(log: EventLog, rows: np.ndarray, negative_actions: Sequence[str]) -> np.ndarray:

@@ -8,9 +8,8 @@ straight read:
 
       not msgpack / not a map / no usable user id   -> None (counted as malformed, skipped)
         (a str id longer than events.max_id_length
-        bytes is not one: it would go into the
-        candidates record's key and value, and a
-        record the producer refuses stops the loop)
+        bytes is not one, as in the streams: it goes
+        into the candidates record's key and value)
       an event without a usable item_id, action,
         surface or integer ts                        -> that event dropped, the rest kept
       no events left (an empty history)             -> None: no candidates record is written,
@@ -81,8 +80,8 @@ def _is_id(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
 
 
-def _is_user_id(value: Any) -> bool:
-    return _is_id(value) and not (isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > _MAX_ID_BYTES)
+def _is_user_id(value: Any, max_bytes: int) -> bool:
+    return _is_id(value) and not (isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > max_bytes)
 
 
 def _clean_event(event: Any) -> dict[str, Any] | None:
@@ -100,18 +99,19 @@ _MAX_HIDDEN = StreamsSettings.model_fields["max_hidden"].default  # the streams'
 
 
 def clean_update(raw: bytes | None, keep: int, keep_hidden: int = _MAX_HIDDEN,
-                 actions: Collection[str] | None = None) -> dict[str, Any] | None:
+                 actions: Collection[str] | None = None, max_id_bytes: int = _MAX_ID_BYTES) -> dict[str, Any] | None:
     """A `user-updates` record as the worker can use it, or None (see the module docstring):
     of the newest ``keep`` events those whose action is one of ``actions`` (the model's; None:
     any), and ``keep_hidden`` hidden items (the streams' bounds; a record from elsewhere could
-    carry a million, all going into the store's exclusion filter)."""
+    carry a million, all going into the store's exclusion filter); a user id of at most
+    ``max_id_bytes`` (events.max_id_length, as the streams accept)."""
     if raw is None or len(raw) > _MAX_RECORD_BYTES:
         return None
     try:
         update = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
-    if not isinstance(update, dict) or not _is_user_id(update.get("user_id")):
+    if not isinstance(update, dict) or not _is_user_id(update.get("user_id"), max_id_bytes):
         return None
     events = update.get("events")
     if not isinstance(events, list):

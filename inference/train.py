@@ -349,7 +349,7 @@ def batch_loss(
         # log-Q: probability that each candidate is in the set (batch targets or the uniform draw).
         n_targets = float(distinct_targets(tgt))
         p_batch = -torch.expm1(n_targets * torch.log1p(-spec.log_pop[cand].exp().clamp(max=1 - 1e-6)))
-        p_uniform = -math.expm1(spec.n_negatives * math.log1p(-1.0 / n))  # k draws with replacement
+        p_uniform = -math.expm1(spec.n_negatives * math.log1p(-1.0 / n)) if n > 1 else 1.0  # k draws with replacement
         cand_items, col_bias = items[cand - 1], -torch.log1p(-(1 - p_batch) * (1 - p_uniform))
         cols = torch.searchsorted(cand, targets.clamp(min=1))
     hard = None

@@ -605,6 +605,9 @@ class Worker:
             if inflight is not None:
                 self.settle(*inflight)
             if sent is None:  # the group moved on while it was computed: another worker's now
+                # Offsets still pending may be of partitions owned elsewhere now: committing them
+                # there could move the new owner's position back. Dropped: only redone, never lost.
+                self._pending.offsets = {}
                 self._replace_consumer()
                 sent, offsets = [], {}
             inflight = (sent, offsets) if offsets else None
@@ -737,7 +740,8 @@ class Worker:
                 if part:
                     self._polled[tp] = part[-1].offset + 1
                 for record in part:
-                    update = clean_update(record.value, keep, self.settings.streams.max_hidden, actions)
+                    update = clean_update(record.value, keep, self.settings.streams.max_hidden, actions,
+                                          self.settings.events.max_id_length)
                     if update is None:
                         self.updates_skipped += 1
                         log.warning("worker: skipped an unusable update at %s:%d:%d (no user or no usable event)",

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -240,13 +240,6 @@ class InferenceSettings(Section):
         "related": {"click": 0.5, "save": 0.5},
     }
 
-    @field_validator("outcome_weights", mode="before")
-    @classmethod
-    def _per_surface(cls, value: Any) -> Any:
-        # A nested override would otherwise replace the whole map: setting home's weights
-        # silently left search and related with none (their lists then aim at clicks).
-        default = cls.model_fields["outcome_weights"].default
-        return {**default, **value} if isinstance(value, dict) else value
 
 
 class VectorStoreSettings(Section):
@@ -344,6 +337,25 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: no such settings section (sections: {', '.join(cls.model_fields)})")
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _outcome_weights_per_surface(cls, data: Any) -> Any:
+        # Given outcome weights replace the defaults surface by surface: a nested override
+        # (RECSYS_INFERENCE__OUTCOME_WEIGHTS__HOME__SAVE) used to replace the whole map and leave
+        # search and related with none. Only configured surfaces get defaults filled in, so a
+        # deployment with surfaces of its own is not handed weights for surfaces it lacks.
+        inference = data.get("inference") if isinstance(data, dict) else None
+        given = inference.get("outcome_weights") if isinstance(inference, dict) else None
+        if not isinstance(given, dict):
+            return data
+        events = data.get("events")
+        surfaces = events.get("surfaces") if isinstance(events, dict) else getattr(events, "surfaces", None)
+        if not isinstance(surfaces, list):
+            surfaces = EventSettings.model_fields["surfaces"].default
+        default = InferenceSettings.model_fields["outcome_weights"].default
+        filled = {s: default[s] for s in surfaces if s in default and s not in given}
+        return {**data, "inference": {**inference, "outcome_weights": {**filled, **given}}}
 
     @model_validator(mode="after")
     def _future_within_lateness(self) -> Settings:

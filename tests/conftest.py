@@ -19,21 +19,24 @@ def pytest_configure(config: pytest.Config) -> None:
     # which stops the session's broker and the stacks' services. Without it they outlived the run:
     # they are started in sessions of their own.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    _keep_shell_settings_out()
 
 
 # Switches of the test run itself, not settings of the code under test.
 _RUN_SWITCHES = {"RECSYS_SLOW_TESTS", "RECSYS_REQUIRE_COMPOSE", "RECSYS_REQUIRE_OPENSSL", "RECSYS_CACHE"}
+_shell_settings: dict[str, str] = {}
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _no_settings_from_the_shell() -> Iterator[None]:
-    """A RECSYS_* setting exported in the shell would reach the tests' Settings() and the
-    processes they start, and make expected answers and services disagree: removed for the run."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RECSYS_") and k not in _RUN_SWITCHES}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
+def _keep_shell_settings_out() -> None:
+    """A RECSYS_* setting exported in the shell would reach the tests' Settings() (module-level
+    ones too, read at collection) and the processes they start, and make expected answers and
+    services disagree: removed for the run, put back after it."""
+    for k in [k for k in os.environ if k.startswith("RECSYS_") and k not in _RUN_SWITCHES]:
+        _shell_settings[k] = os.environ.pop(k)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.environ.update(_shell_settings)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

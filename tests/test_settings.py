@@ -79,3 +79,12 @@ def test_a_worker_batch_of_no_users_is_refused() -> None:
     # max_batch = 0 polled nothing, ever, without a word.
     with pytest.raises(ValidationError, match="max_batch"):
         Settings(inference={"max_batch": 0})
+
+
+def test_surfaces_of_ones_own_get_no_default_outcome_weights() -> None:
+    settings = Settings(events={"surfaces": ["home", "feed"]},
+                        inference={"outcome_weights": {"home": {"save": 1.0}, "feed": {"click": 1.0}}})
+    assert settings.inference.outcome_weights == {"home": {"save": 1.0}, "feed": {"click": 1.0}}
+    # A configured surface left out of the given weights keeps its default ones.
+    partial = Settings(events={"surfaces": ["home", "search"]}, inference={"outcome_weights": {"home": {"save": 1.0}}})
+    assert partial.inference.outcome_weights == {"home": {"save": 1.0}, "search": {"click": 0.8, "save": 0.2}}

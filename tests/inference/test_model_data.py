@@ -156,11 +156,25 @@ def test_time_split_has_one_cut_off_for_everybody() -> None:
     split = time_split(log, test_frac=0.1, valid_frac=0.1)
     train = np.concatenate([np.arange(a, b) for a, b in zip(log.offsets[:-1], split.train_end, strict=True)])
     assert log.ts[train].max() < log.ts[split.valid].min() <= log.ts[split.valid].max() < log.ts[split.test].min()
-    assert len(train) + len(split.valid) + len(split.test) == n  # every event in exactly one part
-    assert abs(len(split.test) - 0.1 * n) <= 2 and abs(len(split.valid) - 0.1 * n) <= 2
+    firsts = set(log.offsets[:-1].tolist())
+    held = set(range(n)) - set(train.tolist())
+    assert set(split.valid.tolist()) | set(split.test.tolist()) == held - firsts  # a user's first event: no target
+    assert abs(len(split.test) - 0.1 * n) <= 5 and abs(len(split.valid) - 0.1 * n) <= 5
+    # Tied times split by count, not all on one side of the cut: a day-resolution log whose last
+    # day holds 30% of the events (rows are grouped by user, so each user's times stay in order).
+    two_days = (np.arange(n) >= n * 0.7) * 86400.0
+    daily = EventLog.from_columns(users.tolist(), rng.integers(0, 100, n).tolist(), rng.integers(0, 2, n),
+                                  rng.integers(0, 2, n), two_days, ["click", "save"], ["home", "search"])
+    by_day = time_split(daily, test_frac=0.1, valid_frac=0.1)
+    assert 0.1 * n - 10 <= len(by_day.valid) <= 0.1 * n and 0.1 * n - 10 <= len(by_day.test) <= 0.1 * n
     # Per user: training prefix, then validation, then test rows, in order.
     tail = tail_split(log)
     tail_train = np.concatenate([np.arange(a, b) for a, b in zip(log.offsets[:-1], tail.train_end, strict=True)])
     assert log.ts[tail_train].max() > log.ts[tail.test].min()  # what the time split avoids
     with pytest.raises(ValueError, match="below 1"):
         time_split(log, test_frac=0.5, valid_frac=0.5)
+    # A sequence file carries no times (all 0): nothing to cut on.
+    untimed = EventLog.from_columns(users.tolist(), rng.integers(0, 100, n).tolist(), rng.integers(0, 2, n),
+                                    rng.integers(0, 2, n), np.zeros(n), ["click", "save"], ["home", "search"])
+    with pytest.raises(ValueError, match="no times"):
+        time_split(untimed)

@@ -29,7 +29,7 @@ from inference.worker import Worker, excluded_items, recent_items
 from recsys.settings import EventSettings, Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
-from worker_helpers import committed_and_end, read_candidates
+from worker_helpers import committed_and_end, read_candidates, send_updates, start_loop
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -91,22 +91,8 @@ def worker(kafka_bootstrap: str, small_model_dir: Path, tmp_path: Path, unique: 
 
 def test_hostile_updates_through_the_loop_get_their_defined_answer(worker: Worker, kafka_bootstrap: str) -> None:
     settings = worker.settings
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for key, value in {**SKIPPED, **SERVED}.items():
-        producer.send(settings.topics.user_updates, key=key.encode(), value=value)
-    producer.flush()
-    producer.close()
-
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+    send_updates(kafka_bootstrap, settings.topics.user_updates, {**SKIPPED, **SERVED})
+    thread, errors = start_loop(worker)
     deadline = time.monotonic() + 60
     served: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline and set(served) != set(SERVED):
@@ -163,6 +149,7 @@ def test_clean_update_defined_answers() -> None:
     longest = "u" * EventSettings().max_id_length
     assert clean_update(update(longest, [ev(1)]), 50) is not None
     assert clean_update(update(longest + "u", [ev(1)]), 50) is None
+    assert clean_update(update(longest + "u", [ev(1)]), 50, max_id_bytes=len(longest) + 1) is not None  # as configured
     # A last_event_ts that is no epoch ms (the server's int64 field could not take it).
     assert clean_update(update("u", [ev(1, NOW)], last_event_ts=2**64 - 1), 50)["last_event_ts"] == NOW
 
@@ -231,11 +218,7 @@ def _serve_two_until_committed(worker: Worker, kafka_bootstrap: str, refused: li
     """Two served users' updates through the running loop, until their offsets are committed
     (and the injected refusal happened) or the timeout: (committed, end) offsets."""
     settings = worker.settings
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for key in ("good", "7"):
-        producer.send(settings.topics.user_updates, key=key.encode(), value=SERVED[key])
-    producer.flush()
-    producer.close()
+    send_updates(kafka_bootstrap, settings.topics.user_updates, {key: SERVED[key] for key in ("good", "7")})
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s
@@ -273,21 +256,8 @@ def test_candidates_the_broker_refuses_leave_the_batch_uncommitted(worker: Worke
     finally:
         admin.close()
     worker.settings = good_settings.model_copy(update={"topics": good_settings.topics.model_copy(update={"candidates": small})})
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for key in ("good", "7"):
-        producer.send(good_settings.topics.user_updates, key=key.encode(), value=SERVED[key])
-    producer.flush()
-    producer.close()
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+    send_updates(kafka_bootstrap, good_settings.topics.user_updates, {key: SERVED[key] for key in ("good", "7")})
+    thread, errors = start_loop(worker)
     thread.join(90)
     assert not thread.is_alive() and errors, "the refused candidates did not stop the loop"
     committed, ends = committed_and_end(kafka_bootstrap, good_settings.inference.group_id, good_settings.topics.user_updates)

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 
 from inference.guards import RetryingStore
 from inference.runtime import ModelRuntime
@@ -25,7 +25,7 @@ from inference.worker import Worker
 from recsys.settings import Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
-from worker_helpers import read_candidates
+from worker_helpers import read_candidates, send_updates, start_loop
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -81,24 +81,10 @@ def test_a_batch_computed_after_the_group_gave_its_partitions_away_is_not_sent_a
     settings = worker.settings
     items = [str(i) for i in worker.runtime.item_ids[:5]]
     now = int(time.time() * 1000)
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    for user in USERS:
-        events = [{"item_id": item, "action": "click", "surface": "home", "ts": now - 10 + k} for k, item in enumerate(items)]
-        producer.send(settings.topics.user_updates, key=user.encode(),
-                      value=msgpack.packb({"user_id": user, "version": 1, "events": events}))
-    producer.flush()
-    producer.close()
-
-    errors: list[BaseException] = []
-
-    def loop() -> None:
-        try:
-            worker.run()
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+    events = [{"item_id": item, "action": "click", "surface": "home", "ts": now - 10 + k} for k, item in enumerate(items)]
+    send_updates(kafka_bootstrap, settings.topics.user_updates,
+                 {user: msgpack.packb({"user_id": user, "version": 1, "events": events}) for user in USERS})
+    thread, errors = start_loop(worker)
     assert held.held.wait(60), "the worker never queried the store"
 
     # Past max_poll_interval_s the stalled worker is dropped; another member takes every partition.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -28,3 +29,29 @@ def read_candidates(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
         return {m.key.decode(): msgpack.unpackb(m.value, raw=False) for m in consumer}
     finally:
         consumer.close()
+
+
+def send_updates(bootstrap: str, topic: str, records: dict[str, bytes]) -> None:
+    """`user-updates` records (key -> raw value), acknowledged before returning."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for key, value in records.items():
+        producer.send(topic, key=key.encode(), value=value)
+    producer.flush()
+    producer.close()
+
+
+def start_loop(worker: Any) -> tuple[threading.Thread, list[BaseException]]:
+    """`worker.run()` in a daemon thread; what it raised lands in the returned list."""
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread, errors
