@@ -390,6 +390,7 @@ class Stage:
     valid_rows: np.ndarray
     trainable: list[torch.nn.Parameter] | None = None  # None = all
     frozen_trunk: bool = False
+    train_modules: list[torch.nn.Module] = field(default_factory=list)  # in training mode when the trunk is frozen
 
 
 @dataclass
@@ -526,6 +527,14 @@ def fit(
     t_start = time.time() - st.seconds
     while st.epoch < stage.epochs and not st.early_stopped:
         model.train()
+        if stage.frozen_trunk:
+            # The frozen trunk and item tower run as they are served (no dropout), so the head
+            # learns on the inputs it will get; the root stays in training mode for the loss's
+            # condition dropout.
+            for child in model.children():
+                child.eval()
+            for module in stage.train_modules:
+                module.train()
         losses: list[float] = []
         # Each epoch's batch order from its own stream, so a resumed run draws what the
         # uninterrupted one would have (one stream across epochs could not be restarted midway).
@@ -665,7 +674,9 @@ def train(
             rows = valid[log_.surface[valid] == s]
             if len(rows) == 0:
                 continue
-            ft = LossSpec(**{**spec.__dict__, "surface": s, "surface_dropout": 0.0, "hard_negative_weight": tcfg.hard_negative_weight})
+            # No id dropout: it trains the frozen item tower's content path, nothing of the head's.
+            ft = LossSpec(**{**spec.__dict__, "surface": s, "surface_dropout": 0.0, "id_dropout": 0.0,
+                             "hard_negative_weight": tcfg.hard_negative_weight})
             stage = Stage(
                 f"finetune-{surface_name}",
                 tcfg.finetune_epochs,
@@ -674,6 +685,7 @@ def train(
                 rows,
                 trainable=list(model.head.mlps[s].parameters()),
                 frozen_trunk=True,
+                train_modules=[model.head.mlps[s]],
             )
             results.append(fit(model, log_, split, tcfg, stage, info, out_dir, resume=resume, progress=progress))
     info.state = {"stages": [{"epochs": r.epochs, "seconds": r.seconds, "best": r.best} for r in results]}

@@ -548,3 +548,24 @@ def test_hard_negatives_are_on_the_surface_once_per_item_and_never_a_positive() 
     pr, w = hard_negatives(torch.tensor([[False, True, True, False, False]]), torch.tensor([[True, False, False, False, False]]),
                            torch.tensor([[2, 9, 9, 0, 0]]), torch.ones_like(twice), on_surface=None)
     assert list(zip(pr.tolist(), w.tolist(), strict=True)) == [(0, 1)]
+
+
+def test_fine_tuning_runs_the_frozen_trunk_as_it_is_served(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
+    """With dropout on, a fine-tuning stage runs the frozen trunk (under no_grad) in eval mode:
+    the head learns on the hidden states it will be served, not on dropped-out ones."""
+    settings = tiny_settings(tmp_path, "model.dropout=0.5", "train.epochs=1", "train.finetune_epochs=1")
+    seen: list[tuple[str, bool]] = []
+    original = GenerativeRetriever.__init__
+
+    def record(self: GenerativeRetriever, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        for name, module in self.named_modules():
+            if name and not name.startswith("head"):
+                module.register_forward_pre_hook(
+                    lambda m, _inputs, name=name: None if torch.is_grad_enabled() else seen.append((name, m.training)))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GenerativeRetriever, "__init__", record)
+        train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
+    assert seen, "no forward pass of the trunk without gradients was seen"
+    assert not [name for name, training in seen if training], "the frozen trunk ran with dropout"
