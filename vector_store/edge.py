@@ -121,13 +121,26 @@ class EdgeStore(VectorStore):
         to one process: in one shared group two workers' shards would each get only some
         partitions' items, and a shard deleted and rebuilt would resume from its predecessor's
         offsets, missing every item published since the export. The id lives in the shard's
-        directory, so it lasts as long as the shard does."""
+        directory, so it lasts as long as the shard does. With it is the directory's identity
+        (device, inode): a copy of the shard (`cp -r`, a restored backup, a copied volume) gets
+        an id of its own instead of sharing the original's group and half its partitions."""
         id_file = self.path / _SHARD_ID_FILE
-        if not id_file.exists():
-            self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        stat = self.path.stat()
+        here = f"{stat.st_dev}:{stat.st_ino}"
+        try:
+            recorded = json.loads(id_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            recorded = None
+        except ValueError:  # the earlier form, the id alone: adopted, with this directory's identity
+            recorded = {"id": id_file.read_text(encoding="utf-8").strip(), "dir": here}
             with atomic_write(id_file) as f:
-                f.write(uuid.uuid4().hex.encode())
-        return f"{base}.{id_file.read_text(encoding='utf-8').strip()}"
+                f.write(json.dumps(recorded).encode())
+        if not isinstance(recorded, dict) or recorded.get("dir") != here:
+            recorded = {"id": uuid.uuid4().hex, "dir": here}
+            with atomic_write(id_file) as f:
+                f.write(json.dumps(recorded).encode())
+        return f"{base}.{recorded['id']}"
 
     def count(self) -> int:
         return int(self._live().count(qe.CountRequest(exact=True)))

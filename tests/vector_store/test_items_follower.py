@@ -195,6 +195,18 @@ def test_every_edge_shard_follows_the_whole_topic(kafka_bootstrap: str, unique: 
     first, second = follow_all(tmp_path / "a"), follow_all(tmp_path / "b")
     assert first != second
     assert _committed(kafka_bootstrap, settings, first) == DIM
+
+    def group_of(path: Path) -> str:
+        with EdgeStore(settings.vector_store.model_copy(update={"path": path})) as store:
+            return store.items_group("g")
+
+    # The same shard keeps its group; a copy of it (cp -r, a restored backup) gets one of its own
+    # and follows the whole topic, instead of splitting the partitions with its original.
+    shutil.copytree(tmp_path / "a", tmp_path / "a-copy")
+    assert group_of(tmp_path / "a") == group_of(tmp_path / "a")
+    assert group_of(tmp_path / "a-copy") != group_of(tmp_path / "a")
+    assert follow_all(tmp_path / "a-copy") not in (first, second)
+    assert group_of(tmp_path / "a").removeprefix("g.") in first  # the original still follows in its first group
     shutil.rmtree(tmp_path / "a")
     assert follow_all(tmp_path / "a") not in (first, second)
 
