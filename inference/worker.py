@@ -607,7 +607,7 @@ class Worker:
             if sent is None:  # the group moved on while it was computed: another worker's now
                 # Offsets still pending may be of partitions owned elsewhere now: committing them
                 # there could move the new owner's position back. Dropped: only redone, never lost.
-                self._pending.offsets = {}
+                self._pending.clear()
                 self._replace_consumer()
                 sent, offsets = [], {}
             inflight = (sent, offsets) if offsets else None

@@ -53,6 +53,10 @@ class PendingCommits:
         self.offsets: dict[Any, int] = {}
         self._refused_since: float | None = None
 
+    def clear(self) -> None:
+        """Forget every pending offset (their records are re-read) and any refusal so far."""
+        self.offsets, self._refused_since = {}, None
+
     def add(self, offsets: Mapping[Any, int]) -> None:
         for tp, offset in offsets.items():
             self.offsets[tp] = max(offset, self.offsets.get(tp, 0))

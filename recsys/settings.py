@@ -231,15 +231,14 @@ class InferenceSettings(Section):
     # Longest a worker may spend between polls (a batch waiting out a store outage) before the
     # group hands its partitions to another worker. A batch computed past it is not sent.
     max_poll_interval_s: float = Field(300.0, gt=0)
-    # Each surface splits its budget across outcomes by its business goal. Set per surface: a
-    # surface given (RECSYS_INFERENCE__OUTCOME_WEIGHTS__HOME__SAVE=1) is replaced whole, the
-    # others keep theirs.
+    # Each surface splits its budget across outcomes by its business goal. Set per surface
+    # (RECSYS_INFERENCE__OUTCOME_WEIGHTS__HOME__SAVE=1 replaces home's whole); a configured
+    # surface not given keeps its default, if it has one; a surface without weights aims at clicks.
     outcome_weights: dict[str, dict[str, float]] = {
         "home": {"save": 0.7, "click": 0.3},
         "search": {"click": 0.8, "save": 0.2},
         "related": {"click": 0.5, "save": 0.5},
     }
-
 
 
 class VectorStoreSettings(Section):
@@ -338,24 +337,18 @@ class Settings(BaseSettings):
             raise ValueError(f"{', '.join(unknown)}: no such settings section (sections: {', '.join(cls.model_fields)})")
         return data
 
-    @model_validator(mode="before")
-    @classmethod
-    def _outcome_weights_per_surface(cls, data: Any) -> Any:
-        # Given outcome weights replace the defaults surface by surface: a nested override
-        # (RECSYS_INFERENCE__OUTCOME_WEIGHTS__HOME__SAVE) used to replace the whole map and leave
-        # search and related with none. Only configured surfaces get defaults filled in, so a
-        # deployment with surfaces of its own is not handed weights for surfaces it lacks.
-        inference = data.get("inference") if isinstance(data, dict) else None
-        given = inference.get("outcome_weights") if isinstance(inference, dict) else None
-        if not isinstance(given, dict):
-            return data
-        events = data.get("events")
-        surfaces = events.get("surfaces") if isinstance(events, dict) else getattr(events, "surfaces", None)
-        if not isinstance(surfaces, list):
-            surfaces = EventSettings.model_fields["surfaces"].default
+    @model_validator(mode="after")
+    def _outcome_weights_per_surface(self) -> Settings:
+        # Given weights replace the defaults surface by surface: a nested override used to
+        # replace the whole map and leave search and related with none. Defaults go only to
+        # configured surfaces, so a deployment with surfaces of its own gets none for the
+        # default ones (the worker refuses weights for surfaces it does not serve).
         default = InferenceSettings.model_fields["outcome_weights"].default
-        filled = {s: default[s] for s in surfaces if s in default and s not in given}
-        return {**data, "inference": {**inference, "outcome_weights": {**filled, **given}}}
+        given = self.inference.outcome_weights if "outcome_weights" in self.inference.model_fields_set else {}
+        weights = {s: default[s] for s in self.events.surfaces if s in default and s not in given} | given
+        if weights != self.inference.outcome_weights:
+            self.inference = self.inference.model_copy(update={"outcome_weights": weights})
+        return self
 
     @model_validator(mode="after")
     def _future_within_lateness(self) -> Settings:

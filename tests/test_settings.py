@@ -88,3 +88,9 @@ def test_surfaces_of_ones_own_get_no_default_outcome_weights() -> None:
     # A configured surface left out of the given weights keeps its default ones.
     partial = Settings(events={"surfaces": ["home", "search"]}, inference={"outcome_weights": {"home": {"save": 1.0}}})
     assert partial.inference.outcome_weights == {"home": {"save": 1.0}, "search": {"click": 0.8, "save": 0.2}}
+
+
+def test_a_deployment_with_surfaces_of_its_own_gets_no_default_weights_for_the_others() -> None:
+    # Without weights given the worker used to refuse to start ("neither configured nor the model's").
+    assert Settings(events={"surfaces": ["feed"]}).inference.outcome_weights == {}
+    assert Settings(events={"surfaces": ("home", "feed")}).inference.outcome_weights == {"home": {"save": 0.7, "click": 0.3}}

@@ -121,23 +121,30 @@ class EdgeStore(VectorStore):
         to one process: in one shared group two workers' shards would each get only some
         partitions' items, and a shard deleted and rebuilt would resume from its predecessor's
         offsets, missing every item published since the export. The id lives in the shard's
-        directory, so it lasts as long as the shard does. With it is the directory's identity
-        (device, inode): a copy of the shard (`cp -r`, a restored backup, a copied volume) gets
-        an id of its own instead of sharing the original's group and half its partitions."""
+        directory, so it lasts as long as the shard does. With it is the directory's inode: a
+        copy of the shard made beside it (`cp -r`, a second worker's volume copied from the
+        first) gets an id of its own instead of sharing the original's group and half its
+        partitions. (Not the device too: it can change under an unchanged shard, e.g. a
+        container's overlay, and every such start would read the whole topic again. A backup
+        restored in place of a deleted shard can be given the same inode, and then resumes
+        from the original's offsets.)"""
         id_file = self.path / _SHARD_ID_FILE
         self.path.mkdir(parents=True, exist_ok=True)
-        stat = self.path.stat()
-        here = f"{stat.st_dev}:{stat.st_ino}"
+        here = self.path.stat().st_ino
         try:
-            recorded = json.loads(id_file.read_text(encoding="utf-8"))
+            text = id_file.read_text(encoding="utf-8", errors="replace").strip()
         except FileNotFoundError:
-            recorded = None
-        except ValueError:  # the earlier form, the id alone: adopted, with this directory's identity
-            recorded = {"id": id_file.read_text(encoding="utf-8").strip(), "dir": here}
-            with atomic_write(id_file) as f:
-                f.write(json.dumps(recorded).encode())
-        if not isinstance(recorded, dict) or recorded.get("dir") != here:
+            text = ""
+        if text.startswith("{"):
+            try:
+                recorded = json.loads(text)
+            except ValueError:
+                recorded = None
+        else:  # the earlier form, the id alone: adopted, with this directory's inode
+            recorded = {"id": text, "dir": here} if text else None
+        if not isinstance(recorded, dict) or recorded.get("dir") != here or not recorded.get("id"):
             recorded = {"id": uuid.uuid4().hex, "dir": here}
+        if text != json.dumps(recorded):
             with atomic_write(id_file) as f:
                 f.write(json.dumps(recorded).encode())
         return f"{base}.{recorded['id']}"
