@@ -11,6 +11,7 @@ valid events sorted by event time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,6 +56,11 @@ def updates_by_user(bootstrap: str, topic: str) -> dict[str, list[dict[str, Any]
 
 def events_of(update: dict[str, Any]) -> list[tuple[Any, str, str, int]]:
     return [(e["item_id"], e["action"], e["surface"], e["ts"]) for e in update["events"]]
+
+
+def latest_sequences(bootstrap: str, topic: str) -> dict[str, list[tuple[Any, str, str, int]]]:
+    """user key -> the events of that user's newest user-updates record."""
+    return {u: events_of(ups[-1]) for u, ups in updates_by_user(bootstrap, topic).items()}
 
 
 def expected_sequences(valid: Sequence[ActionEvent], n: int = N) -> dict[str, list[tuple[Any, str, str, int]]]:
@@ -172,18 +178,24 @@ class Worker:
     def tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Worker]:
+        """Started, and stopped cleanly (SIGTERM, exit 0) on the way out unless already stopped."""
+        self.start()
+        try:
+            yield self
+        finally:
+            if self.proc is not None:
+                assert self.stop(signal.SIGTERM) == 0, self.tail()
+
 
 @pytest.fixture(scope="module")
 def worker(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     """The shared, never interrupted worker."""
     w = Worker(kafka_bootstrap, f"streams-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("streams"))
     ensure_topic(kafka_bootstrap, w.actions, PARTITIONS)
-    w.start()
-    try:
+    with w.running():
         yield w
-    finally:
-        if w.proc is not None:
-            assert w.stop(signal.SIGTERM) == 0, w.tail()
 
 
 # ---------------------------------------------------------------- malformed events
@@ -412,7 +424,7 @@ def test_sigterm_and_sigkill_mid_stream_lose_nothing_and_match_an_uninterrupted_
         expected = expected_sequences(events)
 
         def final(w: Worker) -> dict[str, list[tuple[Any, str, str, int]]]:
-            return {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, w.updates).items() if u in expected}
+            return {u: seq for u, seq in latest_sequences(kafka_bootstrap, w.updates).items() if u in expected}
 
         wait_until(lambda: final(victim) == expected, 90, "the restarted worker's final state", interval=1)
         wait_until(lambda: final(worker) == expected, 60, "the uninterrupted worker's final state", interval=1)
@@ -593,7 +605,7 @@ def test_a_failing_window_ends_the_worker_unacked_and_a_restart_reads_it_again(
         victim.start()  # the same group: whatever was not acked is read again
         wait_until(lambda: victim.valid() >= len(events), 60, f"the restarted worker to take the events ({victim.tail()})")
         assert victim.valid() == len(events) and not victim.invalid()
-        final = {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, victim.updates).items()}
+        final = latest_sequences(kafka_bootstrap, victim.updates)
         assert final == expected_sequences(events)
     finally:
         if victim.proc is not None:
@@ -608,20 +620,12 @@ def test_stock_faust_delivery_gives_the_same_sequences(kafka_bootstrap: str, tmp
     now = now_ms()
     events = list(synthetic_events(300, 30, 50, seed=4, start_ts_ms=now - 3_000, step_ms=10, user_prefix=f"{stock.name}-"))
     bad = [malformed(stock.name, i, events[i].key, now) for i in range(5)]
-    try:
-        stock.start()
+    with stock.running():
         produce([*events, *(rec for rec, _ in bad)], kafka_bootstrap, stock.actions, progress=False)
         wait_until(lambda: stock.valid() + sum(stock.invalid().values()) >= 305, 60, f"the stock worker ({stock.tail()})")
         assert stock.valid() == 300 and stock.invalid() == Counter(reason for _, reason in bad)
         expected = expected_sequences(events)
-        wait_until(
-            lambda: {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, stock.updates).items()} == expected,
-            60,
-            "the stock worker's final state",
-        )
-    finally:
-        if stock.proc is not None:
-            assert stock.stop(signal.SIGTERM) == 0, stock.tail()
+        wait_until(lambda: latest_sequences(kafka_bootstrap, stock.updates) == expected, 60, "the stock worker's final state")
 
 
 def test_the_worker_creates_its_topics_with_the_configured_partitions(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -635,8 +639,7 @@ def test_the_worker_creates_its_topics_with_the_configured_partitions(kafka_boot
                    extra_env={"RECSYS_KAFKA__PARTITIONS": str(partitions)})  # fmt: skip
     now = now_ms()
     events = list(synthetic_events(60, 12, 30, seed=5, start_ts_ms=now - 1_000, step_ms=10, user_prefix=f"{fresh.name}-"))
-    try:
-        fresh.start()
+    with fresh.running():
         consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
         try:
             found = {t: len(consumer.partitions_for_topic(t) or ()) for t in (fresh.actions, fresh.dlq, fresh.updates)}
@@ -645,15 +648,8 @@ def test_the_worker_creates_its_topics_with_the_configured_partitions(kafka_boot
         assert found == dict.fromkeys([fresh.actions, fresh.dlq, fresh.updates], partitions)
         produce(events, kafka_bootstrap, fresh.actions, progress=False)
         wait_until(lambda: fresh.valid() >= len(events), 60, f"the fresh worker ({fresh.tail()})")
-        wait_until(
-            lambda: {u: events_of(ups[-1]) for u, ups in updates_by_user(kafka_bootstrap, fresh.updates).items()}
-            == expected_sequences(events),
-            60,
-            "the fresh worker's sequences",
-        )
-    finally:
-        if fresh.proc is not None:
-            assert fresh.stop(signal.SIGTERM) == 0, fresh.tail()
+        wait_until(lambda: latest_sequences(kafka_bootstrap, fresh.updates) == expected_sequences(events), 60,
+                   "the fresh worker's sequences")
 
 
 def test_a_fresh_streams_state_emits_versions_above_the_old_ones(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -667,22 +663,16 @@ def test_a_fresh_streams_state_emits_versions_above_the_old_ones(kafka_bootstrap
     t = now_ms() - 60_000
     events = [ActionEvent(f"u{u}", k, "click", "home", t + 10 * k + u) for u in range(5) for k in range(3)]
     produce(events, kafka_bootstrap, first.actions, progress=False)
-    first.start()
-    try:
+    with first.running():
         wait_until(lambda: len(updates_by_user(kafka_bootstrap, first.updates)) == 5, 60, "the first state's updates")
-    finally:
-        assert first.stop(signal.SIGTERM) == 0, first.tail()
     before = updates_by_user(kafka_bootstrap, first.updates)
     old = {u: max(x["version"] for x in ups) for u, ups in before.items()}
 
     again = Worker(kafka_bootstrap, name, tmp_path / "again",
                    extra_env={"RECSYS_STREAMS__APP_ID": f"{name}-reset", "RECSYS_STREAMS__INSTANCE_ID": f"{name}-reset"})
     again.data_dir.mkdir()
-    again.start()  # reads `actions` from the start into an empty table
-    try:
+    with again.running():  # reads `actions` from the start into an empty table
         wait_until(lambda: all(len(ups) > len(before[u]) for u, ups in updates_by_user(kafka_bootstrap, again.updates).items()),
                    60, "the fresh state's updates")
-    finally:
-        assert again.stop(signal.SIGTERM) == 0, again.tail()
     for user, ups in updates_by_user(kafka_bootstrap, again.updates).items():
         assert ups[-1]["version"] > old[user], (user, old[user], [x["version"] for x in ups])
