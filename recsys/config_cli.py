@@ -7,6 +7,9 @@ import json
 
 from recsys.settings import documented_fields, get_settings
 
+# Printed as "<set>": the effective settings end up in terminals, logs and bug reports.
+SECRETS = (("serving", "auth_token"), ("vector_store", "api_key"))
+
 
 def markdown_table() -> str:
     rows = ["| environment variable | default | meaning |", "|---|---|---|"]
@@ -22,5 +25,9 @@ def main(argv: list[str]) -> int:
     if args.markdown:
         print(markdown_table())
     else:
-        print(json.dumps(get_settings().model_dump(mode="json"), indent=2))
+        settings = get_settings().model_dump(mode="json")
+        for section, name in SECRETS:
+            if settings[section][name] is not None:
+                settings[section][name] = "<set>"
+        print(json.dumps(settings, indent=2))
     return 0

@@ -55,12 +55,14 @@ class Eligibility:
         memo_key = "eligible:" + surface  # the model table's fallback list is one object for every surface
         cached = lists.memo.get(memo_key)
         if cached is not None and cached[0] == self.version:
-            return cached[1]  # type: ignore[no-any-return]
+            return lists if cached[1] is None else cached[1]  # type: ignore[no-any-return]
         keep = [k for k, item in enumerate(lists.items)
                 if (allowed := restricted.get(item)) is None or surface in allowed]
         if len(keep) == len(lists.items):
-            out = lists
-        else:
-            out = SurfaceList(tuple(lists.items[k] for k in keep), array("f", (lists.scores[k] for k in keep)))
+            # None, not `lists`: a list holding itself is a reference cycle, freed only by the
+            # cyclic collector, whose full passes over a large store stall every call.
+            lists.memo[memo_key] = (self.version, None)
+            return lists
+        out = SurfaceList(tuple(lists.items[k] for k in keep), array("f", (lists.scores[k] for k in keep)))
         lists.memo[memo_key] = (self.version, out)
         return out

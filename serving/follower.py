@@ -15,7 +15,6 @@ order of partitions and replays irrelevant.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -92,11 +91,19 @@ class CandidatesFollower:
             self._consumer = consumer
         await self._run()
 
+    async def stopped(self) -> BaseException | None:
+        """Wait until the follower ends on its own (it retries what Kafka throws at it, so only
+        a defect or a setting it cannot use ends it); its error. Cancelled by stop()."""
+        assert self._task is not None, "start() first"
+        await asyncio.wait([self._task])
+        return None if self._task.cancelled() else self._task.exception()
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A task that already died keeps its error: stopping must go on (the other
+            # followers, the snapshot); serve() has reported it.
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._consumer is not None:
             await self._consumer.stop()

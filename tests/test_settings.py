@@ -94,3 +94,23 @@ def test_a_deployment_with_surfaces_of_its_own_gets_no_default_weights_for_the_o
     # Without weights given the worker used to refuse to start ("neither configured nor the model's").
     assert Settings(events={"surfaces": ["feed"]}).inference.outcome_weights == {}
     assert Settings(events={"surfaces": ("home", "feed")}).inference.outcome_weights == {"home": {"save": 0.7, "click": 0.3}}
+
+
+def test_recsys_config_prints_secrets_as_set_only(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The effective settings end up in terminals and bug reports: the token and the API key do
+    not (whether they are set does)."""
+    import json
+
+    from recsys.config_cli import main as config_main
+    from recsys.settings import get_settings
+
+    monkeypatch.setenv("RECSYS_SERVING__AUTH_TOKEN", "s3cret-token")
+    get_settings.cache_clear()
+    try:
+        assert config_main([]) == 0
+    finally:
+        get_settings.cache_clear()  # the next reader must not see this test's token
+    out = capsys.readouterr().out
+    assert "s3cret-token" not in out
+    printed = json.loads(out)
+    assert printed["serving"]["auth_token"] == "<set>" and printed["vector_store"]["api_key"] is None

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class CandidatesStub:
-    """Per-user, per-surface retrieval candidates, freshest first.
+    """Per-user, per-surface retrieval candidates, best first.
     """
 
     def __init__(self, channel):
@@ -48,7 +48,7 @@ class CandidatesStub:
 
 
 class CandidatesServicer:
-    """Per-user, per-surface retrieval candidates, freshest first.
+    """Per-user, per-surface retrieval candidates, best first.
     """
 
     def GetCandidates(self, request, context):
@@ -90,7 +90,7 @@ def add_CandidatesServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Candidates:
-    """Per-user, per-surface retrieval candidates, freshest first.
+    """Per-user, per-surface retrieval candidates, best first.
     """
 
     @staticmethod

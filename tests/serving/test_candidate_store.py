@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import msgpack
 import pytest
 
+from serving.eligibility import Eligibility
+from serving.server import encode_candidates
 from serving.store import CandidateStore, MalformedCandidates, parse_candidates
 
 Make = Callable[..., dict[str, Any]]
@@ -177,3 +180,27 @@ def test_a_snapshot_older_than_the_topics_tombstones_is_not_loaded(tmp_path: Pat
 def test_max_users_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_users"):
         CandidateStore(0)
+
+
+def test_served_replaced_and_evicted_lists_leave_no_reference_cycles(make_candidates: Make) -> None:
+    """The server freezes the store out of the cyclic GC (a full pass over it stalls every call),
+    which is safe only while the store's objects are freed by reference counting alone."""
+    eligibility = Eligibility(["home", "search", "related"])
+    eligibility.apply("home-u0-1", ["search"])  # restricted: filter() memoises on every list
+    store = CandidateStore(5, max_items=50)
+    gc.collect()
+    gc.disable()
+    try:
+        for round_ in range(3):  # newer lists replace the served ones; 20 users through 5 places
+            for u in range(20):
+                store.apply(make_candidates(f"u{u % 20}", source_event_ts=round_ + 1))
+                record = store.get(f"u{u % 20}")
+                assert record is not None
+                for surface, lists in record.surfaces.items():
+                    encode_candidates(eligibility.filter(lists, surface))
+            eligibility.apply(f"home-u{round_}-2", [])  # a new version: memos redone
+        store.delete("u19")
+        del record, lists
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

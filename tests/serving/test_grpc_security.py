@@ -58,6 +58,10 @@ def test_tls_needs_both_files(settings: Settings, running_server: Any, tls_files
     ("metadata", "expected"),
     [
         ((("authorization", "Bearer s3cret"),), grpc.StatusCode.OK),
+        ((("authorization", "bearer s3cret"),), grpc.StatusCode.OK),  # the scheme is case-insensitive
+        ((("authorization", "BEARER s3cret"),), grpc.StatusCode.OK),
+        ((("authorization", "Bearer S3CRET"),), grpc.StatusCode.UNAUTHENTICATED),  # the token is not
+        ((("authorization", "Basic s3cret"),), grpc.StatusCode.UNAUTHENTICATED),
         ((), grpc.StatusCode.UNAUTHENTICATED),
         ((("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
         ((("authorization", "s3cret"),), grpc.StatusCode.UNAUTHENTICATED),

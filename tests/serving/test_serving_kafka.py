@@ -29,7 +29,7 @@ from recsys.kafka_broker import free_port
 from recsys.settings import Settings
 from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
-from serving.server import SERVICE_NAME, serve
+from serving.server import SERVICE_NAME, FollowerStopped, serve
 
 pytestmark = pytest.mark.kafka
 
@@ -311,6 +311,41 @@ def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
             await server.stop()
         finally:
             await asyncio.to_thread(broker.destroy)
+
+    asyncio.run(scenario())
+
+
+def test_a_follower_that_ends_stops_its_server_with_the_error(unique: str, settings: Settings) -> None:
+    """A follower ends only on what no retry covers (here a bootstrap address aiokafka cannot
+    parse). The server must stop and say why (the process exits non-zero), not stay NOT_SERVING
+    in silence, or SERVING a store that no longer follows its topic."""
+    cfg = _settings(settings, "localhost:notaport", f"candidates-{unique}", drain_s=0.0)
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        await server.port()
+        with pytest.raises(FollowerStopped, match="notaport"):
+            await asyncio.wait_for(server.task, 30)
+
+    asyncio.run(scenario())
+
+
+def test_processes_sharing_a_port_bind_it_only_once_caught_up(unique: str, settings: Settings) -> None:
+    """With serving.workers > 1 the kernel hands each new connection to any process bound to
+    the port, and a health probe sees only one of them: a process still reading the topic (here
+    it cannot, no broker answers) must not be bound, or it would answer its share of the calls
+    with fallbacks."""
+    port = free_port()
+    cfg = _settings(settings, f"localhost:{free_port()}", f"candidates-{unique}", workers=2, port=port)
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        await server.port()
+        await asyncio.sleep(1.0)  # a few failed connection attempts
+        assert not server.task.done()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+        await server.stop()
 
     asyncio.run(scenario())
 
