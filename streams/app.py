@@ -18,7 +18,9 @@ Faust's per-event stream machinery alone caps a worker at ~5k events/s here); wi
    updates), and those are awaited (streams/outbox.py: one record batch per partition);
 4. only then are the window's events acked, so committed offsets never run ahead of what is
    durable. A crash replays uncommitted events; the fold drops them as duplicates or stale
-   and the user is re-emitted with a new version, so nothing is lost or double-counted.
+   and the user is re-emitted with a new version, so no event is lost or folded twice. (The
+   DLQ is at-least-once: a refused event replayed is dead-lettered again; its records carry
+   topic, partition and offset to de-duplicate by.)
 
 Steps 3-4 of a window run while the next window goes through steps 1-2 (one window's output
 in flight at a time, in order), which hides the broker's round trips.
@@ -30,7 +32,9 @@ text on `http://<web_host>:<web_port>/metrics` and logged every `streams.stats_i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import signal
 import threading
 import urllib.request
@@ -202,9 +206,13 @@ def create_app(settings: Settings) -> faust.App:
                 try:
                     # "Now" for the future check is the record's own time when it is earlier
                     # than the clock: a replay after a crash then judges the event as it was
-                    # judged first, and a producer whose clock runs ahead gains nothing.
-                    # (-1: a record without a timestamp, from an old message format.)
-                    record_ms = int(msg.timestamp * 1000) if msg.timestamp and msg.timestamp > 0 else now
+                    # judged first, and a producer whose clock runs ahead gains nothing. A record
+                    # without a timestamp (-1, an old message format) or one before
+                    # events.min_ts_ms (a producer that writes seconds: every event of it would
+                    # be "in the future") is judged by the clock.
+                    record_ms = int(msg.timestamp * 1000) if msg.timestamp else -1
+                    if record_ms < settings.events.min_ts_ms:
+                        record_ms = now
                     event = decode_event(msg.value, settings, now=min(now, record_ms))
                     key = event.key.encode()
                     if key != msg.key:  # per-user order and the table's partitioning rest on it
@@ -296,12 +304,26 @@ def create_app(settings: Settings) -> faust.App:
         app.window(actions.get_topic_name(), process_window, max_events=cfg.max_batch_events,
                    within_s=cfg.flush_interval_s)
 
+    async def fold_and_send(window: Sequence[EventT]) -> None:
+        await (await process_window([event.message for event in window]))
+
     @app.agent(actions)
     async def sequences_agent(stream: faust.StreamT) -> None:
         await declare_outputs()
         # delivery = "stream": Faust's own per-event path, batched afterwards by take_events.
+        # take_events acks a window in a `finally` once the loop body leaves it, whatever the
+        # outcome, and a stopping worker then commits it. So a window's output is finished even
+        # when the agent is cancelled (SIGTERM), and a window that fails ends the process before
+        # the generator can close: unacked, it is read again after the restart.
         async for window in cast(faust.Stream, stream).take_events(cfg.max_batch_events, within=cfg.flush_interval_s):
-            await (await process_window([event.message for event in window]))
+            done = asyncio.ensure_future(fold_and_send(window))
+            try:
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                await exit_unacked_on_failure(done)
+                raise
+            except Exception:  # noqa: BLE001 - judged (and the process ended) in there
+                await exit_unacked_on_failure(done)
 
     @app.timer(interval=cfg.stats_interval_s)
     async def log_counters() -> None:
@@ -313,6 +335,23 @@ def create_app(settings: Settings) -> faust.App:
 
     app.recsys_counters = counters  # type: ignore[attr-defined]  # for in-process tests and tools
     return app
+
+
+async def exit_unacked_on_failure(window: asyncio.Future[None]) -> None:
+    """Wait for a window's output to finish; if it failed, end the process at once (exit 1),
+    before anything can ack or commit the window's events."""
+    while not window.done():
+        try:
+            await asyncio.shield(window)
+        except asyncio.CancelledError:
+            continue  # the agent is stopping: the window still finishes first
+        except Exception:  # noqa: BLE001 - judged below
+            break
+    error = None if window.cancelled() else window.exception()
+    if window.cancelled() or error is not None:
+        log.critical("streams: a window failed; exiting without acking it", exc_info=error)
+        logging.shutdown()
+        os._exit(1)
 
 
 def ensure_topics_before_start(settings: Settings, names: Sequence[str]) -> bool:

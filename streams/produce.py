@@ -171,7 +171,10 @@ def produce(
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """One JSON object per non-empty line; a line that is not an object is reported and skipped."""
-    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark is not part of line 1
+    # A byte-order mark is not part of line 1. Bytes that are not UTF-8 go on as lone
+    # surrogates (the record is then not msgpack-encodable as text and is dead-lettered): a strict
+    # decode would abort the replay, losing the valid lines of the chunk before them too.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -219,7 +222,7 @@ def read_csv(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a CSV file with a header; empty cells are left out, numbers become ints."""
     # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which would otherwise
     # rename the first column ("\ufeffuser_id") and dead-letter every row as missing it.
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # as read_jsonl
         for row in csv.DictReader(f):
             event: dict[str, Any] = {}
             for name, value in row.items():

@@ -75,9 +75,15 @@ class VectorStore(ABC):
         or None: never, or a load that did not finish."""
 
     @abstractmethod
-    def mark_catalogue(self, version: str | None) -> None:
+    def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
         """Record that the item table of model ``version`` is wholly loaded (and durable);
-        None clears the record (a load is starting)."""
+        None clears the record: a load is starting, of model ``loading`` (kept until the next
+        mark, so that a load cut short is known for the model whose vectors it left)."""
+
+    @abstractmethod
+    def catalogue_loading(self) -> str | None:
+        """The model whose load began after the last whole one (`mark_catalogue(None,
+        loading=...)`), or None."""
 
     def items_group(self, base: str) -> str:
         """The consumer group in which a follower of `items` commits for this store. A shared

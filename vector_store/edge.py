@@ -51,7 +51,7 @@ from vector_store.schema import (
 log = logging.getLogger(__name__)
 
 _CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create; its presence = shard exists
-_CATALOGUE_FILE = "recsys_catalogue.json"  # written after a whole bulk load: {"model_version": ...}
+_CATALOGUE_FILE = "recsys_catalogue.json"  # {"model_version": the last whole bulk load, "loading": a load begun since}
 _SHARD_ID_FILE = "recsys_shard_id"  # names this shard's own `items` consumer group
 
 
@@ -102,19 +102,23 @@ class EdgeStore(VectorStore):
         self._shard, self._dim = shard, dim
         self._refresh_exact()
 
-    def catalogue_version(self) -> str | None:
+    def _marker(self) -> dict[str, Any]:
         marker = self.path / _CATALOGUE_FILE
-        if not marker.exists():
-            return None
-        return str(json.loads(marker.read_text(encoding="utf-8"))["model_version"])
+        return json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
 
-    def mark_catalogue(self, version: str | None) -> None:
-        if version is None:
-            (self.path / _CATALOGUE_FILE).unlink(missing_ok=True)
-            return
-        self.flush()  # the marker must not outlive points a crash would lose
+    def catalogue_version(self) -> str | None:
+        version = self._marker().get("model_version")
+        return None if version is None else str(version)
+
+    def catalogue_loading(self) -> str | None:
+        loading = self._marker().get("loading")
+        return None if loading is None else str(loading)
+
+    def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
+        if version is not None:
+            self.flush()  # the marker must not outlive points a crash would lose
         with atomic_write(self.path / _CATALOGUE_FILE) as f:
-            f.write(json.dumps({"model_version": version}).encode())
+            f.write(json.dumps({"model_version": version, "loading": loading}).encode())
 
     def items_group(self, base: str) -> str:
         """A group of this shard's own. Each Edge shard is a whole copy of the catalogue, private

@@ -174,6 +174,10 @@ def decode_item(value: bytes | None, max_id_length: int, known_surfaces: Sequenc
     popularity = obj.get("popularity", 0.0)
     if isinstance(created_at, bool) or not isinstance(created_at, int):
         raise BadItemMessage("wrong type", f"created_at must be epoch ms (int), got {created_at!r}")
+    if not -(1 << 63) <= created_at < 1 << 63:
+        # Payload integers are int64 in Qdrant: the server backend's client raises on a larger
+        # one (msgpack's uint64) and the follower would stop on the record at every restart.
+        raise BadItemMessage("bad value", f"created_at must fit a signed 64-bit int, got {created_at}")
     if (
         isinstance(popularity, bool)
         or not isinstance(popularity, (int, float))
@@ -714,12 +718,16 @@ def main(argv: list[str]) -> int:
         # first, must not pass for this model's whole catalogue.
         loaded = store.catalogue_version()
         if args.reindex or loaded != version:
-            if loaded is not None and loaded != version:
+            # Another model's vectors are here when the marker names it, or when its load was
+            # cut short (a roll-back to the model before it): they go first. A load of this same
+            # model cut short keeps what is outside its table: items its follower embedded.
+            other = next((v for v in (loaded, store.catalogue_loading()) if v not in (None, version)), None)
+            if other is not None:
                 dropped = drop_items_outside(store, table)
-                log.info("removed %d items of model %s that model %s's table lacks", dropped, loaded, version)
+                log.info("removed %d items of model %s that model %s's table lacks", dropped, other, version)
             # Cleared first: a load cut short must not leave the previous model's marker over a
             # store that holds some of this model's vectors (a roll-back would then skip the load).
-            store.mark_catalogue(None)
+            store.mark_catalogue(None, loading=version)
             n = index_item_table(store, table, settings.events.surfaces)
             store.mark_catalogue(version)
             log.info("indexed %d items of model %s from %s (%s; before: %s)", n, version, model_dir,

@@ -39,6 +39,7 @@ from vector_store.schema import (
 
 
 _CATALOGUE_KEY = "recsys_catalogue_model_version"  # collection metadata set after a whole bulk load
+_LOADING_KEY = "recsys_catalogue_loading"  # the model whose load began after it
 
 
 class ServerStore(VectorStore):
@@ -99,9 +100,16 @@ class ServerStore(VectorStore):
         version = metadata.get(_CATALOGUE_KEY)
         return None if version is None else str(version)
 
-    def mark_catalogue(self, version: str | None) -> None:
+    def catalogue_loading(self) -> str | None:
+        if self._dim is None:
+            return None
+        metadata = self.client.get_collection(self.collection).config.metadata or {}
+        loading = metadata.get(_LOADING_KEY)
+        return None if loading is None else str(loading)
+
+    def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
         self._require_dim()
-        self.client.update_collection(self.collection, metadata={_CATALOGUE_KEY: version})
+        self.client.update_collection(self.collection, metadata={_CATALOGUE_KEY: version, _LOADING_KEY: loading})
 
     def count(self) -> int:
         self._require_dim()

@@ -118,6 +118,21 @@ def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> 
     assert list(read_csv(data)) == [{"user_id": 7, "item_id": 8, "action": "click", "surface": "home", "ts": TS}]
 
 
+def test_bytes_that_are_not_utf8_go_to_the_dlq_and_the_replay_goes_on(tmp_path: Path) -> None:
+    """A strict decode raised on the bad byte and lost the valid lines of its 8 KB chunk before it."""
+    line = '{"user_id": %d, "item_id": "%s", "action": "click", "surface": "home", "ts": %d}\n'
+    jsonl = tmp_path / "events.jsonl"
+    jsonl.write_bytes(b"".join((line % (u, "caf\xe9" if u == 50 else "x", TS)).encode("latin-1") for u in range(56)))
+    events = list(read_jsonl(jsonl))
+    assert [e["user_id"] for e in events] == list(range(56))
+    with pytest.raises(InvalidEvent, match="not msgpack"):
+        decode_event(to_record(events[50])[1], Settings(), now=TS)
+    csv_file = tmp_path / "events.csv"
+    csv_file.write_bytes(b"user_id,item_id,action,surface,ts\n" + b"".join(
+        b"%d,%s,click,home,%d\n" % (u, b"caf\xe9" if u == 5 else b"x", TS) for u in range(8)))
+    assert [e["user_id"] for e in read_csv(csv_file)] == list(range(8))
+
+
 def test_a_malformed_movielens_line_is_skipped_not_fatal(tmp_path: Path) -> None:
     data = tmp_path / "u.data"
     data.write_text("196\t242\t3\t881250949\n196\tx\t4\t881250950\n\n186\t302\t4\n186\t302\t4\t891717742\n")

@@ -360,6 +360,18 @@ def test_the_future_check_reads_the_records_own_time_so_a_replay_judges_alike(wo
     want = Counter({(encode_event(skewed), "ts in the future"): 1})
     wait_until(lambda: dlq_reasons(worker.bootstrap, worker.dlq, {encode_event(skewed)}) == want, 60,
                "the skewed event dead-lettered")
+    # A producer that stamps its records in seconds (a record time before events.min_ts_ms):
+    # judged by the clock, not refused as "in the future" of 1970.
+    by_seconds = ActionEvent(user, 3, "click", "home", now_ms() - 1_000)
+    producer = KafkaProducer(bootstrap_servers=worker.bootstrap, acks="all")
+    try:
+        producer.send(worker.actions, key=by_seconds.key.encode(), value=encode_event(by_seconds),
+                      timestamp_ms=int(time.time()))
+        producer.flush()
+    finally:
+        producer.close()
+    wait_until(lambda: events_of(updates_by_user(worker.bootstrap, worker.updates)[user][-1])[-1]
+               == (3, "click", "home", by_seconds.ts), 60, "the event of a producer stamping seconds")
 
 
 def test_a_burst_for_one_user_yields_a_handful_of_coalesced_updates(worker: Worker) -> None:
@@ -579,9 +591,12 @@ def test_a_hostile_key_near_the_broker_limit_reaches_the_dlq_cut_and_the_worker_
             victim.stop(signal.SIGTERM)
 
 
+@pytest.mark.parametrize("delivery", ["window", "stream"])
 def test_a_failing_window_ends_the_worker_unacked_and_a_restart_reads_it_again(
-    kafka_bootstrap: str, tmp_path: Path
+    kafka_bootstrap: str, tmp_path: Path, delivery: str
 ) -> None:
+    """With either delivery: Faust's take_events (delivery = "stream") acks its window in a
+    `finally`, so a failure that let the generator close would commit the failed window."""
     plant = tmp_path / "plant"
     plant.mkdir()
     (plant / "sitecustomize.py").write_text(  # a bug in the fold, for this process only
@@ -591,7 +606,7 @@ def test_a_failing_window_ends_the_worker_unacked_and_a_restart_reads_it_again(
         "s.PackedSeq.fold = fold\n"
     )
     victim = Worker(kafka_bootstrap, f"crash-{uuid.uuid4().hex[:8]}", tmp_path,
-                    extra_env={"PYTHONPATH": f"{plant}{os.pathsep}{ROOT}"})  # fmt: skip
+                    extra_env={"PYTHONPATH": f"{plant}{os.pathsep}{ROOT}", "RECSYS_STREAMS__DELIVERY": delivery})  # fmt: skip
     ensure_topic(kafka_bootstrap, victim.actions, PARTITIONS)
     events = list(synthetic_events(20, 5, 10, seed=3, user_prefix=f"{victim.name}-"))
     try:
@@ -601,7 +616,7 @@ def test_a_failing_window_ends_the_worker_unacked_and_a_restart_reads_it_again(
         assert victim.proc.wait(timeout=60) == 1, victim.tail()  # crashed, not restarted in place
         assert "planted failure" in victim.tail(20_000)
         victim.proc = None
-        victim.extra_env = {}
+        victim.extra_env = {"RECSYS_STREAMS__DELIVERY": delivery}
         victim.start()  # the same group: whatever was not acked is read again
         wait_until(lambda: victim.valid() >= len(events), 60, f"the restarted worker to take the events ({victim.tail()})")
         assert victim.valid() == len(events) and not victim.invalid()

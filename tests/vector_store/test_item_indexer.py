@@ -61,6 +61,7 @@ def test_decode_item() -> None:
         msgpack.packb({"item_id": 1, "features": [1e39]}),  # finite, but inf in float32
         msgpack.packb({"item_id": 1, "surfaces": "home"}),
         msgpack.packb({"item_id": 1, "created_at": 1.5}),
+        msgpack.packb({"item_id": 1, "created_at": 2**63}),  # a uint64: Qdrant's payload ints are int64
         msgpack.packb({"item_id": 1, "popularity": float("inf")}),
     ]
     for value in bad:
@@ -204,6 +205,36 @@ def test_recsys_index_loads_each_model_table_once_and_wholly(tmp_path: Path, mon
             assert sorted(store.item_ids()) == sorted(third.ids)
             (hits,) = store.query_batch(second.embeddings[40:41], 50)
             assert "i40" not in {i for i, _ in hits}
+    finally:
+        get_settings.cache_clear()
+
+
+def test_a_roll_back_after_a_load_cut_short_removes_the_other_model_s_items(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new model's load dies after writing some of its items; the operator goes back to the
+    model before it. The marker of that load is gone, but the store knows which model began it:
+    its items leave (else they are served with vectors from another space). A cut-short load of
+    the same model keeps the items outside its table: its own follower embedded them."""
+    model_dir, shard = tmp_path / "model", VectorStoreSettings(path=tmp_path / "shard")
+    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(shard.path))
+    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
+    get_settings.cache_clear()
+    try:
+        first = _write_model(model_dir, 20, 0, version="v1")
+        assert main([]) == 0
+        with EdgeStore(shard) as store:  # v2's load, cut short after its new item "z"
+            store.mark_catalogue(None, loading="v2")
+            store.upsert([ItemRecord("z", SURFACES)], first.embeddings[:1])
+        assert main([]) == 0  # v1 again
+        with EdgeStore(shard) as store:
+            assert store.catalogue_version() == "v1" and store.catalogue_loading() is None
+            assert sorted(store.item_ids()) == sorted(first.ids)
+            # v1's own load cut short, after its follower had embedded a new item "f"
+            store.mark_catalogue(None, loading="v1")
+            store.upsert([ItemRecord("f", SURFACES)], first.embeddings[:1])
+        assert main([]) == 0
+        with EdgeStore(shard) as store:
+            assert store.catalogue_version() == "v1" and "f" in store.item_ids()
     finally:
         get_settings.cache_clear()
 

@@ -185,6 +185,10 @@ def test_the_catalogue_marker_names_the_last_whole_load(kind: str, stores: Calla
     assert store.catalogue_version() == "m2"
     store.mark_catalogue(None)  # a load is starting
     assert store.catalogue_version() is None
+    store.mark_catalogue(None, loading="m3")  # ... of model m3
+    assert store.catalogue_version() is None and store.catalogue_loading() == "m3"
+    store.mark_catalogue("m3")
+    assert store.catalogue_version() == "m3" and store.catalogue_loading() is None
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
