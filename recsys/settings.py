@@ -97,6 +97,11 @@ class StreamsSettings(Section):
     max_sequence_len: int = Field(50, ge=1)  # events kept per user
     max_age_ms: int = Field(90 * 24 * 3600 * 1000, ge=0)  # events older than this (vs the newest) fall off
     lateness_ms: int = Field(5 * 60 * 1000, ge=0)  # out-of-order events up to this old are inserted in order
+    # users whose last event was folded this long ago leave the table and its changelog
+    # (streams/forget.py; 0 = never): at max_age_ms their events would fall off behind a new one anyway
+    forget_idle_ms: int = Field(90 * 24 * 3600 * 1000, ge=0)
+    sweep_every_s: float = Field(600.0, ge=0)  # a sweep for idle users starts at most this often
+    sweep_batch: int = Field(1000, ge=1)  # table keys a sweep examines per flush window
     # items a user hid (train.negative_actions) that stay out of their candidates after the
     # hide has left the sequence; the newest hides kept (the worker keeps as many of a record's:
     # give both the same value)
@@ -251,7 +256,9 @@ class VectorStoreSettings(Section):
     api_key: str | None = None  # Qdrant server API key (backend=server)
     prefer_grpc: bool = True  # server: batch queries over gRPC are cheaper than REST/JSON
     timeout_s: int = 30  # server: per-request timeout
-    collection: str = "items"  # collection (or Edge shard) name
+    collection: str = "items"  # server: the collection's name (an Edge shard is its path)
+    # The HNSW and indexing settings are the collection's (or shard's) from its creation on:
+    # changing them later does not change a store that exists.
     hnsw_m: int = 16  # HNSW graph degree
     hnsw_ef_construct: int = 100  # HNSW build-time beam width
     search_ef: int = 128  # HNSW ef at query time (at least the query's limit)

@@ -53,6 +53,7 @@ from recsys.settings import Settings, get_settings
 from recsys.topics import ensure_own_topics
 from streams.delivery import WindowedApp, partition_event, set_current_event
 from streams.errors import InvalidEvent
+from streams.forget import IdleSweep
 from streams.outbox import Outbox
 from streams.schema import decode_event, now_ms
 from streams.sequences import PackedSeq
@@ -70,6 +71,7 @@ class Counters:
     invalid: Counter[str] = field(default_factory=Counter)  # DLQ records by reason
     updates: int = 0  # user-updates messages sent
     windows: int = 0  # flush windows processed
+    forgotten: int = 0  # idle users deleted from the table (streams/forget.py)
 
     @property
     def valid(self) -> int:
@@ -85,13 +87,15 @@ class Counters:
             f"recsys_streams_updates_total {self.updates}",
             "# TYPE recsys_streams_windows_total counter",
             f"recsys_streams_windows_total {self.windows}",
+            "# TYPE recsys_streams_forgotten_total counter",
+            f"recsys_streams_forgotten_total {self.forgotten}",
         ]
         return "\n".join(lines) + "\n"
 
     def summary(self) -> str:
         return (
             f"valid={self.valid} {dict(self.events)} invalid={sum(self.invalid.values())} "
-            f"{dict(self.invalid)} updates={self.updates} windows={self.windows}"
+            f"{dict(self.invalid)} updates={self.updates} windows={self.windows} forgotten={self.forgotten}"
         )
 
 
@@ -174,6 +178,7 @@ def create_app(settings: Settings) -> faust.App:
         "sequences", partitions=partitions, key_type=bytes, value_type=bytes, help="user -> last N events (streams.sequences.PackedSeq)"
     )
     counters = Counters()
+    sweep = IdleSweep(cfg)
     negative = frozenset(settings.train.negative_actions)  # hides: kept even when too late for the sequence
     declared: list[bool] = []
 
@@ -200,6 +205,13 @@ def create_app(settings: Settings) -> faust.App:
         events: dict[int, EventT] = {}  # source partition -> a Faust event of it (table routing)
         token = None
         current_partition = -1
+        changelog = table.changelog_topic.get_topic_name()
+        # Idle users leave before the window is folded: their tombstones precede its records.
+        source = actions.get_topic_name()
+        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == source}
+        for key, partition in sweep.due(cast(Any, table.data), owned, now):
+            await first.add(changelog, key, None, partition)
+            counters.forgotten += 1
         try:
             for msg in messages:
                 p: _Pending | None = None
@@ -261,7 +273,6 @@ def create_app(settings: Settings) -> faust.App:
             # not through `table[key] = ...` and Faust's send_soon buffer, whose flush gives
             # up after 0.1 s with records still queued (ProducerBuffer.flush_atmost) and would
             # let offsets be committed ahead of the changelog.
-            changelog = table.changelog_topic.get_topic_name()
             emitted: list[_Pending] = []
             for p in pending.values():
                 if not p.emit:
@@ -271,6 +282,7 @@ def create_app(settings: Settings) -> faust.App:
                 # starts above every version already in `candidates` instead of at 1, which the
                 # servers dropped as stale until the older records were gone.
                 p.seq.version = max(p.seq.version + 1, now_ms())
+                p.seq.partition = p.event.message.partition
                 value = p.seq.encode()
                 if token is not None:
                     _current_event.reset(token)

@@ -30,8 +30,9 @@ class Outbox:
         self._batches: dict[tuple[str, int], list[Any]] = {}  # (topic, partition) -> BatchBuilders
         self._partitions: dict[str, Sequence[int]] = {}  # topic -> its partitions, sorted
 
-    async def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
-        """Queue one record; without `partition`, the producer's default partition for `key`."""
+    async def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
+        """Queue one record (a None value: a tombstone); without `partition`, the producer's
+        default partition for `key`."""
         if partition is None:
             parts = self._partitions.get(topic)
             if parts is None:

@@ -213,20 +213,22 @@ class PackedSeq:
     Table value: msgpack {"user_id", "version", "ts": [event time, ...], "sizes": [bytes, ...],
     "events": bin, "hidden": [[ts, item], ...]}, where "events" is the events' user-updates maps
     (`SeqEvent.to_wire`), msgpack-encoded and concatenated, oldest -> newest, and "sizes" their
-    lengths. The earlier forms, "events": [[ts, item, action, surface], ...] and no "hidden",
-    are still read.
+    lengths, and "p" the `actions` partition the user's events come from (the changelog
+    partition of the value: what forgetting the user needs, streams/forget.py). The earlier
+    forms, "events": [[ts, item, action, surface], ...], no "hidden", no "p", are still read.
     """
 
-    __slots__ = ("hidden", "sizes", "ts", "user_id", "version", "wire")
+    __slots__ = ("hidden", "partition", "sizes", "ts", "user_id", "version", "wire")
 
     def __init__(self, user_id: Id, version: int, ts: list[int], sizes: list[int], wire: bytes,
-                 hidden: Hidden = ()) -> None:
+                 hidden: Hidden = (), partition: int = -1) -> None:
         self.user_id = user_id
         self.version = version
         self.ts = ts  # event times, oldest -> newest (what the age bound and appends look at)
         self.sizes = sizes  # byte length of each event's wire form in `wire`
         self.wire = wire  # the events' wire forms, concatenated
         self.hidden = hidden  # `fold_hidden`'s
+        self.partition = partition  # -1: not known (a value written before "p")
 
     @classmethod
     def of(cls, user_id: Id, version: int, events: Sequence[SeqEvent], hidden: Hidden = ()) -> PackedSeq:
@@ -239,13 +241,15 @@ class PackedSeq:
         events = obj["events"]
         hidden = tuple((ts, item) for ts, item in obj.get("hidden", ()))
         if isinstance(events, bytes):
-            return cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events, hidden)
+            return cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events, hidden, obj.get("p", -1))
         return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)  # the earlier form
 
     def encode(self) -> bytes:
         state = {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}
         if self.hidden:  # most users hide nothing: no key, as in the earlier form
             state["hidden"] = self.hidden
+        if self.partition >= 0:
+            state["p"] = self.partition
         return _pack(state)
 
     def events(self) -> tuple[SeqEvent, ...]:

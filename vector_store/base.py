@@ -127,6 +127,21 @@ class VectorStore(ABC):
     def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
         """Write one batch of vectors (float32 unit rows) of stored items."""
 
+    def set_popularity(self, item_ids: Sequence[ItemId], popularity: np.ndarray) -> None:
+        """Replace the popularity of stored items and nothing else of their payload (a
+        withdrawal a follower writes meanwhile stays)."""
+        if len(item_ids) != len(popularity):
+            raise ValueError(f"set_popularity: {len(item_ids)} ids but {len(popularity)} values")
+        # Popularities are counts, shared by many items: one write per distinct value.
+        by_value: dict[float, list[ItemId]] = {}
+        for item_id, value in zip(item_ids, np.asarray(popularity, dtype=np.float64).tolist(), strict=True):
+            by_value.setdefault(value, []).append(item_id)
+        self._set_popularity(by_value)
+
+    @abstractmethod
+    def _set_popularity(self, by_value: dict[float, list[ItemId]]) -> None:
+        """Write each popularity onto its stored items."""
+
     @abstractmethod
     def delete(self, item_ids: Sequence[ItemId]) -> None:
         """Remove the items (those not stored are ignored)."""

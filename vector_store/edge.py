@@ -178,6 +178,11 @@ class EdgeStore(VectorStore):
             self._exact = self._exact.with_upserts([records[i] for i in item_ids if i in records],
                                                    vectors[[k for k, i in enumerate(item_ids) if i in records]])
 
+    def _set_popularity(self, by_value: dict[float, list[ItemId]]) -> None:
+        shard = self._live()
+        for value, ids in by_value.items():
+            shard.update(qe.UpdateOperation.set_payload([point_id(i) for i in ids], {POPULARITY: value}))
+
     def delete(self, item_ids: Sequence[ItemId]) -> None:
         if not item_ids:
             return
@@ -203,7 +208,7 @@ class EdgeStore(VectorStore):
     ) -> list[list[Hit]]:
         exact = self._exact  # one read: a concurrent upsert swaps in a new snapshot
         if exact is not None:
-            return exact.search(queries, limit, surfaces, exclude)
+            return exact.search(queries, limit, surfaces, exclude, threads=self.settings.max_search_threads or 0)
         params = qe.SearchParams(hnsw_ef=max(self.settings.search_ef, limit))
         requests = [
             qe.QueryRequest(

@@ -194,10 +194,11 @@ class ExactIndex:
         limit: int,
         surfaces: Sequence[str | None],
         exclude: Sequence[Sequence[ItemId]],
+        threads: int = 0,
     ) -> list[list[tuple[ItemId, float]]]:
         """Per query: up to ``limit`` (item id, cosine) best first, among the items eligible
         on that query's surface (None = any) and not in its exclusion list."""
-        rows, scores = self.search_rows(queries, np.full(len(queries), limit), surfaces, exclude)
+        rows, scores = self.search_rows(queries, np.full(len(queries), limit), surfaces, exclude, threads=threads)
         ids = self.item_ids
         out: list[list[tuple[ItemId, float]]] = []
         for i_row, v_row in zip(rows.tolist(), scores.tolist(), strict=True):

@@ -305,10 +305,12 @@ def index_item_table(
     keep_payload: bool = True,
 ) -> int:
     """Bulk-upsert the model's item table, then build the ANN index. Items already stored keep
-    their payload (eligibility and popularity learned from the `items` topic) when
-    ``keep_payload``; only their vectors change, written alone: a withdrawal a follower applies
+    their eligibility learned from the `items` topic when ``keep_payload``; their vectors and
+    popularity become this table's (a retrained model's counts are the newer), each written alone: a withdrawal a follower applies
     meanwhile (a Qdrant server's, beside this) is not overwritten by the payload read before it.
-    Returns the number of items written."""
+    An item with records on `items` has its record's popularity again once the new model's
+    follower, a group of its own, has read the topic from its start (after a `--reindex` of the
+    same model: at the item's next record). Returns the number of items written."""
     store.ensure_collection(table.embeddings.shape[1])
     step = max(1, store.settings.upsert_batch)
     surfaces = tuple(all_surfaces)
@@ -318,10 +320,11 @@ def index_item_table(
         known = store.records(ids) if keep_payload else {}
         stored = [k for k, i in enumerate(ids) if i in known]
         new = [k for k, i in enumerate(ids) if i not in known]
+        popularity = table.popularity[start : start + step]
         if stored:
             store.update_vectors([ids[k] for k in stored], vectors[stored])
+            store.set_popularity([ids[k] for k in stored], popularity[stored])
         if new:
-            popularity = table.popularity[start : start + step]
             store.upsert([ItemRecord(ids[k], surfaces, 0, float(popularity[k])) for k in new], vectors[new])
     store.optimize()
     return len(table.ids)

@@ -127,6 +127,15 @@ class ServerStore(VectorStore):
         points = [qm.PointVectors(id=_wire(point_id(i)), vector=v) for i, v in zip(item_ids, vectors.tolist(), strict=True)]
         self.client.update_vectors(self.collection, points=points, wait=True)
 
+    def _set_popularity(self, by_value: dict[float, list[ItemId]]) -> None:
+        operations = [
+            qm.SetPayloadOperation(set_payload=qm.SetPayload(payload={POPULARITY: value},
+                                                             points=[_wire(point_id(i)) for i in ids]))
+            for value, ids in by_value.items()
+        ]
+        if operations:
+            self.client.batch_update_points(self.collection, update_operations=operations, wait=True)
+
     def delete(self, item_ids: Sequence[ItemId]) -> None:
         self._require_dim()
         if item_ids:

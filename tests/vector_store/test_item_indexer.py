@@ -155,19 +155,29 @@ def _write_model(model_dir: Path, n: int, n_features: int, *, version: str = "v1
     return ItemTable([str(i) for i in ids], emb, pop)
 
 
-def test_bulk_load_keeps_payload_learned_from_the_topic(tmp_path: Path) -> None:
+def test_bulk_load_keeps_eligibility_learned_from_the_topic_and_takes_the_table_s_popularity(tmp_path: Path) -> None:
     table = _write_model(tmp_path / "model", 300, 0)
     with EdgeStore(VectorStoreSettings(path=tmp_path / "shard", upsert_batch=64)) as store:
         store.ensure_collection(DIM)
         store.upsert([ItemRecord("i3", ("search",), 5, 0.01)], np.ones((1, DIM), np.float32))
         assert index_item_table(store, table, SURFACES) == 300
         assert store.count() == 300
-        assert store.records(["i3"])["i3"] == ItemRecord("i3", ("search",), 5, 0.01)
+        assert store.records(["i3"])["i3"] == ItemRecord("i3", ("search",), 5, pytest.approx(table.popularity[3]))
         np.testing.assert_allclose(store.retrieve(["i3"])["i3"], table.embeddings[3], atol=1e-6)
         want = ItemRecord("i4", SURFACES, 0, pytest.approx(table.popularity[4]))
         assert store.records(["i4"])["i4"] == want
         (hits,) = store.query_batch(table.embeddings[10:11], 1)
         assert hits[0][0] == "i10"
+
+
+def test_a_retrained_model_s_load_brings_its_popularity(tmp_path: Path) -> None:
+    """The `popular` lists (the fallback of unknown users) come from the store's popularity: a
+    retrained model's counts must replace the first model's, not be kept for good."""
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        vectors = np.eye(3, DIM, dtype=np.float32)
+        index_item_table(store, ItemTable(["a", "b", "c"], vectors, np.array([100, 10, 1], np.float32)), SURFACES)
+        index_item_table(store, ItemTable(["a", "b", "c"], vectors, np.array([1, 10, 100], np.float32)), SURFACES)
+        assert [i for i, _ in store.top_popular("home", 3)] == ["c", "b", "a"]
 
 
 def test_recsys_index_loads_each_model_table_once_and_wholly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,8 @@ qdrant-client's local mode) as a plain-numpy reference; Edge's HNSW graph agrees
 
 from __future__ import annotations
 
+import dataclasses
+
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -171,6 +173,20 @@ def test_top_popular_per_surface(kind: str, stores: Callable[..., VectorStore]) 
         got = store.top_popular(surface, 20)
         assert [point_id(i) for i, _ in got] == [point_id(r.item_id) for r in want]
         assert [p for _, p in got] == pytest.approx([r.popularity for r in want])
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_set_popularity_changes_the_popularity_alone(kind: str, stores: Callable[..., VectorStore]) -> None:
+    records = make_records(50, seed=4)
+    store = stores(kind)
+    store.ensure_collection(DIM)
+    store.upsert(records, clustered(50, DIM, 4))
+    ids = [r.item_id for r in records[:10]]
+    store.set_popularity(ids, np.array([1e6] * 5 + [2e6] * 5, np.float32))
+    got = store.records(ids)
+    assert [got[i] for i in ids] == [
+        dataclasses.replace(r, popularity=pytest.approx(1e6 if k < 5 else 2e6)) for k, r in enumerate(records[:10])]
+    assert {point_id(i) for i, _ in store.top_popular(None, 5)} == {point_id(i) for i in ids[5:]}  # ties: any order
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
