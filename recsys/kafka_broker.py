@@ -213,9 +213,11 @@ class LocalBroker:
             os.kill(pid, 0)
         except (ProcessLookupError, PermissionError):  # gone, or the pid now belongs to another user
             return None
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        if cmdline.exists() and b"kafka.Kafka" not in cmdline.read_bytes():
-            return None
+        try:
+            if b"kafka.Kafka" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return None
+        except OSError:  # gone since the kill(0), or no /proc here (the pid file is all there is)
+            return None if Path("/proc/self").exists() else pid
         return pid
 
     def _running_port(self) -> int | None:
@@ -330,8 +332,10 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "State:\tZ" in status.read_text())
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone since the kill(0), or no /proc here
+        return not Path("/proc/self").exists()
 
 
 def _kafka_cluster_id() -> str:

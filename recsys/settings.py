@@ -319,6 +319,12 @@ class ServingSettings(Section):
     shutdown_grace_s: float = 5.0  # in-flight calls get this long after SIGTERM
 
 
+# RECSYS_* variables that are not settings: the config file, the cache of scripts/bootstrap.sh,
+# the test suite's switches and the benchmarks' load generator.
+RUN_SWITCHES = frozenset({"RECSYS_CONFIG", "RECSYS_CACHE", "RECSYS_SLOW_TESTS", "RECSYS_REQUIRE_COMPOSE",
+                          "RECSYS_REQUIRE_OPENSSL", "RECSYS_GHZ"})
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RECSYS_",
@@ -346,6 +352,12 @@ class Settings(BaseSettings):
                          if k.upper().startswith("RECSYS_") and "__" in k and k[7:].split("__", 1)[0].lower() not in cls.model_fields)
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: no such settings section (sections: {', '.join(cls.model_fields)})")
+        # One underscore where two belong (RECSYS_KAFKA_PORT) is not a setting at all.
+        stray = sorted(k for k in os.environ if k.upper().startswith("RECSYS_") and "__" not in k
+                       and k.upper() not in RUN_SWITCHES)
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: not a setting; settings are RECSYS_<SECTION>__<FIELD> "
+                             f"(two underscores), e.g. RECSYS_KAFKA__PORT")
         return data
 
     @model_validator(mode="after")

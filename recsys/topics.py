@@ -71,6 +71,14 @@ def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], part
                     wrong[resource.name] = bad
             return wrong
 
+        # Partitions are never changed here: adding some moves users to other partitions, whose
+        # state (sequences, offsets) is elsewhere. Said, so that a raised setting is not taken for applied.
+        older = [n for n in configs if n in existing and n not in created]
+        for topic in admin.describe_topics(older) if older else ():
+            have = len(topic.get("partitions") or ())
+            if have and have != partitions:
+                log.warning("topic %s has %d partitions, not kafka.partitions=%d: left as it is (set the count "
+                            "before a deployment's first start)", topic.get("name", topic.get("topic")), have, partitions)
         wrong = wrong_configs()
         for name, bad in wrong.items():
             log.warning("topic %s has %s; setting %s", name, bad, {k: configs[name][k] for k in bad})

@@ -28,8 +28,12 @@ HASH=$(printf '%s' "$DEPS" | sha256sum | cut -c1-16)
 mkdir -p "$CACHE"
 exec 9>"$CACHE/.bootstrap.lock"
 flock 9
-if [ ! -x "$BASE/bin/python" ]; then
+# A venv that cannot run pip is rebuilt, not reused: one half made (python3-venv missing when it
+# was created), or one whose interpreter was upgraded or removed since (a dangling symlink, which
+# `python -m venv` over it would keep).
+if ! "$BASE/bin/python" -m pip --version >/dev/null 2>&1; then
     echo "bootstrap: creating the base virtualenv in $BASE"
+    rm -rf "$BASE"
     "$PY" -m venv "$BASE"
     "$BASE/bin/pip" install -q --upgrade pip
 fi
@@ -42,7 +46,8 @@ if [ ! -f "$BASE/.deps-$HASH" ]; then
 fi
 
 # The clone's own venv: base packages through a .pth line, the project editable on top.
-if [ ! -x .venv/bin/python ]; then
+if ! .venv/bin/python -c pass 2>/dev/null; then
+    rm -rf .venv
     "$BASE/bin/python" -m venv --without-pip .venv
 fi
 SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -58,6 +58,15 @@ def test_a_misspelt_section_in_a_variable_is_refused(monkeypatch: pytest.MonkeyP
         Settings()
 
 
+def test_a_variable_with_one_underscore_for_two_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECSYS_KAFKA_PORT", "5")  # pydantic-settings would ignore it: the port stayed 9092
+    with pytest.raises(ValidationError, match="RECSYS_KAFKA_PORT: not a setting"):
+        Settings()
+    monkeypatch.delenv("RECSYS_KAFKA_PORT")
+    monkeypatch.setenv("RECSYS_SLOW_TESTS", "1")  # the suite's own switches are not settings either, and fine
+    Settings()
+
+
 @pytest.mark.parametrize("streams", [{"max_sequence_len": 0}, {"max_sequence_len": -3}, {"max_age_ms": -1},
                                      {"lateness_ms": -1}, {"max_batch_events": 0}, {"flush_interval_s": -0.1}])
 def test_sequence_bounds_that_would_keep_no_event_are_refused(streams: dict[str, float]) -> None:

@@ -39,6 +39,9 @@ def test_every_topic_is_created_and_candidates_is_compacted(kafka_bootstrap: str
     with caplog.at_level(logging.WARNING, logger="recsys.topics"):
         assert ensure_topics(kafka_bootstrap, configs, partitions=2) == []  # idempotent
     assert not caplog.records  # topics with the right configs are left alone
+    with caplog.at_level(logging.WARNING, logger="recsys.topics"):
+        assert ensure_topics(kafka_bootstrap, configs, partitions=4) == []  # a count raised later: said, not applied
+    assert f"topic a-{unique} has 2 partitions, not kafka.partitions=4" in caplog.text
 
 
 def test_a_candidates_topic_the_broker_auto_created_is_made_compacted(kafka_bootstrap: str, unique: str) -> None:
