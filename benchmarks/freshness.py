@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 from kafka import KafkaProducer
 
-from benchmarks.results_io import RESULTS_DIR, cpu_snapshot, cpu_window, write_result
+from benchmarks.results_io import RESULTS_DIR, cpu_snapshot, cpu_window, reusable_model, write_result
 from recsys.kafka_clients import read_topic
 from recsys.local_stack import LocalStack
 from recsys.settings import Settings
@@ -37,7 +37,7 @@ from streams.synthetic import synthetic_events
 
 
 def ensure_model(model_dir: Path, users: int, items: int) -> Path:
-    if (model_dir / "meta.json").exists():
+    if reusable_model(model_dir, {"users": users, "items": items, "settings": Settings().model_dump(mode="json")}):
         return model_dir
     from inference.train import train_small_demo_model
 
@@ -105,6 +105,7 @@ class Prober:
         self.max_waiting = max_waiting  # at most the server's serving.max_batch
         self.samples: list[Sample] = []
         self.missed = 0
+        self.poll_errors = 0  # polls the server failed (each sample waiting then is still judged)
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -129,7 +130,13 @@ class Prober:
     def _poll(self, stub: pb_grpc.CandidatesStub, waiting: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
         request = pb.BatchGetCandidatesRequest(
             requests=[pb.GetCandidatesRequest(user_id=user, surface="home", limit=10) for user, _, _ in waiting])
-        replies = stub.BatchGetCandidates(request, timeout=2.0).responses
+        try:
+            replies = stub.BatchGetCandidates(request, timeout=2.0).responses
+        except grpc.RpcError:
+            # A slow or failed poll is a slow system, not the end of the measurement: the samples
+            # keep waiting (and time out as missed), so a stall is counted, not dropped.
+            self.poll_errors += 1
+            replies = [pb.GetCandidatesResponse()] * len(waiting)
         now = time.perf_counter()
         still: list[tuple[str, int, float]] = []
         for (user, ts, sent_at), reply in zip(waiting, replies):
@@ -243,6 +250,7 @@ def main() -> None:
         "p99_to_generated_ms": round(float(np.percentile(to_generated, 99)), 1),
         "p50_generated_to_served_ms": round(float(np.percentile(np.subtract(latencies, to_generated), 50)), 1),
         "missed_10s": missed,
+        "poll_errors": prober.poll_errors,
         "items": args.items,
         "seconds": args.seconds,
         **stages,

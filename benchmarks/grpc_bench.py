@@ -175,11 +175,18 @@ def ghz(binary: Path, target: str, data: Path, args: argparse.Namespace, concurr
             "count": report["count"], "errors": sum(v for k, v in codes.items() if k != "OK")}
 
 
-def measure(binary: Path, target: str, data: Path, args: argparse.Namespace, concurrency: int,
-            server_pid: int) -> dict[str, Any]:
+def measure(binary: Path, target: str, requests: list[dict[str, Any]], tmp: Path, args: argparse.Namespace,
+            concurrency: int, server_pid: int) -> dict[str, Any]:
+    """A warm-up, then the timed run on a freshly started server: the timed run starts where the
+    warm-up stopped in the request list, so that its calls ask for lists not served before (the
+    server memoises a list's encoding), as long as it asks fewer than the list holds."""
+    data = tmp / "requests.json"
+    data.write_text(json.dumps(requests))
     warm = ghz(binary, target, data, args, concurrency, duration_s=args.warmup)
+    data.write_text(json.dumps(requests[warm["count"] % len(requests):] + requests[: warm["count"] % len(requests)]))
     cpu_before, ghz_before = tree_cpu_seconds(server_pid), _children_cpu_seconds()
     result = ghz(binary, target, data, args, concurrency, n=max(2000, int(warm["qps"] * args.duration)))
+    result["repeated_share"] = max(0, warm["count"] + result["count"] - len(requests)) / result["count"]
     result["cpu_us_per_call"] = (tree_cpu_seconds(server_pid) - cpu_before) / result["count"] * 1e6
     # the load generator's own CPU: on 2 shared cores it is what the server cannot have
     result["ghz_cpu_us_per_call"] = (_children_cpu_seconds() - ghz_before) / result["count"] * 1e6
@@ -245,7 +252,7 @@ def rows_from_result(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.grpc_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2", help="server process counts to measure, comma-separated")
-    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--users", type=int, default=20_000, help="users in the topic: 3x this many lists, more than a run asks for")
     parser.add_argument("--items", type=int, default=100, help="candidates per surface in the topic")
     parser.add_argument("--limit", type=int, default=100, help="candidates asked per request")
     parser.add_argument("--concurrency", default="4,8,16", help="ghz -c values (calls in flight), comma-separated")
@@ -278,35 +285,36 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             asyncio.run(fill_topic(bootstrap, topic, args.users, args.items))
             print(f"topic {topic}: {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
-            data = tmp / "requests.json"
-            # every (user, surface) pair once, in a cycle: with 10k users a 10 s run serves each
-            # list about once, like real traffic (a list is read after each update), so the
-            # server's memoised encoding is mostly cold: the pessimistic case
-            data.write_text(json.dumps([{"user_id": f"user-{u}", "surface": s, "limit": args.limit}
-                                        for s in SURFACES for u in range(args.users)]))
+            # Every (user, surface) pair once, in turn: each list served once, like real traffic (a
+            # list is read about once after each update), so the server's memoised encoding is
+            # cold: the pessimistic case. Each concurrency gets freshly started servers.
+            requests = [{"user_id": f"user-{u}", "surface": s, "limit": args.limit}
+                        for s in SURFACES for u in range(args.users)]
             env = {**os.environ, "RECSYS_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "RECSYS_TOPICS__CANDIDATES": topic,
                    "RECSYS_INFERENCE__MODEL_DIR": str(tmp / "no-model")}
             runs: dict[tuple[int, int], dict[str, Any]] = {}
             for workers in worker_counts:
                 echo = [sys.executable, "-m", "benchmarks.grpc.echo_server"]
-                for name, argv_, marker in [
-                    ("echo", echo, "echo ready"),
-                    ("sized_echo", [*echo, "--payload", str(args.limit)], "echo ready"),
-                    ("serve", [sys.executable, "-m", "recsys.cli", "serve"], "serving on port"),
-                ]:
-                    port = free_port()
-                    procs = Processes([*argv_, "--port", str(port), "--workers", str(workers)], env, marker, workers,
-                                      tmp / f"{name}-{workers}.log")
-                    try:
-                        procs.wait_ready()
-                        if name == "serve":
-                            check_served(port)
-                        for concurrency in concurrencies:
-                            result = measure(binary, f"127.0.0.1:{port}", data, args, concurrency, procs.proc.pid)
+                # The three servers of one (W, c) one after the other, not each server's whole
+                # grid in a row: a load change on the shared machine then hits all three alike.
+                for concurrency in concurrencies:
+                    for name, argv_, marker in [
+                        ("echo", echo, "echo ready"),
+                        ("sized_echo", [*echo, "--payload", str(args.limit)], "echo ready"),
+                        ("serve", [sys.executable, "-m", "recsys.cli", "serve"], "serving on port"),
+                    ]:
+                        port = free_port()
+                        procs = Processes([*argv_, "--port", str(port), "--workers", str(workers)], env, marker, workers,
+                                          tmp / f"{name}-{workers}-{concurrency}.log")
+                        try:
+                            procs.wait_ready()
+                            if name == "serve":
+                                check_served(port)
+                            result = measure(binary, f"127.0.0.1:{port}", requests, tmp, args, concurrency, procs.proc.pid)
                             row = runs.setdefault((workers, concurrency), {"workers": workers, "concurrency": concurrency})
                             row.update({f"{'' if name == 'serve' else name + '_'}{k}": v for k, v in result.items()})
-                    finally:
-                        procs.stop()
+                        finally:
+                            procs.stop()
                 for concurrency in concurrencies:
                     row = runs[(workers, concurrency)]
                     row["ratio"] = row["qps"] / row["echo_qps"]

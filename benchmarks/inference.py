@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results_io import RESULTS_DIR, write_result
+from benchmarks.results_io import RESULTS_DIR, reusable_model, write_result
 from recsys.settings import Settings, VectorStoreSettings
 
 # -- defaults (each is a flag) ------------------------------------------------------------------
@@ -50,7 +50,8 @@ TRAIN_SECONDS = 90.0
 def ensure_model(model_dir: Path, events: list[dict[str, Any]], train_seconds: float, slots: str) -> Path:
     """Train the default model (with `train.slots` = ``slots``) briefly on ``events`` and
     export it (once; reused after)."""
-    if (model_dir / "meta.json").exists():
+    recipe = {"events": len(events), "train_seconds": train_seconds, "slots": slots, "settings": Settings().model_dump(mode="json")}
+    if reusable_model(model_dir, recipe):
         return model_dir
     from inference.data import events_from_dicts, tail_split
     from inference.export import export_model

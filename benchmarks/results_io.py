@@ -72,3 +72,29 @@ def write_result(name: str, metrics: dict[str, Any], *, command: str | None = No
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
+
+
+# What a benchmark's trained model depends on besides its recipe: a model cached by an older
+# version of these is trained again, not measured as if it were today's.
+MODEL_CODE = ("inference/model.py", "inference/train.py", "inference/export.py", "inference/data.py",
+              "inference/items.py", "recsys/settings.py")
+
+
+def reusable_model(model_dir: Path, recipe: dict[str, Any]) -> bool:
+    """True when ``model_dir`` holds an exported model made from ``recipe`` (the settings and
+    arguments it was trained with) by today's model code; otherwise clears it for a new one and
+    records the fingerprint the new one will be made under."""
+    import hashlib
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode())
+    for name in MODEL_CODE:
+        digest.update((root / name).read_bytes())
+    mark = model_dir / "bench_fingerprint.txt"
+    if (model_dir / "meta.json").exists() and mark.exists() and mark.read_text() == digest.hexdigest():
+        return True
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model_dir.mkdir(parents=True)
+    mark.write_text(digest.hexdigest())
+    return False
