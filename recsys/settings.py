@@ -303,10 +303,6 @@ class ServingSettings(Section):
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
     apply_yield_every: int = Field(32, gt=0)  # records applied between two turns of the event loop's RPCs
-    # The store's lists are long-lived objects: a full cyclic-GC pass over them stalls every call
-    # (~0.6 s at 100k users here). They are collected and frozen out of later passes at catch-up
-    # and then every this many seconds, so a pass scans only what arrived since (0 = never).
-    gc_freeze_every_s: float = Field(60.0, ge=0)
     # follow `items` too: an item withdrawn from a surface leaves the lists already published
     # (else it stays in them until each of those users acts again)
     follow_items: bool = True

@@ -356,12 +356,15 @@ class FollowerStopped(RuntimeError):
 
 
 def freeze_long_lived() -> None:
-    """Collect, then move every object alive now out of the cyclic GC's later passes.
+    """Collect, then move every object alive now out of the cyclic GC's later passes: done
+    once, at catch-up, over the store as read from the topic.
 
     CPython runs a full pass whenever the long-lived objects have grown by a quarter, and a
     pass over a store of candidate lists stops the event loop (~0.6 s at 100k users here,
     health probes included). Frozen objects are still freed by reference counting; the lists
-    make no reference cycles (tests/serving/test_store.py), so freezing them leaks nothing."""
+    make no reference cycles (tests/serving/test_candidate_store.py), so freezing them leaks
+    nothing. Not repeated: collecting and freezing every 60 s while following the topic raised
+    the freshness benchmark's p99 from ~140 to 270-360 ms (BENCHMARKS.md, "Freshness")."""
     gc.collect()
     gc.freeze()
 
@@ -413,11 +416,6 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         await _set_health(health_servicer, serving=True)
         log.info("serving on port %d (%d users)", port, len(store))
 
-    async def freeze_periodically() -> None:
-        while cfg.gc_freeze_every_s > 0:
-            await asyncio.sleep(cfg.gc_freeze_every_s)
-            freeze_long_lived()
-
     failed: list[str] = []
 
     async def watch_followers() -> None:
@@ -447,7 +445,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         await listen()  # at once: health answers NOT_SERVING until caught up
     for follower in followers:
         await follower.start()
-    tasks = [asyncio.create_task(c) for c in (mark_serving(), refresh_fallback(), freeze_periodically())]
+    tasks = [asyncio.create_task(c) for c in (mark_serving(), refresh_fallback())]
     if followers:
         tasks.append(asyncio.create_task(watch_followers()))
     if ready is not None:
