@@ -77,7 +77,7 @@ def write_result(name: str, metrics: dict[str, Any], *, command: str | None = No
 # What a benchmark's trained model depends on besides its recipe: a model cached by an older
 # version of these is trained again, not measured as if it were today's.
 MODEL_CODE = ("inference/model.py", "inference/train.py", "inference/export.py", "inference/data.py",
-              "inference/items.py", "recsys/settings.py")
+              "inference/items.py")
 
 
 def reusable_model(model_dir: Path, recipe: dict[str, Any]) -> bool:
