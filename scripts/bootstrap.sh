@@ -31,7 +31,7 @@ flock 9
 # A venv that cannot run pip is rebuilt, not reused: one half made (python3-venv missing when it
 # was created), or one whose interpreter was upgraded or removed since (a dangling symlink, which
 # `python -m venv` over it would keep).
-if ! "$BASE/bin/python" -m pip --version >/dev/null 2>&1; then
+if ! "$BASE/bin/python" -I -m pip --version >/dev/null 2>&1; then
     echo "bootstrap: creating the base virtualenv in $BASE"
     rm -rf "$BASE"
     "$PY" -m venv "$BASE"

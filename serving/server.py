@@ -312,6 +312,17 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from serving.tls_cert + tls_key, None without TLS; a ValueError or
+    OSError for a half-given pair or a file that cannot be read."""
+    cfg = settings.serving
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise ValueError("serving.tls_cert and serving.tls_key go together (both or neither)")
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    return grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+
+
 def create_server(
     settings: Settings,
     store: CandidateStore,
@@ -339,10 +350,8 @@ def create_server(
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     address = f"{cfg.host}:{cfg.port}"
-    if (cfg.tls_cert is None) != (cfg.tls_key is None):
-        raise ValueError("serving.tls_cert and serving.tls_key go together (both or neither)")
-    if cfg.tls_cert is not None and cfg.tls_key is not None:
-        credentials = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
+    credentials = server_credentials(settings)
+    if credentials is not None:
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
@@ -376,10 +385,13 @@ async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> 
 
 
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
-    """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound."""
+    """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound
+    (with serving.workers > 1: once running, as it binds only after catch-up). Raises, after
+    shutting down, what stopped it: FollowerStopped, or what failed binding the port."""
     from serving.follower import CandidatesFollower, EligibilityFollower, PopularFollower  # aiokafka only where a topic is followed
 
     cfg = settings.serving
+    server_credentials(settings)  # a TLS mistake fails now, not after the catch-up (workers > 1)
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
     if cfg.snapshot_path is not None:
         loaded = store.load(cfg.snapshot_path, max_age_ms=settings.kafka.tombstone_retention_ms)
@@ -409,6 +421,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         for follower in followers:
             await follower.caught_up.wait()
         freeze_long_lived()  # the whole store is long-lived now: one pass, before any call waits on it
+        frozen.append(True)
         if server is None:
             # Processes sharing a port are handed connections as soon as they bind (binding
             # listens), and a health probe reaches only one of them: each binds once caught up.
@@ -417,6 +430,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         log.info("serving on port %d (%d users)", port, len(store))
 
     failed: list[str] = []
+    frozen: list[bool] = []
 
     async def watch_followers() -> None:
         # A follower that ends leaves the store frozen while health says SERVING, or NOT_SERVING
@@ -427,7 +441,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         finally:
             for w in waits:
                 w.cancel()
-        failed.extend(repr(d.result()) for d in done)
+        failed.extend("ended without an error" if d.result() is None else repr(d.result()) for d in done)
         log.error("a follower stopped (%s): shutting down", "; ".join(failed))
         stop.set()
 
@@ -445,7 +459,11 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         await listen()  # at once: health answers NOT_SERVING until caught up
     for follower in followers:
         await follower.start()
-    tasks = [asyncio.create_task(c) for c in (mark_serving(), refresh_fallback())]
+    serving = asyncio.create_task(mark_serving())
+    # Binding after catch-up (workers > 1) can fail (the port taken by a server that does not
+    # share it): the process stops with that error rather than live on unbound.
+    serving.add_done_callback(lambda t: stop.set() if not t.cancelled() and t.exception() else None)
+    tasks = [serving, asyncio.create_task(refresh_fallback())]
     if followers:
         tasks.append(asyncio.create_task(watch_followers()))
     if ready is not None:
@@ -470,9 +488,12 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path), cfg.snapshot_path)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        gc.unfreeze()  # the process's collector as serve() found it (in-process callers, tests)
+        if frozen:
+            gc.unfreeze()  # the process's collector as serve() found it (in-process callers, tests)
     if failed:
         raise FollowerStopped("; ".join(failed))
+    if serving.done() and not serving.cancelled() and (error := serving.exception()) is not None:
+        raise error
 
 
 def run_event_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:

@@ -332,10 +332,11 @@ def create_app(settings: Settings) -> faust.App:
             try:
                 await asyncio.shield(done)
             except asyncio.CancelledError:
-                await exit_unacked_on_failure(done)
+                # As long as the group would wait for a silent member, then unacked.
+                await exit_unacked_on_failure(done, cfg.session_timeout_s)
                 raise
             except Exception:  # noqa: BLE001 - judged (and the process ended) in there
-                await exit_unacked_on_failure(done)
+                await exit_unacked_on_failure(done, 0.0)
 
     @app.timer(interval=cfg.stats_interval_s)
     async def log_counters() -> None:
@@ -349,19 +350,25 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-async def exit_unacked_on_failure(window: asyncio.Future[None]) -> None:
-    """Wait for a window's output to finish; if it failed, end the process at once (exit 1),
-    before anything can ack or commit the window's events."""
+async def exit_unacked_on_failure(window: asyncio.Future[None], within_s: float) -> None:
+    """Wait for a window's output to finish; if it failed, or is not done within ``within_s``
+    (a stopping worker whose broker is gone: its sends would retry for many minutes), end the
+    process at once (exit 1), before anything can ack or commit the window's events."""
+    deadline = asyncio.get_running_loop().time() + within_s
     while not window.done():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
         try:
-            await asyncio.shield(window)
+            await asyncio.wait_for(asyncio.shield(window), left)
         except asyncio.CancelledError:
             continue  # the agent is stopping: the window still finishes first
-        except Exception:  # noqa: BLE001 - judged below
-            break
-    error = None if window.cancelled() else window.exception()
-    if window.cancelled() or error is not None:
-        log.critical("streams: a window failed; exiting without acking it", exc_info=error)
+        except Exception:  # noqa: BLE001 - judged below (a timeout included)
+            pass
+    error = None if not window.done() or window.cancelled() else window.exception()
+    if not window.done() or window.cancelled() or error is not None:
+        log.critical("streams: a window %s; exiting without acking it",
+                     "failed" if window.done() else f"was not written within {within_s:.0f} s", exc_info=error)
         logging.shutdown()
         os._exit(1)
 

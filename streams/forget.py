@@ -65,8 +65,12 @@ class IdleSweep:
             raw = data.get(key)
             if raw is None:
                 continue
-            value = msgpack.unpackb(raw, raw=False)
-            version, partition = value.get("version", 0), value.get("p", -1)
+            try:
+                value = msgpack.unpackb(raw, raw=False)
+                version, partition = int(value.get("version", 0)), value.get("p", -1)
+            except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
+                continue  # not a value of ours: left to the user's next fold (which reports it), not a window's failure
+
             if partition in owned and CLOCK_VERSIONS_FROM <= version < now_ms - self.idle_ms:
                 del data[key]
                 recovered.pop(key, None)

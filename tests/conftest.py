@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from recsys.kafka_broker import LocalBroker, free_port
-from recsys.settings import KafkaSettings
+from recsys.settings import RUN_SWITCHES, KafkaSettings
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,8 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
     _keep_shell_settings_out()
 
 
-# Switches of the test run itself, not settings of the code under test.
-_RUN_SWITCHES = {"RECSYS_SLOW_TESTS", "RECSYS_REQUIRE_COMPOSE", "RECSYS_REQUIRE_OPENSSL", "RECSYS_CACHE"}
+# Switches of the test run itself, not settings of the code under test; a config file named in
+# the shell (RECSYS_CONFIG) would change every test's settings, so it goes with them.
+_RUN_SWITCHES = RUN_SWITCHES - {"RECSYS_CONFIG"}
 _shell_settings: dict[str, str] = {}
 
 

@@ -350,6 +350,28 @@ def test_processes_sharing_a_port_bind_it_only_once_caught_up(unique: str, setti
     asyncio.run(scenario())
 
 
+def test_a_process_that_cannot_bind_after_catch_up_stops_with_the_error(unique: str, settings: Settings) -> None:
+    """With serving.workers > 1 the port is bound after catch-up; taken by a server that does
+    not share it, the process must stop with that error, not live on unbound and unnoticed."""
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    cfg = _settings(settings, "localhost:1", f"candidates-{unique}", workers=2, port=port, follow=False, drain_s=0.0)
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        with pytest.raises(RuntimeError, match="bind"):  # grpc's own "Failed to bind to address ..."
+            await asyncio.wait_for(server.task, 30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        holder.close()
+
+
 @contextlib.contextmanager
 def serve_process(port: int, *args: str, **env: str) -> Iterator[subprocess.Popen[str]]:
     """`recsys serve --port PORT ARGS` as a real process, with these RECSYS_* variables (and a

@@ -23,12 +23,13 @@ def test_only_owned_users_idle_by_a_clock_version_are_forgotten_a_slice_per_wind
         b"counter": value(7),  # an earlier release's counter version: its idleness is unknown
     }
     table |= {f"old{k}".encode(): value(NOW - 10 * IDLE) for k in range(5)}
+    table[b"garbage"] = b"\xc1 not msgpack"  # skipped, not the window's failure
     sweep = IdleSweep(StreamsSettings(forget_idle_ms=IDLE, sweep_every_s=3600, sweep_batch=4))
     forgotten = []
-    for _ in range(3):  # ten keys, four per window
+    for _ in range(3):  # eleven keys, four per window
         forgotten += sweep.due(table, {0}, NOW)
     assert sorted(forgotten) == sorted([(b"idle", 0), *((f"old{k}".encode(), 0) for k in range(5))])
-    assert sorted(table) == [b"active", b"counter", b"elsewhere", b"unplaced"]
+    assert sorted(table) == [b"active", b"counter", b"elsewhere", b"garbage", b"unplaced"]
     table[b"late"] = value(NOW - 10 * IDLE)
     assert sweep.due(table, {0}, NOW) == []  # the next round waits for sweep_every_s
 
