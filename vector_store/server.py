@@ -92,20 +92,19 @@ class ServerStore(VectorStore):
         self._ensure_payload_indexes()
 
     def catalogue_version(self) -> str | None:
+        return self._marker(_CATALOGUE_KEY)
+
+    def catalogue_loading(self) -> str | None:
+        return self._marker(_LOADING_KEY)
+
+    def _marker(self, key: str) -> str | None:
         if self._dim is None:
             return None
         # Collection metadata (Qdrant 1.16+): a server that drops it leaves the marker unset,
         # which costs a repeated bulk load, never a skipped one.
         metadata = self.client.get_collection(self.collection).config.metadata or {}
-        version = metadata.get(_CATALOGUE_KEY)
-        return None if version is None else str(version)
-
-    def catalogue_loading(self) -> str | None:
-        if self._dim is None:
-            return None
-        metadata = self.client.get_collection(self.collection).config.metadata or {}
-        loading = metadata.get(_LOADING_KEY)
-        return None if loading is None else str(loading)
+        value = metadata.get(key)
+        return None if value is None else str(value)
 
     def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
         self._require_dim()
