@@ -179,6 +179,9 @@ def create_app(settings: Settings) -> faust.App:
     )
     counters = Counters()
     sweep = IdleSweep(cfg)
+
+    def owned_partitions() -> set[int]:
+        return {tp.partition for tp in app.consumer.assignment() if tp.topic == actions.get_topic_name()}
     negative = frozenset(settings.train.negative_actions)  # hides: kept even when too late for the sequence
     declared: list[bool] = []
 
@@ -207,9 +210,7 @@ def create_app(settings: Settings) -> faust.App:
         current_partition = -1
         changelog = table.changelog_topic.get_topic_name()
         # Idle users leave before the window is folded: their tombstones precede its records.
-        source = actions.get_topic_name()
-        owned = {tp.partition for tp in app.consumer.assignment() if tp.topic == source}
-        for key, partition in sweep.due(cast(Any, table.data), owned, now):
+        for key, partition in sweep.due(cast(Any, table.data), owned_partitions, now):
             await first.add(changelog, key, None, partition)
             counters.forgotten += 1
         try:

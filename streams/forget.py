@@ -22,7 +22,7 @@ worker owns are forgotten: a `memory://` store keeps the values of partitions it
 from __future__ import annotations
 
 import time
-from collections.abc import Container, MutableMapping
+from collections.abc import Callable, Container, MutableMapping
 
 import msgpack
 
@@ -46,9 +46,11 @@ class IdleSweep:
         self._at = 0  # the next of them to examine
         self._next_round = 0.0  # monotonic
 
-    def due(self, data: MutableMapping[bytes, bytes], owned: Container[int], now_ms: int) -> list[tuple[bytes, int]]:
+    def due(self, data: MutableMapping[bytes, bytes], owned: Callable[[], Container[int]],
+            now_ms: int) -> list[tuple[bytes, int]]:
         """Delete the idle users among the next slice of keys from ``data`` (the table's store)
-        and return (key, changelog partition) of each, for their tombstones."""
+        and return (key, changelog partition) of each, for their tombstones. ``owned`` gives the
+        partitions this worker owns; asked only when a slice is examined, not every window."""
         if self.idle_ms <= 0:
             return []
         if self._at >= len(self._keys):
@@ -58,6 +60,7 @@ class IdleSweep:
             self._next_round = time.monotonic() + self.every_s
         batch = self._keys[self._at : self._at + self.batch]
         self._at += len(batch)
+        owned_now = owned()
         # Faust's memory store also maps each key it recovered to its partition: forgotten too.
         recovered = getattr(data, "_key_partition", {})
         forgotten: list[tuple[bytes, int]] = []
@@ -71,7 +74,7 @@ class IdleSweep:
             except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
                 continue  # not a value of ours: left to the user's next fold (which reports it), not a window's failure
 
-            if partition in owned and CLOCK_VERSIONS_FROM <= version < now_ms - self.idle_ms:
+            if partition in owned_now and CLOCK_VERSIONS_FROM <= version < now_ms - self.idle_ms:
                 del data[key]
                 recovered.pop(key, None)
                 forgotten.append((key, partition))

@@ -102,17 +102,16 @@ class EdgeStore(VectorStore):
         self._shard, self._dim = shard, dim
         self._refresh_exact()
 
-    def _marker(self) -> dict[str, Any]:
-        marker = self.path / _CATALOGUE_FILE
-        return json.loads(marker.read_text(encoding="utf-8")) if marker.exists() else {}
-
     def catalogue_version(self) -> str | None:
-        version = self._marker().get("model_version")
-        return None if version is None else str(version)
+        return self._marker("model_version")
 
     def catalogue_loading(self) -> str | None:
-        loading = self._marker().get("loading")
-        return None if loading is None else str(loading)
+        return self._marker("loading")
+
+    def _marker(self, key: str) -> str | None:
+        marker = self.path / _CATALOGUE_FILE
+        value = json.loads(marker.read_text(encoding="utf-8")).get(key) if marker.exists() else None
+        return None if value is None else str(value)
 
     def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
         if version is not None:

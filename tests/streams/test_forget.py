@@ -27,16 +27,16 @@ def test_only_owned_users_idle_by_a_clock_version_are_forgotten_a_slice_per_wind
     sweep = IdleSweep(StreamsSettings(forget_idle_ms=IDLE, sweep_every_s=3600, sweep_batch=4))
     forgotten = []
     for _ in range(3):  # eleven keys, four per window
-        forgotten += sweep.due(table, {0}, NOW)
+        forgotten += sweep.due(table, lambda: {0}, NOW)
     assert sorted(forgotten) == sorted([(b"idle", 0), *((f"old{k}".encode(), 0) for k in range(5))])
     assert sorted(table) == [b"active", b"counter", b"elsewhere", b"garbage", b"unplaced"]
     table[b"late"] = value(NOW - 10 * IDLE)
-    assert sweep.due(table, {0}, NOW) == []  # the next round waits for sweep_every_s
+    assert sweep.due(table, lambda: {0}, NOW) == []  # the next round waits for sweep_every_s
 
 
 def test_zero_forgets_nobody() -> None:
     table = {b"idle": value(NOW - 10 * IDLE)}
-    assert IdleSweep(StreamsSettings(forget_idle_ms=0)).due(table, {0}, NOW) == [] and b"idle" in table
+    assert IdleSweep(StreamsSettings(forget_idle_ms=0)).due(table, lambda: {0}, NOW) == [] and b"idle" in table
 
 
 def test_the_partition_survives_the_table_value() -> None:

@@ -161,12 +161,17 @@ def test_item_ids_lists_every_item_and_deleted_ones_are_gone(kind: str, stores: 
     assert not {point_id(i) for h in hits for i, _ in h} & {point_id(i) for i in gone}
 
 
+def _filled(store: VectorStore, n: int, seed: int) -> tuple[VectorStore, list[ItemRecord]]:
+    """``store`` holding ``n`` generated items (clustered vectors)."""
+    records = make_records(n, seed=seed)
+    store.ensure_collection(DIM)
+    store.upsert(records, clustered(n, DIM, seed))
+    return store, records
+
+
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
 def test_top_popular_per_surface(kind: str, stores: Callable[..., VectorStore]) -> None:
-    records = make_records(200, seed=3)
-    store = stores(kind)
-    store.ensure_collection(DIM)
-    store.upsert(records, clustered(200, DIM, 3))
+    store, records = _filled(stores(kind), 200, seed=3)
     for surface in (None, *SURFACES, "nowhere"):
         eligible = [r for r in records if surface is None or surface in r.surfaces]
         want = sorted(eligible, key=lambda r: -r.popularity)[:20]
@@ -177,10 +182,7 @@ def test_top_popular_per_surface(kind: str, stores: Callable[..., VectorStore]) 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
 def test_set_popularity_changes_the_popularity_alone(kind: str, stores: Callable[..., VectorStore]) -> None:
-    records = make_records(50, seed=4)
-    store = stores(kind)
-    store.ensure_collection(DIM)
-    store.upsert(records, clustered(50, DIM, 4))
+    store, records = _filled(stores(kind), 50, seed=4)
     ids = [r.item_id for r in records[:10]]
     store.set_popularity(ids, np.array([1e6] * 5 + [2e6] * 5, np.float32))
     got = store.records(ids)
