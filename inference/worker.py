@@ -58,6 +58,7 @@ from recsys.kafka_clients import PendingCommits, group_consumer
 from recsys.settings import InferenceSettings, Settings, get_settings
 from recsys.topics import POPULAR_KEY
 from vector_store.base import VectorStore
+from vector_store.exact import product
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def plan_queries(
                     kept[first] = (kept[first][0], kept[first][1] + share)
                     continue
                 for k, (other, other_budget) in enumerate(kept):
-                    if float(vector @ other) > merge_cosine:
+                    if float(product(vector, other)) > merge_cosine:
                         kept[k] = (other, other_budget + share)
                         first = k if first is None else first
                         break
@@ -288,7 +289,7 @@ def plan_batch(
         x = queries[:, cols].reshape(b, len(cols) * m, -1)  # [B, K, D]: condition-major, as the reference walks
         k = x.shape[1]
         share = np.repeat([budget * conditions[qi].weight / m for qi in cols], m)  # [K]
-        gram = x @ x.transpose(0, 2, 1)  # [B, K, K]
+        gram = product(x, x.transpose(0, 2, 1))  # [B, K, K]
         kept = np.zeros((b, k), dtype=bool)
         kept[:, 0] = True
         target = np.zeros((b, k), dtype=np.int64)
@@ -499,7 +500,7 @@ def joint_lists(
     n_pools, d = k // m, queries.shape[1]
     pools = codes.reshape(n_pools, m * width)
     padded = np.concatenate([vectors.reshape(-1, d), np.zeros((1, d), np.float32)])  # code -1: the zero row
-    cosines = padded[pools] @ queries.reshape(n_pools, m, d).transpose(0, 2, 1)  # [P, m L, m]
+    cosines = product(padded[pools], queries.reshape(n_pools, m, d).transpose(0, 2, 1))  # [P, m L, m]
     unknown = (pools >= 0) & ~np.append(known, False)[pools]
     if unknown.any():
         finder = np.arange(m)[None, :] == (np.arange(m * width) // max(width, 1))[:, None]  # [m L, m]: who found it

@@ -38,6 +38,15 @@ _BLOCK_SCORES = 1 << 22
 _CACHE_BYTES = 8 << 20
 
 
+def product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` without numpy's "invalid value" warning. Some OpenBLAS kernels leave the
+    floating-point invalid flag set on finite inputs (numpy#24067; seen on one CI machine's CPU
+    for a single query against 142 rows), which numpy reports as a RuntimeWarning on every such
+    call. A non-finite input still shows as NaN in the product, warned or not."""
+    with np.errstate(invalid="ignore"):
+        return a @ b
+
+
 def topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Unfiltered exact top-k by dot product: (indices [Q, k], scores [Q, k]), best first.
 
@@ -49,10 +58,10 @@ def topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, 
     k = min(k, n)
     cols = max(k, _BLOCK_SCORES // max(queries.shape[0], 1))
     if cols >= n:
-        return _select(queries @ vectors.T, k)
+        return _select(product(queries, vectors.T), k)
     idx, val = [], []
     for start in range(0, n, cols):
-        scores = queries @ vectors[start : start + cols].T  # [Q, cols]
+        scores = product(queries, vectors[start : start + cols].T)  # [Q, cols]
         i, v = _select(scores, min(k, scores.shape[1]))
         idx.append(i + start)
         val.append(v)
@@ -251,7 +260,7 @@ class ExactIndex:
                 restricted.append((qs, off))
         def masked(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
             """Scores of queries r0:r1 against rows c0:c1, filtered items at -inf."""
-            scores = q[r0:r1] @ self.vectors[c0:c1].T
+            scores = product(q[r0:r1], self.vectors[c0:c1].T)
             for qs, off in restricted:
                 rs = qs[(qs >= r0) & (qs < r1)] - r0
                 cs = off[(off >= c0) & (off < c1)] - c0

@@ -296,6 +296,18 @@ def test_blocked_topk_is_exact(n: int, n_q: int, k: int, block: int, seed: int) 
     np.testing.assert_allclose(np.take_along_axis(full, idx, axis=1), val, rtol=1e-6, atol=1e-6)
 
 
+def test_product_reports_no_flag_but_keeps_nan() -> None:
+    """The invalid flag (here raised for real by inf * 0) is not a warning; the NaN stays."""
+    from vector_store.exact import product
+
+    a, b = np.array([[np.inf, 1.0]], np.float32), np.array([[0.0], [2.0]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="invalid value encountered in matmul"):
+            a @ b  # noqa: B018 - the warning `product` spares its callers
+        assert np.isnan(product(a, b)).all()
+
+
 @pytest.mark.parametrize("block", [1, 50, 1 << 22])
 def test_exact_index_blocks_agree(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Filters hold across column blocks of any size (blocks split surfaces and exclusions)."""
