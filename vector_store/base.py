@@ -17,7 +17,7 @@ import numpy as np
 
 from recsys.settings import VectorStoreSettings
 from vector_store.errors import CollectionMissingError, DimensionMismatchError
-from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query
+from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query, point_id
 
 F = TypeVar("F")  # a backend's filter type
 SCROLL_PAGE = 4096  # points per scroll page when a whole collection is read (the exact snapshot, item_ids)
@@ -126,6 +126,22 @@ class VectorStore(ABC):
     @abstractmethod
     def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
         """Write one batch of vectors (float32 unit rows) of stored items."""
+
+    def update_payloads(self, records: Sequence[ItemRecord]) -> None:
+        """Replace the payloads of stored items and leave their vectors as they are: a vector a
+        bulk load writes meanwhile (a new model's) is not overwritten by one read before it.
+        Items not stored are skipped."""
+        self._require_dim()
+        latest = {point_id(r.item_id): r for r in records}  # later records for an item win, as in upsert
+        stored = self.records([r.item_id for r in latest.values()])
+        step = max(1, self.settings.upsert_batch)
+        present = [r for r in latest.values() if r.item_id in stored]
+        for start in range(0, len(present), step):
+            self._update_payloads(present[start : start + step])
+
+    @abstractmethod
+    def _update_payloads(self, records: Sequence[ItemRecord]) -> None:
+        """Write one batch of payloads of stored items."""
 
     def set_popularity(self, item_ids: Sequence[ItemId], popularity: np.ndarray) -> None:
         """Replace the popularity of stored items and nothing else of their payload (a

@@ -213,7 +213,7 @@ def index_items(
     if not latest:
         return IndexStats()
     featureless = [m.item_id for m in latest if m.features is None]
-    stored = store.retrieve(featureless) if store.dim is not None else {}
+    stored = store.records(featureless) if store.dim is not None else {}
     to_embed = [m for m in latest if m.item_id not in stored]
     keep = [m for m in latest if m.item_id in stored]
     skipped = 0
@@ -225,10 +225,9 @@ def index_items(
         if on_embedded is not None:
             on_embedded([str(m.item_id) for m in to_embed], vectors)
     if keep:
-        store.upsert(
-            [m.record(all_surfaces) for m in keep],
-            np.stack([stored[m.item_id] for m in keep]),
-        )
+        # The payload alone: rewriting the vector read above would undo a new model's bulk load
+        # that wrote this item in between (another process on the server backend).
+        store.update_payloads([m.record(all_surfaces) for m in keep])
     return IndexStats(embedded=len(to_embed), payload_only=len(keep), skipped=skipped)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import msgpack
@@ -121,6 +122,29 @@ def test_new_items_are_embedded_known_items_keep_their_vector(tmp_path: Path) ->
         assert stats.embedded == 1 and [ids for ids, _ in told] == [["a"]]
         np.testing.assert_allclose(store.retrieve(["a"])["a"], np.full(DIM, DIM**-0.5), atol=1e-6)
         assert store.count() == 2
+
+
+def test_a_payload_update_leaves_a_vector_written_after_it_read_the_store(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process's bulk load (a new model) rewrites the item's vector between the
+    follower's read and its write: the follower's payload-only update must not undo it."""
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        index_items(store, [ItemMessage(1)], _embed_by_id, SURFACES)
+        new = np.full((1, DIM), DIM**-0.5, np.float32)
+        loaded: list[bool] = []
+        for name in ("records", "retrieve"):
+            def then_a_bulk_load(ids: Sequence[object], read: Any = getattr(store, name)) -> Any:
+                found = read(ids)
+                if not loaded:
+                    loaded.append(True)
+                    store.update_vectors([1], new)
+                return found
+            monkeypatch.setattr(store, name, then_a_bulk_load)
+        stats = index_items(store, [ItemMessage(1, surfaces=("home",), popularity=0.7)], _embed_by_id, SURFACES)
+        monkeypatch.undo()
+        assert loaded and stats.payload_only == 1
+        assert store.records([1])[1] == ItemRecord(1, ("home",), 0, 0.7)
+        np.testing.assert_allclose(store.retrieve([1])[1], new[0], atol=1e-6)
 
 
 def test_a_payload_update_in_the_same_poll_keeps_the_items_features(tmp_path: Path) -> None:

@@ -253,14 +253,20 @@ def test_a_follower_that_starts_behind_indexes_each_item_in_its_newest_state(
              ["late", "gone", "late", "gone", "gone"])
     with EdgeStore(settings.vector_store) as store:
         store.ensure_collection(DIM)
+        # Every write of a state, vectors and all (upsert) or the payload alone (update_payloads).
         upserted: list[tuple[str, tuple[str, ...]]] = []
-        upsert = store.upsert
+        upsert, update_payloads = store.upsert, store.update_payloads
 
         def recording(records: Sequence[ItemRecord], vectors: np.ndarray) -> None:
             upserted.extend((str(r.item_id), r.surfaces) for r in records)
             upsert(records, vectors)
 
+        def recording_payloads(records: Sequence[ItemRecord]) -> None:
+            upserted.extend((str(r.item_id), r.surfaces) for r in records)
+            update_payloads(records)
+
         store.upsert = recording  # type: ignore[method-assign]
+        store.update_payloads = recording_payloads  # type: ignore[method-assign]
         first = ItemsFollower(store, _embed, settings)
         try:  # "late" with its features, committed; then the process stops
             assert _poll_until(first, lambda s: s.embedded >= 1).embedded == 1

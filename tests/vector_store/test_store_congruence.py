@@ -144,6 +144,24 @@ def test_update_vectors_leaves_the_payload_as_stored(kind: str, stores: Callable
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
+def test_update_payloads_leaves_the_vector_as_stored(kind: str, stores: Callable[..., VectorStore]) -> None:
+    """A follower's payload-only update: a vector a bulk load wrote meanwhile stays; an item no
+    longer stored is not brought back."""
+    store = stores(kind)
+    store.ensure_collection(2)
+    store.upsert([ItemRecord("a", ("home",), 1, 0.5), ItemRecord(7, ("home",), 2, 0.2)],
+                 np.array([[1, 0], [0, 1]], np.float32))
+    store.update_vectors(["a"], np.array([[0, -1]], np.float32))  # the new model's load
+    store.update_payloads([ItemRecord("a", ("home",), 1, 0.1), ItemRecord("a", ("search",), 4, 0.9),
+                           ItemRecord("gone", ("home",), 1, 0.1)])
+    assert store.records(["a"])["a"] == ItemRecord("a", ("search",), 4, 0.9)  # the later record won
+    np.testing.assert_allclose(store.retrieve(["a"])["a"], [0, -1], atol=1e-6)
+    assert store.retrieve(["gone"]) == {} and store.count() == 2
+    (home,), (search,) = (store.query_batch(np.array([[0, -1]], np.float32), 5, [s]) for s in ("home", "search"))
+    assert [i for i, _ in home] == [7] and search == [("a", pytest.approx(1.0))]
+
+
+@pytest.mark.parametrize("kind", EXACT_BACKENDS)
 def test_item_ids_lists_every_item_and_deleted_ones_are_gone(kind: str, stores: Callable[..., VectorStore]) -> None:
     records = make_records(300, seed=5)  # more than one page of some scrolls
     vectors = clustered(300, DIM, 5)
