@@ -27,9 +27,11 @@ straight read:
       a last_event_ts that is no epoch ms            -> the newest event's ts
       unknown surface names                         -> kept: the model's padding index (0)
 
-  Anything else a user's data makes the batch raise (a query the store rejects as
-  non-finite, say) is isolated by the worker: the batch is recomputed user by user and only
-  the failing users are skipped (logged, counted in `Worker.users_failed`).
+  Anything else a user's data makes the model or the planning raise is isolated by the
+  worker: the batch is recomputed user by user and only the failing users are skipped
+  (logged, counted in `Worker.users_failed`). A store call that fails for good
+  (`StoreCallFailed`: a bug, a bad argument such as a non-finite query from a broken model)
+  is not a user's fault: it stops the worker with the batch uncommitted.
 
 - **A store outage costs latency, never an update.** `call_with_retry` repeats a store call
   with exponential back-off (inference.store_retry_initial_s doubling up to

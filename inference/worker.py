@@ -31,7 +31,8 @@ Every step after the model works on arrays for the whole micro-batch: `plan_quer
 `merge_hits` are the per-user references they are tested against (tests/worker).
 
 In the embedded default the Qdrant Edge shard allows one process, so this worker also
-follows the `items` topic and indexes new items between micro-batches.
+follows the `items` topic, in a thread beside the micro-batches: store calls are serialised,
+and a batch may read an item's vector just before or just after its re-embedding.
 """
 
 from __future__ import annotations

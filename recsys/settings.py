@@ -179,13 +179,13 @@ class TrainSettings(Section):
     max_minutes: float = 0.0  # stop after this wall time (0 = no limit)
     finetune_epochs: int = 10  # per-surface fine-tuning of the head
     finetune_lr: float = 3e-4  # learning rate of per-surface fine-tuning
-    datasets_dir: Path = Path("../shared/datasets")  # public data (benchmarks only)
+    datasets_dir: Path = Path("../shared/datasets")  # public data: benchmarks, and `recsys train/evaluate --dataset ml100k|beauty`
 
 
 class InferenceSettings(Section):
     """The ONNX Runtime worker: from user-updates to candidates."""
 
-    model_dir: Path = Path("var/model")  # model.onnx, item_encoder.onnx, items.npz, meta.json
+    model_dir: Path = Path("var/model")  # user_model.onnx, item_encoder.onnx, items.npz, meta.json
     group_id: str = "recsys-inference"  # consumer group on user-updates; add workers to scale
     max_batch: int = Field(256, ge=1)  # users per micro-batch
     max_wait_ms: float = 10.0  # how long a micro-batch waits to fill

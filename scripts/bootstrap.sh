@@ -11,6 +11,11 @@ ROOT=$(pwd)
 CACHE=${RECSYS_CACHE:-$HOME/.cache/recsys}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
+# Said plainly here rather than as a tomllib ImportError or a half-made venv further down.
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+    || { echo "bootstrap: needs Python 3.11+ (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+"$PY" -c 'import ensurepip, venv' 2>/dev/null \
+    || { echo "bootstrap: $PY has no venv/ensurepip module; on Debian or Ubuntu: apt-get install python3.11-venv" >&2; exit 1; }
 BASE="$CACHE/venv"
 mkdir -p "$CACHE"
 
