@@ -114,8 +114,11 @@ class EdgeStore(VectorStore):
         return None if value is None else str(value)
 
     def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
-        if version is not None:
-            self.flush()  # the marker must not outlive points a crash would lose
+        # The marker must not outlive writes a crash would lose: the points of a whole load, or
+        # the deletes of another model's items made before a load begins (a marker that names
+        # this load with those deletes lost would let its restart skip them).
+        if version is not None or self._shard is not None:
+            self.flush()
         with atomic_write(self.path / _CATALOGUE_FILE) as f:
             f.write(json.dumps({"model_version": version, "loading": loading}).encode())
 
