@@ -5,7 +5,8 @@ Two sources, one write path (`index_items` / `index_item_table`):
 - bulk: `items.npz` of the exported model (ids, L2-normalised embeddings, popularity); every
   item is eligible on every configured surface until the `items` topic says otherwise.
 - stream: the `items` topic (msgpack, key = str(item_id); value {"item_id", "features"?,
-  "surfaces"? (missing = all), "created_at", "popularity"}). A new item's embedding comes from
+  "surfaces"? (missing = all), "created_at", "popularity"? (missing = unchanged, 0 for a new
+  item)}). A new item's embedding comes from
   the model's item encoder (`item_encoder.onnx`) through an `embed_items(items) -> [N, D]`
   callable; an item already stored keeps its trained vector unless the message carries
   content features, and only its payload (surfaces, popularity, created_at) changes.
@@ -101,11 +102,14 @@ class ItemMessage:
     features: tuple[float, ...] | None = None  # content features; None = not sent
     surfaces: tuple[str, ...] | None = None  # None = eligible on every surface
     created_at: int = 0  # epoch ms
-    popularity: float = 0.0
+    # None = not sent: a stored item keeps its own (a retrained model's load brings the newer
+    # counts; a record without the field must not reset them to 0), a new one gets 0.
+    popularity: float | None = None
 
-    def record(self, all_surfaces: Sequence[str]) -> ItemRecord:
+    def record(self, all_surfaces: Sequence[str], stored: ItemRecord | None = None) -> ItemRecord:
         surfaces = tuple(all_surfaces) if self.surfaces is None else self.surfaces
-        return ItemRecord(self.item_id, surfaces, self.created_at, self.popularity)
+        popularity = self.popularity if self.popularity is not None else stored.popularity if stored else 0.0
+        return ItemRecord(self.item_id, surfaces, self.created_at, popularity)
 
 
 @dataclass
@@ -171,20 +175,20 @@ def decode_item(value: bytes | None, max_id_length: int, known_surfaces: Sequenc
         if known_surfaces is not None and (unknown := [x for x in surfaces if x not in known_surfaces]):
             raise BadItemMessage("unknown surface", f"{unknown!r}; the surfaces are {list(known_surfaces)!r}")
     created_at = obj.get("created_at", 0)
-    popularity = obj.get("popularity", 0.0)
+    popularity = obj.get("popularity")
     if isinstance(created_at, bool) or not isinstance(created_at, int):
         raise BadItemMessage("wrong type", f"created_at must be epoch ms (int), got {created_at!r}")
     if not -(1 << 63) <= created_at < 1 << 63:
         # Payload integers are int64 in Qdrant: the server backend's client raises on a larger
         # one (msgpack's uint64) and the follower would stop on the record at every restart.
         raise BadItemMessage("bad value", f"created_at must fit a signed 64-bit int, got {created_at}")
-    if (
+    if popularity is not None and (
         isinstance(popularity, bool)
         or not isinstance(popularity, (int, float))
         or not math.isfinite(popularity)
     ):
         raise BadItemMessage("bad value", f"popularity must be a finite number, got {popularity!r}")
-    return ItemMessage(item_id, features, surfaces, created_at, float(popularity))
+    return ItemMessage(item_id, features, surfaces, created_at, None if popularity is None else float(popularity))
 
 
 # -- the write path --------------------------------------------------------------------------
@@ -212,22 +216,21 @@ def index_items(
     latest = list(by_point.values())
     if not latest:
         return IndexStats()
-    featureless = [m.item_id for m in latest if m.features is None]
-    stored = store.records(featureless) if store.dim is not None else {}
-    to_embed = [m for m in latest if m.item_id not in stored]
-    keep = [m for m in latest if m.item_id in stored]
+    stored = store.records([m.item_id for m in latest]) if store.dim is not None else {}
+    to_embed = [m for m in latest if m.features is not None or m.item_id not in stored]
+    keep = [m for m in latest if m.features is None and m.item_id in stored]
     skipped = 0
     if to_embed:
         to_embed, vectors, skipped = _embed(to_embed, embed_items, on_refused)
     if to_embed:
         store.ensure_collection(vectors.shape[1])  # the first item may arrive before any bulk load
-        store.upsert([m.record(all_surfaces) for m in to_embed], vectors)
+        store.upsert([m.record(all_surfaces, stored.get(m.item_id)) for m in to_embed], vectors)
         if on_embedded is not None:
             on_embedded([str(m.item_id) for m in to_embed], vectors)
     if keep:
         # The payload alone: rewriting the vector read above would undo a new model's bulk load
         # that wrote this item in between (another process on the server backend).
-        store.update_payloads([m.record(all_surfaces) for m in keep])
+        store.update_payloads([m.record(all_surfaces, stored[m.item_id]) for m in keep])
     return IndexStats(embedded=len(to_embed), payload_only=len(keep), skipped=skipped)
 
 

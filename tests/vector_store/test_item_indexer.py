@@ -50,7 +50,7 @@ def test_decode_item() -> None:
                            "created_at": 1_700_000_000_000, "popularity": 3, "extra": "ignored"})
     want = ItemMessage("sku-1", (1.0, 2.5), ("home",), 1_700_000_000_000, 3.0)
     assert decode_item(value, 256) == want
-    assert decode_item(msgpack.packb({"item_id": 7}), 256) == ItemMessage(7)
+    assert decode_item(msgpack.packb({"item_id": 7}), 256) == ItemMessage(7)  # popularity None: not sent
     assert decode_item(msgpack.packb({"item_id": "é" * 128}), 256) == ItemMessage("é" * 128)  # 256 bytes
     bad = [
         None, b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"item_id": True}),
@@ -202,6 +202,23 @@ def test_a_retrained_model_s_load_brings_its_popularity(tmp_path: Path) -> None:
         index_item_table(store, ItemTable(["a", "b", "c"], vectors, np.array([100, 10, 1], np.float32)), SURFACES)
         index_item_table(store, ItemTable(["a", "b", "c"], vectors, np.array([1, 10, 100], np.float32)), SURFACES)
         assert [i for i, _ in store.top_popular("home", 3)] == ["c", "b", "a"]
+
+
+def test_an_items_record_without_popularity_keeps_the_stored_one(tmp_path: Path) -> None:
+    """The new model's follower replays `items` after its load: records that never carry a
+    popularity (a catalogue feed without counts) must not reset the load's to 0."""
+    with EdgeStore(VectorStoreSettings(path=tmp_path / "shard")) as store:
+        index_item_table(store, ItemTable(["a", "b"], np.eye(2, DIM, dtype=np.float32), np.array([7, 9], np.float32)),
+                         SURFACES)
+        updates = [ItemMessage("a", surfaces=("home",)), ItemMessage("b", features=(1.0,)), ItemMessage("new"),
+                   ItemMessage("b", surfaces=("search",), features=(1.0,), popularity=2.0)]
+        stats = index_items(store, updates[:3], _embed_by_id, SURFACES)
+        assert (stats.embedded, stats.payload_only) == (2, 1)
+        got = store.records(["a", "b", "new"])
+        assert [got[i].popularity for i in ("a", "b", "new")] == [7, 9, 0]
+        assert got["a"].surfaces == ("home",)
+        index_items(store, updates[3:], _embed_by_id, SURFACES)  # a record that says it: taken
+        assert store.records(["b"])["b"] == ItemRecord("b", ("search",), 0, 2.0)
 
 
 def test_recsys_index_loads_each_model_table_once_and_wholly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
