@@ -128,6 +128,21 @@ class _Pending:
     emit: bool = False
 
 
+def put_value(store: Any, key: bytes, value: bytes, partition: int) -> None:
+    """Write a user's value into the table's store, as recovery would, partition included.
+
+    Faust's memory store drops, once a rebalance's recovery completes, the values of partitions
+    it no longer owns, but only those whose partition it knows: the ones it recovered from the
+    changelog. A value written live was kept, and when its partition came back (recovery
+    replays the changelog from its start over what the store holds) it returned stale if the
+    owner in between had forgotten the user and the tombstone was compacted away.
+    """
+    store[key] = value
+    key_partition = getattr(store, "_key_partition", None)  # memory:// only
+    if key_partition is not None:
+        key_partition[key] = partition
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app (agent, table, topics, window delivery, metrics page) without starting it."""
     cfg = settings.streams
@@ -288,7 +303,7 @@ def create_app(settings: Settings) -> faust.App:
                 if token is not None:
                     _current_event.reset(token)
                 token = set_current_event(p.event)
-                table.data[p.key] = value
+                put_value(table.data, p.key, value, p.event.message.partition)
                 await first.add(changelog, p.key, value, p.event.message.partition)
                 emitted.append(p)
         finally:

@@ -16,7 +16,8 @@ interleaves, and the tombstone is produced through the window's own outbox ahead
 window's changelog records. A round reads the table's keys once, then examines
 `streams.sweep_batch` of them per window; rounds start at most every `streams.sweep_every_s`.
 Only values that name their partition ("p", written since it exists) of a partition this
-worker owns are forgotten: a `memory://` store keeps the values of partitions it lost.
+worker owns are forgotten; a `memory://` store drops the values of partitions it lost once
+the rebalance's recovery completes (`streams.app.put_value` tells it their partitions).
 """
 
 from __future__ import annotations

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import faust
+from faust.types import TP
+
 from recsys.settings import StreamsSettings
+from streams.app import put_value
 from streams.forget import IdleSweep
 from streams.sequences import PackedSeq
 
@@ -42,3 +48,14 @@ def test_zero_forgets_nobody() -> None:
 def test_the_partition_survives_the_table_value() -> None:
     assert PackedSeq.decode(value(NOW, partition=3)).partition == 3
     assert PackedSeq.decode(PackedSeq("u", 1, [], [], b"").encode()).partition == -1
+
+
+def test_values_written_live_leave_a_memory_store_with_their_partition() -> None:
+    """A partition moved to another worker: its users' values must not stay here, or they come
+    back stale when it returns (the other worker may have forgotten them meanwhile)."""
+    table = faust.App("forget-test", store="memory://").Table("sequences", partitions=2)
+    store = table.data
+    put_value(store, b"kept", value(NOW, partition=0), 0)
+    put_value(store, b"moved", value(NOW, partition=1), 1)
+    asyncio.run(store.on_recovery_completed({TP("forget-test-sequences-changelog", 0)}, set()))
+    assert list(store.keys()) == [b"kept"]
