@@ -4,7 +4,11 @@ restart, offsets are committed only after the upsert, refused records go to item
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +25,7 @@ from recsys.kafka_clients import Stopped, read_topic
 from recsys.settings import Settings, VectorStoreSettings
 from vector_store import ItemRecord
 from vector_store.edge import EdgeStore
-from vector_store.indexer import IndexStats, ItemMessage, ItemsFollower
+from vector_store.indexer import IndexStats, ItemMessage, ItemsFollower, ItemTable, model_version
 
 pytestmark = pytest.mark.kafka
 
@@ -447,3 +451,55 @@ def _committed(bootstrap: str, settings: Settings, group: str | None) -> int:
         return sum(reader.committed(TopicPartition(settings.topics.items, p)) or 0 for p in partitions)
     finally:
         reader.close()
+
+
+def test_recsys_index_follow_loads_the_table_then_indexes_items_until_sigterm(
+    kafka_bootstrap: str, unique: str, tmp_path: Path, small_model_dir: Path
+) -> None:
+    """docker-compose's indexer, `recsys index --follow`, as a process: the model's table is
+    loaded, a produced item is embedded by the model's ONNX encoder, a malformed record goes to
+    items.dlq, and SIGTERM ends it cleanly with the shard whole."""
+    from streams.synthetic import N_CLUSTERS, cluster_features
+
+    shard = tmp_path / "shard"
+    settings = _settings(kafka_bootstrap, unique, shard)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")} | {
+        "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "RECSYS_KAFKA__PARTITIONS": "2",
+        "RECSYS_TOPICS__ITEMS": settings.topics.items,
+        "RECSYS_TOPICS__ITEMS_DLQ": settings.topics.items_dlq,
+        "RECSYS_VECTOR_STORE__PATH": str(shard),
+        "RECSYS_VECTOR_STORE__INDEXER_GROUP_ID": settings.vector_store.indexer_group_id,
+        "RECSYS_VECTOR_STORE__INDEXER_POLL_MS": "200",
+        "RECSYS_INFERENCE__MODEL_DIR": str(small_model_dir),
+    }
+    log_path = tmp_path / "index.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "recsys", "index", "--follow"], cwd=tmp_path, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while b"following" not in log_path.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        features = cluster_features(3, N_CLUSTERS)
+        _produce(kafka_bootstrap, settings.topics.items,
+                 [_item("brand-new", features, surfaces=["search"]), b"not msgpack"], ["brand-new", "junk"])
+        # The refusal follows the new item on its partition or is written in the same batch:
+        # once it is on items.dlq, the item before it was indexed (or is, before the commit).
+        while not read_topic(kafka_bootstrap, settings.topics.items_dlq):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=DEADLINE_S) == 0, log_path.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    table = ItemTable.load(small_model_dir)
+    with EdgeStore(VectorStoreSettings(path=shard)) as store:
+        assert store.catalogue_version() == model_version(small_model_dir)
+        assert store.count() == len(table.ids) + 1
+        assert store.records(["brand-new"])["brand-new"].surfaces == ("search",)
+        vector = store.retrieve(["brand-new"])["brand-new"]
+        assert store.query_batch(vector[None], 1, ["search"])[0][0][0] == "brand-new"
