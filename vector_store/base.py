@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+import uuid
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -84,6 +85,17 @@ class VectorStore(ABC):
     def catalogue_loading(self) -> str | None:
         """The model whose load began after the last whole one (`mark_catalogue(None,
         loading=...)`), or None."""
+
+    @abstractmethod
+    def catalogue_load(self) -> str | None:
+        """An id of the last whole load, new at every `mark_catalogue(version)` (None: no load,
+        or one recorded before loads had ids). The `items` followers' consumer group carries
+        it: a load writes the exported rows over items a follower had re-embedded from newer
+        features, so the followers after it read `items` from its start again."""
+
+    @staticmethod
+    def new_load_id() -> str:
+        return uuid.uuid4().hex[:12]
 
     def items_group(self, base: str) -> str:
         """The consumer group in which a follower of `items` commits for this store. A shared

@@ -108,6 +108,9 @@ class EdgeStore(VectorStore):
     def catalogue_loading(self) -> str | None:
         return self._marker("loading")
 
+    def catalogue_load(self) -> str | None:
+        return self._marker("load")
+
     def _marker(self, key: str) -> str | None:
         marker = self.path / _CATALOGUE_FILE
         value = json.loads(marker.read_text(encoding="utf-8")).get(key) if marker.exists() else None
@@ -120,7 +123,8 @@ class EdgeStore(VectorStore):
         if version is not None or self._shard is not None:
             self.flush()
         with atomic_write(self.path / _CATALOGUE_FILE) as f:
-            f.write(json.dumps({"model_version": version, "loading": loading}).encode())
+            load = None if version is None else self.new_load_id()
+            f.write(json.dumps({"model_version": version, "loading": loading, "load": load}).encode())
 
     def items_group(self, base: str) -> str:
         """A group of this shard's own. Each Edge shard is a whole copy of the catalogue, private

@@ -308,11 +308,12 @@ def index_item_table(
 ) -> int:
     """Bulk-upsert the model's item table, then build the ANN index. Items already stored keep
     their eligibility learned from the `items` topic when ``keep_payload``; their vectors and
-    popularity become this table's (a retrained model's counts are the newer), each written alone: a withdrawal a follower applies
-    meanwhile (a Qdrant server's, beside this) is not overwritten by the payload read before it.
-    An item with records on `items` has its record's popularity again once the new model's
-    follower, a group of its own, has read the topic from its start (after a `--reindex` of the
-    same model: at the item's next record). Returns the number of items written."""
+    popularity become this table's (a retrained model's counts are the newer), each written
+    alone: a withdrawal a follower applies meanwhile (a Qdrant server's, beside this) is not
+    overwritten by the payload read before it. The followers after a load (`load_table`: a new
+    group) read `items` from its start again: an item whose newest record carries features is
+    embedded again, and one whose record carries a popularity has it again. Returns the number
+    of items written."""
     store.ensure_collection(table.embeddings.shape[1])
     step = max(1, store.settings.upsert_batch)
     surfaces = tuple(all_surfaces)
@@ -330,6 +331,26 @@ def index_item_table(
             store.upsert([ItemRecord(ids[k], surfaces, 0, float(popularity[k])) for k in new], vectors[new])
     store.optimize()
     return len(table.ids)
+
+
+def load_table(store: VectorStore, table: ItemTable, version: str, all_surfaces: Sequence[str]) -> int:
+    """`recsys index`'s bulk load of model ``version``'s table, marked once whole (a new
+    `catalogue_load`: the followers after it read `items` from its start). Returns the number
+    of items written."""
+    loaded = store.catalogue_version()
+    # Another model's vectors are here when the marker names it, or when its load was cut
+    # short (a roll-back to the model before it): they go first. A load of this same model cut
+    # short keeps what is outside its table: items its follower embedded.
+    other = next((v for v in (loaded, store.catalogue_loading()) if v not in (None, version)), None)
+    if other is not None:
+        dropped = drop_items_outside(store, table)
+        log.info("removed %d items of model %s that model %s's table lacks", dropped, other, version)
+    # Cleared first: a load cut short must not leave the previous model's marker over a store
+    # that holds some of this model's vectors (a roll-back would then skip the load).
+    store.mark_catalogue(None, loading=version)
+    n = index_item_table(store, table, all_surfaces)
+    store.mark_catalogue(version)
+    return n
 
 
 def drop_items_outside(store: VectorStore, table: ItemTable) -> int:
@@ -434,7 +455,9 @@ class ItemsFollower:
     group_id: str | None = None  # default: the store's `items_group` of indexer_group_id, and the model version
     # The encoder's model: a new one (new vectors for the whole catalogue) reads `items` again
     # from the start, so that items published after the previous export are re-embedded too
-    # instead of keeping vectors from the previous model's space.
+    # instead of keeping vectors from the previous model's space. So does every new bulk load
+    # (the store's `catalogue_load` joins the group): a `--reindex` of the same model writes the
+    # exported rows over items re-embedded since from newer features.
     model_version: str | None = None
     # Told of each item embedded (ids, vectors), once stored: the worker's model reads items as
     # these vectors, and an exported item re-embedded from new features must change there too.
@@ -448,7 +471,8 @@ class ItemsFollower:
 
         if self.group_id is None:
             group = self.store.items_group(self.settings.vector_store.indexer_group_id)
-            self.group_id = group if self.model_version is None else f"{group}.{self.model_version}"
+            load = self.store.catalogue_load() if self.model_version is not None else None
+            self.group_id = group if self.model_version is None else ".".join(filter(None, (group, self.model_version, load)))
         from recsys.kafka_clients import iter_to_end
 
         # Before the group consumer starts: the records it has yet to read, up to the end now.
@@ -723,18 +747,7 @@ def main(argv: list[str]) -> int:
         # first, must not pass for this model's whole catalogue.
         loaded = store.catalogue_version()
         if args.reindex or loaded != version:
-            # Another model's vectors are here when the marker names it, or when its load was
-            # cut short (a roll-back to the model before it): they go first. A load of this same
-            # model cut short keeps what is outside its table: items its follower embedded.
-            other = next((v for v in (loaded, store.catalogue_loading()) if v not in (None, version)), None)
-            if other is not None:
-                dropped = drop_items_outside(store, table)
-                log.info("removed %d items of model %s that model %s's table lacks", dropped, other, version)
-            # Cleared first: a load cut short must not leave the previous model's marker over a
-            # store that holds some of this model's vectors (a roll-back would then skip the load).
-            store.mark_catalogue(None, loading=version)
-            n = index_item_table(store, table, settings.events.surfaces)
-            store.mark_catalogue(version)
+            n = load_table(store, table, version, settings.events.surfaces)
             log.info("indexed %d items of model %s from %s (%s; before: %s)", n, version, model_dir,
                      settings.vector_store.backend, loaded or "no whole table")
         else:

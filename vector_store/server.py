@@ -40,6 +40,7 @@ from vector_store.schema import (
 
 _CATALOGUE_KEY = "recsys_catalogue_model_version"  # collection metadata set after a whole bulk load
 _LOADING_KEY = "recsys_catalogue_loading"  # the model whose load began after it
+_LOAD_KEY = "recsys_catalogue_load"  # an id of the whole load: the items followers' group carries it
 
 
 class ServerStore(VectorStore):
@@ -97,6 +98,9 @@ class ServerStore(VectorStore):
     def catalogue_loading(self) -> str | None:
         return self._marker(_LOADING_KEY)
 
+    def catalogue_load(self) -> str | None:
+        return self._marker(_LOAD_KEY)
+
     def _marker(self, key: str) -> str | None:
         if self._dim is None:
             return None
@@ -108,7 +112,9 @@ class ServerStore(VectorStore):
 
     def mark_catalogue(self, version: str | None, *, loading: str | None = None) -> None:
         self._require_dim()
-        self.client.update_collection(self.collection, metadata={_CATALOGUE_KEY: version, _LOADING_KEY: loading})
+        load = None if version is None else self.new_load_id()
+        self.client.update_collection(self.collection,
+                                      metadata={_CATALOGUE_KEY: version, _LOADING_KEY: loading, _LOAD_KEY: load})
 
     def count(self) -> int:
         self._require_dim()

@@ -25,7 +25,7 @@ from recsys.kafka_clients import Stopped, read_topic
 from recsys.settings import Settings, VectorStoreSettings
 from vector_store import ItemRecord
 from vector_store.edge import EdgeStore
-from vector_store.indexer import IndexStats, ItemMessage, ItemsFollower, ItemTable, model_version
+from vector_store.indexer import IndexStats, ItemMessage, ItemsFollower, ItemTable, load_table, model_version
 
 pytestmark = pytest.mark.kafka
 
@@ -503,3 +503,28 @@ def test_recsys_index_follow_loads_the_table_then_indexes_items_until_sigterm(
         assert store.records(["brand-new"])["brand-new"].surfaces == ("search",)
         vector = store.retrieve(["brand-new"])["brand-new"]
         assert store.query_batch(vector[None], 1, ["search"])[0][0][0] == "brand-new"
+
+
+def test_after_a_reload_of_the_same_model_the_follower_embeds_again_what_the_load_overwrote(
+    kafka_bootstrap: str, unique: str, tmp_path: Path
+) -> None:
+    """`recsys index --reindex` writes the exported rows again, over an item the follower had
+    re-embedded from newer features: the next follower reads `items` from its start again, so
+    the item gets its newer vector back instead of the stale row for good."""
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    _create_topic(kafka_bootstrap, settings.topics.items, partitions=1)
+    eye = np.eye(DIM, dtype=np.float32)
+    table = ItemTable(["a", "b"], eye[:2], np.ones(2, np.float32))
+    with EdgeStore(settings.vector_store) as store:
+        store.ensure_collection(DIM)  # as `recsys index` opens it
+        load_table(store, table, "v1", settings.events.surfaces)
+        _produce(kafka_bootstrap, settings.topics.items, [_item("a", eye[5].tolist())], ["a"])  # newer features
+        for _ in ("before the reload", "after it"):
+            follower = ItemsFollower(store, _embed, settings, model_version="v1")
+            try:
+                _poll_until(follower, lambda s: s.embedded >= 1)
+            finally:
+                follower.close()
+            np.testing.assert_allclose(store.retrieve(["a"])["a"], eye[5], atol=1e-6)
+            load_table(store, table, "v1", settings.events.surfaces)  # --reindex
+            np.testing.assert_allclose(store.retrieve(["a"])["a"], eye[0], atol=1e-6)
