@@ -45,6 +45,7 @@ from typing import Any, cast
 
 import faust
 import mode
+import msgpack
 from faust.streams import _current_event  # the context var Faust's tables read the event from
 from faust.types import EventT, Message, StoreT
 
@@ -72,6 +73,7 @@ class Counters:
     updates: int = 0  # user-updates messages sent
     windows: int = 0  # flush windows processed
     forgotten: int = 0  # idle users deleted from the table (streams/forget.py)
+    unreadable: int = 0  # stored values that could not be read: those users started afresh
 
     @property
     def valid(self) -> int:
@@ -89,13 +91,16 @@ class Counters:
             f"recsys_streams_windows_total {self.windows}",
             "# TYPE recsys_streams_forgotten_total counter",
             f"recsys_streams_forgotten_total {self.forgotten}",
+            "# TYPE recsys_streams_unreadable_states_total counter",
+            f"recsys_streams_unreadable_states_total {self.unreadable}",
         ]
         return "\n".join(lines) + "\n"
 
     def summary(self) -> str:
         return (
             f"valid={self.valid} {dict(self.events)} invalid={sum(self.invalid.values())} "
-            f"{dict(self.invalid)} updates={self.updates} windows={self.windows} forgotten={self.forgotten}"
+            f"{dict(self.invalid)} updates={self.updates} windows={self.windows} forgotten={self.forgotten} "
+            f"unreadable={self.unreadable}"
         )
 
 
@@ -126,6 +131,20 @@ class _Pending:
     seq: PackedSeq  # the table value, folded in place
     event: EventT  # a Faust event of the user's source partition: table writes are routed by it
     emit: bool = False
+
+
+def read_state(stored: bytes | None, user_id: Any, counters: Counters) -> PackedSeq:
+    """The user's stored sequence, or a fresh one: none stored, or a value this release cannot
+    read (another release's form, a record written to the changelog by hand). Raising would
+    fail the window, and every restart would fail on the same event: the partition stalled."""
+    if stored:
+        try:
+            return PackedSeq.decode(stored)
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            counters.unreadable += 1
+            log.error("streams: the stored state of user %r cannot be read (%s: %s); starting it afresh",
+                      user_id, type(exc).__name__, exc)
+    return PackedSeq(user_id, 0, [], [], b"")
 
 
 def put_value(store: Any, key: bytes, value: bytes, partition: int) -> None:
@@ -256,8 +275,7 @@ def create_app(settings: Settings) -> faust.App:
                             if token is not None:
                                 _current_event.reset(token)
                             token = set_current_event(pe)
-                        stored = table.data.get(key)
-                        seq = PackedSeq.decode(stored) if stored else PackedSeq(event.user_id, 0, [], [], b"")
+                        seq = read_state(table.data.get(key), event.user_id, counters)
                         p = pending[key] = _Pending(key, seq, events[msg.partition])
                     outcome = p.seq.fold(event, settings)
                 except InvalidEvent as exc:
