@@ -159,10 +159,8 @@ def test_lists_follow_the_outcome_weights(stack: LocalStack) -> None:
 
 def test_a_new_item_is_retrievable_without_restart(stack: LocalStack) -> None:
     """With a budget larger than the catalogue every eligible item is retrieved; a new item
-    sent on `items` (eligible on `related` only) must show up there, and only there."""
-    _send(stack, "items", "brand-new-item", msgpack.packb(
-        {"item_id": "brand-new-item", "features": cluster_features(1, N_CLUSTERS), "surfaces": ["related"],
-         "created_at": int(time.time() * 1000), "popularity": 0.0}))
+    sent on `items` (eligible on `related` only) to the running worker must show up there, and
+    only there: its items follower thread embeds and indexes it, no restart."""
     user = "e2e-user-3"
 
     def served_on() -> set[str] | None:
@@ -175,7 +173,13 @@ def test_a_new_item_is_retrievable_without_restart(stack: LocalStack) -> None:
     # A budget of 20 may not reach the new item; ask the worker for the whole catalogue.
     stack.overrides["inference.candidates_per_surface"] = N_ITEMS + 10
     try:
-        stack.restart("worker")  # the setting changes; the item itself needs no restart
+        stack.restart("worker")  # for the setting; the item is sent to the worker now running
+        # The restarted worker answers (so its items follower has started and caught up): what
+        # follows reaches it live.
+        assert wait_for(lambda: served_on() is not None, 60), stack.services["worker"].log_tail()
+        _send(stack, "items", "brand-new-item", msgpack.packb(
+            {"item_id": "brand-new-item", "features": cluster_features(1, N_CLUSTERS), "surfaces": ["related"],
+             "created_at": int(time.time() * 1000), "popularity": 0.0}))
         found = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not found:

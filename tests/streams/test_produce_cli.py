@@ -4,6 +4,7 @@ file replay against the real broker."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ def _consume(bootstrap: str, topic: str, n: int) -> list[Any]:
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
         records: list[Any] = []
+        deadline = time.monotonic() + 60  # a failure bound, not a timing assertion
         while len(records) < n:
+            assert time.monotonic() < deadline, f"{len(records)} of {n} records on {topic}"
             for batch in consumer.poll(timeout_ms=1000).values():
                 records.extend(batch)
     finally:
