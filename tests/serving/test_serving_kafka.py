@@ -315,6 +315,30 @@ def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
     asyncio.run(scenario())
 
 
+def test_a_server_stopped_before_it_caught_up_leaves_its_snapshot_as_it_was(
+    tmp_path: Path, unique: str, settings: Settings, make_candidates: Make
+) -> None:
+    """The snapshot's age is its file's time: saved by a server that never reached the topic,
+    old contents would pass the tombstone-retention check as new at the next start."""
+    from serving.store import CandidateStore
+
+    snapshot = tmp_path / "snap.msgpack"
+    old = CandidateStore(10)
+    old.apply(make_candidates("u1", source_event_ts=T0))
+    old.save(snapshot)
+    os.utime(snapshot, (1_000_000, 1_000_000))  # written long ago
+    cfg = _settings(settings, f"localhost:{free_port()}", f"candidates-{unique}", snapshot_path=snapshot)  # no broker there
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        await server.port()
+        await asyncio.sleep(1.0)  # a few failed connection attempts
+        await server.stop()
+
+    asyncio.run(scenario())
+    assert snapshot.stat().st_mtime == 1_000_000
+
+
 def test_a_follower_that_ends_stops_its_server_with_the_error(unique: str, settings: Settings) -> None:
     """A follower ends only on what no retry covers (here a bootstrap address aiokafka cannot
     parse). The server must stop and say why (the process exits non-zero), not stay NOT_SERVING
