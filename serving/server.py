@@ -15,6 +15,9 @@ What the server guarantees:
   with a reason, where gRPC would refuse it bare).
 - Unknown users (and known users without a list, or with an empty one, for that surface) get
   the surface's popularity list with is_fallback = true.
+- UNAVAILABLE (which clients retry) until `candidates`, `popular` and `items` have been read to
+  their ends once, as health says NOT_SERVING: before, a user with a list would get the
+  fallback and items withdrawn since a loaded snapshot would be served.
 - Items withdrawn from a surface on `items` after the lists were made are left out of every
   answer at once (serving/eligibility.py), not when each user next acts.
 - gRPC health checking (`grpc.health.v1`; SERVING only after `candidates`, `popular` and
@@ -186,15 +189,24 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
     """Thin: validate, look up, build; every failure is a status with a detail."""
 
     def __init__(self, store: CandidateStore, fallback: PopularityFallback, limits: Limits,
-                 eligibility: Eligibility | None = None) -> None:
+                 eligibility: Eligibility | None = None, ready: asyncio.Event | None = None) -> None:
         self.store = store
         self.fallback = fallback
         self.limits = limits
         self.eligibility = eligibility
+        self.ready = ready  # None: answers at once
+
+    async def _check_ready(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Before catch-up a user with a list would get the fallback, and items withdrawn since
+        # a loaded snapshot (or from the fallback table) would be served: the topics read so
+        # far cannot tell. UNAVAILABLE is the status clients retry on, elsewhere or later.
+        if self.ready is not None and not self.ready.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _CATCHING_UP)
 
     async def GetCandidates(
         self, request: pb.GetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetCandidatesResponse:
+        await self._check_ready(context)
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if (error := validate_request(request, self.limits)) is not None:
@@ -204,6 +216,7 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
     async def BatchGetCandidates(
         self, request: pb.BatchGetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchGetCandidatesResponse:
+        await self._check_ready(context)
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if len(request.requests) > self.limits.max_batch:
@@ -233,6 +246,7 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
         return response
 
 
+_CATCHING_UP = "catching up with the candidates, popular and items topics (health: NOT_SERVING); retry"
 _UNDECODABLE = "the request is not a valid protobuf message of this method (e.g. a string field with bad UTF-8)"
 
 
@@ -330,11 +344,13 @@ def create_server(
     *,
     health_servicer: health.aio.HealthServicer | None = None,
     eligibility: Eligibility | None = None,
+    ready: asyncio.Event | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build and bind (not start) the server; returns it with the bound port (host:0 picks one).
 
     Without a health_servicer one is made that reports the server ("") SERVING; serve() passes
-    its own and flips it once the topic is caught up.
+    its own and flips it once the topic is caught up, and ``ready``, set then: until it is, the
+    Candidates calls are answered UNAVAILABLE (None: answered at once).
     """
     cfg = settings.serving
     interceptors = [TokenAuthInterceptor(cfg.auth_token)] if cfg.auth_token else []
@@ -343,7 +359,7 @@ def create_server(
         options=_server_options(settings),
         maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
     )
-    _add_servicer(CandidatesServicer(store, fallback, Limits(settings), eligibility), server)
+    _add_servicer(CandidatesServicer(store, fallback, Limits(settings), eligibility, ready), server)
     if health_servicer is None:
         health_servicer = health.aio.HealthServicer()  # reports "" (the whole server) SERVING
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -399,13 +415,15 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     fallback = PopularityFallback(settings.inference.model_dir, settings.events.surfaces, cfg.fallback_size)
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, serving=False)
+    caught_up = asyncio.Event()  # the Candidates calls wait for it (UNAVAILABLE before), as health does
     eligibility = Eligibility(settings.events.surfaces)
     server: grpc.aio.Server | None = None
     port = cfg.port
 
     async def listen() -> None:
         nonlocal server, port
-        server, port = create_server(settings, store, fallback, health_servicer=health_servicer, eligibility=eligibility)
+        server, port = create_server(settings, store, fallback, health_servicer=health_servicer, eligibility=eligibility,
+                                     ready=caught_up)
         await server.start()
 
     followers = [CandidatesFollower(settings, store), PopularFollower(settings, fallback)] if cfg.follow else []
@@ -426,6 +444,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             # Processes sharing a port are handed connections as soon as they bind (binding
             # listens), and a health probe reaches only one of them: each binds once caught up.
             await listen()
+        caught_up.set()
         await _set_health(health_servicer, serving=True)
         log.info("serving on port %d (%d users)", port, len(store))
 

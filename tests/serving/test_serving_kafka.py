@@ -280,8 +280,9 @@ def test_unknown_users_get_each_surface_s_popular_eligible_items_as_the_worker_p
 def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
     tmp_path: Path, unique: str, settings: Settings, make_candidates: Make
 ) -> None:
-    """Processes of a deployment start in any order: with no broker yet, the server answers
-    (fallbacks, NOT_SERVING) instead of dying, and follows the topic once a broker is up."""
+    """Processes of a deployment start in any order: with no broker yet, the server stays up
+    (NOT_SERVING, calls UNAVAILABLE with the reason: it cannot know a user's list or what was
+    withdrawn) instead of dying, and follows the topic once a broker is up."""
     from recsys.kafka_broker import LocalBroker
     from recsys.settings import KafkaSettings
 
@@ -295,7 +296,9 @@ def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
         grpc_port = await server.port()
         await asyncio.sleep(1.0)  # a few failed connection attempts
         assert not server.task.done()
-        assert (await get(grpc_port, "early")).is_fallback
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await get(grpc_port, "early")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "catching up" in (refused.value.details() or "")
         with pytest.raises(TimeoutError):
             await wait_serving(grpc_port, timeout_s=0.5)
         broker = LocalBroker(KafkaSettings(data_dir=tmp_path / "kafka", port=port, controller_port=free_port()))
