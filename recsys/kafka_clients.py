@@ -69,6 +69,11 @@ class PendingCommits:
         from kafka.errors import CommitFailedError, RebalanceInProgressError
         from kafka.structs import OffsetAndMetadata
 
+        # A partition the group has given to another member since: its offset committed from
+        # here could move the new owner's committed position back (the broker takes commits
+        # of any member for any partition). Its records are re-read there if need be.
+        owned = consumer.assignment()
+        self.offsets = {tp: o for tp, o in self.offsets.items() if tp in owned}
         if not self.offsets:
             return True
         try:
