@@ -194,19 +194,17 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
         self.fallback = fallback
         self.limits = limits
         self.eligibility = eligibility
-        self.ready = ready  # None: answers at once
-
-    async def _check_ready(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        # Before catch-up a user with a list would get the fallback, and items withdrawn since
-        # a loaded snapshot (or from the fallback table) would be served: the topics read so
-        # far cannot tell. UNAVAILABLE is the status clients retry on, elsewhere or later.
-        if self.ready is not None and not self.ready.is_set():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _CATCHING_UP)
+        # Set once caught up (None: answers at once). Before, a user with a list would get the
+        # fallback, and items withdrawn since a loaded snapshot (or from the fallback table)
+        # would be served: the topics read so far cannot tell. UNAVAILABLE is the status
+        # clients retry on, elsewhere or later. Checked inline: a call is ~300 us of CPU.
+        self.ready = ready
 
     async def GetCandidates(
         self, request: pb.GetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetCandidatesResponse:
-        await self._check_ready(context)
+        if self.ready is not None and not self.ready.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _CATCHING_UP)
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if (error := validate_request(request, self.limits)) is not None:
@@ -216,7 +214,8 @@ class CandidatesServicer(pb_grpc.CandidatesServicer):
     async def BatchGetCandidates(
         self, request: pb.BatchGetCandidatesRequest | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.BatchGetCandidatesResponse:
-        await self._check_ready(context)
+        if self.ready is not None and not self.ready.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _CATCHING_UP)
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _UNDECODABLE)
         if len(request.requests) > self.limits.max_batch:
