@@ -687,7 +687,9 @@ class Worker:
         except (CommitFailedError, RebalanceInProgressError) as exc:
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
             # so nobody would re-read these: they stay pending (the retry follows the rejoin
-            # that the next poll does). Partitions now owned elsewhere are re-read there.
+            # that the next poll does). Partitions now owned elsewhere are re-read there; one
+            # not assigned at the retry (PendingCommits drops it) but back here later is
+            # committed with its next batch, and until then a restart only re-reads it.
             owned = self.consumer.assignment()
             self._pending.offsets = {tp: o for tp, o in self._pending.offsets.items() if tp in owned}
             self._kafka_backoff("commit (group rebalanced)", exc)

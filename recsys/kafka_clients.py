@@ -51,6 +51,7 @@ class PendingCommits:
     def __init__(self, rejoin_after_s: float) -> None:
         self.rejoin_after_s = rejoin_after_s
         self.offsets: dict[Any, int] = {}
+        self.committed: dict[Any, int] = {}  # what the last successful commit carried
         self._refused_since: float | None = None
 
     def clear(self) -> None:
@@ -74,6 +75,7 @@ class PendingCommits:
         # of any member for any partition). Its records are re-read there if need be.
         owned = consumer.assignment()
         self.offsets = {tp: o for tp, o in self.offsets.items() if tp in owned}
+        self.committed = {}
         if not self.offsets:
             return True
         try:
@@ -86,7 +88,7 @@ class PendingCommits:
             log.warning("commits refused by a rebalance for %.0f s; replacing the consumer", now - self._refused_since)
             self.offsets, self._refused_since = {}, None
             return False
-        self.offsets, self._refused_since = {}, None
+        self.committed, self.offsets, self._refused_since = self.offsets, {}, None
         return True
 
 

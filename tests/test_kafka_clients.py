@@ -28,5 +28,6 @@ def test_pending_offsets_of_partitions_owned_elsewhere_now_are_not_committed(kaf
         pending.add({ours: 5, theirs: 7})
         assert pending.commit(consumer) and not pending.offsets
         assert consumer.committed(ours) == 5 and consumer.committed(theirs) is None
+        assert pending.committed == {ours: 5}  # what the caller may count as committed
     finally:
         consumer.close(autocommit=False)

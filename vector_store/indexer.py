@@ -106,6 +106,15 @@ class ItemMessage:
     # counts; a record without the field must not reset them to 0), a new one gets 0.
     popularity: float | None = None
 
+    def carrying(self, older: ItemMessage) -> ItemMessage:
+        """This record with what an older record of the item carried and this one does not
+        (features, popularity): the state a follower reaches by indexing both in turn."""
+        features = self.features if self.features is not None else older.features
+        popularity = self.popularity if self.popularity is not None else older.popularity
+        if features is self.features and popularity is self.popularity:
+            return self
+        return dataclasses.replace(self, features=features, popularity=popularity)
+
     def record(self, all_surfaces: Sequence[str], stored: ItemRecord | None = None) -> ItemRecord:
         surfaces = tuple(all_surfaces) if self.surfaces is None else self.surfaces
         popularity = self.popularity if self.popularity is not None else stored.popularity if stored else 0.0
@@ -208,10 +217,11 @@ def index_items(
     for m in items:
         pid = point_id(m.item_id)
         prev = by_point.get(pid)
-        if m.features is None and prev is not None and prev.features is not None:
-            # A payload-only update right after the item's features must not drop them: the
-            # vector would then depend on whether the two messages shared a poll.
-            m = dataclasses.replace(m, features=prev.features)
+        if prev is not None:
+            # A payload-only update right after the item's features (or a record without a
+            # popularity after one with it) must not drop them: the item would then depend on
+            # whether the two messages shared a poll.
+            m = m.carrying(prev)
         by_point[pid] = m
     latest = list(by_point.values())
     if not latest:
@@ -219,18 +229,22 @@ def index_items(
     stored = store.records([m.item_id for m in latest]) if store.dim is not None else {}
     to_embed = [m for m in latest if m.features is not None or m.item_id not in stored]
     keep = [m for m in latest if m.features is None and m.item_id in stored]
+    if keep:
+        # The payload alone: rewriting the vector read above would undo a new model's bulk load
+        # that wrote this item in between (another process on the server backend). Written
+        # before any embedding, so that the stored popularity it keeps was read just before.
+        store.update_payloads([m.record(all_surfaces, stored[m.item_id]) for m in keep])
     skipped = 0
     if to_embed:
         to_embed, vectors, skipped = _embed(to_embed, embed_items, on_refused)
     if to_embed:
         store.ensure_collection(vectors.shape[1])  # the first item may arrive before any bulk load
+        # Popularities kept from the store are read again after the embedding, which can be long.
+        kept = [m.item_id for m in to_embed if m.popularity is None and m.item_id in stored]
+        stored = store.records(kept) if kept else {}
         store.upsert([m.record(all_surfaces, stored.get(m.item_id)) for m in to_embed], vectors)
         if on_embedded is not None:
             on_embedded([str(m.item_id) for m in to_embed], vectors)
-    if keep:
-        # The payload alone: rewriting the vector read above would undo a new model's bulk load
-        # that wrote this item in between (another process on the server backend).
-        store.update_payloads([m.record(all_surfaces, stored[m.item_id]) for m in keep])
     return IndexStats(embedded=len(to_embed), payload_only=len(keep), skipped=skipped)
 
 
@@ -394,6 +408,8 @@ class CatchUp:
     # items whose newest record has no features but an older one does: (its offset, the newest)
     carry: dict[Key, tuple[int, ItemMessage]]
     ends: dict[int, int]  # partition -> the offset after its last record in the range
+    # the newest popularity an item's records in the range gave, for a newest record without one
+    popularity: dict[Key, float] = field(default_factory=dict)
 
     @classmethod
     def scan(cls, records: Iterable[Any], decode: Callable[[Any], ItemMessage]) -> CatchUp:
@@ -404,6 +420,7 @@ class CatchUp:
         features_at: dict[Key, int] = {}
         carry: dict[Key, tuple[int, ItemMessage]] = {}
         ends: dict[int, int] = {}
+        popularity: dict[Key, float] = {}
         for rec in records:
             ends[rec.partition] = max(ends.get(rec.partition, 0), rec.offset + 1)
             try:
@@ -412,27 +429,34 @@ class CatchUp:
                 continue
             key = (rec.partition, rec.key)
             latest[key] = rec.offset
+            if item.popularity is not None:
+                popularity[key] = item.popularity
             if item.features is not None:
                 features_at[key] = rec.offset
                 carry.pop(key, None)
             elif key in features_at:
                 carry[key] = (features_at[key], item)
-        return cls(latest, carry, ends)
+        return cls(latest, carry, ends, popularity)
 
     def thin(self, rec: Any, item: ItemMessage) -> ItemMessage | None:
         """The item to index for a record, or None when a newer record of the item follows in
         the catch-up range."""
         key = (rec.partition, rec.key)
         newest = self.latest.get(key)
-        if newest is None or rec.offset >= newest:  # the newest, live, or an item the range does not hold
+        if newest is None or rec.offset > newest:  # live, or an item the range does not hold
             return item
-        carried = self.carry.get(key)
-        if carried is not None and carried[0] == rec.offset:
+        if rec.offset == newest:
+            state = item
+        elif (carried := self.carry.get(key)) is not None and carried[0] == rec.offset:
             # The newest without features could not embed an item published after the model's
             # export: its final state now, with these features (as index_items merges them
             # within one batch); the newest then only refreshes the payload.
-            return dataclasses.replace(carried[1], features=item.features)
-        return None
+            state = dataclasses.replace(carried[1], features=item.features)
+        else:
+            return None
+        if state.popularity is None and key in self.popularity:
+            state = dataclasses.replace(state, popularity=self.popularity[key])  # as an older record left it
+        return state
 
     def release(self, committed: Mapping[int, int]) -> None:
         """Forget each partition whose range ``committed`` (partition -> the offset this
@@ -606,12 +630,11 @@ class ItemsFollower:
         raises they stay pending for the next poll). A consumer stuck in a rebalance is
         replaced: the fresh one re-reads from the committed offsets, and indexing an item again
         is an upsert."""
-        offsets = dict(self._pending.offsets)
         if not self._pending.commit(self._consumer):
             self._replace_consumer()
             return
         if self._catch_up.ends:
-            for tp, offset in offsets.items():
+            for tp, offset in self._pending.committed.items():  # not those of partitions gone elsewhere
                 self._committed[tp.partition] = max(offset, self._committed.get(tp.partition, 0))
             self._catch_up.release(self._committed)
 

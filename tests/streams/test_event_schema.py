@@ -159,4 +159,5 @@ def test_structured_maps_are_decoded_or_rejected_with_a_reason(obj: dict[str, An
     assert event.action in S.events.actions and event.surface in S.events.surfaces
     for id_ in (event.user_id, event.item_id):
         assert isinstance(id_, int | str) and not isinstance(id_, bool) and str(id_).strip()
-    assert decode_event(encode_event(event), S, now=NOW) == event
+    again = encode_event(event)  # bytes, not objects: NaN in an unknown key is not == itself
+    assert encode_event(decode_event(again, S, now=NOW)) == again

@@ -156,16 +156,38 @@ def test_a_payload_update_in_the_same_poll_keeps_the_items_features(tmp_path: Pa
             row[0 if item.features else 1] = 1.0
         return out
 
-    messages = [ItemMessage("n", features=(1.0,)), ItemMessage("n", popularity=0.4)]
+    # ... and a record without a popularity after one with it keeps it, one poll or several.
+    m = [ItemMessage("n", features=(1.0,), popularity=0.7), ItemMessage("n", popularity=0.4),
+         ItemMessage("n", surfaces=("home",))]
     vectors = []
-    for polls in ([messages], [messages[:1], messages[1:]]):
-        with EdgeStore(VectorStoreSettings(path=tmp_path / f"shard{len(polls)}")) as store:
+    for k, polls in enumerate(([m], [m[:1], m[1:]], [m[:2], m[2:]], [m[:1], m[1:2], m[2:]])):
+        with EdgeStore(VectorStoreSettings(path=tmp_path / f"shard{k}")) as store:
             for batch in polls:
                 index_items(store, batch, embed, SURFACES)
             vectors.append(store.retrieve(["n"])["n"])
-            assert store.records(["n"])["n"].popularity == pytest.approx(0.4)
-    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-6)
+            assert store.records(["n"])["n"] == ItemRecord("n", ("home",), 0, pytest.approx(0.4)), polls
+    for v in vectors:
+        np.testing.assert_allclose(v, vectors[0], atol=1e-6)
     assert vectors[0][0] == pytest.approx(1.0)
+
+
+def test_a_follower_catching_up_indexes_the_state_a_live_one_would_reach() -> None:
+    """CatchUp thins an item's records to its newest, carrying what older ones gave and the
+    newest lacks: features from one, the last popularity from another."""
+    from types import SimpleNamespace
+
+    from vector_store.indexer import CatchUp
+
+    messages = [ItemMessage("x", features=(1.0,), popularity=5.0), ItemMessage("x", popularity=9.0),
+                ItemMessage("x", surfaces=("home",)), ItemMessage("y", surfaces=("search",))]
+    records = [SimpleNamespace(partition=0, offset=k, key=str(m.item_id).encode(), value=m)
+               for k, m in enumerate(messages)]
+    catch_up = CatchUp.scan(records, lambda rec: rec.value)
+    got = [catch_up.thin(rec, rec.value) for rec in records]
+    want_x = ItemMessage("x", features=(1.0,), surfaces=("home",), popularity=9.0)
+    assert got == [want_x, None, ItemMessage("x", surfaces=("home",), popularity=9.0), messages[3]]
+    live = SimpleNamespace(partition=0, offset=9, key=b"x", value=ItemMessage("x"))
+    assert catch_up.thin(live, live.value) == ItemMessage("x")  # past the range: as it came
 
 
 def _write_model(model_dir: Path, n: int, n_features: int, *, version: str = "v1", seed: int = 9) -> ItemTable:
