@@ -241,7 +241,13 @@ class PackedSeq:
         events = obj["events"]
         hidden = tuple((ts, item) for ts, item in obj.get("hidden", ()))
         if isinstance(events, bytes):
-            return cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events, hidden, obj.get("p", -1))
+            seq = cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events, hidden, obj.get("p", -1))
+            # The shape the fold and the update rely on, checked here where a bad value can be
+            # told apart (streams.app.read_state), not later mid-window. sum() refuses non-numbers.
+            if (type(seq.version) is not int or len(seq.ts) != len(seq.sizes) or sum(seq.sizes) != len(events)
+                    or not all(type(t) is int for t in seq.ts[-1:])):
+                raise ValueError("not a sequence value of this release (version, ts, sizes, events disagree)")
+            return seq
         return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)  # the earlier form
 
     def encode(self) -> bytes:

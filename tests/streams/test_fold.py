@@ -270,3 +270,14 @@ def test_packed_fold_matches_the_reference_fold(evs: list[ActionEvent], settings
     state = UserState("u", 0, seq, hidden)
     assert packed.encode() == encode_state(state) and decode_state(packed.encode()) == state
     assert packed.update(last_event_ts=1, emitted_at=2) == msgpack.packb(user_update(state, last_event_ts=1, emitted_at=2))
+
+
+def test_values_of_another_shape_are_refused_where_the_state_is_read() -> None:
+    """`PackedSeq.decode` refuses what the fold would trip over later (the worker then starts
+    the user afresh: streams.app.read_state), and reads its own values back."""
+    now = 1_800_000_000_000
+    good = msgpack.unpackb(PackedSeq("u", now, [], [], b"").encode(), raw=False) | {"ts": [now], "sizes": [3], "events": b"abc"}
+    assert PackedSeq.decode(msgpack.packb(good)).ts == [now]
+    for bad in ({"ts": 5}, {"version": "7"}, {"sizes": [2]}, {"ts": ["x"]}, {"sizes": ["3"]}):
+        with pytest.raises((TypeError, ValueError)):
+            PackedSeq.decode(msgpack.packb(good | bad))
