@@ -598,7 +598,9 @@ class Worker:
         log.info("worker: %d conditions per user, provider %s", len(self.conditions), self.runtime.provider)
         report_at, reported, batches_then = time.monotonic() + 10.0, 0, 0
         popular_at = check_at = time.monotonic()
-        catalogue = self.store.catalogue_version()  # this model's, checked by main (wait_for_catalogue)
+        # This model's table (checked by main: wait_for_catalogue) and that load's id: the items
+        # follower's group carries it, and after a reload the restart joins the new one's.
+        catalogue = (self.store.catalogue_version(), self.store.catalogue_load())
         inflight: tuple[list[Any], dict[Any, int]] | None = None  # (send futures, offsets) of the last batch
         while not self.stopping.is_set():
             updates = self.poll_batch()
@@ -617,13 +619,15 @@ class Worker:
                 self.commit()
             if time.monotonic() >= check_at:
                 check_at = time.monotonic() + self.settings.inference.catalogue_check_every_s
-                if (now_holds := self.store.catalogue_version()) != catalogue:
+                if (now := (self.store.catalogue_version(), self.store.catalogue_load())) != catalogue:
                     # `recsys index` of another model over a shared store: the marker is cleared
                     # while it loads, then names that model. This model's queries against those
                     # vectors would replace every active user's lists with meaningless ones: stop,
                     # the batch in hand uncommitted (the restart, which loads the model in model_dir
                     # and waits for its catalogue, computes those users again).
-                    self.catalogue_changed = f"model {now_holds}'s" if now_holds else "no whole catalogue (a load under way)"
+                    now_holds = now[0]
+                    self.catalogue_changed = (("a new load of " if now_holds == catalogue[0] else "") + f"model {now_holds}'s"
+                                              if now_holds else "no whole catalogue (a load under way)")
                     log.error("worker: the vector store now holds %s, not model %s's; stopping", self.catalogue_changed,
                               self.runtime.version)
                     break

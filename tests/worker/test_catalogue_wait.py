@@ -93,6 +93,17 @@ def test_a_running_worker_stops_when_another_models_load_starts(kafka_bootstrap:
         thread.join(30)
         assert not thread.is_alive()
         assert worker.catalogue_changed == "no whole catalogue (a load under way)"
+        # A reload of its own model's table seen only once over (a small table loads in less
+        # than a check's period): its items follower must join the new load's group.
+        store.mark_catalogue(runtime.version)  # that load done: the worker runs again
+        worker.catalogue_changed = None
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive()
+        store.mark_catalogue(runtime.version)  # --reindex of the same model
+        thread.join(30)
+        assert not thread.is_alive() and worker.catalogue_changed == f"a new load of model {runtime.version}'s"
     finally:
         worker.stopping.set()
         thread.join(30)
