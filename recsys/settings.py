@@ -268,7 +268,7 @@ class VectorStoreSettings(Section):
     upsert_batch: int = 4096  # points per update call (bounds the request/WAL entry size)
     indexing_threshold_kb: int = 10_000  # Edge segments above this (KB) get HNSW on optimize()
     max_search_threads: int | None = None  # Edge search threads, Qdrant's pool and the exact path's (None = one per CPU)
-    indexer_group_id: str = "recsys-indexer"  # group following `items`: this [+ "." + the Edge shard's id] + "." + the model version
+    indexer_group_id: str = "recsys-indexer"  # group following `items`: this [+ "." + the Edge shard's id] + "." + the model version [+ "." + the load id]
     dead_letter_timeout_s: float = 30.0  # how long the items follower waits for items.dlq's acks before it stops
     indexer_poll_ms: int = 500  # how long one poll of `items` waits for records
     indexer_max_records: int = 512  # items embedded and upserted per batch
@@ -299,7 +299,7 @@ class ServingSettings(Section):
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); ~3k q/s per process
     uvloop: bool = True  # run the event loop on uvloop when installed (~15% less CPU per call)
     follow: bool = True  # read the `candidates` topic (False: serve a snapshot / fallback only)
-    snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker)
+    snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker; once caught up with the topics)
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
     apply_yield_every: int = Field(32, gt=0)  # records applied between two turns of the event loop's RPCs

@@ -28,7 +28,7 @@ What the server guarantees:
   so that probes need no secret).
 - SIGTERM/SIGINT: NOT_SERVING, still answering for drain_s (load balancers that poll health
   move away), then in-flight calls finish within shutdown_grace_s; the store is snapshotted
-  when snapshot_path is set.
+  when snapshot_path is set and the server followed the topics to their ends.
 
 Throughput: one Python process serves a few thousand unary calls per second per core, so
 `--workers N` starts N processes on the same port (SO_REUSEPORT; the kernel spreads
@@ -502,13 +502,14 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         await asyncio.gather(*tasks, return_exceptions=True)
         for follower in followers:
             await follower.stop()
-        if cfg.snapshot_path is not None and frozen:
+        if cfg.snapshot_path is not None and frozen and followers:
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path), cfg.snapshot_path)
         elif cfg.snapshot_path is not None:
-            # Saving would date the loaded snapshot's contents now (its age is the file's time),
-            # and one restarted again and again while the topic is out of reach would pass the
-            # tombstone-retention check for ever.
-            log.warning("snapshot: not caught up with the topics; %s left as it was", cfg.snapshot_path)
+            # Saving would date the loaded snapshot's contents now (its age is the file's time):
+            # a server restarted again and again while the topic is out of reach, or one that
+            # does not follow it, would pass the tombstone-retention check for ever.
+            log.warning("snapshot: %s; %s left as it was",
+                        "not following the topics" if not followers else "not caught up with the topics", cfg.snapshot_path)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if frozen:

@@ -463,9 +463,10 @@ def test_recsys_index_follow_loads_the_table_then_indexes_items_until_sigterm(
 
     shard = tmp_path / "shard"
     settings = _settings(kafka_bootstrap, unique, shard)
+    # One partition: the refusal below then follows the item in its log, whatever their keys hash to.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")} | {
         "RECSYS_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "RECSYS_KAFKA__PARTITIONS": "2",
+        "RECSYS_KAFKA__PARTITIONS": "1",
         "RECSYS_TOPICS__ITEMS": settings.topics.items,
         "RECSYS_TOPICS__ITEMS_DLQ": settings.topics.items_dlq,
         "RECSYS_VECTOR_STORE__PATH": str(shard),
@@ -485,8 +486,8 @@ def test_recsys_index_follow_loads_the_table_then_indexes_items_until_sigterm(
         features = cluster_features(3, N_CLUSTERS)
         _produce(kafka_bootstrap, settings.topics.items,
                  [_item("brand-new", features, surfaces=["search"]), b"not msgpack"], ["brand-new", "junk"])
-        # The refusal follows the new item on its partition or is written in the same batch:
-        # once it is on items.dlq, the item before it was indexed (or is, before the commit).
+        # Once the refusal is on items.dlq, the item before it was indexed (or is, in the same
+        # batch, before the commit).
         while not read_topic(kafka_bootstrap, settings.topics.items_dlq):
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
             time.sleep(0.2)

@@ -69,7 +69,8 @@ def test_a_store_outage_during_the_wait_is_waited_out() -> None:
 def test_a_running_worker_stops_when_another_models_load_starts(kafka_bootstrap: str, small_model_dir: Path,
                                                               tmp_path: Path, unique: str) -> None:
     """`recsys index` of a newer model over a shared store clears the marker first: the older
-    model's worker stops instead of publishing its queries' hits among the newer vectors."""
+    model's worker stops instead of publishing its queries' hits among the newer vectors. A
+    reload of its own model's table stops it too (its items follower must rejoin)."""
     from inference.guards import RetryingStore
     from inference.runtime import ModelRuntime
     from inference.worker import Worker
