@@ -73,17 +73,17 @@ class PopularityFallback:
         """The fallback list of a surface (empty when no model has been exported yet)."""
         return self.entry(surface)[0]
 
-    def entry(self, surface: str) -> tuple[SurfaceList, str, int]:
+    def entry(self, surface: str, *, published: bool = True) -> tuple[SurfaceList, str, int]:
         """(list, model version, generated_at ms) of a surface's fallback: the worker's
-        published list when there is one, else the model's item table."""
+        published list when there is one (and ``published``), else the model's item table."""
         # One read of each: refresh() swaps _loaded from another thread (serving/server.py).
-        loaded, published = self._loaded, self.published
+        loaded, published_lists = self._loaded, self.published if published else None
         version, generated_at = (loaded.model_version, loaded.generated_at) if loaded else ("", 0)
         if surface not in self.surfaces:
             return _EMPTY, version, generated_at
         # An empty published list (a store with nothing indexed yet) is no fallback at all.
-        if published is not None and (lists := published.surfaces.get(surface)) is not None and lists.items:
-            return lists, published.model_version, published.generated_at
+        if published_lists is not None and (lists := published_lists.surfaces.get(surface)) is not None and lists.items:
+            return lists, published_lists.model_version, published_lists.generated_at
         return (loaded.items if loaded else _EMPTY), version, generated_at
 
     def refresh(self) -> bool:

@@ -173,6 +173,9 @@ def build_response(
         lists, model_version, generated_at = fallback.entry(request.surface)
         if eligibility is not None:
             lists = eligibility.filter(lists, request.surface)
+            if not lists.items:  # the worker's list all withdrawn since it was made: the model's table
+                lists, model_version, generated_at = fallback.entry(request.surface, published=False)
+                lists = eligibility.filter(lists, request.surface)
         response = pb.GetCandidatesResponse(
             user_id=request.user_id,
             surface=request.surface,

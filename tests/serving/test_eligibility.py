@@ -21,7 +21,7 @@ def _record(items: list[str]) -> UserCandidates:
     return UserCandidates("u", "v1", 5, 6, {s: lists for s in SURFACES})
 
 
-def _served(record: UserCandidates, surface: str, eligibility: Eligibility, fallback: PopularityFallback) -> list[str]:
+def _served(record: UserCandidates | None, surface: str, eligibility: Eligibility, fallback: PopularityFallback) -> list[str]:
     response = build_response(pb.GetCandidatesRequest(user_id="u", surface=surface), record, fallback, LIMITS, eligibility)
     return [c.item_id for c in response.candidates]
 
@@ -70,3 +70,19 @@ def test_a_list_left_empty_is_answered_with_the_fallback(tmp_path: Path) -> None
     response = build_response(pb.GetCandidatesRequest(user_id="u", surface="home"), _record(["a"]), fallback, LIMITS,
                               eligibility)
     assert response.is_fallback and [c.item_id for c in response.candidates] == ["p", "q"]
+
+
+def test_a_published_popular_list_all_withdrawn_gives_way_to_the_model_s_table(tmp_path: Path) -> None:
+    import numpy as np
+
+    from inference.items import ItemTable
+
+    ItemTable(np.array(["t1", "p", "t2"]), np.eye(3, 4, dtype=np.float32), np.array([5, 9, 1], np.float32),
+              np.zeros((3, 0), np.float32)).save(tmp_path / "items.npz")
+    eligibility = Eligibility(SURFACES)
+    fallback = PopularityFallback(tmp_path, SURFACES, 10)
+    fallback.published = _record(["p", "q"])
+    eligibility.apply("p", ())
+    eligibility.apply("q", ("search",))
+    assert _served(None, "home", eligibility, fallback) == ["t1", "t2"]  # not an empty answer
+    assert _served(None, "search", eligibility, fallback) == ["q"]
