@@ -18,7 +18,7 @@ import numpy as np
 
 from recsys.settings import VectorStoreSettings
 from vector_store.errors import CollectionMissingError, DimensionMismatchError
-from vector_store.schema import ItemId, ItemRecord, check_matrix, normalise, per_query, point_id
+from vector_store.schema import POPULARITY, ItemId, ItemRecord, check_matrix, normalise, per_query, point_id, to_payload
 
 F = TypeVar("F")  # a backend's filter type
 SCROLL_PAGE = 4096  # points per scroll page when a whole collection is read (the exact snapshot, item_ids)
@@ -139,21 +139,25 @@ class VectorStore(ABC):
     def _update_vectors(self, item_ids: Sequence[ItemId], vectors: np.ndarray) -> None:
         """Write one batch of vectors (float32 unit rows) of stored items."""
 
-    def update_payloads(self, records: Sequence[ItemRecord]) -> None:
-        """Replace the payloads of stored items and leave their vectors as they are: a vector a
+    def update_payloads(self, records: Sequence[ItemRecord], *, popularity: bool = True) -> None:
+        """Write the payloads of stored items and leave their vectors as they are: a vector a
         bulk load writes meanwhile (a new model's) is not overwritten by one read before it.
-        Items not stored are skipped."""
+        Without ``popularity`` the stored popularity stays too (the records' is not written),
+        whatever a load set meanwhile. Items not stored are skipped."""
         self._require_dim()
         latest = {point_id(r.item_id): r for r in records}  # later records for an item win, as in upsert
         stored = self.records([r.item_id for r in latest.values()])
         step = max(1, self.settings.upsert_batch)
-        present = [r for r in latest.values() if r.item_id in stored]
-        for start in range(0, len(present), step):
-            self._update_payloads(present[start : start + step])
+        payloads = [(r.item_id, to_payload(r)) for r in latest.values() if r.item_id in stored]
+        if not popularity:
+            for _, payload in payloads:
+                del payload[POPULARITY]
+        for start in range(0, len(payloads), step):
+            self._update_payloads(payloads[start : start + step])
 
     @abstractmethod
-    def _update_payloads(self, records: Sequence[ItemRecord]) -> None:
-        """Write one batch of payloads of stored items."""
+    def _update_payloads(self, payloads: Sequence[tuple[ItemId, dict[str, Any]]]) -> None:
+        """Merge each payload into its stored item's (the keys it has replace those stored)."""
 
     def set_popularity(self, item_ids: Sequence[ItemId], popularity: np.ndarray) -> None:
         """Replace the popularity of stored items and nothing else of their payload (a

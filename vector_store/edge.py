@@ -184,15 +184,16 @@ class EdgeStore(VectorStore):
             self._exact = self._exact.with_upserts([records[i] for i in item_ids if i in records],
                                                    vectors[[k for k, i in enumerate(item_ids) if i in records]])
 
-    def _update_payloads(self, records: Sequence[ItemRecord]) -> None:
+    def _update_payloads(self, payloads: Sequence[tuple[ItemId, dict[str, Any]]]) -> None:
         shard = self._live()
-        for r in records:  # each payload is the item's own; a write per point costs ~5 us here
-            shard.update(qe.UpdateOperation.overwrite_payload([point_id(r.item_id)], to_payload(r)))
-        if self._exact is not None:
-            vectors = self.retrieve([r.item_id for r in records])
-            kept = [r for r in records if r.item_id in vectors]
+        for item_id, payload in payloads:  # each payload is the item's own; a write per point costs ~5 us here
+            shard.update(qe.UpdateOperation.set_payload([point_id(item_id)], payload))
+        if self._exact is not None:  # its surface masks
+            ids = [item_id for item_id, _ in payloads]
+            vectors, records = self.retrieve(ids), self.records(ids)
+            kept = [i for i in ids if i in vectors and i in records]
             if kept:
-                self._exact = self._exact.with_upserts(kept, np.stack([vectors[r.item_id] for r in kept]))
+                self._exact = self._exact.with_upserts([records[i] for i in kept], np.stack([vectors[i] for i in kept]))
 
     def _set_popularity(self, by_value: dict[float, list[ItemId]]) -> None:
         shard = self._live()

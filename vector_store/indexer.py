@@ -229,11 +229,12 @@ def index_items(
     stored = store.records([m.item_id for m in latest]) if store.dim is not None else {}
     to_embed = [m for m in latest if m.features is not None or m.item_id not in stored]
     keep = [m for m in latest if m.features is None and m.item_id in stored]
-    if keep:
-        # The payload alone: rewriting the vector read above would undo a new model's bulk load
-        # that wrote this item in between (another process on the server backend). Written
-        # before any embedding, so that the stored popularity it keeps was read just before.
-        store.update_payloads([m.record(all_surfaces, stored[m.item_id]) for m in keep])
+    # The payload alone: rewriting the vector read above would undo a new model's bulk load
+    # that wrote this item in between (another process on the server backend); and the stored
+    # popularity, where the record has none, is left in place rather than written back.
+    for has_popularity in (True, False):
+        if part := [m for m in keep if (m.popularity is not None) is has_popularity]:
+            store.update_payloads([m.record(all_surfaces) for m in part], popularity=has_popularity)
     skipped = 0
     if to_embed:
         to_embed, vectors, skipped = _embed(to_embed, embed_items, on_refused)

@@ -132,11 +132,10 @@ class ServerStore(VectorStore):
         points = [qm.PointVectors(id=_wire(point_id(i)), vector=v) for i, v in zip(item_ids, vectors.tolist(), strict=True)]
         self.client.update_vectors(self.collection, points=points, wait=True)
 
-    def _update_payloads(self, records: Sequence[ItemRecord]) -> None:
+    def _update_payloads(self, payloads: Sequence[tuple[ItemId, dict[str, Any]]]) -> None:
         operations = [
-            qm.OverwritePayloadOperation(overwrite_payload=qm.SetPayload(payload=to_payload(r),
-                                                                         points=[_wire(point_id(r.item_id))]))
-            for r in records
+            qm.SetPayloadOperation(set_payload=qm.SetPayload(payload=payload, points=[_wire(point_id(item_id))]))
+            for item_id, payload in payloads
         ]
         self.client.batch_update_points(self.collection, update_operations=operations, wait=True)
 

@@ -265,9 +265,9 @@ def test_a_follower_that_starts_behind_indexes_each_item_in_its_newest_state(
             upserted.extend((str(r.item_id), r.surfaces) for r in records)
             upsert(records, vectors)
 
-        def recording_payloads(records: Sequence[ItemRecord]) -> None:
+        def recording_payloads(records: Sequence[ItemRecord], **kwargs: Any) -> None:
             upserted.extend((str(r.item_id), r.surfaces) for r in records)
-            update_payloads(records)
+            update_payloads(records, **kwargs)
 
         store.upsert = recording  # type: ignore[method-assign]
         store.update_payloads = recording_payloads  # type: ignore[method-assign]

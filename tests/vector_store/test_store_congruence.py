@@ -157,8 +157,12 @@ def test_update_payloads_leaves_the_vector_as_stored(kind: str, stores: Callable
     assert store.records(["a"])["a"] == ItemRecord("a", ("search",), 4, 0.9)  # the later record won
     np.testing.assert_allclose(store.retrieve(["a"])["a"], [0, -1], atol=1e-6)
     assert store.retrieve(["gone"]) == {} and store.count() == 2
+    # Without popularity: the stored one stays, whatever the records say (a load's, set meanwhile).
+    store.set_popularity(["a"], np.array([7.0], np.float32))
+    store.update_payloads([ItemRecord("a", ("home", "search"), 5, 0.0)], popularity=False)
+    assert store.records(["a"])["a"] == ItemRecord("a", ("home", "search"), 5, 7.0)
     (home,), (search,) = (store.query_batch(np.array([[0, -1]], np.float32), 5, [s]) for s in ("home", "search"))
-    assert [i for i, _ in home] == [7] and search == [("a", pytest.approx(1.0))]
+    assert [i for i, _ in home] == ["a", 7] and search == [("a", pytest.approx(1.0))]
 
 
 @pytest.mark.parametrize("kind", EXACT_BACKENDS)
