@@ -412,7 +412,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     server_credentials(settings)  # a TLS mistake fails now, not after the catch-up (workers > 1)
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
     if cfg.snapshot_path is not None:
-        loaded = store.load(cfg.snapshot_path, max_age_ms=settings.kafka.tombstone_retention_ms)
+        # The age bound guards against deletions compacted away on a topic a server follows;
+        # one that only serves its snapshot (follow off) misses nothing by its age.
+        loaded = store.load(cfg.snapshot_path, max_age_ms=settings.kafka.tombstone_retention_ms if cfg.follow else None)
         log.info("loaded %d users from snapshot %s", loaded, cfg.snapshot_path)
     fallback = PopularityFallback(settings.inference.model_dir, settings.events.surfaces, cfg.fallback_size)
     health_servicer = health.aio.HealthServicer()

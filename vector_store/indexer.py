@@ -466,6 +466,7 @@ class CatchUp:
         if done:
             self.latest = {k: o for k, o in self.latest.items() if k[0] not in done}
             self.carry = {k: c for k, c in self.carry.items() if k[0] not in done}
+            self.popularity = {k: v for k, v in self.popularity.items() if k[0] not in done}
             self.ends = {p: end for p, end in self.ends.items() if p not in done}
 
 

@@ -341,6 +341,18 @@ def test_a_server_stopped_before_it_caught_up_leaves_its_snapshot_as_it_was(
     asyncio.run(scenario())
     assert snapshot.stat().st_mtime == 1_000_000
 
+    # A server that only serves its snapshot (follow off): loaded whatever its age (there are no
+    # deletions it could miss), and left as it was (it has nothing newer).
+    async def snapshot_only() -> None:
+        server = RunningServe(cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"follow": False})}))
+        port = await server.port()
+        await wait_serving(port)
+        assert not (await get(port, "u1")).is_fallback
+        await server.stop()
+
+    asyncio.run(snapshot_only())
+    assert snapshot.stat().st_mtime == 1_000_000
+
 
 def test_a_follower_that_ends_stops_its_server_with_the_error(unique: str, settings: Settings) -> None:
     """A follower ends only on what no retry covers (here a bootstrap address aiokafka cannot
