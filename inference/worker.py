@@ -553,6 +553,9 @@ class Worker:
         self.users_done = 0
         self.batches_done = 0  # micro-batches that regenerated at least one user
         self.catalogue_changed: str | None = None  # what the store held instead, once run() saw it change
+        # (model version, load id) this worker's lists are for, as main found them before the
+        # items follower's catch-up (which can be long); None: read when run() starts.
+        self.catalogue: tuple[str | None, str | None] | None = None
         self._polled: dict[Any, int] = {}  # partition -> next offset, of the records polled for the batch
         self._polled_generation: int | None = None  # the group generation the batch was polled in
         self._polled_partitions: set[Any] = set()  # and its records' partitions
@@ -600,7 +603,7 @@ class Worker:
         popular_at = check_at = time.monotonic()
         # This model's table (checked by main: wait_for_catalogue) and that load's id: the items
         # follower's group carries it, and after a reload the restart joins the new one's.
-        catalogue = (self.store.catalogue_version(), self.store.catalogue_load())
+        catalogue = self.catalogue or (self.store.catalogue_version(), self.store.catalogue_load())
         inflight: tuple[list[Any], dict[Any, int]] | None = None  # (send futures, offsets) of the last batch
         while not self.stopping.is_set():
             updates = self.poll_batch()
@@ -1050,6 +1053,7 @@ def main(argv: list[str]) -> int:
         store = SerialisedStore(store)
     # Every store call of the worker and the follower waits out a store outage (the lock is not held while waiting).
     store = RetryingStore(store, stopping=stopping, **retry)
+    catalogue = (runtime.version, store.catalogue_load())  # without a follower: the load checked against
     if not args.no_follow_items:
         model_dir = settings.inference.model_dir
         from recsys.kafka_clients import Stopped
@@ -1063,6 +1067,7 @@ def main(argv: list[str]) -> int:
             return 0
     worker = Worker(settings, runtime, store, follower)
     worker.stopping = stopping
+    worker.catalogue = (runtime.version, follower.load) if follower is not None else catalogue
     failed: list[BaseException] = []
     follower_thread = None
     if follower is not None:

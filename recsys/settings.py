@@ -230,8 +230,9 @@ class InferenceSettings(Section):
     # How often the worker publishes each surface's most popular eligible items (from the vector
     # store, so eligibility and popularity updates of the `items` topic count) to topics.popular.
     popular_every_s: float = 30.0
-    # How often the worker reads the store's catalogue marker: once another model's `recsys index`
-    # starts on a shared store (it clears the marker first), the worker stops within this long.
+    # How often the worker (and an items follower) reads the store's catalogue marker: once another
+    # `recsys index` starts on a shared store (it clears the marker first) or reloads it, they stop
+    # within this long.
     catalogue_check_every_s: float = Field(5.0, gt=0)
     # Longest a worker may spend between polls (a batch waiting out a store outage) before the
     # group hands its partitions to another worker. A batch computed past it is not sent.

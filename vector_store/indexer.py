@@ -43,6 +43,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,11 @@ ITEM_REASONS: tuple[str, ...] = (
     "wrong key",  # the Kafka key is not str(item_id): compaction keeps one record per key
     "cannot embed",  # the model has nothing to embed it from (features of the wrong width, or none for an unseen id)
 )
+
+
+class CatalogueReloaded(RuntimeError):
+    """A new bulk load of the store: a follower in the previous load's group stops (exit 1,
+    restarted by its supervisor) to read `items` again in the new one's."""
 
 
 class DeadLetterFailed(RuntimeError):
@@ -495,10 +501,12 @@ class ItemsFollower:
     def __post_init__(self) -> None:
         from recsys.kafka_clients import PendingCommits  # imported here: the bulk path needs no Kafka client
 
+        # The whole load this follower's group follows (with a model version): one after it
+        # wrote the exported rows again, and the follower stops (`run`) to rejoin in its group.
+        self.load = self.store.catalogue_load() if self.model_version is not None else None
         if self.group_id is None:
             group = self.store.items_group(self.settings.vector_store.indexer_group_id)
-            load = self.store.catalogue_load() if self.model_version is not None else None
-            self.group_id = group if self.model_version is None else ".".join(filter(None, (group, self.model_version, load)))
+            self.group_id = group if self.model_version is None else ".".join(filter(None, (group, self.model_version, self.load)))
         from recsys.kafka_clients import iter_to_end
 
         # Before the group consumer starts: the records it has yet to read, up to the end now.
@@ -655,7 +663,14 @@ class ItemsFollower:
         from kafka.errors import KafkaError
 
         delay = 0.1
+        check_every = self.settings.inference.catalogue_check_every_s
+        check_at = time.monotonic() + check_every
         while not stop.is_set():
+            if self.model_version is not None and time.monotonic() >= check_at:
+                check_at = time.monotonic() + check_every
+                if (load := self.store.catalogue_load()) != self.load:
+                    raise CatalogueReloaded(f"the store's catalogue was loaded again (load {load}, this follower's "
+                                            f"{self.load}): restart to follow the new load's group")
             try:
                 self.poll_once()
                 delay = 0.1
@@ -805,6 +820,9 @@ def main(argv: list[str]) -> int:
             follower.run(stop)
         except KeyboardInterrupt:
             pass
+        except CatalogueReloaded as exc:
+            log.error("items follower: %s", exc)
+            return 1
         finally:
             follower.close()
             log.info("followed: %s", follower.stats)

@@ -529,3 +529,41 @@ def test_after_a_reload_of_the_same_model_the_follower_embeds_again_what_the_loa
             np.testing.assert_allclose(store.retrieve(["a"])["a"], eye[5], atol=1e-6)
             load_table(store, table, "v1", settings.events.surfaces)  # --reindex
             np.testing.assert_allclose(store.retrieve(["a"])["a"], eye[0], atol=1e-6)
+
+
+def test_a_follower_stops_when_the_store_is_loaded_again(kafka_bootstrap: str, unique: str, tmp_path: Path) -> None:
+    """`recsys index --follow` beside another `recsys index --reindex` (a Qdrant server): its
+    group is the previous load's, so it stops (to be restarted in the new load's group)."""
+    from inference.worker import SerialisedStore
+    from vector_store.indexer import CatalogueReloaded
+
+    settings = _settings(kafka_bootstrap, unique, tmp_path / "shard")
+    settings.inference.catalogue_check_every_s = 0.1
+    _create_topic(kafka_bootstrap, settings.topics.items, partitions=1)
+    table = ItemTable(["a"], np.eye(1, DIM, dtype=np.float32), np.ones(1, np.float32))
+    with EdgeStore(settings.vector_store) as edge:
+        store = SerialisedStore(edge)  # two threads on one shard, as in the worker
+        store.ensure_collection(DIM)
+        load_table(store, table, "v1", settings.events.surfaces)
+        follower = ItemsFollower(store, _embed, settings, model_version="v1")
+        stop, raised = threading.Event(), []
+
+        def run() -> None:
+            try:
+                follower.run(stop)
+            except CatalogueReloaded as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        try:
+            thread.start()
+            time.sleep(0.5)
+            assert thread.is_alive()  # its own load: it follows
+            load_table(store, table, "v1", settings.events.surfaces)
+            thread.join(DEADLINE_S)
+            assert not thread.is_alive() and raised and "loaded again" in str(raised[0])
+        finally:
+            stop.set()
+            thread.join(DEADLINE_S)
+            follower.close()
+
