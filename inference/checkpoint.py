@@ -33,6 +33,9 @@ class Checkpoint:
     surfaces: tuple[str, ...]
     version: str
     state: dict[str, Any] = field(default_factory=dict)  # epoch, step, history, best, rng, ...
+    # What it was trained on ({"split": kind, "seed": train.seed}): `recsys evaluate` scores
+    # the same held-out targets (synthetic data is made from the seed).
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
     def align(self, log: EventLog) -> EventLog:
         """`log` in this checkpoint's item vocabulary (and with its features)."""
@@ -63,6 +66,7 @@ def save_checkpoint(
         "surfaces": list(info.surfaces),
         "version": info.version,
         "state": info.state,
+        "trained_on": info.trained_on,
     }
     with atomic_write(path) as f:
         torch.save(blob, f)
@@ -83,6 +87,7 @@ def checkpoint_info(blob: dict[str, Any]) -> Checkpoint:
         surfaces=tuple(blob["surfaces"]),
         version=str(blob["version"]),
         state=dict(blob.get("state") or {}),
+        trained_on=dict(blob.get("trained_on") or {}),
     )
 
 

@@ -236,6 +236,7 @@ class Split:
     train_end: np.ndarray  # int64 [U]: user u trains on rows offsets[u]:train_end[u]
     valid: np.ndarray  # int64 [V] rows of validation targets
     test: np.ndarray  # int64 [T] rows of test targets
+    kind: str = ""  # "loo" | "tail" | "time" (datasets.make_split), recorded in checkpoints
 
 
 def leave_one_out(log: EventLog, min_len: int = 3) -> Split:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from inference.data import (
@@ -70,10 +71,7 @@ def load_dataset(
 def make_split(log: EventLog, kind: str, dataset: str) -> Split:
     if kind == "auto":
         kind = "loo" if dataset == "beauty" else "tail"
-    if kind == "loo":
-        return leave_one_out(log)
-    if kind == "tail":
-        return tail_split(log)
-    if kind == "time":
-        return time_split(log)
+    splits = {"loo": leave_one_out, "tail": tail_split, "time": time_split}
+    if kind in splits:
+        return dataclasses.replace(splits[kind](log), kind=kind)
     raise ValueError(f"unknown split {kind!r}: loo | tail | time | auto")

@@ -323,7 +323,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", type=Path, default=settings.train.out_dir / "ckpt_best.pt")
     p.add_argument("--dataset", default="synthetic", choices=DATASETS, help="what the checkpoint is scored on")
     p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
-    p.add_argument("--split", default="auto", help="loo | tail | time | auto: the split the model was trained with")
+    p.add_argument("--split", default="auto",
+                   help="loo | tail | time | auto: the split the checkpoint was trained with (else loo for beauty, tail otherwise)")
     p.add_argument("--on", default="test", choices=["valid", "test"])
     p.add_argument("--exclude-history", action="store_true")
     p.add_argument("--outcome", default="true", help="true | none | an action name")
@@ -331,6 +332,8 @@ def main(argv: list[str]) -> int:
     if not args.checkpoint.exists():
         p.error(f"{args.checkpoint} not found: train first (`recsys train`) or pass --checkpoint")
     model, ckpt = load_checkpoint(args.checkpoint)
+    if "seed" in ckpt.trained_on:  # synthetic data is made from it
+        settings = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": ckpt.trained_on["seed"]})})
     try:
         log = load_dataset(args.dataset, args.path, settings)
     except (FileNotFoundError, ValueError) as exc:
@@ -338,7 +341,7 @@ def main(argv: list[str]) -> int:
     # Split the data as it is, then drop what the checkpoint cannot embed: dropped first, the
     # held-out targets moved back onto events the model trained on, and targets on items it
     # never saw left the denominator instead of counting as misses.
-    split = make_split(log, args.split, args.dataset)
+    split = make_split(log, ckpt.trained_on.get("split") or args.split if args.split == "auto" else args.split, args.dataset)
     rows = engaged(log, split.test if args.on == "test" else split.valid, settings.train.negative_actions)
     known = np.isin(log.item_ids[log.item - 1], np.asarray(ckpt.item_ids).astype(str))
     aligned_row = np.cumsum(known) - 1  # the align keeps the other rows in order

@@ -663,6 +663,7 @@ def train(
         actions=tuple(log_.actions),
         surfaces=tuple(log_.surfaces),
         version=f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}",
+        trained_on={"split": split.kind, "seed": tcfg.seed},
     )
     log.info("model %s: %d parameters, %s softmax", info.version, model.n_params(), "full" if spec.full_softmax else "sampled")
     valid = engaged(log_, split.valid, tcfg.negative_actions)

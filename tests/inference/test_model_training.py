@@ -347,6 +347,25 @@ def test_cli_export_and_evaluate(tiny_model: tuple[GenerativeRetriever, Checkpoi
     # Ten of the targets are misses whatever the model does.
     assert with_unknown["recall@50"] <= 1 - 10 / with_unknown["n_targets"]
 
+    # `--split auto` scores the split the checkpoint was trained with (recorded in it): here
+    # leave-one-out, one test target per user, not the per-user tail.
+    import dataclasses
+
+    from inference.checkpoint import load_checkpoint, save_checkpoint
+
+    model, trained = load_checkpoint(out / "ckpt_best.pt")
+    save_checkpoint(tmp_path / "loo.pt", model, dataclasses.replace(trained, trained_on={"split": "loo"}))
+    assert load_checkpoint(tmp_path / "loo.pt")[1].trained_on == {"split": "loo"}
+    events.write_text("\n".join(json.dumps(e) for e in rows))
+    for split, checkpoint in (("tail", out / "ckpt_best.pt"), ("loo", tmp_path / "loo.pt")):
+        assert evaluate.main(["--checkpoint", str(checkpoint), "--dataset", "events", "--path", str(events)]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert evaluate.main(["--checkpoint", str(checkpoint), "--dataset", "events", "--path", str(events),
+                              "--split", split]) == 0
+        assert json.loads(capsys.readouterr().out)["n_targets"] == got["n_targets"], split
+    negative = Settings().train.negative_actions
+    assert got["n_targets"] == sum(e["action"] not in negative for e in last.values())  # loo: each user's last action
+
 
 def test_cli_says_what_is_missing(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
