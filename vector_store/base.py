@@ -7,9 +7,9 @@ collection's width and per-query filter lists of the right length.
 
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-import uuid
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar

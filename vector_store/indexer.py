@@ -5,8 +5,8 @@ Two sources, one write path (`index_items` / `index_item_table`):
 - bulk: `items.npz` of the exported model (ids, L2-normalised embeddings, popularity); every
   item is eligible on every configured surface until the `items` topic says otherwise.
 - stream: the `items` topic (msgpack, key = str(item_id); value {"item_id", "features"?,
-  "surfaces"? (missing = all), "created_at", "popularity"? (missing = unchanged, 0 for a new
-  item)}). A new item's embedding comes from
+  "surfaces"? (missing = all), "created_at", "popularity"? (missing = the last one the
+  item's records gave, else unchanged; 0 for a new item)}). A new item's embedding comes from
   the model's item encoder (`item_encoder.onnx`) through an `embed_items(items) -> [N, D]`
   callable; an item already stored keeps its trained vector unless the message carries
   content features, and only its payload (surfaces, popularity, created_at) changes.
