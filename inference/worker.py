@@ -694,11 +694,9 @@ class Worker:
         except (CommitFailedError, RebalanceInProgressError) as exc:
             # kafka-python keeps a partition's position across a rebalance that leaves it here,
             # so nobody would re-read these: they stay pending (the retry follows the rejoin
-            # that the next poll does). Partitions now owned elsewhere are re-read there; one
-            # not assigned at the retry (PendingCommits drops it) but back here later is
-            # committed with its next batch, and until then a restart only re-reads it.
-            owned = self.consumer.assignment()
-            self._pending.offsets = {tp: o for tp, o in self._pending.offsets.items() if tp in owned}
+            # that the next poll does). Partitions now owned elsewhere are re-read there: the
+            # retry leaves them out (PendingCommits); one back here later is committed with its
+            # next batch, and until then a restart only re-reads it.
             self._kafka_backoff("commit (group rebalanced)", exc)
         except KafkaError as exc:
             self._kafka_backoff("commit", exc)
@@ -1053,7 +1051,6 @@ def main(argv: list[str]) -> int:
         store = SerialisedStore(store)
     # Every store call of the worker and the follower waits out a store outage (the lock is not held while waiting).
     store = RetryingStore(store, stopping=stopping, **retry)
-    catalogue = (runtime.version, store.catalogue_load())  # without a follower: the load checked against
     if not args.no_follow_items:
         model_dir = settings.inference.model_dir
         from recsys.kafka_clients import Stopped
@@ -1067,7 +1064,7 @@ def main(argv: list[str]) -> int:
             return 0
     worker = Worker(settings, runtime, store, follower)
     worker.stopping = stopping
-    worker.catalogue = (runtime.version, follower.load) if follower is not None else catalogue
+    worker.catalogue = (runtime.version, follower.load if follower is not None else store.catalogue_load())
     failed: list[BaseException] = []
     follower_thread = None
     if follower is not None:

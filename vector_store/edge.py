@@ -188,12 +188,11 @@ class EdgeStore(VectorStore):
         shard = self._live()
         for item_id, payload in payloads:  # each payload is the item's own; a write per point costs ~5 us here
             shard.update(qe.UpdateOperation.set_payload([point_id(item_id)], payload))
-        if self._exact is not None:  # its surface masks
-            ids = [item_id for item_id, _ in payloads]
-            vectors, records = self.retrieve(ids), self.records(ids)
-            kept = [i for i in ids if i in vectors and i in records]
-            if kept:
-                self._exact = self._exact.with_upserts([records[i] for i in kept], np.stack([vectors[i] for i in kept]))
+        if self._exact is not None:  # its surface masks: the stored points, read once
+            points = self._fetch([item_id for item_id, _ in payloads], with_vector=True)
+            if points:
+                self._exact = self._exact.with_upserts([from_payload(point_payload(p)) for p in points.values()],
+                                                       np.asarray([p.vector for p in points.values()], dtype=np.float32))
 
     def _set_popularity(self, by_value: dict[float, list[ItemId]]) -> None:
         shard = self._live()
