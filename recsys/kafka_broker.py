@@ -264,7 +264,8 @@ class LocalBroker:
         for port in (self.cfg.port, self.cfg.controller_port):
             if not _port_free(port):
                 raise BrokerError(f"port {port} is in use by another process; pick another "
-                                  f"(RECSYS_KAFKA__PORT / RECSYS_KAFKA__CONTROLLER_PORT) or stop it")
+                                  f"(RECSYS_KAFKA__PORT / RECSYS_KAFKA__CONTROLLER_PORT; the clients follow "
+                                  f"RECSYS_KAFKA__PORT unless RECSYS_KAFKA__BOOTSTRAP_SERVERS is set) or stop it")
         lib = ensure_jars(self.cfg)
         props = self._write_config()
         log_dir = self.data_dir / "log"
@@ -315,7 +316,13 @@ class LocalBroker:
         return True
 
     def destroy(self) -> None:
-        """Stop and delete every byte of broker state."""
+        """Stop and delete every byte of broker state; a BrokerError, deleting nothing, for a
+        directory that holds anything but a broker's state (data_dir is relative to the working
+        directory: from / the default would name /var/kafka)."""
+        if self.data_dir.is_dir() and any(self.data_dir.iterdir()) and not any(
+                (self.data_dir / name).exists() for name in ("server.properties", "broker.pid", "log/meta.properties")):
+            raise BrokerError(f"{self.data_dir} does not hold a local broker's state (no server.properties, broker.pid "
+                              f"or log/meta.properties): not deleting it; check RECSYS_KAFKA__DATA_DIR and the working directory")
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -363,7 +370,9 @@ def main(argv: list[str]) -> int:
             print(f"kafka stopped and {broker.data_dir} removed")
         else:
             pid = broker.pid()
-            print(f"kafka running (pid {pid}) at {broker.bootstrap}" if pid else "kafka not running")
+            # The port it was started on, which the settings of this shell may not say.
+            port = broker._running_port() or broker.cfg.port
+            print(f"kafka running (pid {pid}) at 127.0.0.1:{port}" if pid else "kafka not running")
             return 0 if pid else 1
     except BrokerError as exc:
         print(f"recsys kafka {args.action}: {exc}", file=sys.stderr)

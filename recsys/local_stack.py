@@ -21,9 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.kafka_broker import LocalBroker, free_port
 from recsys.processes import Service, settings_env
-from recsys.settings import KafkaSettings
+from recsys.settings import get_settings
 
 __all__ = ["LocalStack"]
+
+PLAINTEXT_ONLY = ("serving.auth_token", "serving.tls_cert", "serving.tls_key")  # see LocalStack.env
 
 
 class LocalStack:
@@ -55,7 +57,11 @@ class LocalStack:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def env(self) -> dict[str, str]:
+    def env(self) -> dict[str, str | None]:
+        """The services' settings, on top of the caller's environment. Authentication and TLS
+        are off unless given in `overrides`: the stack's own clients (its health wait, the demo,
+        the tests) speak plaintext without a token, and a shell's RECSYS_SERVING__AUTH_TOKEN
+        would leave each of their calls UNAUTHENTICATED."""
         assert self.bootstrap is not None, "start the broker first"
         base = {
             "kafka.bootstrap_servers": self.bootstrap,
@@ -67,16 +73,19 @@ class LocalStack:
             "streams.web_port": self.streams_web_port,
             "serving.port": self.grpc_port,
         }
-        return settings_env({**base, **self.overrides})
+        unset: dict[str, str | None] = {name: None for name in settings_env(dict.fromkeys(PLAINTEXT_ONLY, ""))}
+        return {**unset, **settings_env({**base, **self.overrides})}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> LocalStack:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.bootstrap is None:
-            self.broker = LocalBroker(KafkaSettings(
-                data_dir=self.work_dir / "kafka", port=free_port(), controller_port=free_port(),
-                partitions=self.partitions,
-            ))
+            # The shell's broker settings (start timeout, heap, version, jars) hold; only where
+            # it lives and listens is the stack's.
+            self.broker = LocalBroker(get_settings().kafka.model_copy(update={
+                "data_dir": self.work_dir / "kafka", "port": free_port(), "controller_port": free_port(),
+                "partitions": self.partitions,
+            }))
             self.bootstrap = self.broker.start()
         self._create_topics()
         # A Service runs in its own session: one left running (a hung index) would outlive us.
@@ -96,11 +105,11 @@ class LocalStack:
                 raise RuntimeError(f"{name} exited:\n{service.log_tail()}")
 
     def _create_topics(self) -> None:
-        from recsys.settings import KafkaSettings, TopicSettings
+        from recsys.settings import TopicSettings
         from recsys.topics import ensure_topics, topic_configs
 
         names = {k.split(".", 1)[1]: v for k, v in self.overrides.items() if k.startswith("topics.")}
-        retention = int(self.overrides.get("kafka.tombstone_retention_ms", KafkaSettings().tombstone_retention_ms))
+        retention = int(self.overrides.get("kafka.tombstone_retention_ms", get_settings().kafka.tombstone_retention_ms))
         ensure_topics(self.bootstrap, topic_configs(TopicSettings(**names), retention), self.partitions)
 
     def start_service(self, name: str) -> Service:

@@ -36,10 +36,12 @@ def settings_env(overrides: Mapping[str, object]) -> dict[str, str]:
 class Service:
     """One `recsys <command>` process with its own log file."""
 
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_dir: Path, cwd: Path | None = None) -> None:
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str | None], log_dir: Path, cwd: Path | None = None) -> None:
         self.name = name
         self.args = args
-        self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        # On top of this process's environment; a variable given as None is left out.
+        merged = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self.env = {k: v for k, v in merged.items() if v is not None}
         self.log_path = Path(log_dir) / f"{name}.log"
         self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,17 +30,26 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_not_unset(cls, value: object, info: ValidationInfo) -> object:
+        # `RECSYS_SERVING__TLS_CERT=${CERT}` of an unset variable gives "": as a path it would be
+        # ".", as a secret no secret. An optional setting is left out to be unset, never empty.
+        if value == "" and type(None) in get_args(cls.model_fields[info.field_name].annotation):
+            raise ValueError("empty: leave the setting out to unset it")
+        return value
+
 
 class KafkaSettings(Section):
     """The event log: where clients connect, and how the local broker is run."""
 
-    bootstrap_servers: str = "localhost:9092"  # what every client connects to
+    bootstrap_servers: str = "localhost:9092"  # what every client connects to (localhost:<port> when only port is given)
     # 4.1 is the newest line the Python clients (aiokafka 0.14, kafka-python 3.0) are tested with.
     version: str = "4.1.1"
     scala_version: str = "2.13"  # Scala build of the kafka_<scala> artifact
     jars_dir: Path = CACHE_DIR / "kafka"  # downloaded broker classpath, shared across clones
     data_dir: Path = Path("var/kafka")  # KRaft log + pid file of the local broker
-    port: int = 9092  # local broker's client listener
+    port: int = 9092  # local broker's client listener (the clients follow it unless bootstrap_servers is set)
     controller_port: int = 9093  # local broker's KRaft controller listener
     heap: str = "-Xmx512m -Xms256m"  # the broker is small; the machine is shared
     start_timeout_s: float = 90.0  # until a metadata request succeeds
@@ -55,6 +64,14 @@ class KafkaSettings(Section):
     # How long the compacted topics keep a tombstone (their delete.retention.ms): a reader that
     # starts further behind than this, e.g. a server from an older snapshot, misses deletions.
     tombstone_retention_ms: int = Field(24 * 3600 * 1000, gt=0)
+
+    @model_validator(mode="after")
+    def _clients_follow_the_port(self) -> KafkaSettings:
+        # Moving the local broker (RECSYS_KAFKA__PORT, as its "port in use" error suggests)
+        # must move its clients too: they would go on reaching whatever answers on 9092.
+        if "port" in self.model_fields_set and "bootstrap_servers" not in self.model_fields_set:
+            self.bootstrap_servers = f"localhost:{self.port}"
+        return self
 
 
 class TopicSettings(Section):
@@ -296,7 +313,7 @@ class ServingSettings(Section):
     fallback_refresh_s: float = 10.0  # how often items.npz is checked for a newer model
     tls_cert: Path | None = None  # PEM; with tls_key turns TLS on
     tls_key: Path | None = None  # PEM private key of tls_cert
-    auth_token: str | None = None  # when set, requests need `authorization: Bearer <token>`
+    auth_token: str | None = None  # when set, requests need `authorization: Bearer <token>` (an empty one is refused)
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); ~3k q/s per process
     uvloop: bool = True  # run the event loop on uvloop when installed (~15% less CPU per call)
     follow: bool = True  # read the `candidates` topic (False: serve a snapshot / fallback only)
@@ -314,6 +331,16 @@ class ServingSettings(Section):
     # polling health moves away; e.g. above its probe period behind one), then refused
     drain_s: float = Field(0.0, ge=0)
     shutdown_grace_s: float = 5.0  # in-flight calls get this long after SIGTERM
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_usable(cls, token: str | None) -> str | None:
+        # An empty secret (`${TOKEN}` of an unset variable) would turn authentication off
+        # without a word; one with whitespace (a mounted secret's newline) could never match.
+        if token is not None and (not token or token != token.strip() or not token.isprintable()):
+            raise ValueError("serving.auth_token must be non-empty printable text without surrounding "
+                             "whitespace (unset it to serve without authentication)")
+        return token
 
 
 # RECSYS_* variables that are not settings: the config file, the cache of scripts/bootstrap.sh,

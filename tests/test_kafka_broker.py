@@ -53,6 +53,44 @@ def test_missing_java_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monke
         broker.start()
 
 
+def _cached_jars(tmp_path: Path) -> KafkaSettings:
+    cfg = KafkaSettings(data_dir=tmp_path / "d", jars_dir=tmp_path / "jars", port=free_port(), controller_port=free_port())
+    home = cfg.jars_dir / f"kafka_{cfg.scala_version}-{cfg.version}"
+    home.mkdir(parents=True)
+    (home / ".complete").write_text(cfg.version)  # jars cached: what a user with no java meets next
+    return cfg
+
+
+def test_no_java_with_the_jars_cached_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(BrokerError, match="`java` is not on PATH"):
+        LocalBroker(_cached_jars(tmp_path)).start()
+
+
+@pytest.mark.parametrize(("version_line", "error"), [
+    ('openjdk version "11.0.2" 2019-01-15', "needs Java 17 or later; `java` is version 11"),
+    ("no version here", "could not read the Java version"),
+])
+def test_an_old_or_unreadable_java_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version_line: str, error: str
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    java = bin_dir / "java"
+    java.write_text(f"#!/bin/sh\necho '{version_line}' >&2\n")  # `java -version` writes to stderr
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    with pytest.raises(BrokerError, match=error):
+        LocalBroker(_cached_jars(tmp_path)).start()
+
+
+def test_destroy_refuses_a_directory_that_is_not_a_brokers(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("not kafka's")
+    with pytest.raises(BrokerError, match="does not hold a local broker's state"):
+        LocalBroker(KafkaSettings(data_dir=tmp_path, port=free_port(), controller_port=free_port())).destroy()
+    assert (tmp_path / "precious.txt").exists()
+
+
 def test_a_port_held_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
     """Readiness only asks "does something answer on the port": a port another broker holds
     would pass it while this JVM died of address-in-use."""

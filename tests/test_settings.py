@@ -123,3 +123,27 @@ def test_recsys_config_prints_secrets_as_set_only(monkeypatch: pytest.MonkeyPatc
     assert "s3cret-token" not in out
     printed = json.loads(out)
     assert printed["serving"]["auth_token"] == "<set>" and printed["vector_store"]["api_key"] is None
+
+
+def test_clients_follow_a_moved_local_broker_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RECSYS_KAFKA__PORT (what the broker's "port in use" error suggests) moves the clients too:
+    they went on reaching whatever answered on 9092."""
+    monkeypatch.setenv("RECSYS_KAFKA__PORT", "19092")
+    assert Settings().kafka.bootstrap_servers == "localhost:19092"
+    monkeypatch.setenv("RECSYS_KAFKA__BOOTSTRAP_SERVERS", "kafka:9092")
+    assert Settings().kafka.bootstrap_servers == "kafka:9092"
+
+
+@pytest.mark.parametrize(("variable", "value", "error"), [
+    ("RECSYS_SERVING__AUTH_TOKEN", "", "empty"),  # `${TOKEN}` of an unset variable: auth was silently off
+    ("RECSYS_SERVING__AUTH_TOKEN", "s3cret\n", "without surrounding whitespace"),  # could never match
+    ("RECSYS_SERVING__TLS_CERT", "", "empty"),  # was Path("."), a directory, at start
+    ("RECSYS_SERVING__SNAPSHOT_PATH", "", "empty"),  # was Path("."), failing only at shutdown
+    ("RECSYS_VECTOR_STORE__API_KEY", "", "empty"),
+])
+def test_an_empty_or_unusable_optional_setting_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, error: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=error):
+        Settings()
