@@ -38,6 +38,7 @@ and a batch may read an item's vector just before or just after its re-embedding
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import signal
@@ -47,6 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -980,6 +982,14 @@ def _budget_sanity(settings: Settings) -> None:
                          "limit_headroom <= limit_headroom_max, merge_cosine finite")
 
 
+def _exported_version(model_dir: Path) -> str | None:
+    """meta.json's version, None while it cannot be read (an export replacing it)."""
+    try:
+        return str(json.loads((Path(model_dir) / "meta.json").read_text(encoding="utf-8"))["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, stopping: threading.Event) -> bool:
     """Until the store holds model ``version``'s whole item table (its catalogue marker, set by
     `recsys index`). This model's queries against another model's vectors, or an empty store,
@@ -999,6 +1009,12 @@ def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, sto
         if loaded == version:
             return True
         now = f"model {loaded}'s" if loaded else "no whole catalogue"
+        exported = _exported_version(settings.inference.model_dir)
+        if exported not in (None, version):
+            # The load we wait for may never come: the model directory moved on to the model
+            # being indexed (or another). A restart loads what is there now.
+            raise SystemExit(f"worker: {settings.inference.model_dir} now holds model {exported}, not the loaded {version} "
+                             f"(the store holds {now}): restarting loads it")
         if settings.vector_store.backend == "edge":
             raise SystemExit(f"worker: the Edge shard {settings.vector_store.path} holds {now}, not model {version}'s: "
                              "run `recsys index` first (it loads the exported items.npz)")
@@ -1046,7 +1062,7 @@ def main(argv: list[str]) -> int:
     if not args.no_follow_items:
         # An Edge shard belongs to one process, so the `items` follower runs here, in a thread
         # of its own (it blocks on Kafka); every store call of both threads goes through one lock.
-        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, model_id_bucket
+        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, check_same_export, model_id_bucket
 
         store = SerialisedStore(store)
     # Every store call of the worker and the follower waits out a store outage (the lock is not held while waiting).
@@ -1055,8 +1071,13 @@ def main(argv: list[str]) -> int:
         model_dir = settings.inference.model_dir
         from recsys.kafka_clients import Stopped
 
+        encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads)
+        # Read after the catalogue wait, which can be long: an export since then would have new
+        # items embedded in its space and joined to this model's catalogue.
+        check_same_export(model_dir, runtime.version, {"item_encoder.onnx": encoder.version,
+                                                       "meta.json": _exported_version(model_dir)})
         try:
-            follower = ItemsFollower(store, OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads), settings,
+            follower = ItemsFollower(store, encoder, settings,
                                      model_version=runtime.version, on_embedded=runtime.reembedded, stop=stopping)
         except Stopped:
             log.info("stopped while the items follower caught up; nothing was committed")

@@ -298,6 +298,7 @@ class ItemTable:
     ids: list[ItemId]
     embeddings: np.ndarray  # [N, D] float32, L2-normalised
     popularity: np.ndarray  # [N] float32
+    version: str | None = None  # the export's stamp (None: a table exported before stamps)
 
     @classmethod
     def load(cls, model_dir: Path) -> ItemTable:
@@ -312,12 +313,26 @@ class ItemTable:
                 if "popularity" in npz
                 else np.zeros(len(ids), np.float32)
             )
+            version = str(npz["version"]) if "version" in npz else None
         if emb.ndim != 2 or emb.shape[0] != len(ids) or pop.shape != (len(ids),):
             raise ValueError(
                 f"{path}: ids {len(ids)}, embeddings {list(emb.shape)}, "
                 f"popularity {list(pop.shape)} disagree"
             )
-        return cls(ids, emb, pop)
+        return cls(ids, emb, pop, version)
+
+
+def check_same_export(model_dir: Path, version: str, parts: Mapping[str, str | None]) -> None:
+    """Raise `MixedModelDirectory` unless every stamped part (file name -> its version; None:
+    exported before stamps) is model ``version``'s, meta.json's. An export under way or cut
+    short leaves parts of two models: loaded together, one model's vectors would be marked as
+    the other's, or new items embedded in another space than the catalogue they join."""
+    from inference.runtime import MixedModelDirectory
+
+    wrong = {name: v for name, v in parts.items() if v is not None and v != version}
+    if wrong:
+        raise MixedModelDirectory(f"{model_dir} holds parts of different exports: meta.json is model {version}, "
+                                  f"but {wrong}; an export is under way or was cut short (export again)")
 
 
 def index_item_table(
@@ -364,6 +379,11 @@ def load_table(store: VectorStore, table: ItemTable, version: str, all_surfaces:
     # short keeps what is outside its table: items its follower embedded.
     other = next((v for v in (loaded, store.catalogue_loading()) if v not in (None, version)), None)
     if other is not None:
+        # The whole-table mark goes before the first delete, the other model's name kept as the
+        # load in progress: a drop cut short is done again by this model's restart, and a
+        # roll-back to the other model loads its table again instead of passing the remains
+        # for it (its workers stop now, not once the drop is over).
+        store.mark_catalogue(None, loading=other)
         dropped = drop_items_outside(store, table)
         log.info("removed %d items of model %s that model %s's table lacks", dropped, other, version)
     # Cleared first: a load cut short must not leave the previous model's marker over a store
@@ -379,8 +399,9 @@ def drop_items_outside(store: VectorStore, table: ItemTable) -> int:
     table is loaded: their vectors are that model's, in another space, and would be retrieved
     with meaningless scores (and read as history inputs the new model was not exported with).
     The new model's `items` follower, a new consumer group that reads the topic from its start,
-    embeds again those whose records carry features. Run while the marker still names the other
-    model, so a load cut short after it does it again on the next start."""
+    embeds again those whose records carry features. Run while the marker names the other model
+    as the load in progress (`load_table`), so a load cut short after it does it again on the
+    next start."""
     keep = {str(i) for i in table.ids}  # the point id depends on str(item id) only (vector_store.schema)
     stale = [i for i in store.item_ids() if str(i) not in keep]
     step = max(1, store.settings.upsert_batch)
@@ -708,6 +729,7 @@ class OnnxItemEncoder:
         # the CPU the worker's own loop needs, this session running beside it.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.version: str | None = self._session.get_modelmeta().custom_metadata_map.get("version")
         inputs = {i.name: i for i in self._session.get_inputs()}
         if set(inputs) != {"id_bucket", "features"}:
             raise ValueError(f"{path}: expected inputs id_bucket, features; got {sorted(inputs)}")
@@ -779,8 +801,9 @@ def main(argv: list[str]) -> int:
     )
     settings = get_settings()
     model_dir = args.model_dir or settings.inference.model_dir
+    version = model_version(model_dir)  # first: an export replaces meta.json last
     table = ItemTable.load(model_dir)
-    version = model_version(model_dir)
+    check_same_export(model_dir, version, {"items.npz": table.version})
     with open_store(settings, dim=table.embeddings.shape[1]) as store:
         # Loaded is what the marker says, not "the store holds items": a load cut short (a
         # crash, a store error) or an earlier model's table, or items the follower upserted
@@ -810,6 +833,7 @@ def main(argv: list[str]) -> int:
         from recsys.kafka_clients import Stopped
 
         encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads)
+        check_same_export(model_dir, version, {"item_encoder.onnx": encoder.version, "meta.json": model_version(model_dir)})
         try:
             follower = ItemsFollower(store, encoder, settings, model_version=version, stop=stop)
         except Stopped:

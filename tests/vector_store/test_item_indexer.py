@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from recsys.settings import VectorStoreSettings, get_settings
 from vector_store import ItemRecord
 from vector_store.edge import EdgeStore
+from inference.runtime import MixedModelDirectory
 from vector_store.indexer import (
     ITEM_REASONS,
     BadItemMessage,
@@ -29,6 +30,7 @@ from vector_store.indexer import (
     decode_item,
     index_item_table,
     index_items,
+    load_table,
     main,
 )
 
@@ -312,6 +314,48 @@ def test_a_roll_back_after_a_load_cut_short_removes_the_other_model_s_items(tmp_
         get_settings.cache_clear()
 
 
+def test_a_load_cut_short_while_dropping_the_other_model_s_items_is_not_taken_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """v2's load dies after deleting the v1 items its table lacks, before writing anything: the
+    marker named v1 as wholly loaded, so going back to v1 skipped its load and served a
+    catalogue short of those items for good. Now v1 is loaded again, and v2's restart drops
+    them again."""
+    model_dir, shard = tmp_path / "model", VectorStoreSettings(path=tmp_path / "shard")
+    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(shard.path))
+    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
+    get_settings.cache_clear()
+    try:
+        first = _write_model(model_dir, 20, 0, version="v1")
+        assert main([]) == 0
+        second = _write_model(model_dir, 12, 0, version="v2", seed=5)
+
+        def load_dying_after_the_first_delete() -> None:
+            with EdgeStore(shard) as store, pytest.raises(OSError, match="died"):
+                real_delete = store.delete
+
+                def dies_after_deleting(ids: list[str]) -> None:
+                    real_delete(ids)
+                    raise OSError("died")
+                monkeypatch.setattr(store, "delete", dies_after_deleting)
+                load_table(store, ItemTable.load(model_dir), "v2", SURFACES)
+
+        load_dying_after_the_first_delete()
+        with EdgeStore(shard) as store:
+            assert store.catalogue_version() is None and store.count() == 12
+        _write_model(model_dir, 20, 0, version="v1")  # the roll-back
+        assert main([]) == 0
+        with EdgeStore(shard) as store:
+            assert store.catalogue_version() == "v1" and sorted(store.item_ids()) == sorted(first.ids)
+        _write_model(model_dir, 12, 0, version="v2", seed=5)
+        load_dying_after_the_first_delete()  # v2 again, cut short again
+        assert main([]) == 0  # v2's restart
+        with EdgeStore(shard) as store:
+            assert store.catalogue_version() == "v2" and sorted(store.item_ids()) == sorted(second.ids)
+    finally:
+        get_settings.cache_clear()
+
+
 def _tiny_encoder(path: Path, table: np.ndarray, w: np.ndarray) -> None:
     """item_emb = table[id_bucket] + features @ w: the encoder's contract, in four nodes."""
     graph = helper.make_graph(
@@ -416,3 +460,21 @@ def test_model_id_bucket_follows_the_exported_vocabulary(tmp_path: Path) -> None
     del meta["vocab_ids"]  # not inline: read from items.npz
     (tmp_path / "meta.json").write_text(json.dumps({"id_hashing": meta}))
     assert model_id_bucket(tmp_path)(["i1"]).tolist() == [2]
+
+
+def test_recsys_index_refuses_a_table_of_another_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """items.npz from v2's export beside v1's meta.json (an export cut short, or under way):
+    loaded, v2's vectors would be marked as v1's whole catalogue, and never loaded again."""
+    model_dir = tmp_path / "model"
+    table = _write_model(model_dir, 10, 0, version="v1")
+    np.savez(model_dir / "items.npz", ids=np.array(table.ids), embeddings=table.embeddings,
+             popularity=table.popularity, version=np.array("v2"))
+    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(tmp_path / "shard"))
+    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(MixedModelDirectory, match="meta.json is model v1, but {'items.npz': 'v2'}"):
+            main([])
+        assert not (tmp_path / "shard").exists()
+    finally:
+        get_settings.cache_clear()

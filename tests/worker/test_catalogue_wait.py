@@ -110,3 +110,19 @@ def test_a_running_worker_stops_when_another_models_load_starts(kafka_bootstrap:
         thread.join(30)
         worker.close()
         store.close()
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local:UserWarning")
+def test_a_wait_for_a_model_the_model_directory_no_longer_holds_ends(tmp_path: Path) -> None:
+    """The worker loaded v1 and waits for its catalogue; meanwhile v2 was exported where v1 was
+    and indexed. The v1 load would never come: the worker stops, and its restart loads v2."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "meta.json").write_text('{"version": "v2"}')
+    settings = Settings(vector_store={"backend": "server", "url": ":memory:"},
+                        inference={"store_retry_max_s": 0.01, "model_dir": model_dir})
+    with open_store(settings, dim=4) as store:
+        store.mark_catalogue("v2")
+        with pytest.raises(SystemExit, match="now holds model v2, not the loaded v1"):
+            wait_for_catalogue(store, "v1", settings, threading.Event())
+        assert wait_for_catalogue(store, "v2", settings, threading.Event())
