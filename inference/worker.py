@@ -109,8 +109,12 @@ def conditions_for(settings: Settings, surfaces: Sequence[str], actions: Sequenc
         if negative := set(weights) & set(settings.train.negative_actions):
             raise ValueError(f"outcome_weights[{surface!r}] aims at {sorted(negative)}, which users do to reject "
                              "an item (train.negative_actions): give it weight 0")
-        if not weights:  # a surface with no stated goal aims at clicks
-            weights = {actions[0]: 1.0}
+        if not weights:  # a surface with no stated goal aims at clicks, else the first positive action
+            positive = [a for a in actions if a not in settings.train.negative_actions]
+            if not positive:
+                raise ValueError(f"surface {surface!r} has no outcome_weights and the model has no action but "
+                                 f"train.negative_actions ({list(actions)}) to aim at")
+            weights = {"click" if "click" in positive else positive[0]: 1.0}
         total = sum(weights.values())
         out += [Condition(surface, o, w / total) for o, w in weights.items()]
     return out
@@ -611,9 +615,11 @@ class Worker:
             updates = self.poll_batch()
             offsets, self._polled = self._polled, {}
             sent = self.process(updates) if updates else []
-            if inflight is not None:
-                self.settle(*inflight)
-            if sent is None:  # the group moved on while it was computed: another worker's now
+            if inflight is not None and not self.settle(*inflight):
+                # The last batch's records were not all delivered: this batch's offsets, later
+                # ones of the same partitions, must not be committed over them either.
+                sent = None
+            if sent is None:  # the group moved on while it was computed (another worker's now), or a send failed
                 # Offsets still pending may be of partitions owned elsewhere now: committing them
                 # there could move the new owner's position back. Dropped: only redone, never lost.
                 self._pending.clear()
@@ -671,12 +677,21 @@ class Worker:
             return False
         return True
 
-    def settle(self, sent: Sequence[Any], offsets: dict[Any, int]) -> None:
-        """Wait until the broker has every record of a batch (a record it refused raises here,
-        before any commit), then commit that batch's offsets."""
-        for future in sent:
-            future.get()
+    def settle(self, sent: Sequence[Any], offsets: dict[Any, int]) -> bool:
+        """Wait until the broker has every record of a batch, then commit that batch's offsets.
+        False, nothing committed, when a record could not be delivered for a reason that can
+        pass (a broker unreachable past the producer's delivery timeout): the caller re-reads
+        the batch. A record the broker refuses for good raises here, before any commit."""
+        try:
+            for future in sent:
+                future.get()
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            self._kafka_backoff("delivering a batch's candidates (it is read again)", exc)
+            return False
         self.commit(offsets)
+        return True
 
     def commit(self, offsets: dict[Any, int] | None = None) -> None:
         """Commit ``offsets`` (partition -> next offset to read) together with any earlier ones
@@ -772,7 +787,8 @@ class Worker:
     def process(self, updates: Sequence[dict[str, Any]]) -> list[Any] | None:
         """Compute a micro-batch's candidates and send them (not waiting for the broker);
         returns the send futures, to be settled before the batch's offsets are committed, or
-        None, nothing sent, when the group moved on meanwhile (`moved_on`)."""
+        None when the group moved on meanwhile (`moved_on`: nothing sent) or the producer could
+        not take the records (`publish`): the batch is read again."""
         fresh = [u for u in coalesce(updates) if u.get("events")]
         if not fresh:
             return []
@@ -784,8 +800,10 @@ class Worker:
             return None
         return self.publish(fresh, results)
 
-    def publish(self, updates: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]]) -> list[Any]:
-        """Send each user's candidates record (not waiting for the broker); the send futures."""
+    def publish(self, updates: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]]) -> list[Any] | None:
+        """Send each user's candidates record (not waiting for the broker); the send futures, or
+        None when the producer could not take them for a reason that can pass (no metadata for
+        the topic within its max_block_ms: a broker unreachable): the batch is read again."""
         sent = []
         for update, surfaces in zip(updates, results, strict=True):
             try:
@@ -801,6 +819,11 @@ class Worker:
                 # compute fails.
                 self.users_failed += 1
                 log.error("worker: user %r's candidates not sent (%s: %s)", update.get("user_id"), type(exc).__name__, exc)
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise
+                self._kafka_backoff("sending a batch's candidates (it is read again)", exc)
+                return None
         self.users_done += len(sent)
         self.batches_done += 1
         return sent

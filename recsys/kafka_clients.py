@@ -77,6 +77,9 @@ class PendingCommits:
         self.offsets = {tp: o for tp, o in self.offsets.items() if tp in owned}
         self.committed = {}
         if not self.offsets:
+            # Nothing left to commit (what was refused moved to other members): the refusal is
+            # over, and must not count towards the next one's `rejoin_after_s`.
+            self._refused_since = None
             return True
         try:
             consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self.offsets.items()})

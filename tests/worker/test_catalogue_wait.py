@@ -13,6 +13,7 @@ import pytest
 
 from inference.worker import wait_for_catalogue
 from recsys.settings import Settings
+from worker_helpers import create_topics
 from vector_store import ItemRecord, open_store
 
 
@@ -80,6 +81,7 @@ def test_a_running_worker_stops_when_another_models_load_starts(kafka_bootstrap:
                         topics={"user_updates": f"uu-{unique}", "candidates": f"cand-{unique}", "popular": f"pop-{unique}"},
                         inference={"group_id": f"w-{unique}", "catalogue_check_every_s": 0.2, "max_wait_ms": 5},
                         vector_store={"path": tmp_path / "shard"})
+    create_topics(kafka_bootstrap, settings.topics.user_updates)
     runtime = ModelRuntime.load(small_model_dir, "cpu")
     store = open_store(settings, dim=runtime.dim)
     index_item_table(store, ItemTable.load(small_model_dir), settings.events.surfaces)

@@ -29,7 +29,7 @@ from inference.worker import Worker, excluded_items, recent_items
 from recsys.settings import EventSettings, Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
-from worker_helpers import committed_and_end, read_candidates, send_updates, start_loop
+from worker_helpers import committed_and_end, create_topics, read_candidates, send_updates, start_loop
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(300)]
 
@@ -77,6 +77,7 @@ def worker(kafka_bootstrap: str, small_model_dir: Path, tmp_path: Path, unique: 
         inference={"group_id": f"w-{unique}", "candidates_per_surface": LIMIT, "max_wait_ms": 5},
         vector_store={"path": tmp_path / "qdrant"},
     )
+    create_topics(kafka_bootstrap, settings.topics.user_updates)
     runtime = ModelRuntime.load(small_model_dir, "cpu")
     store = open_store(settings, dim=runtime.dim)
     index_item_table(store, ItemTable.load(small_model_dir), settings.events.surfaces)
@@ -270,3 +271,34 @@ def test_candidates_the_broker_refuses_leave_the_batch_uncommitted(worker: Worke
     committed, ends = _serve_two_until_committed(worker, kafka_bootstrap, [None], 60)
     assert committed == ends
     assert set(read_candidates(kafka_bootstrap, good_settings.topics.candidates)) == {"good", "7"}
+
+
+def test_candidates_not_delivered_for_a_passing_reason_are_computed_again_not_the_loop_s_end(
+    worker: Worker, kafka_bootstrap: str
+) -> None:
+    """A broker unreachable past the producer's timeouts fails a send (no metadata within
+    max_block_ms) or a delivery (delivery_timeout_ms): the loop stopped on it with a traceback,
+    dead where no supervisor restarts it. Now the batch is read again and served, and nothing
+    is committed past an undelivered record."""
+    from kafka.errors import KafkaTimeoutError
+    from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+    from kafka.structs import TopicPartition
+
+    real_send, failed = worker.producer.send, []
+
+    def fails_twice(*args: Any, **kwargs: Any) -> Any:
+        if not failed:  # the first record: the delivery fails after send
+            failed.append("delivery")
+            produce = FutureProduceResult(TopicPartition(worker.settings.topics.candidates, 0))
+            produce.failure(KafkaTimeoutError("injected: expired before delivery"))
+            return FutureRecordMetadata(produce, 0, -1, None, -1, -1, -1)
+        if len(failed) == 1:  # the next: the producer cannot take it at all
+            failed.append("send")
+            raise KafkaTimeoutError("injected: no metadata within max_block_ms")
+        return real_send(*args, **kwargs)
+
+    worker.producer.send = fails_twice
+    committed, ends = _serve_two_until_committed(worker, kafka_bootstrap, failed, 90)
+    assert failed == ["delivery", "send"]
+    assert sum(ends.values()) == 2 and committed == ends
+    assert set(read_candidates(kafka_bootstrap, worker.settings.topics.candidates)) == {"good", "7"}

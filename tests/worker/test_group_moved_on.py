@@ -25,7 +25,7 @@ from inference.worker import Worker
 from recsys.settings import Settings
 from vector_store import open_store
 from vector_store.indexer import ItemTable, index_item_table
-from worker_helpers import read_candidates, send_updates, start_loop
+from worker_helpers import create_topics, read_candidates, send_updates, start_loop
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(180)]
 
@@ -59,6 +59,7 @@ def held_worker(kafka_bootstrap: str, small_model_dir: Path, tmp_path: Path, uni
                    "popular_every_s": 3600},
         vector_store={"path": tmp_path / "shard"},
     )
+    create_topics(kafka_bootstrap, settings.topics.user_updates)
     runtime = ModelRuntime.load(small_model_dir, "cpu")
     store = open_store(settings, dim=runtime.dim)
     index_item_table(store, ItemTable.load(small_model_dir), settings.events.surfaces)

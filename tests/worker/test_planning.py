@@ -31,6 +31,16 @@ def test_conditions_follow_surface_weights() -> None:
         conditions_for(Settings(inference=InferenceSettings(outcome_weights={"home": {"hide": 1}})), ["home"], ["click", "hide"])
 
 
+def test_a_surface_without_weights_aims_at_clicks_never_at_a_negative_action() -> None:
+    """With the model's actions ordered hide-first, an unweighted surface aimed at `hide`."""
+    settings = Settings(events={"surfaces": ["feed"], "actions": ["hide", "click", "save"]})
+    assert conditions_for(settings, ["feed"], ["hide", "click", "save"]) == [Condition("feed", "click", 1.0)]
+    settings = Settings(events={"surfaces": ["feed"], "actions": ["hide", "view", "save"]})
+    assert conditions_for(settings, ["feed"], ["hide", "view", "save"]) == [Condition("feed", "view", 1.0)]
+    with pytest.raises(ValueError, match="no action but train.negative_actions"):
+        conditions_for(Settings(events={"surfaces": ["feed"], "actions": ["hide"]}), ["feed"], ["hide"])
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 

@@ -55,3 +55,11 @@ def start_loop(worker: Any) -> tuple[threading.Thread, list[BaseException]]:
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
     return thread, errors
+
+
+def create_topics(bootstrap: str, *names: str) -> None:
+    """Create ``names`` before a worker subscribes: a consumer waits up to 30 s for the partitions
+    of a topic that does not exist yet (recsys.kafka_clients.group_consumer)."""
+    from recsys.topics import ensure_topics
+
+    ensure_topics(bootstrap, dict.fromkeys(names, {}), partitions=2)
