@@ -56,8 +56,8 @@ from streams.delivery import WindowedApp, partition_event, set_current_event
 from streams.errors import InvalidEvent
 from streams.forget import IdleSweep
 from streams.outbox import Outbox
-from streams.schema import decode_event, now_ms
-from streams.sequences import PackedSeq
+from streams.schema import ActionEvent, decode_event, now_ms
+from streams.sequences import Outcome, PackedSeq
 
 __all__ = ["Counters", "create_app", "main"]
 
@@ -145,6 +145,21 @@ def read_state(stored: bytes | None, user_id: Any, counters: Counters) -> Packed
             log.error("streams: the stored state of user %r cannot be read (%s: %s); starting it afresh",
                       user_id, type(exc).__name__, exc)
     return PackedSeq(user_id, 0, [], [], b"")
+
+
+def fold_or_start_afresh(seq: PackedSeq, event: ActionEvent, settings: Settings, counters: Counters) -> tuple[PackedSeq, Outcome]:
+    """`seq.fold(event)`, and the sequence folded into. `PackedSeq.decode` checks a stored value's
+    newest entries only (a whole pass costs a quarter of a decode), so older ones that are not
+    ours fail here: the user starts afresh, as in `read_state`, instead of the window failing
+    at every restart. A fold that fails on a fresh sequence too still raises."""
+    try:
+        return seq, seq.fold(event, settings)
+    except (TypeError, ValueError, IndexError, msgpack.UnpackException) as exc:
+        counters.unreadable += 1
+        log.error("streams: the stored state of user %r cannot be folded into (%s: %s); starting it afresh",
+                  event.user_id, type(exc).__name__, exc)
+        fresh = PackedSeq(event.user_id, 0, [], [], b"")
+        return fresh, fresh.fold(event, settings)
 
 
 def put_value(store: Any, key: bytes, value: bytes, partition: int) -> None:
@@ -277,7 +292,7 @@ def create_app(settings: Settings) -> faust.App:
                             token = set_current_event(pe)
                         seq = read_state(table.data.get(key), event.user_id, counters)
                         p = pending[key] = _Pending(key, seq, events[msg.partition])
-                    outcome = p.seq.fold(event, settings)
+                    p.seq, outcome = fold_or_start_afresh(p.seq, event, settings, counters)
                 except InvalidEvent as exc:
                     if p is not None and event.action in negative:
                         # A hide too late for the sequence is still taken (fold_hidden), and like

@@ -71,10 +71,11 @@ class IdleSweep:
                 continue
             try:
                 value = msgpack.unpackb(raw, raw=False)
-                version, partition = int(value.get("version", 0)), value.get("p", -1)
+                version, partition = value.get("version", 0), value.get("p", -1)
             except (ValueError, TypeError, AttributeError, msgpack.UnpackException):
+                version = partition = None
+            if type(version) is not int or type(partition) is not int:
                 continue  # not a value of ours: left to the user's next fold (which reports it), not a window's failure
-
             if partition in owned_now and CLOCK_VERSIONS_FROM <= version < now_ms - self.idle_ms:
                 del data[key]
                 recovered.pop(key, None)

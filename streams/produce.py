@@ -170,11 +170,15 @@ def produce(
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """One JSON object per non-empty line; a line that is not an object is reported and skipped."""
+    """One JSON object per non-empty line (or a file that is one JSON array of objects); a line
+    or element that is not an object is reported and skipped."""
     # A byte-order mark is not part of line 1. Bytes that are not UTF-8 go on as lone
     # surrogates (the record is then not msgpack-encodable as text and is dead-lettered): a strict
     # decode would abort the replay, losing the valid lines of the chunk before them too.
     with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
+        if _starts_with(f, "["):  # a JSON array of objects (an export's .json), not one per line
+            yield from _json_array(path, f)
+            return
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -187,6 +191,32 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 log.warning("%s:%d: not a JSON object; skipped", path, n)
                 continue
             yield obj
+
+
+class UnreadableFile(ValueError):
+    """A replay file none of whose records can be told apart (`recsys produce` exits 1)."""
+
+
+def _starts_with(f: Any, char: str) -> bool:
+    """Whether the text file's first non-blank character is ``char``; the file is rewound."""
+    head = ""
+    while not head and (chunk := f.read(4096)):
+        head = chunk.lstrip()
+    f.seek(0)
+    return head.startswith(char)
+
+
+def _json_array(path: Path, f: Any) -> Iterator[dict[str, Any]]:
+    try:
+        items = json.load(f, parse_int=_json_int)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        # Unlike a JSONL file, nothing of it can be told apart: refused whole, not "0 events".
+        raise UnreadableFile(f"{path}: a JSON array that cannot be read ({exc})") from None
+    for n, obj in enumerate(items):
+        if isinstance(obj, dict):
+            yield obj
+        else:
+            log.warning("%s: element %d is not a JSON object; skipped", path, n)
 
 
 def _json_int(text: str) -> int | str:
@@ -222,6 +252,9 @@ def read_csv(path: Path) -> Iterator[dict[str, Any]]:
     """Rows of a CSV file with a header; empty cells are left out, numbers become ints."""
     # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which would otherwise
     # rename the first column ("\ufeffuser_id") and dead-letter every row as missing it.
+    # The csv module refuses a cell over 128 KiB, which would abort the replay halfway: such an
+    # event goes on, for the worker to dead-letter as oversized.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # as read_jsonl
         for row in csv.DictReader(f):
             event: dict[str, Any] = {}
@@ -316,15 +349,19 @@ def main(argv: list[str]) -> int:
             args.synthetic, args.users, args.items, args.seed, n_clusters=args.clusters, events=settings.events
         )
         total = args.synthetic
-    n = produce(
-        records,
-        args.bootstrap,
-        args.topic,
-        rate=args.rate,
-        progress=not args.no_progress,
-        total=total,
-        partitions=settings.kafka.partitions,
-        replication_factor=settings.streams.replication_factor,
-    )
+    try:
+        n = produce(
+            records,
+            args.bootstrap,
+            args.topic,
+            rate=args.rate,
+            progress=not args.no_progress,
+            total=total,
+            partitions=settings.kafka.partitions,
+            replication_factor=settings.streams.replication_factor,
+        )
+    except UnreadableFile as exc:
+        print(f"recsys produce: {exc}", file=sys.stderr)
+        return 1
     print(f"produced {n} events to {args.topic}")
     return 0

@@ -249,7 +249,12 @@ class PackedSeq:
                     or (seq.ts and (type(seq.ts[-1]) is not int or type(seq.sizes[-1]) is not int))):
                 raise ValueError("not a sequence value of this release (version, ts, sizes disagree)")
             return seq
-        return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)  # the earlier form
+        # The earlier form: rare, so checked whole.
+        if type(obj["version"]) is not int or not all(
+                len(e) == 4 and type(e[0]) is int and type(e[1]) in (int, str) and type(e[2]) is str and type(e[3]) is str
+                for e in events):
+            raise ValueError("not a sequence value (version or events of the earlier form malformed)")
+        return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)
 
     def encode(self) -> bytes:
         state = {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}

@@ -281,3 +281,24 @@ def test_values_of_another_shape_are_refused_where_the_state_is_read() -> None:
     for bad in ({"ts": 5}, {"version": "7"}, {"sizes": [2, 1]}, {"ts": ["x"]}, {"sizes": ["3"]}):
         with pytest.raises((TypeError, ValueError)):
             PackedSeq.decode(msgpack.packb(good | bad))
+    # The earlier form (events as a list), checked whole: these read fine and failed the fold.
+    earlier = {"user_id": "u", "version": now, "events": [[now, "i", "click", "home"]]}
+    assert PackedSeq.decode(msgpack.packb(earlier)).ts == [now]
+    for bad in ({"version": "x"}, {"version": float("inf")}, {"events": [[None, "i", "click", "home"]]},
+                {"events": [[now, "i", "click"]]}, {"events": [[now, 1.5, "click", "home"]]}):
+        with pytest.raises((TypeError, ValueError)):
+            PackedSeq.decode(msgpack.packb(earlier | bad))
+
+
+def test_an_older_entry_the_fold_trips_over_starts_the_user_afresh() -> None:
+    """`decode` checks a value's newest entries only: an older one that is not ours failed the
+    fold, and the window, at every restart."""
+    from streams.app import Counters, fold_or_start_afresh
+
+    now, settings = 1_800_000_000_000, Settings()
+    stored = PackedSeq.decode(msgpack.packb({"user_id": "u", "version": now, "ts": [None, now], "sizes": [3, 3],
+                                             "events": b"abcdef"}))
+    counters = Counters()
+    seq, outcome = fold_or_start_afresh(stored, ActionEvent("u", "i", "click", "home", now + 1), settings, counters)
+    assert outcome is Outcome.APPLIED and seq.events() == (SeqEvent(now + 1, "i", "click", "home"),)
+    assert counters.unreadable == 1

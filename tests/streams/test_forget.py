@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import faust
+import msgpack
 from faust.types import TP
 
 from recsys.settings import StreamsSettings
@@ -30,12 +31,15 @@ def test_only_owned_users_idle_by_a_clock_version_are_forgotten_a_slice_per_wind
     }
     table |= {f"old{k}".encode(): value(NOW - 10 * IDLE) for k in range(5)}
     table[b"garbage"] = b"\xc1 not msgpack"  # skipped, not the window's failure
+    # nor values not ours in other ways (an unhashable partition, an infinite version)
+    table |= {b"list-p": msgpack.packb({"version": NOW - 10 * IDLE, "p": [0]}),
+              b"inf": msgpack.packb({"version": float("inf"), "p": 0})}
     sweep = IdleSweep(StreamsSettings(forget_idle_ms=IDLE, sweep_every_s=3600, sweep_batch=4))
     forgotten = []
-    for _ in range(3):  # eleven keys, four per window
+    for _ in range(4):  # thirteen keys, four per window
         forgotten += sweep.due(table, lambda: {0}, NOW)
     assert sorted(forgotten) == sorted([(b"idle", 0), *((f"old{k}".encode(), 0) for k in range(5))])
-    assert sorted(table) == [b"active", b"counter", b"elsewhere", b"garbage", b"unplaced"]
+    assert sorted(table) == [b"active", b"counter", b"elsewhere", b"garbage", b"inf", b"list-p", b"unplaced"]
     table[b"late"] = value(NOW - 10 * IDLE)
     assert sweep.due(table, lambda: {0}, NOW) == []  # the next round waits for sweep_every_s
 

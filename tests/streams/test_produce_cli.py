@@ -121,6 +121,31 @@ def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tmp_path: Path) -> 
     assert list(read_csv(data)) == [{"user_id": 7, "item_id": 8, "action": "click", "surface": "home", "ts": TS}]
 
 
+def test_a_csv_cell_over_the_csv_module_s_limit_goes_on_for_the_dlq(tmp_path: Path) -> None:
+    """The csv module refuses a cell over 128 KiB: the replay stopped there, every row after it
+    unsent. The row goes on (the worker dead-letters it as oversized)."""
+    data = tmp_path / "events.csv"
+    big = "q" * 200_000
+    data.write_text(f"user_id,item_id,action,surface,ts,query\n1,8,click,home,{TS},a\n2,8,click,search,{TS},{big}\n"
+                    f"3,8,click,home,{TS},b\n")
+    rows = list(read_csv(data))
+    assert [r["user_id"] for r in rows] == [1, 2, 3] and rows[1]["query"] == big
+
+
+def test_a_json_array_file_is_read_as_its_objects(tmp_path: Path) -> None:
+    """A `.json` export (one array, on one line or pretty-printed) was read line by line: every
+    line skipped, "produced 0 events", exit 0."""
+    events = [{"user_id": 1, "item_id": 8, "action": "click", "surface": "home", "ts": TS},
+              {"user_id": 2, "item_id": 9, "action": "save", "surface": "home", "ts": TS}]
+    for text in (json.dumps(events), "\n" + json.dumps([*events, 5], indent=2)):
+        data = tmp_path / "events.json"
+        data.write_text(text)
+        assert list(read_jsonl(data)) == events  # the non-object element skipped
+    data.write_text('[{"user_id": 1}, ')
+    with pytest.raises(ValueError, match="a JSON array that cannot be read"):
+        list(read_jsonl(data))
+
+
 def test_bytes_that_are_not_utf8_go_to_the_dlq_and_the_replay_goes_on(tmp_path: Path) -> None:
     """A strict decode raised on the bad byte and lost the valid lines of its 8 KB chunk before it."""
     line = '{"user_id": %d, "item_id": "%s", "action": "click", "surface": "home", "ts": %d}\n'
