@@ -542,6 +542,8 @@ def run_event_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
 def _run_worker(settings_json: str, started: Any) -> None:
     """Entry point of one process of `--workers N` (spawned: grpc must not be forked).
     ``started`` is set once SIGTERM stops this process cleanly (its handlers are in)."""
+    # Inherited blocked and ignored (`_supervise`): ignored until serve() handles it.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
     run_event_loop(serve(settings, ready=lambda port: started.set()), settings)
@@ -559,10 +561,19 @@ def _supervise(settings: Settings) -> int:
     procs = [ctx.Process(target=_run_worker, args=(blob, ev), name=f"serve-{i}") for i, ev in enumerate(started)]
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal sends SIGINT to the children too
+    # The children inherit SIGINT ignored (and blocked: `_run_worker`) until their own handlers
+    # are in: the terminal's Ctrl-C reaches them too, and one still importing would die of it.
+    # Here it stops them all, as SIGTERM does; one that arrives while they are spawned stays
+    # pending (a blocked signal is never discarded) until the handler is in.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"recsys serve: starting {len(procs)} server processes on port {settings.serving.port}", flush=True)
-    for proc in procs:
-        proc.start()
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     told: set[int] = set()
     crashed = False
     while any(proc.is_alive() for proc in procs):

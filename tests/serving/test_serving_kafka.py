@@ -502,18 +502,20 @@ def test_recsys_serve_workers_stops_when_one_process_dies(
         assert output.count("shutting down: NOT_SERVING") == 1, output
 
 
-def test_recsys_serve_workers_sigterm_while_starting_exits_cleanly(
-    kafka_bootstrap: str, unique: str, model_dir: Path
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_recsys_serve_workers_stopped_while_starting_exits_cleanly(
+    kafka_bootstrap: str, unique: str, model_dir: Path, sig: signal.Signals
 ) -> None:
     """A SIGTERM to `recsys serve --workers 2` before its processes have started (CI caught one
-    still importing: it died of the forwarded signal, exit 15) stops every one cleanly."""
+    still importing: it died of the forwarded signal, exit 15) stops every one cleanly; so does
+    a SIGINT (a Ctrl-C then was ignored by every process, and they went on serving)."""
     topic = f"candidates-early-{unique}"
     create_topic(kafka_bootstrap, topic)
     with serve_process(free_port(), "--workers", "2", **kafka_env(kafka_bootstrap, topic, model_dir)) as proc:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # the supervisor's handlers are in; its processes just spawned
         assert "starting 2 server processes" in first, first
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=60)
         output = first + output
         assert proc.returncode == 0, output
