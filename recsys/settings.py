@@ -317,7 +317,7 @@ class ServingSettings(Section):
     workers: int = 1  # server processes sharing the port (SO_REUSEPORT); ~3k q/s per process
     uvloop: bool = True  # run the event loop on uvloop when installed (~15% less CPU per call)
     follow: bool = True  # read the `candidates` topic (False: serve a snapshot / fallback only)
-    snapshot_path: Path | None = None  # load the store at start, save it at shutdown (1 worker; once caught up with the topics)
+    snapshot_path: Path | None = None  # load the store at start and follow `candidates` from where it was read to; save it at shutdown (1 worker; once caught up with the topics)
     poll_ms: int = 100  # how long one fetch of `candidates` waits for records
     poll_max_records: int = 500  # records applied per fetch (bounds time away from requests)
     apply_yield_every: int = Field(32, gt=0)  # records applied between two turns of the event loop's RPCs

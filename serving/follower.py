@@ -3,6 +3,8 @@
 Every server process reads ALL partitions from the beginning (no consumer group, so the
 consumer assigns itself every partition, new ones included; no committed offsets): the compacted topic holds the latest record of every user, so a restarted or new
 replica recovers everyone's candidates by reading it whole, then keeps up with new records.
+A server restarted from its snapshot goes on from the offsets the snapshot's records were read
+up to (`SnapshotInfo.positions`) and reads only what came since.
 `caught_up` is set once every partition has been read up to the end offset it had at start;
 the server reports SERVING on gRPC health only then, so a load balancer never sends traffic to
 a replica that would answer with fallbacks for users it has not read yet.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import msgpack
@@ -26,7 +29,7 @@ from recsys.settings import Settings
 from recsys.topics import POPULAR_KEY
 from serving.eligibility import Eligibility
 from serving.fallback import PopularityFallback
-from serving.store import CandidateStore
+from serving.store import CandidateStore, SnapshotInfo
 from vector_store.indexer import BadItemMessage, decode_item  # the indexer's rules, not a copy of them
 
 __all__ = ["CandidatesFollower", "EligibilityFollower", "PopularFollower", "decode_value"]
@@ -47,12 +50,20 @@ def decode_value(raw: bytes) -> Any:
 class CandidatesFollower:
     """Reads the whole `candidates` topic, then follows it; `caught_up` marks the first."""
 
-    def __init__(self, settings: Settings, store: CandidateStore, *, topic: str | None = None) -> None:
+    def __init__(self, settings: Settings, store: CandidateStore, *, topic: str | None = None,
+                 start: SnapshotInfo | None = None) -> None:
         self.settings = settings
         self.store = store
         self.topic = topic or settings.topics.candidates
+        # A loaded snapshot's header: its records were read up to these positions, from which
+        # the follower goes on (a warm start) when they fit the topic.
+        self.resume_from = start if start is not None and start.topic == self.topic else None
         self.caught_up = asyncio.Event()
         self.records = 0  # records read (all kinds)
+        self.positions: dict[int, int] = {}  # partition -> next offset, of the records applied
+        # Wall clock (ms) of the last fetch since the follower read the topic to its end: the
+        # snapshot's freshness (`SnapshotInfo`); None until then (a topic that does not exist).
+        self.fresh_at_ms: int | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -141,13 +152,21 @@ class CandidatesFollower:
             if not self.caught_up.is_set():
                 try:
                     if pending is None and (assigned := consumer.assignment()):
-                        pending = await consumer.end_offsets(list(assigned))
+                        ends = await consumer.end_offsets(list(assigned))
+                        if self.resume_from is not None:
+                            await self._resume(consumer, ends)
+                        pending = ends
                         log.info("follower of %s: catching up to %s", self.topic, pending)
+                    elif pending is None and self.resume_from is not None:
+                        # No fetch before the seek: it would read the partitions from their start.
+                        await asyncio.sleep(cfg.poll_ms / 1000)
+                        continue
                     if pending is not None:
                         for tp in [tp for tp, end in pending.items() if await consumer.position(tp) >= end]:
                             del pending[tp]
                         if not pending:
                             log.info("follower of %s: caught up (%d records)", self.topic, self.records)
+                            self.fresh_at_ms = int(time.time() * 1000)
                             self.caught_up.set()
                 except KafkaError as exc:
                     log.warning("candidates follower: metadata failed (%s); retrying", exc)
@@ -157,9 +176,12 @@ class CandidatesFollower:
                 log.warning("candidates follower: fetch failed (%s); retrying", exc)
                 await asyncio.sleep(cfg.metadata_retry_s)
                 continue
+            if self.fresh_at_ms is not None:
+                self.fresh_at_ms = int(time.time() * 1000)
             applied = 0
             for records in batches.values():
                 for record in records:
+                    self.positions[record.partition] = record.offset + 1
                     applied += 1
                     if applied % cfg.apply_yield_every == 0:
                         # Decoding a full fetch takes tens of ms: let the RPCs waiting meanwhile run.
@@ -173,6 +195,27 @@ class CandidatesFollower:
                         self.store.malformed += 1
                         log.exception("candidates follower: record %s:%d:%d skipped",
                                       record.topic, record.partition, record.offset)
+
+    async def _resume(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
+        """Seek each partition to where the loaded snapshot's records were read up to. A
+        position past a partition's end means a topic recreated since: the snapshot's users are
+        not this topic's, and the topic is read whole instead."""
+        assert self.resume_from is not None
+        positions, self.resume_from = self.resume_from.positions, None
+        if any(positions.get(tp.partition, 0) > end for tp, end in ends.items()):
+            log.warning("follower of %s: the snapshot was read past the topic's end (%s vs %s): a recreated topic; "
+                        "its users dropped, the topic read whole", self.topic, positions,
+                        {tp.partition: end for tp, end in ends.items()})
+            self.store.clear()
+            await consumer.seek_to_beginning(*ends)
+            return
+        for tp in ends:
+            # Not behind what was fetched already; a position before the log's start (records
+            # deleted) is moved there by the consumer's reset.
+            if (offset := positions.get(tp.partition)) is not None and offset > await consumer.position(tp):
+                consumer.seek(tp, offset)
+                self.positions[tp.partition] = offset
+        log.info("follower of %s: going on from the snapshot's positions %s", self.topic, positions)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         self.records += 1

@@ -64,7 +64,7 @@ from serving._proto import candidates_pb2 as pb
 from serving._proto import candidates_pb2_grpc as pb_grpc
 from serving.eligibility import Eligibility
 from serving.fallback import PopularityFallback
-from serving.store import CandidateStore, SurfaceList, UserCandidates
+from serving.store import CandidateStore, MalformedCandidates, SnapshotInfo, SurfaceList, UserCandidates
 
 __all__ = [
     "CandidatesServicer",
@@ -402,6 +402,27 @@ async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> 
         await servicer.set(name, status)
 
 
+def load_snapshot(settings: Settings, store: CandidateStore) -> SnapshotInfo | None:
+    """Load `serving.snapshot_path` into the store; its header, from whose positions the
+    candidates follower goes on (None: nothing loaded). The age bound guards against deletions
+    compacted away on a topic the server follows; one that only serves its snapshot (follow
+    off) misses nothing by its age. A damaged file is read past by a server that follows the
+    topic (it reads the topic whole) and refused by one that serves the snapshot alone."""
+    cfg = settings.serving
+    if cfg.snapshot_path is None:
+        return None
+    try:
+        loaded, info = store.load(cfg.snapshot_path, max_age_ms=settings.kafka.tombstone_retention_ms if cfg.follow else None)
+    except MalformedCandidates as exc:
+        if not cfg.follow:
+            raise
+        store.clear()
+        log.warning("%s; not loaded, the topic is read whole", exc)
+        return None
+    log.info("loaded %d users from snapshot %s", loaded, cfg.snapshot_path)
+    return info
+
+
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None) -> None:
     """Run one server process until SIGTERM/SIGINT (or cancellation); `ready(port)` once bound
     (with serving.workers > 1: once running, as it binds only after catch-up). Raises, after
@@ -411,11 +432,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     cfg = settings.serving
     server_credentials(settings)  # a TLS mistake fails now, not after the catch-up (workers > 1)
     store = CandidateStore(cfg.max_users, max_items=cfg.max_limit)
-    if cfg.snapshot_path is not None:
-        # The age bound guards against deletions compacted away on a topic a server follows;
-        # one that only serves its snapshot (follow off) misses nothing by its age.
-        loaded = store.load(cfg.snapshot_path, max_age_ms=settings.kafka.tombstone_retention_ms if cfg.follow else None)
-        log.info("loaded %d users from snapshot %s", loaded, cfg.snapshot_path)
+    snapshot = load_snapshot(settings, store)
     fallback = PopularityFallback(settings.inference.model_dir, settings.events.surfaces, cfg.fallback_size)
     health_servicer = health.aio.HealthServicer()
     await _set_health(health_servicer, serving=False)
@@ -430,7 +447,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                                      ready=caught_up)
         await server.start()
 
-    followers = [CandidatesFollower(settings, store), PopularFollower(settings, fallback)] if cfg.follow else []
+    candidates = CandidatesFollower(settings, store, start=snapshot)
+    followers = [candidates, PopularFollower(settings, fallback)] if cfg.follow else []
     if cfg.follow and cfg.follow_items:
         followers.append(EligibilityFollower(settings, eligibility))
 
@@ -508,7 +526,11 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         for follower in followers:
             await follower.stop()
         if cfg.snapshot_path is not None and frozen and followers:
-            log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path), cfg.snapshot_path)
+            # Fresh as of the last fetch from the topic; one that did not exist leaves the
+            # records as fresh as the snapshot they came from (or of unknown age: not reloaded).
+            info = SnapshotInfo(candidates.topic, dict(candidates.positions),
+                                candidates.fresh_at_ms or (snapshot.fresh_at_ms if snapshot is not None else None))
+            log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path, info), cfg.snapshot_path)
         elif cfg.snapshot_path is not None:
             # Saving would date the loaded snapshot's contents now (its age is the file's time):
             # a server restarted again and again while the topic is out of reach, or one that
@@ -542,7 +564,9 @@ def run_event_loop(main: Coroutine[Any, Any, None], settings: Settings) -> None:
 def _run_worker(settings_json: str, started: Any) -> None:
     """Entry point of one process of `--workers N` (spawned: grpc must not be forked).
     ``started`` is set once SIGTERM stops this process cleanly (its handlers are in)."""
-    # Inherited blocked and ignored (`_supervise`): ignored until serve() handles it.
+    # Inherited blocked (`_supervise`), so a Ctrl-C while this process imported is pending: it
+    # is the supervisor's to act on (it stops every process), dropped here; serve() takes the next.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(message)s")
     settings = Settings.model_validate_json(settings_json)
@@ -560,19 +584,16 @@ def _supervise(settings: Settings) -> int:
     started = [ctx.Event() for _ in range(settings.serving.workers)]
     procs = [ctx.Process(target=_run_worker, args=(blob, ev), name=f"serve-{i}") for i, ev in enumerate(started)]
     stopping = threading.Event()
+    # SIGINT (a Ctrl-C) stops them all, as SIGTERM does. The terminal sends it to the children
+    # too: they inherit it blocked (`_run_worker`), so one still importing does not die of it.
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
-    # The children inherit SIGINT ignored (and blocked: `_run_worker`) until their own handlers
-    # are in: the terminal's Ctrl-C reaches them too, and one still importing would die of it.
-    # Here it stops them all, as SIGTERM does; one that arrives while they are spawned stays
-    # pending (a blocked signal is never discarded) until the handler is in.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     print(f"recsys serve: starting {len(procs)} server processes on port {settings.serving.port}", flush=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         for proc in procs:
             proc.start()
     finally:
-        signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     told: set[int] = set()
     crashed = False

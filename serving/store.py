@@ -18,7 +18,10 @@ handlers read it. Three rules:
   filtered copy of a list that holds an item withdrawn since (serving/eligibility.py); measured
   by `python -m benchmarks.serving_memory`.
 - **Optional snapshot.** `save()` / `load()` write the records in the topic's own wire format
-  (msgpack), so a restart can answer at once while the topic is re-read behind it.
+  (msgpack) after a header (`SnapshotInfo`): the topic's offsets the records were read up to,
+  from which a restarted server's follower goes on (a warm start: it catches up on what came
+  since, not on the whole topic), and when the server was last reading the topic, which bounds
+  the deletions it could have missed.
 
 Wire format of a record (the `candidates` contract in the team brief):
     {"user_id", "model_version": str, "source_event_ts": ms, "generated_at": ms,
@@ -28,6 +31,7 @@ Wire format of a record (the `candidates` contract in the team brief):
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from array import array
@@ -43,7 +47,39 @@ from recsys.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CandidateStore", "MalformedCandidates", "SurfaceList", "UserCandidates", "parse_candidates"]
+_MAP_STARTS = {bytes([b]) for b in (*range(0x80, 0x90), 0xDE, 0xDF)}  # a msgpack map's first byte: a header
+
+__all__ = ["CandidateStore", "MalformedCandidates", "SnapshotInfo", "SurfaceList", "UserCandidates", "parse_candidates"]
+
+SNAPSHOT_FORMAT = 2  # 1: the records' array alone (no header), read as before
+
+
+@dataclass
+class SnapshotInfo:
+    """The header of a snapshot: where its records were read from, and how fresh they are."""
+
+    topic: str | None = None  # the `candidates` topic the records were read from
+    positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset: read up to here
+    # The last time the server was reading the topic (wall clock, ms): deletions since may be
+    # missing, and compaction drops their tombstones after `kafka.tombstone_retention_ms`.
+    # None: never read from a topic (only loaded from an earlier snapshot, or a topic that did
+    # not exist): its age is unknown.
+    fresh_at_ms: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"format": SNAPSHOT_FORMAT, "topic": self.topic, "positions": self.positions, "fresh_at_ms": self.fresh_at_ms}
+
+    @classmethod
+    def from_wire(cls, value: Any) -> SnapshotInfo:
+        try:
+            if value["format"] != SNAPSHOT_FORMAT:
+                raise MalformedCandidates(f"snapshot format {value['format']!r}, not {SNAPSHOT_FORMAT}")
+            positions = {int(p): int(o) for p, o in value["positions"].items()}
+            fresh = value["fresh_at_ms"]
+            topic = value["topic"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MalformedCandidates(f"snapshot header malformed ({exc!r})") from None
+        return cls(topic if isinstance(topic, str) else None, positions, fresh if type(fresh) is int else None)
 
 
 class MalformedCandidates(ValueError):
@@ -202,34 +238,49 @@ class CandidateStore:
         """A tombstone (null value) on the compacted topic: forget the user."""
         self._users.pop(user_id, None)
 
-    def save(self, path: Path) -> int:
-        """Write every record (oldest use first) to path atomically; returns how many. One
-        msgpack array, packed record by record: building the whole list first took ~28 KB of
-        Python objects per user (gigabytes at max_users) on the way out of a SIGTERM."""
+    def clear(self) -> None:
+        """Forget every user (a snapshot that turned out not to belong to the topic)."""
+        self._users.clear()
+
+    def save(self, path: Path, info: SnapshotInfo | None = None) -> int:
+        """Write ``info`` and every record (oldest use first) to path atomically; returns how
+        many. The records are one msgpack array, packed record by record: building the whole
+        list first took ~28 KB of Python objects per user (gigabytes at max_users) on the way
+        out of a SIGTERM."""
         packer = msgpack.Packer(use_bin_type=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:  # a crash mid-write leaves the previous snapshot whole
+            f.write(packer.pack((info or SnapshotInfo()).to_wire()))
             f.write(packer.pack_array_header(len(self._users)))
             for record in self._users.values():
                 f.write(packer.pack(record.to_wire()))
         return len(self._users)
 
-    def load(self, path: Path, max_age_ms: int | None = None) -> int:
+    def load(self, path: Path, max_age_ms: int | None = None) -> tuple[int, SnapshotInfo | None]:
         """Apply a snapshot written by save() (newest-wins, like topic records), record by
-        record as it is read; returns applied. A snapshot older than ``max_age_ms`` (the
-        topic's tombstone retention) is not loaded: the tombstones of users deleted since it was
-        written may be compacted away, and its records would bring those users back for good."""
+        record as it is read; returns (records applied, its header; None when not loaded). A
+        snapshot whose records are older than ``max_age_ms`` (the topic's tombstone retention)
+        is not loaded: the tombstones of users deleted since may be compacted away, and its
+        records would bring those users back for good. A file that cannot be read whole raises
+        MalformedCandidates, the records read before left applied (the caller decides)."""
         if not path.exists():
-            return 0
-        age_ms = (time.time() - path.stat().st_mtime) * 1000
-        if max_age_ms is not None and age_ms > max_age_ms:
-            log.warning("snapshot %s is %.1f h old, older than the topic keeps deletions (%.1f h): not loaded, "
-                        "the topic is read whole", path, age_ms / 3.6e6, max_age_ms / 3.6e6)
-            return 0
+            return 0, None
         with path.open("rb") as f:
             unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False)
             try:
+                if f.read(1)[:1] in _MAP_STARTS:
+                    f.seek(0)
+                    info = SnapshotInfo.from_wire(unpacker.unpack())
+                    fresh_ms = info.fresh_at_ms
+                else:  # format 1, the records alone: as fresh as the file's time
+                    f.seek(0)
+                    info, fresh_ms = SnapshotInfo(), int(path.stat().st_mtime * 1000)
+                age_ms = math.inf if fresh_ms is None else time.time() * 1000 - fresh_ms
+                if max_age_ms is not None and age_ms > max_age_ms:
+                    log.warning("snapshot %s was last fresh %.1f h ago, longer than the topic keeps deletions (%.1f h): "
+                                "not loaded, the topic is read whole", path, age_ms / 3.6e6, max_age_ms / 3.6e6)
+                    return 0, None
                 n = unpacker.read_array_header()
-            except (ValueError, msgpack.UnpackException) as exc:
-                raise MalformedCandidates(f"snapshot {path} is not a list of records") from exc
-            return sum(self.apply(unpacker.unpack()) for _ in range(n))
+                return sum(self.apply(unpacker.unpack()) for _ in range(n)), info
+            except (ValueError, msgpack.UnpackException) as exc:  # OutOfData, ExtraData, FormatError are ValueErrors
+                raise MalformedCandidates(f"snapshot {path} cannot be read ({type(exc).__name__}: {exc})") from exc

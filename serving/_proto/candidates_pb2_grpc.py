@@ -54,7 +54,8 @@ class CandidatesServicer:
     def GetCandidates(self, request, context):
         """One user's candidates on one surface. INVALID_ARGUMENT for an empty or oversized user_id,
         an unknown surface, or a limit outside [0, max_limit]. Unknown users get the surface's
-        popularity list with is_fallback = true.
+        popularity list with is_fallback = true. UNAVAILABLE (retry) while the server catches up
+        with its topics after a start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from serving.eligibility import Eligibility
 from serving.server import encode_candidates
-from serving.store import CandidateStore, MalformedCandidates, SurfaceList, UserCandidates, parse_candidates
+from serving.store import CandidateStore, MalformedCandidates, SnapshotInfo, SurfaceList, UserCandidates, parse_candidates
 
 Make = Callable[..., dict[str, Any]]
 
@@ -141,22 +142,29 @@ def test_snapshot_round_trip_and_newest_wins_on_load(tmp_path: Path, make_candid
     for k in range(10):
         store.apply(make_candidates(f"u{k}", source_event_ts=k + 1))
     path = tmp_path / "snap" / "candidates.msgpack"
-    assert store.save(path) == 10
+    info = SnapshotInfo("candidates", {0: 7, 1: 3}, 1_800_000_000_000)
+    assert store.save(path, info) == 10
 
     restored = CandidateStore(100)
     restored.apply(make_candidates("u3", source_event_ts=1_000, model_version="newer"))
-    assert restored.load(path) == 9  # u3 in the snapshot is older than what is there
+    assert restored.load(path) == (9, info)  # u3 in the snapshot is older than what is there
     assert len(restored) == 10
     assert restored.get("u5") == store.get("u5")
     u3 = restored.get("u3")
     assert u3 is not None and u3.model_version == "newer"
-    assert CandidateStore(1).load(tmp_path / "missing") == 0
-    # The file is one msgpack array of the records, written and read record by record.
-    records = msgpack.unpackb(path.read_bytes(), raw=False)
+    assert CandidateStore(1).load(tmp_path / "missing") == (0, None)
+    # The file is the header, then one msgpack array of the records, written and read record by record.
+    header, records = msgpack.Unpacker(io.BytesIO(path.read_bytes()), raw=False, strict_map_key=False)
+    assert header["positions"] == {0: 7, 1: 3}
     assert [r["user_id"] for r in records] == [f"u{k}" for k in range(10)]
-    (tmp_path / "not-a-list").write_bytes(msgpack.packb({"user_id": "u"}))
-    with pytest.raises(MalformedCandidates, match="not a list"):
-        CandidateStore(1).load(tmp_path / "not-a-list")
+    # A snapshot of the first format (the array alone) is read as before, as fresh as its file.
+    (tmp_path / "format-1").write_bytes(msgpack.packb(records))
+    assert CandidateStore(100).load(tmp_path / "format-1", max_age_ms=60_000) == (10, SnapshotInfo())
+    for name, damaged in (("truncated", path.read_bytes()[:-20]), ("empty", b""), ("not-records", msgpack.packb(7)),
+                          ("bad-header", msgpack.packb({"format": 2}) + msgpack.packb([]))):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(MalformedCandidates, match="cannot be read"):
+            CandidateStore(100).load(tmp_path / name)
 
 
 def test_a_snapshot_older_than_the_topics_tombstones_is_not_loaded(tmp_path: Path, make_candidates: Make) -> None:
@@ -168,13 +176,24 @@ def test_a_snapshot_older_than_the_topics_tombstones_is_not_loaded(tmp_path: Pat
     store = CandidateStore(10)
     store.apply(make_candidates("deleted-since", source_event_ts=1))
     path = tmp_path / "candidates.msgpack"
-    store.save(path)
     day_ms = 24 * 3600 * 1000
-    assert CandidateStore(10).load(path, max_age_ms=day_ms) == 1  # fresh: loaded
+    now_ms = int(time.time() * 1000)
+    store.save(path, SnapshotInfo("candidates", {}, now_ms - 3_600_000))
+    assert CandidateStore(10).load(path, max_age_ms=day_ms)[0] == 1  # fresh: loaded
+    # Its age is when the server last read the topic, not the file's time: a server cut off
+    # from the broker for two days, then stopped, writes a new file of two-day-old contents.
+    store.save(path, SnapshotInfo("candidates", {}, now_ms - 2 * day_ms))
+    stale = CandidateStore(10)
+    assert stale.load(path, max_age_ms=day_ms) == (0, None) and stale.get("deleted-since") is None
+    # Never read from a topic: its age is unknown, so not loaded where deletions matter.
+    store.save(path, SnapshotInfo("candidates", {}, None))
+    assert CandidateStore(10).load(path, max_age_ms=day_ms) == (0, None)
+    assert CandidateStore(10).load(path)[0] == 1  # a server that serves the snapshot alone
+    # The first format's age is its file's time.
+    path.write_bytes(msgpack.packb([make_candidates("deleted-since", source_event_ts=1)]))
     two_days_ago = time.time() - 2 * 24 * 3600
     os.utime(path, (two_days_ago, two_days_ago))
-    stale = CandidateStore(10)
-    assert stale.load(path, max_age_ms=day_ms) == 0 and stale.get("deleted-since") is None
+    assert CandidateStore(10).load(path, max_age_ms=day_ms) == (0, None)
 
 
 def test_max_users_must_be_positive() -> None:

@@ -321,8 +321,9 @@ def test_a_server_started_before_its_broker_waits_for_it_and_then_serves(
 def test_a_server_stopped_before_it_caught_up_leaves_its_snapshot_as_it_was(
     tmp_path: Path, unique: str, settings: Settings, make_candidates: Make
 ) -> None:
-    """The snapshot's age is its file's time: saved by a server that never reached the topic,
-    old contents would pass the tombstone-retention check as new at the next start."""
+    """A server that never reached the topic leaves its snapshot as it was: saved, its old
+    contents would be dated now. (Its age is in its header: it is not loaded where deletions
+    matter, written before headers it is its file's time, as here.)"""
     from serving.store import CandidateStore
 
     snapshot = tmp_path / "snap.msgpack"
@@ -352,6 +353,70 @@ def test_a_server_stopped_before_it_caught_up_leaves_its_snapshot_as_it_was(
 
     asyncio.run(snapshot_only())
     assert snapshot.stat().st_mtime == 1_000_000
+
+
+def test_a_snapshot_is_a_warm_start_from_its_positions_and_dropped_for_a_recreated_topic(
+    kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A server restarted from its snapshot reads only the records written since (it re-read the
+    whole topic, the snapshot adding nothing but the risk of deleted users), deletions since
+    included; a topic recreated since does not get the snapshot's users; a damaged snapshot is
+    read past."""
+    import logging
+
+    topic = f"candidates-{unique}"
+    create_topic(kafka_bootstrap, topic)
+    snapshot = tmp_path / "snap.msgpack"
+    cfg = _settings(settings, kafka_bootstrap, topic, snapshot_path=snapshot)
+    users = [f"user-{k}" for k in range(30)]
+
+    async def restarted() -> tuple[RunningServe, int]:
+        caplog.clear()
+        server = RunningServe(cfg)
+        port = await server.port()
+        await wait_serving(port)
+        return server, port
+
+    def caught_up_records() -> int:
+        (line,) = [r.getMessage() for r in caplog.records if f"follower of {topic}: caught up" in r.getMessage()]
+        return int(line.rsplit("(", 1)[1].split()[0])
+
+    async def scenario() -> None:
+        await produce(kafka_bootstrap, topic, [(u, make_candidates(u, source_event_ts=T0)) for u in users])
+        server, _ = await restarted()
+        assert caught_up_records() == 30
+        await server.stop()  # saves the snapshot, with the positions read up to
+        await produce(kafka_bootstrap, topic, [("later", make_candidates("later", source_event_ts=T0)), ("user-1", None),
+                                               ("user-2", make_candidates("user-2", source_event_ts=T0 + 1, tag="new"))])
+        server, port = await restarted()
+        assert caught_up_records() == 3  # the records written since, not the whole topic again
+        answers = await get_all(port, ["user-0", "user-1", "user-2", "later"])
+        assert not answers["user-0"].is_fallback and not answers["later"].is_fallback
+        assert answers["user-1"].is_fallback  # deleted since the snapshot
+        assert answers["user-2"].candidates[0].item_id == "homenew-user-2-0"
+        await server.stop()
+
+        # A snapshot read further than the topic goes (the topic deleted and created again
+        # since): its users are not this topic's.
+        from serving.store import CandidateStore, SnapshotInfo
+
+        elsewhere = CandidateStore(10)
+        elsewhere.apply(make_candidates("elsewhere", source_event_ts=T0))
+        elsewhere.save(snapshot, SnapshotInfo(topic, {0: 10_000, 1: 10_000}, int(time.time() * 1000)))
+        server, port = await restarted()
+        assert caught_up_records() == 33
+        answers = await get_all(port, ["elsewhere", "user-0"])
+        assert answers["elsewhere"].is_fallback and not answers["user-0"].is_fallback
+        await server.stop()
+
+        snapshot.write_bytes(snapshot.read_bytes()[:-10])  # damaged: read past, the topic read whole
+        server, port = await restarted()
+        assert caught_up_records() == 33 and not (await get(port, "user-0")).is_fallback
+        await server.stop()
+
+    with caplog.at_level(logging.INFO, logger="serving"):
+        asyncio.run(scenario())
 
 
 def test_a_follower_that_ends_stops_its_server_with_the_error(unique: str, settings: Settings) -> None:
