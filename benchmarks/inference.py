@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.results_io import RESULTS_DIR, reusable_model, write_result
+from benchmarks.results_io import RESULTS_DIR, py_spy, reusable_model, write_result
 from recsys.settings import Settings, VectorStoreSettings
 
 # -- defaults (each is a flag) ------------------------------------------------------------------
@@ -213,7 +213,7 @@ def _profile(out: Path, fn: Callable[[], int]) -> None:
     import threading
 
     stop = threading.Event()
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(os.getpid()), "--output", str(out),
+    spy = subprocess.Popen([py_spy(), "record", "--pid", str(os.getpid()), "--output", str(out),
                             "--duration", "20", "--rate", "200", "--nonblocking"])
 
     def loop() -> None:

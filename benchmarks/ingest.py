@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.results_io import RESULTS_DIR, write_result
+from benchmarks.results_io import RESULTS_DIR, py_spy, write_result
 from recsys.kafka_broker import LocalBroker, free_port
 from recsys.settings import KafkaSettings, Settings
 from streams.app import read_counters
@@ -308,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
-                py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                spy = py_spy()
                 raw = args.profile.resolve() / "faust.txt"
-                result = worker_run([py_spy, "record", "--rate", "250", "--format", "raw", "--nonblocking", "--gil",
+                result = worker_run([spy, "record", "--rate", "250", "--format", "raw", "--nonblocking", "--gil",
                                      "-o", str(raw), "--"])
                 print(f"profiled run: {result['events_per_s']:.0f} events/s (slowed by sampling)", flush=True)
                 print(summarise_profile(raw, args.profile / "top.txt"), flush=True)

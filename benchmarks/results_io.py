@@ -19,7 +19,7 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-__all__ = ["RESULTS_DIR", "cpu_snapshot", "cpu_window", "git_commit", "write_result"]
+__all__ = ["RESULTS_DIR", "cpu_snapshot", "cpu_window", "git_commit", "py_spy", "write_result"]
 
 
 def git_commit() -> str:
@@ -34,6 +34,24 @@ def git_commit() -> str:
         return out + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def py_spy() -> str:
+    """The py-spy executable of the dev extra. Installed by scripts/bootstrap.sh into the shared
+    base environment, so neither PATH nor the clone's .venv/bin has it: found from its package."""
+    import importlib.metadata
+    import shutil
+
+    try:
+        files = importlib.metadata.distribution("py-spy").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == "py-spy" and (path := Path(str(f.locate())).resolve()).exists():
+            return str(path)
+    if found := shutil.which("py-spy"):
+        return found
+    raise SystemExit("py-spy not found: install the dev extra (scripts/bootstrap.sh does)")
 
 
 def cpu_snapshot() -> list[int]:

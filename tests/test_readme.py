@@ -34,3 +34,16 @@ def test_the_settings_table_is_current_and_every_row_has_three_cells() -> None:
     for row in table.splitlines():
         cells = re.split(r"(?<!\\)\|", row)[1:-1]  # an escaped \| stays inside its cell
         assert len(cells) == 3, row
+
+
+def test_the_profiling_benchmarks_find_py_spy() -> None:
+    """BENCHMARKS.md's `--profile` commands: py-spy is installed in the shared base environment,
+    on neither PATH nor the clone's .venv/bin, where they looked for it."""
+    import os
+    import subprocess
+
+    from benchmarks.results_io import py_spy
+
+    spy = py_spy()
+    assert os.access(spy, os.X_OK)
+    assert subprocess.run([spy, "--version"], capture_output=True, text=True, check=True).stdout.startswith("py-spy")

@@ -109,7 +109,8 @@ class ItemMessage:
     surfaces: tuple[str, ...] | None = None  # None = eligible on every surface
     created_at: int = 0  # epoch ms
     # None = not sent: a stored item keeps its own (a retrained model's load brings the newer
-    # counts; a record without the field must not reset them to 0), a new one gets 0.
+    # shares; a record without the field must not reset them to 0), a new one gets 0. A share of
+    # engagements, as items.npz's (summing to 1), not a count.
     popularity: float | None = None
 
     def carrying(self, older: ItemMessage) -> ItemMessage:
@@ -344,7 +345,7 @@ def index_item_table(
 ) -> int:
     """Bulk-upsert the model's item table, then build the ANN index. Items already stored keep
     their eligibility learned from the `items` topic when ``keep_payload``; their vectors and
-    popularity become this table's (a retrained model's counts are the newer), each written
+    popularity become this table's (a retrained model's shares are the newer), each written
     alone: a withdrawal a follower applies meanwhile (a Qdrant server's, beside this) is not
     overwritten by the payload read before it. The followers after a load (`load_table`: a new
     group) read `items` from its start again: an item whose newest record carries features is
