@@ -58,6 +58,10 @@ class CandidatesFollower:
         # A loaded snapshot's header: its records were read up to these positions, from which
         # the follower goes on (a warm start) when they fit the topic.
         self.resume_from = start if start is not None and start.topic == self.topic else None
+        if start is not None and start.evicted and start.max_users < store.max_users:
+            # The snapshot lacks users its store had to evict, which a larger store can hold:
+            # the topic is read whole (over the snapshot, newest-wins) to bring them back.
+            self.resume_from = None
         self.caught_up = asyncio.Event()
         self.records = 0  # records read (all kinds)
         self.positions: dict[int, int] = {}  # partition -> next offset, of the records applied
@@ -117,8 +121,17 @@ class CandidatesFollower:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+            consumer, self._consumer = self._consumer, None
+            try:
+                await consumer.stop()
+            except (KafkaError, asyncio.CancelledError) as exc:
+                # With the broker gone, aiokafka's fetcher can end its close with the
+                # cancellation of its own fetch: the server's shutdown (the other followers, the
+                # snapshot) must go on. A cancellation of this task itself is passed on.
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                    raise
+                log.warning("follower of %s: closing the consumer failed (%s)", self.topic, type(exc).__name__)
 
     async def _wait_for_topic(self, consumer: AIOKafkaConsumer) -> None:
         """Subscribe once the topic exists. Subscribing earlier would make the broker auto-create
@@ -148,8 +161,9 @@ class CandidatesFollower:
         cfg = self.settings.serving
         await self._wait_for_topic(consumer)
         pending: dict[TopicPartition, int] | None = None  # end offsets to reach before SERVING
+        read_to_end = False  # not caught_up: that is also set while the topic does not exist
         while True:
-            if not self.caught_up.is_set():
+            if not read_to_end:
                 try:
                     if pending is None and (assigned := consumer.assignment()):
                         ends = await consumer.end_offsets(list(assigned))
@@ -166,22 +180,23 @@ class CandidatesFollower:
                             del pending[tp]
                         if not pending:
                             log.info("follower of %s: caught up (%d records)", self.topic, self.records)
+                            read_to_end = True
                             self.fresh_at_ms = int(time.time() * 1000)
                             self.caught_up.set()
                 except KafkaError as exc:
                     log.warning("candidates follower: metadata failed (%s); retrying", exc)
+                    if self.resume_from is not None:  # no fetch before the seek (above)
+                        await asyncio.sleep(cfg.metadata_retry_s)
+                        continue
             try:
                 batches = await consumer.getmany(timeout_ms=cfg.poll_ms, max_records=cfg.poll_max_records)
             except KafkaError as exc:
                 log.warning("candidates follower: fetch failed (%s); retrying", exc)
                 await asyncio.sleep(cfg.metadata_retry_s)
                 continue
-            if self.fresh_at_ms is not None:
-                self.fresh_at_ms = int(time.time() * 1000)
             applied = 0
             for records in batches.values():
                 for record in records:
-                    self.positions[record.partition] = record.offset + 1
                     applied += 1
                     if applied % cfg.apply_yield_every == 0:
                         # Decoding a full fetch takes tens of ms: let the RPCs waiting meanwhile run.
@@ -195,16 +210,43 @@ class CandidatesFollower:
                         self.store.malformed += 1
                         log.exception("candidates follower: record %s:%d:%d skipped",
                                       record.topic, record.partition, record.offset)
+                    # After the record is applied: a cancellation at the yield above must not
+                    # leave a snapshot saying it was.
+                    self.positions[record.partition] = record.offset + 1
+            if read_to_end:
+                self._note_freshness(consumer)
+
+    def _note_freshness(self, consumer: AIOKafkaConsumer) -> None:
+        """`fresh_at_ms` = the oldest of the partitions' last fetch responses, when every one
+        has been read to its high watermark. aiokafka's getmany returns nothing, without an
+        error, while the broker is unreachable: the wall clock would date a cut-off server's
+        store now, and a snapshot of it would pass the tombstone-retention check."""
+        stamps = []
+        for tp in consumer.assignment():
+            stamp, highwater = consumer.last_poll_timestamp(tp), consumer.highwater(tp)
+            if stamp is None or highwater is None or self.positions.get(tp.partition, 0) < highwater:
+                return  # not known to be at the end: the older freshness stands
+            stamps.append(stamp)
+        if stamps:
+            self.fresh_at_ms = max(self.fresh_at_ms or 0, min(stamps))
 
     async def _resume(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
         """Seek each partition to where the loaded snapshot's records were read up to. A
         position past a partition's end means a topic recreated since: the snapshot's users are
         not this topic's, and the topic is read whole instead."""
         assert self.resume_from is not None
-        positions, self.resume_from = self.resume_from.positions, None
-        if any(positions.get(tp.partition, 0) > end for tp, end in ends.items()):
-            log.warning("follower of %s: the snapshot was read past the topic's end (%s vs %s): a recreated topic; "
-                        "its users dropped, the topic read whole", self.topic, positions,
+        positions, fresh, self.resume_from = self.resume_from.positions, self.resume_from.fresh_at_ms, None
+        recreated = any(positions.get(tp.partition, 0) > end for tp, end in ends.items())
+        if not recreated and fresh is not None:
+            # A recreated topic that has grown past the positions: it holds records below them
+            # written after the snapshot was fresh, which the same topic cannot (its records
+            # there were read by then). A producer's clock ahead of ours also shows as this:
+            # the topic is then read whole, which costs time only.
+            found = await consumer.offsets_for_times({tp: fresh for tp in ends if tp.partition in positions})
+            recreated = any(at is not None and at.offset < positions[tp.partition] for tp, at in found.items())
+        if recreated:
+            log.warning("follower of %s: the topic is not the one the snapshot was read from (positions %s, ends %s): "
+                        "a recreated topic; its users dropped, the topic read whole", self.topic, positions,
                         {tp.partition: end for tp, end in ends.items()})
             self.store.clear()
             await consumer.seek_to_beginning(*ends)

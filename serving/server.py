@@ -47,6 +47,7 @@ import hmac
 import logging
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing import resource_tracker
 import signal
 import sys
 import threading
@@ -419,6 +420,11 @@ def load_snapshot(settings: Settings, store: CandidateStore) -> SnapshotInfo | N
         store.clear()
         log.warning("%s; not loaded, the topic is read whole", exc)
         return None
+    if info is not None and info.topic not in (None, settings.topics.candidates):
+        store.clear()  # another topic's users, which this one's deletions never reach
+        log.warning("snapshot %s was read from topic %r, not %r: not loaded, the topic is read whole",
+                    cfg.snapshot_path, info.topic, settings.topics.candidates)
+        return None
     log.info("loaded %d users from snapshot %s", loaded, cfg.snapshot_path)
     return info
 
@@ -529,7 +535,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             # Fresh as of the last fetch from the topic; one that did not exist leaves the
             # records as fresh as the snapshot they came from (or of unknown age: not reloaded).
             info = SnapshotInfo(candidates.topic, dict(candidates.positions),
-                                candidates.fresh_at_ms or (snapshot.fresh_at_ms if snapshot is not None else None))
+                                candidates.fresh_at_ms or (snapshot.fresh_at_ms if snapshot is not None else None),
+                                store.max_users, store.evicted > 0 or (snapshot is not None and snapshot.evicted))
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path, info), cfg.snapshot_path)
         elif cfg.snapshot_path is not None:
             # Saving would date the loaded snapshot's contents now (its age is the file's time):
@@ -589,6 +596,9 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
     print(f"recsys serve: starting {len(procs)} server processes on port {settings.serving.port}", flush=True)
+    # Before the mask: multiprocessing starts its resource tracker with SIGINT unblocked in the
+    # calling thread, which a first start inside proc.start() would do under it.
+    resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         for proc in procs:

@@ -65,9 +65,14 @@ class SnapshotInfo:
     # None: never read from a topic (only loaded from an earlier snapshot, or a topic that did
     # not exist): its age is unknown.
     fresh_at_ms: int | None = None
+    # The store's bound, and whether it had evicted users (the records lack them, though the
+    # positions are past them): a larger store reads the topic whole.
+    max_users: int = 0
+    evicted: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"format": SNAPSHOT_FORMAT, "topic": self.topic, "positions": self.positions, "fresh_at_ms": self.fresh_at_ms}
+        return {"format": SNAPSHOT_FORMAT, "topic": self.topic, "positions": self.positions, "fresh_at_ms": self.fresh_at_ms,
+                "max_users": self.max_users, "evicted": self.evicted}
 
     @classmethod
     def from_wire(cls, value: Any) -> SnapshotInfo:
@@ -77,9 +82,11 @@ class SnapshotInfo:
             positions = {int(p): int(o) for p, o in value["positions"].items()}
             fresh = value["fresh_at_ms"]
             topic = value["topic"]
+            max_users, evicted = int(value.get("max_users", 0)), bool(value.get("evicted", False))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedCandidates(f"snapshot header malformed ({exc!r})") from None
-        return cls(topic if isinstance(topic, str) else None, positions, fresh if type(fresh) is int else None)
+        return cls(topic if isinstance(topic, str) else None, positions, fresh if type(fresh) is int else None,
+                   max_users, evicted)
 
 
 class MalformedCandidates(ValueError):

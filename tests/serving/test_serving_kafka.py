@@ -409,6 +409,18 @@ def test_a_snapshot_is_a_warm_start_from_its_positions_and_dropped_for_a_recreat
         answers = await get_all(port, ["elsewhere", "user-0"])
         assert answers["elsewhere"].is_fallback and not answers["user-0"].is_fallback
         await server.stop()
+        # ... or one recreated and grown past the positions since: records below them written
+        # after the snapshot was fresh (an hour ago, here), which the same topic cannot hold.
+        elsewhere.save(snapshot, SnapshotInfo(topic, {0: 2, 1: 2}, int(time.time() * 1000) - 3_600_000))
+        server, port = await restarted()
+        assert caught_up_records() == 33
+        assert (await get(port, "elsewhere")).is_fallback
+        await server.stop()
+        # ... or one read from another topic.
+        elsewhere.save(snapshot, SnapshotInfo(f"{topic}-other", {0: 2, 1: 2}, int(time.time() * 1000)))
+        server, port = await restarted()
+        assert caught_up_records() == 33 and (await get(port, "elsewhere")).is_fallback
+        await server.stop()
 
         snapshot.write_bytes(snapshot.read_bytes()[:-10])  # damaged: read past, the topic read whole
         server, port = await restarted()
@@ -480,15 +492,16 @@ def test_a_process_that_cannot_bind_after_catch_up_stops_with_the_error(unique: 
 def serve_process(port: int, *args: str, **env: str) -> Iterator[subprocess.Popen[str]]:
     """`recsys serve --port PORT ARGS` as a real process, with these RECSYS_* variables (and a
     1 s shutdown grace); killed at the end if a failed assertion left it running."""
+    # A session of its own, as a terminal's job: a signal to its group reaches every process.
     proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", "serve", "--port", str(port), *args],
                             env={**os.environ, "RECSYS_SERVING__SHUTDOWN_GRACE_S": "1", **env}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def kafka_env(bootstrap: str, topic: str, model_dir: Path) -> dict[str, str]:
@@ -580,8 +593,84 @@ def test_recsys_serve_workers_stopped_while_starting_exits_cleanly(
         assert proc.stdout is not None
         first = proc.stdout.readline()  # the supervisor's handlers are in; its processes just spawned
         assert "starting 2 server processes" in first, first
-        proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            proc.send_signal(sig)
+        else:
+            # As a terminal's Ctrl-C: to every process of the group, the servers still
+            # importing (a second or more) included: they must not die of it.
+            time.sleep(0.3)
+            os.killpg(proc.pid, sig)
         output, _ = proc.communicate(timeout=60)
         output = first + output
         assert proc.returncode == 0, output
         assert output.count("shutting down: NOT_SERVING") == 2, output
+
+
+def test_a_follower_records_only_positions_it_applied(kafka_bootstrap: str, unique: str, settings: Settings,
+                                                     make_candidates: Make) -> None:
+    """Stopped at one of its yields mid-batch, the follower's positions (a snapshot's warm start)
+    must not count the record it had not applied yet: a restart would skip it for good."""
+    from serving.follower import CandidatesFollower
+    from serving.store import CandidateStore
+
+    topic = f"candidates-{unique}"
+    create_topic(kafka_bootstrap, topic, partitions=1)
+    cfg = _settings(settings, kafka_bootstrap, topic, apply_yield_every=8)
+
+    async def scenario() -> None:
+        await produce(kafka_bootstrap, topic, [(f"u{k}", make_candidates(f"u{k}", source_event_ts=T0)) for k in range(40)])
+        follower = CandidatesFollower(cfg, CandidateStore(100))
+        applied: list[int] = []
+        real_apply = follower._apply
+
+        def apply(key: bytes | None, value: bytes | None) -> None:
+            real_apply(key, value)
+            applied.append(len(applied))
+            if len(applied) == 12:
+                assert follower._task is not None
+                follower._task.cancel()  # lands at the next yield, after record 16 was counted
+        follower._apply = apply  # type: ignore[method-assign]
+        await follower.start()
+        assert follower._task is not None
+        await asyncio.gather(follower._task, return_exceptions=True)
+        await follower.stop()
+        assert len(applied) == 15 and follower.positions == {0: 15}
+
+    asyncio.run(scenario())
+
+
+def test_a_followers_freshness_stops_when_its_broker_goes(tmp_path: Path, unique: str, settings: Settings,
+                                                         make_candidates: Make) -> None:
+    """aiokafka's getmany returns nothing, without an error, while the broker is unreachable:
+    the freshness a snapshot is dated by went on advancing, so one saved after a long outage
+    passed the tombstone-retention check."""
+    from recsys.kafka_broker import LocalBroker
+    from recsys.settings import KafkaSettings
+    from serving.follower import CandidatesFollower
+    from serving.store import CandidateStore
+
+    topic = f"candidates-{unique}"
+    broker = LocalBroker(KafkaSettings(data_dir=tmp_path / "kafka", port=free_port(), controller_port=free_port()))
+    bootstrap = broker.start()
+    try:
+        create_topic(bootstrap, topic)
+        cfg = _settings(settings, bootstrap, topic)
+
+        async def scenario() -> None:
+            await produce(bootstrap, topic, [("u", make_candidates("u", source_event_ts=T0))])
+            follower = CandidatesFollower(cfg, CandidateStore(10))
+            await follower.start()
+            await asyncio.wait_for(follower.caught_up.wait(), 60)
+            first = follower.fresh_at_ms
+            await asyncio.sleep(1.0)
+            assert follower.fresh_at_ms is not None and first is not None and follower.fresh_at_ms > first  # fetching: renewed
+            await asyncio.to_thread(broker.stop)
+            await asyncio.sleep(1.0)  # fetches in flight answer, or fail
+            cut_off = follower.fresh_at_ms
+            await asyncio.sleep(2.0)
+            assert follower.fresh_at_ms == cut_off  # the last fetch that answered, not the clock
+            await follower.stop()
+
+        asyncio.run(scenario())
+    finally:
+        broker.destroy()
