@@ -1097,8 +1097,10 @@ def main(argv: list[str]) -> int:
         encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads)
         # Read after the catalogue wait, which can be long: an export since then would have new
         # items embedded in its space and joined to this model's catalogue.
-        check_same_export(model_dir, runtime.version, {"item_encoder.onnx": encoder.version,
-                                                       "meta.json": _exported_version(model_dir)})
+        if (exported := _exported_version(model_dir)) not in (None, runtime.version):
+            raise SystemExit(f"worker: {model_dir} now holds model {exported}, not the loaded {runtime.version}: "
+                             "restarting loads it")
+        check_same_export(model_dir, runtime.version, {"item_encoder.onnx": encoder.version})
         try:
             follower = ItemsFollower(store, encoder, settings,
                                      model_version=runtime.version, on_embedded=runtime.reembedded, stop=stopping)

@@ -150,15 +150,20 @@ def read_state(stored: bytes | None, user_id: Any, counters: Counters) -> Packed
 def fold_or_start_afresh(seq: PackedSeq, event: ActionEvent, settings: Settings, counters: Counters) -> tuple[PackedSeq, Outcome]:
     """`seq.fold(event)`, and the sequence folded into. `PackedSeq.decode` checks a stored value's
     newest entries only (a whole pass costs a quarter of a decode), so older ones that are not
-    ours fail here: the user starts afresh, as in `read_state`, instead of the window failing
-    at every restart. A fold that fails on a fresh sequence too still raises."""
+    ours fail here: the user's events start afresh, as in `read_state` (their hides and version
+    kept), instead of the window failing at every restart. A failure on a value that passes the
+    whole check (`PackedSeq.malformed`) is a defect, and raises."""
+    hidden = seq.hidden
     try:
         return seq, seq.fold(event, settings)
-    except (TypeError, ValueError, IndexError, msgpack.UnpackException) as exc:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, msgpack.UnpackException) as exc:
+        reason = seq.malformed()
+        if reason is None:
+            raise
         counters.unreadable += 1
-        log.error("streams: the stored state of user %r cannot be folded into (%s: %s); starting it afresh",
-                  event.user_id, type(exc).__name__, exc)
-        fresh = PackedSeq(event.user_id, 0, [], [], b"")
+        log.error("streams: the stored events of user %r cannot be folded into (%s: %s; %s); starting them afresh",
+                  event.user_id, type(exc).__name__, exc, reason)
+        fresh = PackedSeq(event.user_id, seq.version if type(seq.version) is int else 0, [], [], b"", hidden)
         return fresh, fresh.fold(event, settings)
 
 

@@ -256,6 +256,23 @@ class PackedSeq:
             raise ValueError("not a sequence value (version or events of the earlier form malformed)")
         return cls.of(obj["user_id"], obj["version"], [SeqEvent(*e) for e in events], hidden)
 
+    def malformed(self) -> str | None:
+        """What makes this value not one of ours, checked whole (every entry: `decode` checks
+        the newest only), or None."""
+        if type(self.version) is not int or len(self.ts) != len(self.sizes):
+            return "version, ts and sizes disagree"
+        if not all(type(t) is int for t in self.ts) or not all(type(n) is int and n > 0 for n in self.sizes):
+            return "ts or sizes not all ints"
+        if sum(self.sizes) != len(self.wire):
+            return "sizes do not add up to the events' bytes"
+        try:
+            events = self.events()
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+            return f"events unreadable ({type(exc).__name__})"
+        if [e.ts for e in events] != self.ts:
+            return "events' times are not ts"
+        return None
+
     def encode(self) -> bytes:
         state = {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}
         if self.hidden:  # most users hide nothing: no key, as in the earlier form

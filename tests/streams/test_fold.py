@@ -296,9 +296,34 @@ def test_an_older_entry_the_fold_trips_over_starts_the_user_afresh() -> None:
     from streams.app import Counters, fold_or_start_afresh
 
     now, settings = 1_800_000_000_000, Settings()
+    hidden = [[now - 5, "x1"], [now - 4, "x2"]]
     stored = PackedSeq.decode(msgpack.packb({"user_id": "u", "version": now, "ts": [None, now], "sizes": [3, 3],
-                                             "events": b"abcdef"}))
+                                             "events": b"abcdef", "hidden": hidden}))
     counters = Counters()
     seq, outcome = fold_or_start_afresh(stored, ActionEvent("u", "i", "click", "home", now + 1), settings, counters)
     assert outcome is Outcome.APPLIED and seq.events() == (SeqEvent(now + 1, "i", "click", "home"),)
     assert counters.unreadable == 1
+    assert seq.hidden == ((now - 5, "x1"), (now - 4, "x2")) and seq.version == now  # the events start afresh, not the hides
+    # Events of another release's shape (maps without `item_id`), read only out of order: a
+    # KeyError, which failed the window as before.
+    foreign = msgpack.packb({"item": "i", "ts": now, "action": "click", "surface": "home"})
+    stored = PackedSeq.decode(msgpack.packb({"user_id": "u", "version": now, "ts": [now], "sizes": [len(foreign)],
+                                             "events": foreign}))
+    seq, outcome = fold_or_start_afresh(stored, ActionEvent("u", "j", "click", "home", now - 1), settings, counters)
+    assert outcome is Outcome.APPLIED and counters.unreadable == 2
+
+
+def test_a_fold_failing_on_a_value_that_is_ours_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a value that fails the whole check starts afresh: a defect in the fold must not wipe
+    every user it meets while the worker looks healthy."""
+    from streams.app import Counters, fold_or_start_afresh
+
+    now, settings = 1_800_000_000_000, Settings()
+    good = PackedSeq.of("u", now, [SeqEvent(now, "i", "click", "home")])
+    assert good.malformed() is None
+
+    def broken(*args: Any) -> Any:
+        raise TypeError("a defect")
+    monkeypatch.setattr(PackedSeq, "_fold_sequence", broken)
+    with pytest.raises(TypeError, match="a defect"):
+        fold_or_start_afresh(good, ActionEvent("u", "j", "click", "home", now - 1), settings, Counters())

@@ -18,7 +18,7 @@ from vector_store import ItemRecord, open_store
 
 
 def test_an_edge_shard_without_the_models_catalogue_stops_the_worker_with_what_to_run(tmp_path: Path) -> None:
-    settings = Settings(vector_store={"path": tmp_path / "shard"})
+    settings = Settings(vector_store={"path": tmp_path / "shard"}, inference={"model_dir": tmp_path / "no-model"})
     with open_store(settings, dim=4) as store:
         store.upsert([ItemRecord("a", ("home",))], np.eye(4, dtype=np.float32)[:1])  # the follower's, say
         with pytest.raises(SystemExit, match="holds no whole catalogue, not model v2's: run `recsys index`"):
@@ -31,8 +31,9 @@ def test_an_edge_shard_without_the_models_catalogue_stops_the_worker_with_what_t
 
 
 @pytest.mark.filterwarnings("ignore:Payload indexes have no effect in the local:UserWarning")
-def test_a_qdrant_server_is_waited_for_until_the_indexer_has_loaded_it() -> None:
-    settings = Settings(vector_store={"backend": "server", "url": ":memory:"}, inference={"store_retry_max_s": 0.05})
+def test_a_qdrant_server_is_waited_for_until_the_indexer_has_loaded_it(tmp_path: Path) -> None:
+    settings = Settings(vector_store={"backend": "server", "url": ":memory:"},
+                        inference={"store_retry_max_s": 0.05, "model_dir": tmp_path / "no-model"})
     with open_store(settings, dim=4) as store:
         stopping = threading.Event()
         loader = threading.Timer(0.3, store.mark_catalogue, args=("v2",))  # the indexer, beside us

@@ -302,3 +302,45 @@ def test_candidates_not_delivered_for_a_passing_reason_are_computed_again_not_th
     assert failed == ["delivery", "send"]
     assert sum(ends.values()) == 2 and committed == ends
     assert set(read_candidates(kafka_bootstrap, worker.settings.topics.candidates)) == {"good", "7"}
+
+
+def test_a_batch_whose_delivery_failed_is_not_committed_by_the_next_batchs_offsets(worker: Worker, kafka_bootstrap: str) -> None:
+    """Batch N's record is not delivered (a passing failure) while batch N+1, of the same
+    partition, is in flight: committing N+1's offsets would skip N's update for good, its user
+    never served. Both are read again."""
+    from kafka.errors import KafkaTimeoutError
+    from kafka.partitioner.default import murmur2
+    from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+    from kafka.structs import TopicPartition
+
+    settings = worker.settings
+    by_partition: dict[int, list[str]] = {}
+    for key in SERVED:
+        by_partition.setdefault((murmur2(key.encode()) & 0x7FFFFFFF) % 2, []).append(key)
+    first, second = next(keys for keys in by_partition.values() if len(keys) >= 2)[:2]
+    real_send, failed = worker.producer.send, []
+
+    def first_delivery_fails(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if failed or topic != settings.topics.candidates:  # the popular lists go as they are
+            return real_send(topic, *args, **kwargs)
+        failed.append(first)
+        # The next update lands now, so the next poll takes it: batch N+1 is sent before N settles.
+        send_updates(kafka_bootstrap, settings.topics.user_updates, {second: SERVED[second]})
+        produce = FutureProduceResult(TopicPartition(settings.topics.candidates, 0))
+        produce.failure(KafkaTimeoutError("injected: expired before delivery"))
+        return FutureRecordMetadata(produce, 0, -1, None, -1, -1, -1)
+
+    worker.producer.send = first_delivery_fails
+    send_updates(kafka_bootstrap, settings.topics.user_updates, {first: SERVED[first]})
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 90
+    served: set[str] = set()
+    while time.monotonic() < deadline and served != {first, second}:
+        time.sleep(0.3)
+        served = set(read_candidates(kafka_bootstrap, settings.topics.candidates))
+    committed, ends = committed_and_end(kafka_bootstrap, settings.inference.group_id, settings.topics.user_updates)
+    worker.stopping.set()
+    thread.join(30)
+    assert failed == [first] and served == {first, second}
+    assert sum(ends.values()) == 2
