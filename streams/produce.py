@@ -133,9 +133,11 @@ def produce(
     """Send `events` to `topic`, at most `rate` per second; return how many were sent.
 
     With `partitions`, the topic is created first if missing. Blocks until every record is
-    acknowledged by the broker; raises the first delivery error, if any.
+    acknowledged by the broker; then raises `NotDelivered` if any could not be (too large for
+    the broker, or for the producer's 8 MiB request: the other records are sent all the same).
     """
     from kafka import KafkaProducer
+    from kafka.errors import MessageSizeTooLargeError
     from tqdm import tqdm
 
     if partitions is not None:
@@ -153,7 +155,10 @@ def produce(
         with tqdm(total=total, unit="ev", disable=not progress, desc=f"produce -> {topic}") as bar:
             for item in events:
                 key, value = to_record(item)
-                producer.send(topic, key=key, value=value).add_errback(errors.append)
+                try:
+                    producer.send(topic, key=key, value=value).add_errback(errors.append)
+                except MessageSizeTooLargeError as exc:  # over max_request_size: refused before it left
+                    errors.append(exc)  # reported with the others; the replay goes on
                 sent += 1
                 bar.update()
                 if rate:
@@ -165,8 +170,12 @@ def produce(
     finally:
         producer.close()
     if errors:
-        raise RuntimeError(f"{len(errors)} of {sent} records were not delivered; first: {errors[0]!r}")
+        raise NotDelivered(f"{len(errors)} of {sent} records were not delivered; first: {errors[0]!r}")
     return sent
+
+
+class NotDelivered(RuntimeError):
+    """Records of a replay the broker did not take (`recsys produce` exits 1, the rest sent)."""
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
@@ -253,7 +262,8 @@ def read_csv(path: Path) -> Iterator[dict[str, Any]]:
     # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which would otherwise
     # rename the first column ("\ufeffuser_id") and dead-letter every row as missing it.
     # The csv module refuses a cell over 128 KiB, which would abort the replay halfway: such an
-    # event goes on, for the worker to dead-letter as oversized.
+    # event goes on, for the worker to dead-letter as oversized (up to the broker's record size;
+    # beyond it the record is reported as not delivered, and the replay goes on).
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # as read_jsonl
         for row in csv.DictReader(f):
@@ -360,7 +370,7 @@ def main(argv: list[str]) -> int:
             partitions=settings.kafka.partitions,
             replication_factor=settings.streams.replication_factor,
         )
-    except UnreadableFile as exc:
+    except (UnreadableFile, NotDelivered) as exc:
         print(f"recsys produce: {exc}", file=sys.stderr)
         return 1
     print(f"produced {n} events to {args.topic}")

@@ -201,3 +201,15 @@ def test_replay_goes_on_past_an_int_beyond_64_bits(kafka_bootstrap: str, tmp_pat
     decoded = [decode_event(r.value, Settings(), now=TS) for r in records]
     assert [e.item_id for e in decoded] == [1, str(2**64), 3]
     assert all(r.key == b"5" for r in records)
+
+
+@pytest.mark.kafka
+def test_a_record_too_large_to_send_is_reported_and_the_replay_goes_on(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """A row over the producer's request size was refused inside send(): the replay stopped
+    there with a traceback, every row after it unsent."""
+    topic = f"produce-big-{uuid.uuid4().hex[:8]}"
+    data = tmp_path / "events.csv"
+    data.write_text(f"user_id,item_id,action,surface,ts,query\n5,1,click,home,{TS},a\n5,2,click,search,{TS},{'q' * (9 << 20)}\n"
+                    f"5,3,click,home,{TS},b\n")
+    assert main(["--file", str(data), "--topic", topic, "--bootstrap", kafka_bootstrap, "--no-progress"]) == 1
+    assert [decode_event(r.value, Settings(), now=TS).item_id for r in _consume(kafka_bootstrap, topic, 2)] == [1, 3]
