@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ROOT / "benchmarks" / "sections"
-ORDER = ["model", "ingest", "inference", "ann", "freshness", "grpc", "scaling"]
+ORDER = ["model", "ingest", "inference", "ann", "freshness", "grpc", "serving_restart", "scaling"]
 
 HEADER = """# Benchmarks
 
