@@ -4,7 +4,7 @@ bulk load from items.npz (`recsys index`), and the ONNX item encoder's wiring.""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from pathlib import Path
 
@@ -245,115 +245,107 @@ def test_an_items_record_without_popularity_keeps_the_stored_one(tmp_path: Path)
         assert store.records(["b"])["b"] == ItemRecord("b", ("search",), 0, 2.0)
 
 
-def test_recsys_index_loads_each_model_table_once_and_wholly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def index_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, VectorStoreSettings]]:
+    """`recsys index` (`main`) pointed at a model directory and an Edge shard of the test's own."""
     model_dir, shard = tmp_path / "model", VectorStoreSettings(path=tmp_path / "shard")
     monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(shard.path))
     monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
+    get_settings.cache_clear()
+    yield model_dir, shard
+    get_settings.cache_clear()
+
+
+def test_recsys_index_loads_each_model_table_once_and_wholly(index_dirs: tuple[Path, VectorStoreSettings]) -> None:
+    model_dir, shard = index_dirs
 
     def stored_i7() -> np.ndarray:
         with EdgeStore(shard) as store:
             return store.retrieve(["i7"])["i7"]
 
-    get_settings.cache_clear()
-    try:
-        # A load cut short (or the follower's upserts before any load): points, no marker.
-        first = _write_model(model_dir, 50, 0)
-        with EdgeStore(shard) as store:
-            index_item_table(store, ItemTable(first.ids[:10], first.embeddings[:10], first.popularity[:10]), SURFACES)
-        assert main([]) == 0
-        with EdgeStore(shard) as store:
-            assert store.count() == 50 and store.catalogue_version() == "v1"
-        # The same model again: no second load, even if its file changed under it.
-        _write_model(model_dir, 50, 0, seed=10)
-        assert main([]) == 0
-        np.testing.assert_allclose(stored_i7(), first.embeddings[7], atol=1e-6)
-        # A new model's export: loaded, though the store is full.
-        second = _write_model(model_dir, 50, 0, version="v2", seed=11)
-        assert main([]) == 0
-        np.testing.assert_allclose(stored_i7(), second.embeddings[7], atol=1e-6)
-        assert main(["--reindex"]) == 0
-        # A newer model whose vocabulary lost items: their v2 vectors, from another space, go.
-        third = _write_model(model_dir, 30, 0, version="v3", seed=12)
-        assert main([]) == 0
-        with EdgeStore(shard) as store:
-            assert store.count() == 30 and store.catalogue_version() == "v3"
-            assert sorted(store.item_ids()) == sorted(third.ids)
-            (hits,) = store.query_batch(second.embeddings[40:41], 50)
-            assert "i40" not in {i for i, _ in hits}
-    finally:
-        get_settings.cache_clear()
+    # A load cut short (or the follower's upserts before any load): points, no marker.
+    first = _write_model(model_dir, 50, 0)
+    with EdgeStore(shard) as store:
+        index_item_table(store, ItemTable(first.ids[:10], first.embeddings[:10], first.popularity[:10]), SURFACES)
+    assert main([]) == 0
+    with EdgeStore(shard) as store:
+        assert store.count() == 50 and store.catalogue_version() == "v1"
+    # The same model again: no second load, even if its file changed under it.
+    _write_model(model_dir, 50, 0, seed=10)
+    assert main([]) == 0
+    np.testing.assert_allclose(stored_i7(), first.embeddings[7], atol=1e-6)
+    # A new model's export: loaded, though the store is full.
+    second = _write_model(model_dir, 50, 0, version="v2", seed=11)
+    assert main([]) == 0
+    np.testing.assert_allclose(stored_i7(), second.embeddings[7], atol=1e-6)
+    assert main(["--reindex"]) == 0
+    # A newer model whose vocabulary lost items: their v2 vectors, from another space, go.
+    third = _write_model(model_dir, 30, 0, version="v3", seed=12)
+    assert main([]) == 0
+    with EdgeStore(shard) as store:
+        assert store.count() == 30 and store.catalogue_version() == "v3"
+        assert sorted(store.item_ids()) == sorted(third.ids)
+        (hits,) = store.query_batch(second.embeddings[40:41], 50)
+        assert "i40" not in {i for i, _ in hits}
 
 
-def test_a_roll_back_after_a_load_cut_short_removes_the_other_model_s_items(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_roll_back_after_a_load_cut_short_removes_the_other_model_s_items(index_dirs: tuple[Path, VectorStoreSettings]) -> None:
     """A new model's load dies after writing some of its items; the operator goes back to the
     model before it. The marker of that load is gone, but the store knows which model began it:
     its items leave (else they are served with vectors from another space). A cut-short load of
     the same model keeps the items outside its table: its own follower embedded them."""
-    model_dir, shard = tmp_path / "model", VectorStoreSettings(path=tmp_path / "shard")
-    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(shard.path))
-    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
-    get_settings.cache_clear()
-    try:
-        first = _write_model(model_dir, 20, 0, version="v1")
-        assert main([]) == 0
-        with EdgeStore(shard) as store:  # v2's load, cut short after its new item "z"
-            store.mark_catalogue(None, loading="v2")
-            store.upsert([ItemRecord("z", SURFACES)], first.embeddings[:1])
-        assert main([]) == 0  # v1 again
-        with EdgeStore(shard) as store:
-            assert store.catalogue_version() == "v1" and store.catalogue_loading() is None
-            assert sorted(store.item_ids()) == sorted(first.ids)
-            # v1's own load cut short, after its follower had embedded a new item "f"
-            store.mark_catalogue(None, loading="v1")
-            store.upsert([ItemRecord("f", SURFACES)], first.embeddings[:1])
-        assert main([]) == 0
-        with EdgeStore(shard) as store:
-            assert store.catalogue_version() == "v1" and "f" in store.item_ids()
-    finally:
-        get_settings.cache_clear()
+    model_dir, shard = index_dirs
+    first = _write_model(model_dir, 20, 0, version="v1")
+    assert main([]) == 0
+    with EdgeStore(shard) as store:  # v2's load, cut short after its new item "z"
+        store.mark_catalogue(None, loading="v2")
+        store.upsert([ItemRecord("z", SURFACES)], first.embeddings[:1])
+    assert main([]) == 0  # v1 again
+    with EdgeStore(shard) as store:
+        assert store.catalogue_version() == "v1" and store.catalogue_loading() is None
+        assert sorted(store.item_ids()) == sorted(first.ids)
+        # v1's own load cut short, after its follower had embedded a new item "f"
+        store.mark_catalogue(None, loading="v1")
+        store.upsert([ItemRecord("f", SURFACES)], first.embeddings[:1])
+    assert main([]) == 0
+    with EdgeStore(shard) as store:
+        assert store.catalogue_version() == "v1" and "f" in store.item_ids()
 
 
 def test_a_load_cut_short_while_dropping_the_other_model_s_items_is_not_taken_for_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    index_dirs: tuple[Path, VectorStoreSettings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """v2's load dies after deleting the v1 items its table lacks, before writing anything: the
     marker named v1 as wholly loaded, so going back to v1 skipped its load and served a
     catalogue short of those items for good. Now v1 is loaded again, and v2's restart drops
     them again."""
-    model_dir, shard = tmp_path / "model", VectorStoreSettings(path=tmp_path / "shard")
-    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(shard.path))
-    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
-    get_settings.cache_clear()
-    try:
-        first = _write_model(model_dir, 20, 0, version="v1")
-        assert main([]) == 0
-        second = _write_model(model_dir, 12, 0, version="v2", seed=5)
+    model_dir, shard = index_dirs
+    first = _write_model(model_dir, 20, 0, version="v1")
+    assert main([]) == 0
+    second = _write_model(model_dir, 12, 0, version="v2", seed=5)
 
-        def load_dying_after_the_first_delete() -> None:
-            with EdgeStore(shard) as store, pytest.raises(OSError, match="died"):
-                real_delete = store.delete
+    def load_dying_after_the_first_delete() -> None:
+        with EdgeStore(shard) as store, pytest.raises(OSError, match="died"):
+            real_delete = store.delete
 
-                def dies_after_deleting(ids: list[str]) -> None:
-                    real_delete(ids)
-                    raise OSError("died")
-                monkeypatch.setattr(store, "delete", dies_after_deleting)
-                load_table(store, ItemTable.load(model_dir), "v2", SURFACES)
+            def dies_after_deleting(ids: list[str]) -> None:
+                real_delete(ids)
+                raise OSError("died")
+            monkeypatch.setattr(store, "delete", dies_after_deleting)
+            load_table(store, ItemTable.load(model_dir), "v2", SURFACES)
 
-        load_dying_after_the_first_delete()
-        with EdgeStore(shard) as store:
-            assert store.catalogue_version() is None and store.count() == 12
-        _write_model(model_dir, 20, 0, version="v1")  # the roll-back
-        assert main([]) == 0
-        with EdgeStore(shard) as store:
-            assert store.catalogue_version() == "v1" and sorted(store.item_ids()) == sorted(first.ids)
-        _write_model(model_dir, 12, 0, version="v2", seed=5)
-        load_dying_after_the_first_delete()  # v2 again, cut short again
-        assert main([]) == 0  # v2's restart
-        with EdgeStore(shard) as store:
-            assert store.catalogue_version() == "v2" and sorted(store.item_ids()) == sorted(second.ids)
-    finally:
-        get_settings.cache_clear()
+    load_dying_after_the_first_delete()
+    with EdgeStore(shard) as store:
+        assert store.catalogue_version() is None and store.count() == 12
+    _write_model(model_dir, 20, 0, version="v1")  # the roll-back
+    assert main([]) == 0
+    with EdgeStore(shard) as store:
+        assert store.catalogue_version() == "v1" and sorted(store.item_ids()) == sorted(first.ids)
+    _write_model(model_dir, 12, 0, version="v2", seed=5)
+    load_dying_after_the_first_delete()  # v2 again, cut short again
+    assert main([]) == 0  # v2's restart
+    with EdgeStore(shard) as store:
+        assert store.catalogue_version() == "v2" and sorted(store.item_ids()) == sorted(second.ids)
 
 
 def _tiny_encoder(path: Path, table: np.ndarray, w: np.ndarray) -> None:
@@ -462,19 +454,13 @@ def test_model_id_bucket_follows_the_exported_vocabulary(tmp_path: Path) -> None
     assert model_id_bucket(tmp_path)(["i1"]).tolist() == [2]
 
 
-def test_recsys_index_refuses_a_table_of_another_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recsys_index_refuses_a_table_of_another_export(index_dirs: tuple[Path, VectorStoreSettings]) -> None:
     """items.npz from v2's export beside v1's meta.json (an export cut short, or under way):
     loaded, v2's vectors would be marked as v1's whole catalogue, and never loaded again."""
-    model_dir = tmp_path / "model"
+    model_dir, shard = index_dirs
     table = _write_model(model_dir, 10, 0, version="v1")
     np.savez(model_dir / "items.npz", ids=np.array(table.ids), embeddings=table.embeddings,
              popularity=table.popularity, version=np.array("v2"))
-    monkeypatch.setenv("RECSYS_VECTOR_STORE__PATH", str(tmp_path / "shard"))
-    monkeypatch.setenv("RECSYS_INFERENCE__MODEL_DIR", str(model_dir))
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(MixedModelDirectory, match="meta.json is model v1, but {'items.npz': 'v2'}"):
-            main([])
-        assert not (tmp_path / "shard").exists()
-    finally:
-        get_settings.cache_clear()
+    with pytest.raises(MixedModelDirectory, match="meta.json is model v1, but {'items.npz': 'v2'}"):
+        main([])
+    assert not shard.path.exists()
