@@ -58,13 +58,13 @@ class CandidatesFollower:
         # A loaded snapshot's header: its records were read up to these positions, from which
         # the follower goes on (a warm start) when they fit the topic.
         self.resume_from = start if start is not None and start.topic == self.topic else None
-        if start is not None and start.evicted and start.max_users < store.max_users:
-            # The snapshot lacks users its store had to evict, which a larger store can hold:
-            # the topic is read whole (over the snapshot, newest-wins) to bring them back.
-            self.resume_from = None
+        # The snapshot lacks users its store had to evict, which a larger store can hold: the
+        # topic is read whole (over the snapshot, newest-wins) to bring them back.
+        self.read_whole = start is not None and start.evicted and start.max_users < store.max_users
         self.caught_up = asyncio.Event()
         self.records = 0  # records read (all kinds)
         self.positions: dict[int, int] = {}  # partition -> next offset, of the records applied
+        self.stamps: dict[int, int] = {}  # partition -> the newest record timestamp applied (`SnapshotInfo.stamps`)
         # Wall clock (ms) of the last fetch since the follower read the topic to its end: the
         # snapshot's freshness (`SnapshotInfo`); None until then (a topic that does not exist).
         self.fresh_at_ms: int | None = None
@@ -213,6 +213,8 @@ class CandidatesFollower:
                     # After the record is applied: a cancellation at the yield above must not
                     # leave a snapshot saying it was.
                     self.positions[record.partition] = record.offset + 1
+                    if record.timestamp > self.stamps.get(record.partition, -1):
+                        self.stamps[record.partition] = record.timestamp
             if read_to_end:
                 self._note_freshness(consumer)
 
@@ -231,33 +233,38 @@ class CandidatesFollower:
             self.fresh_at_ms = max(self.fresh_at_ms or 0, min(stamps))
 
     async def _resume(self, consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> None:
-        """Seek each partition to where the loaded snapshot's records were read up to. A
-        position past a partition's end means a topic recreated since: the snapshot's users are
-        not this topic's, and the topic is read whole instead."""
+        """Seek each partition to where the loaded snapshot's records were read up to. A topic
+        recreated since is not the one its users came from (a position past a partition's end,
+        or a record below a position newer than every one read there): they are dropped, and
+        the topic is read whole instead; so it is, over the snapshot, by a store larger than the
+        one that had to evict users (`read_whole`)."""
         assert self.resume_from is not None
-        positions, fresh, self.resume_from = self.resume_from.positions, self.resume_from.fresh_at_ms, None
-        recreated = any(positions.get(tp.partition, 0) > end for tp, end in ends.items())
-        if not recreated and fresh is not None:
-            # A recreated topic that has grown past the positions: it holds records below them
-            # written after the snapshot was fresh, which the same topic cannot (its records
-            # there were read by then). A producer's clock ahead of ours also shows as this:
-            # the topic is then read whole, which costs time only.
-            found = await consumer.offsets_for_times({tp: fresh for tp in ends if tp.partition in positions})
-            recreated = any(at is not None and at.offset < positions[tp.partition] for tp, at in found.items())
-        if recreated:
-            log.warning("follower of %s: the topic is not the one the snapshot was read from (positions %s, ends %s): "
-                        "a recreated topic; its users dropped, the topic read whole", self.topic, positions,
-                        {tp.partition: end for tp, end in ends.items()})
-            self.store.clear()
+        info = self.resume_from
+        recreated = any(info.positions.get(tp.partition, 0) > end for tp, end in ends.items())
+        if not recreated and info.stamps:
+            # Every record below a position was read, so none there is newer than the newest
+            # read, whatever the producers' clocks: one that is was written since.
+            found = await consumer.offsets_for_times({tp: info.stamps[tp.partition] + 1 for tp in ends
+                                                      if tp.partition in info.stamps and tp.partition in info.positions})
+            recreated = any(at is not None and at.offset < info.positions[tp.partition] for tp, at in found.items())
+        self.resume_from = None  # the checks done (a KafkaError above leaves it, and they run again)
+        if recreated or self.read_whole:
+            if recreated:
+                log.warning("follower of %s: the topic is not the one the snapshot was read from (positions %s, ends %s): "
+                            "a recreated topic; its users dropped, the topic read whole", self.topic, info.positions,
+                            {tp.partition: end for tp, end in ends.items()})
+                self.store.clear()
             await consumer.seek_to_beginning(*ends)
             return
         for tp in ends:
             # Not behind what was fetched already; a position before the log's start (records
             # deleted) is moved there by the consumer's reset.
-            if (offset := positions.get(tp.partition)) is not None and offset > await consumer.position(tp):
+            if (offset := info.positions.get(tp.partition)) is not None and offset > await consumer.position(tp):
                 consumer.seek(tp, offset)
                 self.positions[tp.partition] = offset
-        log.info("follower of %s: going on from the snapshot's positions %s", self.topic, positions)
+                if tp.partition in info.stamps:
+                    self.stamps[tp.partition] = max(self.stamps.get(tp.partition, -1), info.stamps[tp.partition])
+        log.info("follower of %s: going on from the snapshot's positions %s", self.topic, info.positions)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         self.records += 1

@@ -420,7 +420,7 @@ def load_snapshot(settings: Settings, store: CandidateStore) -> SnapshotInfo | N
         store.clear()
         log.warning("%s; not loaded, the topic is read whole", exc)
         return None
-    if info is not None and info.topic not in (None, settings.topics.candidates):
+    if info is not None and cfg.follow and info.topic not in (None, settings.topics.candidates):
         store.clear()  # another topic's users, which this one's deletions never reach
         log.warning("snapshot %s was read from topic %r, not %r: not loaded, the topic is read whole",
                     cfg.snapshot_path, info.topic, settings.topics.candidates)
@@ -534,14 +534,18 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         if cfg.snapshot_path is not None and frozen and followers:
             # Fresh as of the last fetch from the topic; one that did not exist leaves the
             # records as fresh as the snapshot they came from (or of unknown age: not reloaded).
-            info = SnapshotInfo(candidates.topic, dict(candidates.positions),
+            # A follower that never went on from the snapshot (its topic missing) keeps its
+            # positions, against which the topic is checked when it is there again.
+            read = snapshot if snapshot is not None and candidates.resume_from is not None else None
+            info = SnapshotInfo(candidates.topic, dict(read.positions if read else candidates.positions),
                                 candidates.fresh_at_ms or (snapshot.fresh_at_ms if snapshot is not None else None),
-                                store.max_users, store.evicted > 0 or (snapshot is not None and snapshot.evicted))
+                                store.max_users, store.evicted > 0 or (snapshot is not None and snapshot.evicted),
+                                dict(read.stamps if read else candidates.stamps))
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path, info), cfg.snapshot_path)
         elif cfg.snapshot_path is not None:
-            # Saving would date the loaded snapshot's contents now (its age is the file's time):
-            # a server restarted again and again while the topic is out of reach, or one that
-            # does not follow it, would pass the tombstone-retention check for ever.
+            # Nothing newer than the file to save: a server that never caught up (the topic out
+            # of reach), or one that does not follow it. (Saving it again would also date a
+            # snapshot of the first format, whose age is its file's time, now.)
             log.warning("snapshot: %s; %s left as it was",
                         "not following the topics" if not followers else "not caught up with the topics", cfg.snapshot_path)
         for sig in (signal.SIGTERM, signal.SIGINT):

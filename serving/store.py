@@ -69,10 +69,13 @@ class SnapshotInfo:
     # positions are past them): a larger store reads the topic whole.
     max_users: int = 0
     evicted: bool = False
+    # partition -> the newest record timestamp read below its position: a topic whose records
+    # below the position include a newer one is not the topic read (one recreated since).
+    stamps: dict[int, int] = field(default_factory=dict)
 
     def to_wire(self) -> dict[str, Any]:
         return {"format": SNAPSHOT_FORMAT, "topic": self.topic, "positions": self.positions, "fresh_at_ms": self.fresh_at_ms,
-                "max_users": self.max_users, "evicted": self.evicted}
+                "max_users": self.max_users, "evicted": self.evicted, "stamps": self.stamps}
 
     @classmethod
     def from_wire(cls, value: Any) -> SnapshotInfo:
@@ -83,10 +86,11 @@ class SnapshotInfo:
             fresh = value["fresh_at_ms"]
             topic = value["topic"]
             max_users, evicted = int(value.get("max_users", 0)), bool(value.get("evicted", False))
+            stamps = {int(p): int(t) for p, t in value.get("stamps", {}).items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedCandidates(f"snapshot header malformed ({exc!r})") from None
         return cls(topic if isinstance(topic, str) else None, positions, fresh if type(fresh) is int else None,
-                   max_users, evicted)
+                   max_users, evicted, stamps)
 
 
 class MalformedCandidates(ValueError):

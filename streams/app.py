@@ -150,8 +150,8 @@ def read_state(stored: bytes | None, user_id: Any, counters: Counters) -> Packed
 def fold_or_start_afresh(seq: PackedSeq, event: ActionEvent, settings: Settings, counters: Counters) -> tuple[PackedSeq, Outcome]:
     """`seq.fold(event)`, and the sequence folded into. `PackedSeq.decode` checks a stored value's
     newest entries only (a whole pass costs a quarter of a decode), so older ones that are not
-    ours fail here: the user's events start afresh, as in `read_state` (their hides and version
-    kept), instead of the window failing at every restart. A failure on a value that passes the
+    ours fail here: the user's events start afresh, as in `read_state` (their hides, when they
+    are ours, and version kept), instead of the window failing at every restart. A failure on a value that passes the
     whole check (`PackedSeq.malformed`) is a defect, and raises."""
     hidden = seq.hidden
     try:
@@ -163,7 +163,8 @@ def fold_or_start_afresh(seq: PackedSeq, event: ActionEvent, settings: Settings,
         counters.unreadable += 1
         log.error("streams: the stored events of user %r cannot be folded into (%s: %s; %s); starting them afresh",
                   event.user_id, type(exc).__name__, exc, reason)
-        fresh = PackedSeq(event.user_id, seq.version if type(seq.version) is int else 0, [], [], b"", hidden)
+        kept = hidden if PackedSeq(event.user_id, 0, [], [], b"", hidden).hidden_malformed() is None else ()
+        fresh = PackedSeq(event.user_id, seq.version if type(seq.version) is int else 0, [], [], b"", kept)
         return fresh, fresh.fold(event, settings)
 
 

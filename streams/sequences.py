@@ -271,6 +271,14 @@ class PackedSeq:
             return f"events unreadable ({type(exc).__name__})"
         if [e.ts for e in events] != self.ts:
             return "events' times are not ts"
+        if not all(type(e.item_id) in (int, str) and type(e.action) is str and type(e.surface) is str for e in events):
+            return "an event's item, action or surface of the wrong type"
+        return self.hidden_malformed()
+
+    def hidden_malformed(self) -> str | None:
+        """What makes the hidden items not ones `fold_hidden` wrote, or None."""
+        if not all(len(h) == 2 and type(h[0]) is int and type(h[1]) in (int, str) for h in self.hidden):
+            return "hidden items not (time, item) pairs"
         return None
 
     def encode(self) -> bytes:

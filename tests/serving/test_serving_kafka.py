@@ -411,10 +411,20 @@ def test_a_snapshot_is_a_warm_start_from_its_positions_and_dropped_for_a_recreat
         await server.stop()
         # ... or one recreated and grown past the positions since: records below them written
         # after the snapshot was fresh (an hour ago, here), which the same topic cannot hold.
-        elsewhere.save(snapshot, SnapshotInfo(topic, {0: 2, 1: 2}, int(time.time() * 1000) - 3_600_000))
+        an_hour_ago = int(time.time() * 1000) - 3_600_000
+        elsewhere.save(snapshot, SnapshotInfo(topic, {0: 2, 1: 2}, an_hour_ago, stamps={0: an_hour_ago, 1: an_hour_ago}))
         server, port = await restarted()
         assert caught_up_records() == 33
         assert (await get(port, "elsewhere")).is_fallback
+        await server.stop()
+        # A snapshot whose store had evicted users, loaded by a larger store: the topic is read
+        # whole over it (the evicted users come back), its users kept.
+        _, info = CandidateStore(100).load(snapshot)
+        assert info is not None and info.positions and info.stamps
+        elsewhere.save(snapshot, SnapshotInfo(topic, info.positions, info.fresh_at_ms, max_users=10, evicted=True,
+                                              stamps=info.stamps))
+        server, port = await restarted()
+        assert caught_up_records() == 33 and not (await get(port, "elsewhere")).is_fallback
         await server.stop()
         # ... or one read from another topic.
         elsewhere.save(snapshot, SnapshotInfo(f"{topic}-other", {0: 2, 1: 2}, int(time.time() * 1000)))
@@ -611,7 +621,7 @@ def test_a_follower_records_only_positions_it_applied(kafka_bootstrap: str, uniq
     """Stopped at one of its yields mid-batch, the follower's positions (a snapshot's warm start)
     must not count the record it had not applied yet: a restart would skip it for good."""
     from serving.follower import CandidatesFollower
-    from serving.store import CandidateStore
+    from serving.store import CandidateStore, SnapshotInfo
 
     topic = f"candidates-{unique}"
     create_topic(kafka_bootstrap, topic, partitions=1)
@@ -635,6 +645,15 @@ def test_a_follower_records_only_positions_it_applied(kafka_bootstrap: str, uniq
         await asyncio.gather(follower._task, return_exceptions=True)
         await follower.stop()
         assert len(applied) == 15 and follower.positions == {0: 15}
+        # Resumed from there, with a freshness older than the records applied (a stop between
+        # two notes of it): the same topic, so only the 25 records left are read.
+        info = SnapshotInfo(topic, follower.positions, int(time.time() * 1000) - 60_000, stamps=follower.stamps)
+        again = CandidatesFollower(cfg, CandidateStore(100), start=info)
+        again.store.apply(make_candidates("from-the-snapshot", source_event_ts=T0))
+        await again.start()
+        await asyncio.wait_for(again.caught_up.wait(), 60)
+        assert again.records == 25 and again.store.get("from-the-snapshot") is not None
+        await again.stop()
 
     asyncio.run(scenario())
 

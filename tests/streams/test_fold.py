@@ -313,6 +313,20 @@ def test_an_older_entry_the_fold_trips_over_starts_the_user_afresh() -> None:
     assert outcome is Outcome.APPLIED and counters.unreadable == 2
 
 
+def test_hidden_items_not_ours_start_the_user_afresh_too() -> None:
+    """`decode` takes any pair as a hide; the next hide's fold compared them and failed the window."""
+    from streams.app import Counters, fold_or_start_afresh
+
+    now, settings = 1_800_000_000_000, Settings()
+    counters = Counters()
+    for hidden in ([[None, "x"]], ["ab"]):
+        stored = PackedSeq.decode(msgpack.packb({"user_id": "u", "version": now, "ts": [], "sizes": [], "events": b"",
+                                                 "hidden": hidden}))
+        seq, outcome = fold_or_start_afresh(stored, ActionEvent("u", "i", "hide", "home", now + 1), settings, counters)
+        assert outcome is Outcome.APPLIED and seq.hidden == ((now + 1, "i"),)
+    assert counters.unreadable == 2
+
+
 def test_a_fold_failing_on_a_value_that_is_ours_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a value that fails the whole check starts afresh: a defect in the fold must not wipe
     every user it meets while the worker looks healthy."""
