@@ -428,9 +428,9 @@ class CatchUp:
     has run. The records past the start's end are live: indexed in order, as always.
 
     Nothing here depends on what was read before a restart: an older record is skipped
-    whatever the consumer's history, and features an item's newest record lacks are indexed
-    with that newest record's payload at the older record's offset (so a commit past it loses
-    nothing). The maps are kept until the group's commits pass the range (`release`): a
+    whatever the consumer's history, and features or a popularity an item's newest record lacks
+    are indexed with that newest record's payload at the older record's offset (so a commit past
+    it loses nothing). The maps are kept until the group's commits pass the range (`release`): a
     replaced consumer re-reads from the last commit and must thin the same way."""
 
     latest: dict[Key, int]  # offset of each item's newest valid record in the catch-up range
@@ -439,6 +439,8 @@ class CatchUp:
     ends: dict[int, int]  # partition -> the offset after its last record in the range
     # the newest popularity an item's records in the range gave, for a newest record without one
     popularity: dict[Key, float] = field(default_factory=dict)
+    # items whose newest record has no popularity but an older one does: (that one's offset, the newest)
+    popularity_carry: dict[Key, tuple[int, ItemMessage]] = field(default_factory=dict)
 
     @classmethod
     def scan(cls, records: Iterable[Any], decode: Callable[[Any], ItemMessage]) -> CatchUp:
@@ -450,6 +452,8 @@ class CatchUp:
         carry: dict[Key, tuple[int, ItemMessage]] = {}
         ends: dict[int, int] = {}
         popularity: dict[Key, float] = {}
+        popularity_at: dict[Key, int] = {}
+        popularity_carry: dict[Key, tuple[int, ItemMessage]] = {}
         for rec in records:
             ends[rec.partition] = max(ends.get(rec.partition, 0), rec.offset + 1)
             try:
@@ -460,12 +464,16 @@ class CatchUp:
             latest[key] = rec.offset
             if item.popularity is not None:
                 popularity[key] = item.popularity
+                popularity_at[key] = rec.offset
+                popularity_carry.pop(key, None)
+            elif key in popularity_at:
+                popularity_carry[key] = (popularity_at[key], item)
             if item.features is not None:
                 features_at[key] = rec.offset
                 carry.pop(key, None)
             elif key in features_at:
                 carry[key] = (features_at[key], item)
-        return cls(latest, carry, ends, popularity)
+        return cls(latest, carry, ends, popularity, popularity_carry)
 
     def thin(self, rec: Any, item: ItemMessage) -> ItemMessage | None:
         """The item to index for a record, or None when a newer record of the item follows in
@@ -481,6 +489,10 @@ class CatchUp:
             # export: its final state now, with these features (as index_items merges them
             # within one batch); the newest then only refreshes the payload.
             state = dataclasses.replace(carried[1], features=item.features)
+        elif (carried := self.popularity_carry.get(key)) is not None and carried[0] == rec.offset:
+            # Likewise the popularity the newest lacks: a restart after a commit past this
+            # record reads the newest alone, which keeps the stored popularity.
+            state = dataclasses.replace(carried[1], features=item.features if item.features is not None else carried[1].features)
         else:
             return None
         if state.popularity is None and key in self.popularity:
@@ -495,6 +507,7 @@ class CatchUp:
             self.latest = {k: o for k, o in self.latest.items() if k[0] not in done}
             self.carry = {k: c for k, c in self.carry.items() if k[0] not in done}
             self.popularity = {k: v for k, v in self.popularity.items() if k[0] not in done}
+            self.popularity_carry = {k: c for k, c in self.popularity_carry.items() if k[0] not in done}
             self.ends = {p: end for p, end in self.ends.items() if p not in done}
 
 

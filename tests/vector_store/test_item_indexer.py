@@ -187,9 +187,31 @@ def test_a_follower_catching_up_indexes_the_state_a_live_one_would_reach() -> No
     catch_up = CatchUp.scan(records, lambda rec: rec.value)
     got = [catch_up.thin(rec, rec.value) for rec in records]
     want_x = ItemMessage("x", features=(1.0,), surfaces=("home",), popularity=9.0)
-    assert got == [want_x, None, ItemMessage("x", surfaces=("home",), popularity=9.0), messages[3]]
+    # The newest's payload with the last popularity also at that popularity's record (a commit
+    # past it must not lose it: the next test), and at the newest.
+    assert got == [want_x, ItemMessage("x", surfaces=("home",), popularity=9.0), ItemMessage("x", surfaces=("home",), popularity=9.0),
+                   messages[3]]
     live = SimpleNamespace(partition=0, offset=9, key=b"x", value=ItemMessage("x"))
     assert catch_up.thin(live, live.value) == ItemMessage("x")  # past the range: as it came
+
+
+def test_a_follower_restarted_mid_catch_up_keeps_a_superseded_records_popularity() -> None:
+    """An item's popularity on a record superseded by a newer one without it: thinning skipped
+    that record, a commit passed it, and after a restart the newest alone was indexed, the
+    popularity lost (a live follower keeps it). Now it is indexed at that record's offset."""
+    from types import SimpleNamespace
+
+    from vector_store.indexer import CatchUp
+
+    messages = [ItemMessage("x", popularity=5.0), ItemMessage("y", features=(2.0,)), ItemMessage("x", surfaces=("home",))]
+    records = [SimpleNamespace(partition=0, offset=k, key=str(m.item_id).encode(), value=m)
+               for k, m in enumerate(messages)]
+    catch_up = CatchUp.scan(records, lambda rec: rec.value)
+    final_x = ItemMessage("x", surfaces=("home",), popularity=5.0)
+    assert [catch_up.thin(rec, rec.value) for rec in records] == [final_x, messages[1], final_x]
+    # The restart reads from past the first record: the newest alone, which keeps what is stored.
+    again = CatchUp.scan(records[1:], lambda rec: rec.value)
+    assert again.thin(records[2], records[2].value) == messages[2]
 
 
 def _write_model(model_dir: Path, n: int, n_features: int, *, version: str = "v1", seed: int = 9) -> ItemTable:
