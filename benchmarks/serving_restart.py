@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import tempfile
 import time
@@ -139,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_result("serving_restart", metrics))
     finally:
         broker.destroy()
+        shutil.rmtree(work, ignore_errors=True)  # the snapshot
     return 0
 
 
