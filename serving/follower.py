@@ -213,7 +213,7 @@ class CandidatesFollower:
                     # After the record is applied: a cancellation at the yield above must not
                     # leave a snapshot saying it was.
                     self.positions[record.partition] = record.offset + 1
-                    if record.timestamp > self.stamps.get(record.partition, -1):
+                    if record.timestamp is not None and record.timestamp > self.stamps.get(record.partition, -1):  # None: v0 records
                         self.stamps[record.partition] = record.timestamp
             if read_to_end:
                 self._note_freshness(consumer)

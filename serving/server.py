@@ -539,7 +539,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             read = snapshot if snapshot is not None and candidates.resume_from is not None else None
             info = SnapshotInfo(candidates.topic, dict(read.positions if read else candidates.positions),
                                 candidates.fresh_at_ms or (snapshot.fresh_at_ms if snapshot is not None else None),
-                                store.max_users, store.evicted > 0 or (snapshot is not None and snapshot.evicted),
+                                # the bound its users were kept under: the snapshot's, if they are its
+                                min(store.max_users, read.max_users) if read else store.max_users,
+                                store.evicted > 0 or (snapshot is not None and snapshot.evicted),
                                 dict(read.stamps if read else candidates.stamps))
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path, info), cfg.snapshot_path)
         elif cfg.snapshot_path is not None:

@@ -428,10 +428,15 @@ class CatchUp:
     has run. The records past the start's end are live: indexed in order, as always.
 
     Nothing here depends on what was read before a restart: an older record is skipped
-    whatever the consumer's history, and features or a popularity an item's newest record lacks
-    are indexed with that newest record's payload at the older record's offset (so a commit past
-    it loses nothing). The maps are kept until the group's commits pass the range (`release`): a
-    replaced consumer re-reads from the last commit and must thin the same way."""
+    whatever the consumer's history, and what an item's newest record lacks and older ones gave
+    is indexed at their offsets, so a commit past them loses nothing: at the last features
+    record's, the item's final state (the newest payload with those features and the last
+    popularity); at the last popularity record's, when that is older, the newest record with
+    that popularity (only the newest's own features: the final ones are not known there, an
+    older record's would be a state the item never had). The maps are kept until the group's
+    commits pass the range (`release`): a replaced consumer re-reads from the last commit and
+    must thin the same way. Only offsets, popularities and the newest records of items that
+    need a carry are kept (not every item's features: a whole catalogue's catch-up)."""
 
     latest: dict[Key, int]  # offset of each item's newest valid record in the catch-up range
     # items whose newest record has no features but an older one does: (its offset, the newest)
@@ -439,7 +444,8 @@ class CatchUp:
     ends: dict[int, int]  # partition -> the offset after its last record in the range
     # the newest popularity an item's records in the range gave, for a newest record without one
     popularity: dict[Key, float] = field(default_factory=dict)
-    # items whose newest record has no popularity but an older one does: (that one's offset, the newest)
+    # items whose newest record has no popularity but an older one does, given before any
+    # features carry: (that record's offset, the newest)
     popularity_carry: dict[Key, tuple[int, ItemMessage]] = field(default_factory=dict)
 
     @classmethod
@@ -462,17 +468,20 @@ class CatchUp:
                 continue
             key = (rec.partition, rec.key)
             latest[key] = rec.offset
-            if item.popularity is not None:
-                popularity[key] = item.popularity
-                popularity_at[key] = rec.offset
-                popularity_carry.pop(key, None)
-            elif key in popularity_at:
-                popularity_carry[key] = (popularity_at[key], item)
             if item.features is not None:
                 features_at[key] = rec.offset
                 carry.pop(key, None)
             elif key in features_at:
                 carry[key] = (features_at[key], item)
+            if item.popularity is not None:
+                popularity[key] = item.popularity
+                popularity_at[key] = rec.offset
+                popularity_carry.pop(key, None)
+            elif key in popularity_at and (key not in carry or popularity_at[key] < carry[key][0]):
+                # (a features carry at or before it indexes the final popularity already)
+                popularity_carry[key] = (popularity_at[key], item)
+            else:
+                popularity_carry.pop(key, None)
         return cls(latest, carry, ends, popularity, popularity_carry)
 
     def thin(self, rec: Any, item: ItemMessage) -> ItemMessage | None:
@@ -490,9 +499,7 @@ class CatchUp:
             # within one batch); the newest then only refreshes the payload.
             state = dataclasses.replace(carried[1], features=item.features)
         elif (carried := self.popularity_carry.get(key)) is not None and carried[0] == rec.offset:
-            # Likewise the popularity the newest lacks: a restart after a commit past this
-            # record reads the newest alone, which keeps the stored popularity.
-            state = dataclasses.replace(carried[1], features=item.features if item.features is not None else carried[1].features)
+            state = carried[1]  # the popularity is filled in below; a restart past here keeps it stored
         else:
             return None
         if state.popularity is None and key in self.popularity:

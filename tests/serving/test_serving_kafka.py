@@ -693,3 +693,33 @@ def test_a_followers_freshness_stops_when_its_broker_goes(tmp_path: Path, unique
         asyncio.run(scenario())
     finally:
         broker.destroy()
+
+
+def test_a_server_whose_topic_is_missing_keeps_its_snapshots_header(
+    kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make, tmp_path: Path
+) -> None:
+    """No `candidates` topic (it counts as caught up): the users saved are the snapshot's, so are
+    the positions (checked against the topic once it is back) and the bound they were kept
+    under (a larger store then reads the topic whole for the users that one evicted). The
+    positions were saved empty, and later the bound of the store that had read nothing."""
+    from serving.store import CandidateStore, SnapshotInfo
+
+    snapshot = tmp_path / "snap.msgpack"
+    now = int(time.time() * 1000)
+    kept = CandidateStore(10)
+    kept.apply(make_candidates("u1", source_event_ts=T0))
+    saved = SnapshotInfo(f"candidates-{unique}", {0: 5, 1: 7}, now, max_users=10, evicted=True, stamps={0: now, 1: now})
+    kept.save(snapshot, saved)
+    cfg = _settings(settings, kafka_bootstrap, f"candidates-{unique}", snapshot_path=snapshot)  # never created
+
+    async def scenario() -> None:
+        server = RunningServe(cfg)
+        port = await server.port()
+        await wait_serving(port)
+        assert not (await get(port, "u1")).is_fallback
+        await server.stop()
+
+    asyncio.run(scenario())
+    n, info = CandidateStore(100).load(snapshot)
+    assert n == 1 and info is not None
+    assert (info.positions, info.stamps, info.max_users, info.evicted) == (saved.positions, saved.stamps, 10, True)
