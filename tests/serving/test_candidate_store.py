@@ -228,3 +228,24 @@ def test_served_replaced_and_evicted_lists_leave_no_reference_cycles(make_candid
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+def test_a_snapshot_of_another_topic_is_dropped_only_by_a_server_that_follows_the_topic(
+    tmp_path: Path, make_candidates: Make
+) -> None:
+    """Its users are not the followed topic's (whose deletions never reach them): dropped. A
+    server that serves the snapshot alone (follow off) has no topic to mix them with: loaded."""
+    from recsys.settings import Settings
+    from serving.server import load_snapshot
+
+    snapshot = tmp_path / "candidates.msgpack"
+    store = CandidateStore(10)
+    store.apply(make_candidates("u1", source_event_ts=1))
+    import time
+
+    store.save(snapshot, SnapshotInfo("candidates-elsewhere", {0: 1}, int(time.time() * 1000)))  # fresh: loadable
+    for follow, users in ((True, 0), (False, 1)):
+        settings = Settings(serving={"snapshot_path": snapshot, "follow": follow})
+        loaded = CandidateStore(10)
+        info = load_snapshot(settings, loaded)
+        assert len(loaded) == users and (info is not None) is (not follow)
