@@ -341,7 +341,8 @@ def main(argv: list[str]) -> int:
     # Split the data as it is, then drop what the checkpoint cannot embed: dropped first, the
     # held-out targets moved back onto events the model trained on, and targets on items it
     # never saw left the denominator instead of counting as misses.
-    split = make_split(log, ckpt.trained_on.get("split") or args.split if args.split == "auto" else args.split, args.dataset)
+    kind = (ckpt.trained_on.get("split") or "auto") if args.split == "auto" else args.split
+    split = make_split(log, kind, args.dataset)
     rows = engaged(log, split.test if args.on == "test" else split.valid, settings.train.negative_actions)
     known = np.isin(log.item_ids[log.item - 1], np.asarray(ckpt.item_ids).astype(str))
     aligned_row = np.cumsum(known) - 1  # the align keeps the other rows in order

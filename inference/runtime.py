@@ -67,14 +67,22 @@ def check_one_export(model_dir: Path, meta: dict[str, Any], session: ort.Inferen
     """Raise `MixedModelDirectory` unless user_model.onnx and items.npz carry meta.json's
     version: a worker that loaded parts of two exports would feed one model's item vectors to the
     other's queries and search a third's catalogue, with no error anywhere."""
-    found = {"user_model.onnx": session.get_modelmeta().custom_metadata_map.get("version")}
+    found = {"user_model.onnx": str(session.get_modelmeta().custom_metadata_map.get("version"))}
     if "version" in items.files:  # tables exported before the stamp carry none
         found["items.npz"] = str(items["version"])
     if len(items["ids"]) != meta.get("n_items", len(items["ids"])):
         found["items.npz rows"] = f"{len(items['ids'])} (meta.json: {meta['n_items']})"
-    wrong = {name: v for name, v in found.items() if v != meta["version"]}
+    check_same_export(model_dir, meta["version"], found)
+
+
+def check_same_export(model_dir: Path, version: str, parts: Mapping[str, str | None]) -> None:
+    """Raise `MixedModelDirectory` unless every stamped part (file name -> its version; None:
+    exported before stamps) is model ``version``'s, meta.json's. An export under way or cut
+    short leaves parts of two models: loaded together, one model's vectors would be marked as
+    the other's, or new items embedded in another space than the catalogue they join."""
+    wrong = {name: v for name, v in parts.items() if v is not None and v != version}
     if wrong:
-        raise MixedModelDirectory(f"{model_dir} holds parts of different exports: meta.json is model {meta['version']}, "
+        raise MixedModelDirectory(f"{model_dir} holds parts of different exports: meta.json is model {version}, "
                                   f"but {wrong}; an export is under way or was cut short (export again)")
 
 

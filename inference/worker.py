@@ -38,7 +38,6 @@ and a batch may read an item's vector just before or just after its re-embedding
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import signal
@@ -56,7 +55,7 @@ import numpy as np
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
 from inference.guards import RetryingStore, StoreCallFailed, StoreUnavailable, call_with_retry, clean_update, is_transient
-from inference.runtime import ModelRuntime, VectorLookup
+from inference.runtime import ModelRuntime, VectorLookup, check_same_export
 from recsys.kafka_clients import PendingCommits, group_consumer
 from recsys.settings import InferenceSettings, Settings, get_settings
 from recsys.topics import POPULAR_KEY
@@ -1005,12 +1004,17 @@ def _budget_sanity(settings: Settings) -> None:
                          "limit_headroom <= limit_headroom_max, merge_cosine finite")
 
 
-def _exported_version(model_dir: Path) -> str | None:
-    """meta.json's version, None while it cannot be read (an export replacing it)."""
+def stop_if_model_dir_moved_on(model_dir: Path, loaded: str, detail: str = "") -> None:
+    """SystemExit when meta.json now names another model than the ``loaded`` one: a restart
+    loads it. (One that cannot be read, an export replacing it, is no reason.)"""
+    from vector_store.indexer import model_version
+
     try:
-        return str(json.loads((Path(model_dir) / "meta.json").read_text(encoding="utf-8"))["version"])
+        exported = model_version(model_dir)
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return
+    if exported != loaded:
+        raise SystemExit(f"worker: {model_dir} now holds model {exported}, not the loaded {loaded}{detail}: restarting loads it")
 
 
 def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, stopping: threading.Event) -> bool:
@@ -1032,12 +1036,9 @@ def wait_for_catalogue(store: VectorStore, version: str, settings: Settings, sto
         if loaded == version:
             return True
         now = f"model {loaded}'s" if loaded else "no whole catalogue"
-        exported = _exported_version(settings.inference.model_dir)
-        if exported not in (None, version):
-            # The load we wait for may never come: the model directory moved on to the model
-            # being indexed (or another). A restart loads what is there now.
-            raise SystemExit(f"worker: {settings.inference.model_dir} now holds model {exported}, not the loaded {version} "
-                             f"(the store holds {now}): restarting loads it")
+        # The load we wait for may never come: the model directory moved on to the model being
+        # indexed (or another).
+        stop_if_model_dir_moved_on(settings.inference.model_dir, version, f" (the store holds {now})")
         if settings.vector_store.backend == "edge":
             raise SystemExit(f"worker: the Edge shard {settings.vector_store.path} holds {now}, not model {version}'s: "
                              "run `recsys index` first (it loads the exported items.npz)")
@@ -1085,7 +1086,7 @@ def main(argv: list[str]) -> int:
     if not args.no_follow_items:
         # An Edge shard belongs to one process, so the `items` follower runs here, in a thread
         # of its own (it blocks on Kafka); every store call of both threads goes through one lock.
-        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, check_same_export, model_id_bucket
+        from vector_store.indexer import ItemsFollower, OnnxItemEncoder, model_id_bucket
 
         store = SerialisedStore(store)
     # Every store call of the worker and the follower waits out a store outage (the lock is not held while waiting).
@@ -1097,9 +1098,7 @@ def main(argv: list[str]) -> int:
         encoder = OnnxItemEncoder(model_dir, model_id_bucket(model_dir), settings.inference.ort_threads)
         # Read after the catalogue wait, which can be long: an export since then would have new
         # items embedded in its space and joined to this model's catalogue.
-        if (exported := _exported_version(model_dir)) not in (None, runtime.version):
-            raise SystemExit(f"worker: {model_dir} now holds model {exported}, not the loaded {runtime.version}: "
-                             "restarting loads it")
+        stop_if_model_dir_moved_on(model_dir, runtime.version)
         check_same_export(model_dir, runtime.version, {"item_encoder.onnx": encoder.version})
         try:
             follower = ItemsFollower(store, encoder, settings,

@@ -57,6 +57,7 @@ class CandidatesFollower:
         self.topic = topic or settings.topics.candidates
         # A loaded snapshot's header: its records were read up to these positions, from which
         # the follower goes on (a warm start) when they fit the topic.
+        self.loaded = start  # what the store was loaded with (`snapshot_info`)
         self.resume_from = start if start is not None and start.topic == self.topic else None
         # The snapshot lacks users its store had to evict, which a larger store can hold: the
         # topic is read whole (over the snapshot, newest-wins) to bring them back.
@@ -217,6 +218,22 @@ class CandidatesFollower:
                         self.stamps[record.partition] = record.timestamp
             if read_to_end:
                 self._note_freshness(consumer)
+
+    def snapshot_info(self) -> SnapshotInfo:
+        """The header of a snapshot of the store now. Fresh as of the last fetch from the topic;
+        one that did not exist leaves the records as fresh as the snapshot they came from (or of
+        unknown age: not reloaded), and a follower that never went on from that snapshot (its
+        topic missing) keeps its positions and bound, against which the topic is checked when it
+        is there again."""
+        loaded, store = self.loaded, self.store
+        read = loaded if loaded is not None and self.resume_from is not None else None
+        return SnapshotInfo(
+            self.topic, dict(read.positions if read else self.positions),
+            self.fresh_at_ms or (loaded.fresh_at_ms if loaded is not None else None),
+            # the bound its users were kept under: the snapshot's, if they are its
+            min(store.max_users, read.max_users) if read else store.max_users,
+            store.evicted > 0 or (loaded is not None and loaded.evicted),
+            dict(read.stamps if read else self.stamps))
 
     def _note_freshness(self, consumer: AIOKafkaConsumer) -> None:
         """`fresh_at_ms` = the oldest of the partitions' last fetch responses, when every one

@@ -532,17 +532,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         for follower in followers:
             await follower.stop()
         if cfg.snapshot_path is not None and frozen and followers:
-            # Fresh as of the last fetch from the topic; one that did not exist leaves the
-            # records as fresh as the snapshot they came from (or of unknown age: not reloaded).
-            # A follower that never went on from the snapshot (its topic missing) keeps its
-            # positions, against which the topic is checked when it is there again.
-            read = snapshot if snapshot is not None and candidates.resume_from is not None else None
-            info = SnapshotInfo(candidates.topic, dict(read.positions if read else candidates.positions),
-                                candidates.fresh_at_ms or (snapshot.fresh_at_ms if snapshot is not None else None),
-                                # the bound its users were kept under: the snapshot's, if they are its
-                                min(store.max_users, read.max_users) if read else store.max_users,
-                                store.evicted > 0 or (snapshot is not None and snapshot.evicted),
-                                dict(read.stamps if read else candidates.stamps))
+            info = candidates.snapshot_info()
             log.info("snapshot: %d users -> %s", store.save(cfg.snapshot_path, info), cfg.snapshot_path)
         elif cfg.snapshot_path is not None:
             # Nothing newer than the file to save: a server that never caught up (the topic out

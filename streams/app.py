@@ -57,7 +57,7 @@ from streams.errors import InvalidEvent
 from streams.forget import IdleSweep
 from streams.outbox import Outbox
 from streams.schema import ActionEvent, decode_event, now_ms
-from streams.sequences import Outcome, PackedSeq
+from streams.sequences import Outcome, PackedSeq, hidden_malformed
 
 __all__ = ["Counters", "create_app", "main"]
 
@@ -163,7 +163,7 @@ def fold_or_start_afresh(seq: PackedSeq, event: ActionEvent, settings: Settings,
         counters.unreadable += 1
         log.error("streams: the stored events of user %r cannot be folded into (%s: %s; %s); starting them afresh",
                   event.user_id, type(exc).__name__, exc, reason)
-        kept = hidden if PackedSeq(event.user_id, 0, [], [], b"", hidden).hidden_malformed() is None else ()
+        kept = hidden if hidden_malformed(hidden) is None else ()
         fresh = PackedSeq(event.user_id, seq.version if type(seq.version) is int else 0, [], [], b"", kept)
         return fresh, fresh.fold(event, settings)
 

@@ -54,6 +54,7 @@ __all__ = [
     "encode_state",
     "fold_event",
     "fold_hidden",
+    "hidden_malformed",
     "order_key",
     "user_update",
 ]
@@ -120,6 +121,13 @@ Hidden = tuple[tuple[int, Id], ...]  # (time of the hide, item), by (ts, str(ite
 
 def _hidden_key(entry: tuple[int, Id]) -> tuple[int, str]:
     return (entry[0], str(entry[1]))
+
+
+def hidden_malformed(hidden: Hidden) -> str | None:
+    """What makes stored hidden items not ones `fold_hidden` wrote, or None."""
+    if not all(len(h) == 2 and type(h[0]) is int and type(h[1]) in (int, str) for h in hidden):
+        return "hidden items not (time, item) pairs"
+    return None
 
 
 def fold_hidden(hidden: Hidden, event: ActionEvent, settings: Settings) -> Hidden:
@@ -273,13 +281,7 @@ class PackedSeq:
             return "events' times are not ts"
         if not all(type(e.item_id) in (int, str) and type(e.action) is str and type(e.surface) is str for e in events):
             return "an event's item, action or surface of the wrong type"
-        return self.hidden_malformed()
-
-    def hidden_malformed(self) -> str | None:
-        """What makes the hidden items not ones `fold_hidden` wrote, or None."""
-        if not all(len(h) == 2 and type(h[0]) is int and type(h[1]) in (int, str) for h in self.hidden):
-            return "hidden items not (time, item) pairs"
-        return None
+        return hidden_malformed(self.hidden)
 
     def encode(self) -> bytes:
         state = {"user_id": self.user_id, "version": self.version, "ts": self.ts, "sizes": self.sizes, "events": self.wire}

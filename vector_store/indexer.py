@@ -323,19 +323,6 @@ class ItemTable:
         return cls(ids, emb, pop, version)
 
 
-def check_same_export(model_dir: Path, version: str, parts: Mapping[str, str | None]) -> None:
-    """Raise `MixedModelDirectory` unless every stamped part (file name -> its version; None:
-    exported before stamps) is model ``version``'s, meta.json's. An export under way or cut
-    short leaves parts of two models: loaded together, one model's vectors would be marked as
-    the other's, or new items embedded in another space than the catalogue they join."""
-    from inference.runtime import MixedModelDirectory
-
-    wrong = {name: v for name, v in parts.items() if v is not None and v != version}
-    if wrong:
-        raise MixedModelDirectory(f"{model_dir} holds parts of different exports: meta.json is model {version}, "
-                                  f"but {wrong}; an export is under way or was cut short (export again)")
-
-
 def index_item_table(
     store: VectorStore,
     table: ItemTable,
@@ -821,6 +808,8 @@ def main(argv: list[str]) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = get_settings()
+    from inference.runtime import check_same_export
+
     model_dir = args.model_dir or settings.inference.model_dir
     version = model_version(model_dir)  # first: an export replaces meta.json last
     table = ItemTable.load(model_dir)
