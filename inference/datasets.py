@@ -42,7 +42,12 @@ def load_dataset(
     n_events: int = 20_000,
     n_users: int = 500,
     n_items: int = 300,
+    start_ts_ms: int | None = None,
 ) -> EventLog:
+    """The named data set as an EventLog. `synthetic` is generated from `train.seed` over the
+    configured actions and surfaces, its first event at `start_ts_ms` (default: its last event
+    now); `synthetic_start_ms` gives a log's, which `recsys evaluate` needs to feed the model the
+    times it was trained on."""
     path = path or default_path(name, settings)
     if path is not None and not path.exists():
         where = "" if name in ("events",) else f" (--path, or train.datasets_dir = {settings.train.datasets_dir})"
@@ -63,9 +68,15 @@ def load_dataset(
 
         # With content features, so that the model it trains (docker-compose's) embeds new items.
         features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(n_items)}
-        return events_from_dicts(synthetic_events(n_events, n_users, n_items, settings.train.seed),
+        return events_from_dicts(synthetic_events(n_events, n_users, n_items, settings.train.seed, events=ev,
+                                                  start_ts_ms=start_ts_ms),
                                  ev.actions, ev.surfaces, features)
     raise ValueError(f"unknown dataset {name!r}; one of {DATASETS}")
+
+
+def synthetic_start_ms(log: EventLog) -> int:
+    """The time of a synthetic log's first event (its `start_ts_ms`)."""
+    return int(round(float(log.ts.min()) * 1000))
 
 
 def make_split(log: EventLog, kind: str, dataset: str) -> Split:

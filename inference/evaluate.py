@@ -335,7 +335,8 @@ def main(argv: list[str]) -> int:
     if "seed" in ckpt.trained_on:  # synthetic data is made from it
         settings = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": ckpt.trained_on["seed"]})})
     try:
-        log = load_dataset(args.dataset, args.path, settings)
+        # and at the training run's times: the model reads the time of day, week and year
+        log = load_dataset(args.dataset, args.path, settings, start_ts_ms=ckpt.trained_on.get("start_ts_ms"))
     except (FileNotFoundError, ValueError) as exc:
         p.error(str(exc))
     # Split the data as it is, then drop what the checkpoint cannot embed: dropped first, the
@@ -348,8 +349,10 @@ def main(argv: list[str]) -> int:
     aligned_row = np.cumsum(known) - 1  # the align keeps the other rows in order
     log = ckpt.align(log)
     scored = rows[known[rows]]
-    metrics = ranking_metrics(
-        model, log, aligned_row[scored], exclude_history=args.exclude_history, outcome=args.outcome, ks=(5, 10, 20, 50)
+    conditioned = {"outcome": True, "surface": True} | dict(ckpt.trained_on.get("conditioned") or {})
+    metrics = ranking_metrics(  # conditioned as the worker serves it: "none" where the model never learnt a condition
+        model, log, aligned_row[scored], exclude_history=args.exclude_history, ks=(5, 10, 20, 50),
+        outcome=args.outcome if conditioned["outcome"] else "none", surface="true" if conditioned["surface"] else "none",
     )
     unknown = len(rows) - len(scored)
     if unknown:  # a miss each: no list of this model can hold an item it does not have

@@ -26,7 +26,8 @@ the same) -> `item_emb` float32 [N, D], L2-normalised.
 
 `items.npz` -- see inference/items.py. `meta.json` -- the model config (`joint_queries`: how
 the worker merges the queries), version, surfaces, actions, input/output names, dtypes and
-shapes, feature width, the id-bucket scheme with its vocabulary, the logit scale. The version string is also in both ONNX files' metadata_props (`version`), with
+shapes, feature width, the id-bucket scheme with its vocabulary, the logit scale, which target
+conditions the model learnt (`conditioned`: the worker feeds 0 for the others). The version string is also in both ONNX files' metadata_props (`version`), with
 the model config (`model_config`).
 """
 
@@ -211,6 +212,8 @@ def _write_export(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) -
         # config.joint_queries: a condition's M queries rank items by their joint score
         # (inference.model.joint_score at this scale), not each alone.
         "logit_scale": float(model.scale().detach()),
+        # target_outcome / target_surface the model was trained to read; 0 ("none") for the others
+        "conditioned": {"outcome": True, "surface": True} | dict(info.trained_on.get("conditioned") or {}),
         "opset": OPSET,
         "user_model": {"file": "user_model.onnx", **USER_MODEL_SPEC, "dims": {"D": D, "M": M, "T_max": cfg.max_len}},
         "item_encoder": {

@@ -193,6 +193,11 @@ class ModelRuntime:
         """The scale `joint_score` applies (meta.json's logit_scale; 1 / temperature)."""
         return float(self.meta["logit_scale"])
 
+    def conditioned_on(self, kind: str) -> bool:
+        """Whether the model was trained to read its target `kind` ("outcome" | "surface"):
+        a model trained with that condition always dropped gets 0 ("none") there."""
+        return bool(self.meta.get("conditioned", {}).get(kind, True))
+
     @property
     def surfaces(self) -> list[str]:
         return list(self.meta["surfaces"])

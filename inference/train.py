@@ -30,14 +30,17 @@ Stages:
 Loop: nanoGPT-shaped, one visible `while` over epochs: lr schedule -> batches (AMP, clip, step)
 -> validation every `eval_every` epochs -> best / last checkpoints -> early stopping. Seeds are
 set, `--resume` continues from <stage>_last.pt with the weights, optimizer and random state an
-uninterrupted run would have had at that epoch (it ends with the same weights), a progress bar
-shows steps, curves.png plots the loss and validation metric. GPU and mixed precision when present; CPU otherwise.
+uninterrupted run would have had at that epoch (it ends with the same weights; a stage file of
+another run, another seed, data or pretraining, is refused or, for fine-tuning, started afresh),
+a progress bar shows steps, <stage>_curves.png plots the loss and validation metric.
+`train.max_minutes` bounds the whole run, its stages together. GPU and mixed precision when present; CPU otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -419,6 +422,19 @@ class RunState:
     best: dict[str, float] = field(default_factory=dict)
     bad_evals: int = 0
     early_stopped: bool = False  # patience ran out: a resumed run ends here too
+    origin: str = ""  # stage_origin of the run: a checkpoint resumes only its own run
+
+
+def stage_origin(model: GenerativeRetriever, log_: EventLog, split: Split) -> str:
+    """A digest of what a stage starts from: the data, its split and the weights it begins
+    with (for pretraining the seed's initialisation, for fine-tuning the pretrained model)."""
+    h = hashlib.sha256()
+    for a in (log_.user, log_.item, log_.action, log_.surface, log_.ts, log_.item_ids, split.train_end):
+        h.update(np.ascontiguousarray(a).tobytes())
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def loss_spec(log_: EventLog, train_end: np.ndarray, tcfg: TrainSettings, device: torch.device) -> LossSpec:
@@ -450,8 +466,10 @@ def fit(
     *,
     resume: bool = False,
     progress: bool = True,
+    seconds_left: float | None = None,
 ) -> TrainResult:
-    """Run one stage to its end (epochs, early stopping or time limit); keep the best weights."""
+    """Run one stage to its end (epochs, early stopping or `seconds_left` of training, the
+    run's time budget less what earlier stages took); keep the best weights."""
     device = pick_device(tcfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     params = stage.trainable if stage.trainable is not None else list(model.parameters())
@@ -461,21 +479,33 @@ def fit(
         p.requires_grad_(True)
     optimizer = model.configure_optimizer(stage.lr, tcfg.weight_decay, (0.9, 0.98))
     features = None if log_.features is None else torch.as_tensor(log_.features, device=device)
-    st = RunState(protocol=TRAINING_PROTOCOL)
+    st = RunState(protocol=TRAINING_PROTOCOL, origin=stage_origin(model, log_, split))
     last, best_path = out_dir / f"{stage.name}_last.pt", out_dir / f"{stage.name}_best.pt"
-    if resume and last.exists():
-        blob = load_blob(last)
+    blob = load_blob(last) if resume and last.exists() else None
+    if blob is not None:
         if ModelConfig(**blob["model_args"]) != model.cfg:  # e.g. train.slots changed: the best so far was ranked otherwise
             raise ValueError(f"{last} was written for another model ({blob['model_args']}, now {model.cfg.to_dict()}): "
                              "start afresh, without --resume or with another --out")
+        saved = RunState(**blob["state"]["run"])
+        if saved.protocol != TRAINING_PROTOCOL:
+            raise ValueError(f"{last} was written by a run whose metrics are not comparable with this code's "
+                             f"(protocol {saved.protocol}, now {TRAINING_PROTOCOL}): start afresh, without --resume "
+                             "or with another --out")
+        if saved.origin != st.origin:
+            if stage.trainable is None:  # asked to resume this very stage: not silently thrown away
+                raise ValueError(f"{last} was written by another run (other data, seed or starting weights): start "
+                                 "afresh, without --resume or with another --out")
+            # A fine-tuning stage whose pretraining differs: an earlier run's leftover in the same
+            # directory, which would replace this run's pretrained weights with that run's.
+            log.warning("%s belongs to an earlier run (it fine-tuned other weights): %s starts afresh", last, stage.name)
+            blob = None
+    if blob is None:
+        best_path.unlink(missing_ok=True)  # an earlier run's best must not stand in for this stage's
+    else:
         model.load_state_dict(blob["model"])
         if blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
-        st = RunState(**blob["state"]["run"])
-        if st.protocol != TRAINING_PROTOCOL:
-            raise ValueError(f"{last} was written by a run whose metrics are not comparable with this code's "
-                             f"(protocol {st.protocol}, now {TRAINING_PROTOCOL}): start afresh, without --resume "
-                             "or with another --out")
+        st = saved
         torch.set_rng_state(blob["state"]["torch_rng"])
         if blob["state"].get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["state"]["cuda_rng"])
@@ -483,15 +513,18 @@ def fit(
     steps_per_epoch = n_train_batches(log_, split.train_end, model.cfg.max_len, tcfg.batch_size)
     total_steps = max(1, stage.epochs * steps_per_epoch)
     metric = tcfg.eval_metric
+    # A fine-tuning stage is short (the default deployment's: 40 batches), and a warm-up sized
+    # for pretraining outlasted it: the head never reached its learning rate, nor decayed.
+    warmup = tcfg.warmup_steps if stage.trainable is None else max(1, min(tcfg.warmup_steps, total_steps // 10))
 
     def lr_at(step: int) -> float:
         # Linear warm-up, then cosine decay to min_lr over the planned epochs (nanoGPT's get_lr),
         # reached at the last batch. `step` is the batch's position, not the optimizer steps
         # taken: a fine-tuning stage skips every batch without its surface's targets, and
         # counted in steps its schedule never got near min_lr.
-        if step < tcfg.warmup_steps:
-            return stage.lr * (step + 1) / tcfg.warmup_steps
-        ratio = min(1.0, (step + 1 - tcfg.warmup_steps) / max(1, total_steps - tcfg.warmup_steps))
+        if step < warmup:
+            return stage.lr * (step + 1) / warmup
+        ratio = min(1.0, (step + 1 - warmup) / max(1, total_steps - warmup))
         floor = min(tcfg.min_lr, stage.lr)
         return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (stage.lr - floor)
 
@@ -524,8 +557,13 @@ def fit(
         checkpoint(best_path, with_optimizer=False)
         log.info("%s before fine-tuning %s", stage.name, json.dumps(st.best))
 
+    def out_of_time() -> bool:
+        return seconds_left is not None and st.seconds > seconds_left
+
     t_start = time.time() - st.seconds
-    while st.epoch < stage.epochs and not st.early_stopped:
+    # A stage stopped for time ends there on resume as well: one more epoch each resume would
+    # give the shipped model epochs the uninterrupted run never trained.
+    while st.epoch < stage.epochs and not st.early_stopped and not out_of_time():
         model.train()
         if stage.frozen_trunk:
             # The frozen trunk and item tower run as they are served (no dropout), so the head
@@ -570,8 +608,7 @@ def fit(
         st.epoch += 1
         st.seconds = time.time() - t_start
         row: dict[str, float] = {"epoch": st.epoch, "loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr}
-        out_of_time = tcfg.max_minutes > 0 and st.seconds > tcfg.max_minutes * 60
-        if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time:
+        if st.epoch % tcfg.eval_every == 0 or st.epoch == stage.epochs or out_of_time():
             if validating:
                 row |= validate()
                 if f"valid_{metric}" not in st.best or row[f"valid_{metric}"] > st.best[f"valid_{metric}"]:
@@ -590,7 +627,7 @@ def fit(
             plot_curves(st.history, out_dir / f"{stage.name}_curves.png", metric)
             with open(out_dir / "train.log", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"stage": stage.name, "seconds": round(st.seconds, 1)} | row) + "\n")
-            if st.early_stopped or out_of_time:
+            if st.early_stopped or out_of_time():
                 break
         else:
             st.history.append(row)
@@ -638,9 +675,12 @@ def train(
     finetune: bool = False,
     resume: bool = False,
     progress: bool = True,
+    data_origin: Mapping[str, Any] | None = None,
 ) -> tuple[GenerativeRetriever, Checkpoint, list[TrainResult]]:
     """Pretrain on every surface, optionally fine-tune each surface's head; returns the model,
-    its checkpoint info and the per-stage results. Writes `<out_dir>/ckpt_best.pt`."""
+    its checkpoint info and the per-stage results. Writes `<out_dir>/ckpt_best.pt`.
+    `data_origin` goes into the checkpoint's `trained_on`: what remakes the data (synthetic's
+    start time)."""
     tcfg = settings.train
     if tcfg.slots == "offset" and settings.model.num_queries > tcfg.window:
         raise ValueError(
@@ -663,13 +703,22 @@ def train(
         actions=tuple(log_.actions),
         surfaces=tuple(log_.surfaces),
         version=f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}",
-        trained_on={"split": split.kind, "seed": tcfg.seed},
+        trained_on={
+            "split": split.kind, "seed": tcfg.seed, **(data_origin or {}),
+            # Which target conditions trained (a dropout of 1 never does: its embedding rows and
+            # surface heads keep their initial weights); the worker and `recsys evaluate` feed
+            # "none" for the others.
+            "conditioned": {"outcome": tcfg.outcome_dropout < 1.0, "surface": tcfg.surface_dropout < 1.0 or finetune},
+        },
     )
     log.info("model %s: %d parameters, %s softmax", info.version, model.n_params(), "full" if spec.full_softmax else "sampled")
     valid = engaged(log_, split.valid, tcfg.negative_actions)
-    results = [
-        fit(model, log_, split, tcfg, Stage("pretrain", tcfg.epochs, tcfg.lr, spec, valid), info, out_dir, resume=resume, progress=progress)
-    ]
+    def seconds_left() -> float | None:  # train.max_minutes bounds the run, every stage together
+        return None if tcfg.max_minutes <= 0 else tcfg.max_minutes * 60 - sum(r.seconds for r in results)
+
+    results: list[TrainResult] = []
+    results.append(fit(model, log_, split, tcfg, Stage("pretrain", tcfg.epochs, tcfg.lr, spec, valid), info, out_dir,
+                       resume=resume, progress=progress, seconds_left=seconds_left()))
     if finetune:
         for s, surface_name in enumerate(log_.surfaces, start=1):
             rows = valid[log_.surface[valid] == s]
@@ -688,7 +737,8 @@ def train(
                 frozen_trunk=True,
                 train_modules=[model.head.mlps[s]],
             )
-            results.append(fit(model, log_, split, tcfg, stage, info, out_dir, resume=resume, progress=progress))
+            results.append(fit(model, log_, split, tcfg, stage, info, out_dir, resume=resume, progress=progress,
+                               seconds_left=seconds_left()))
     info.state = {"stages": [{"epochs": r.epochs, "seconds": r.seconds, "best": r.best} for r in results]}
     save_checkpoint(out_dir / "ckpt_best.pt", model, info)
     return model, info, results
@@ -725,7 +775,7 @@ def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: P
 
 
 def main(argv: list[str]) -> int:
-    from inference.datasets import DATASETS, load_dataset, make_split
+    from inference.datasets import DATASETS, load_dataset, make_split, synthetic_start_ms
 
     settings = get_settings()
     p = argparse.ArgumentParser(prog="recsys train", description=__doc__.split("\n\n")[0])
@@ -753,12 +803,17 @@ def main(argv: list[str]) -> int:
             return 0
     settings = apply_overrides(settings, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    start_ts_ms = None  # synthetic data is made afresh: a resumed run remakes the one it trained on
+    if args.dataset == "synthetic" and args.resume and (last := args.out / "pretrain_last.pt").exists():
+        start_ts_ms = (load_blob(last).get("trained_on") or {}).get("start_ts_ms")
     try:
-        log_ = load_dataset(args.dataset, args.path, settings)
+        log_ = load_dataset(args.dataset, args.path, settings, start_ts_ms=start_ts_ms)
     except (FileNotFoundError, ValueError) as exc:
         p.error(str(exc))
     split = make_split(log_, args.split, args.dataset)
-    model, info, _results = train(log_, split, settings, args.out, name=args.dataset, finetune=args.finetune, resume=args.resume, progress=not args.quiet)
+    origin = {"start_ts_ms": synthetic_start_ms(log_)} if args.dataset == "synthetic" else {}
+    model, info, _results = train(log_, split, settings, args.out, name=args.dataset, finetune=args.finetune,
+                                  resume=args.resume, progress=not args.quiet, data_origin=origin)
     summary = {"checkpoint": str(args.out / "ckpt_best.pt"), "version": info.version, "stages": info.state["stages"]}
     if args.export:
         from inference.export import export_model

@@ -213,8 +213,10 @@ def encode_histories(
         # right after it. The wall clock would feed a worker catching up on a backlog gaps the
         # model never saw in training.
         "request_ts": event_ts[:, -1].copy(),
-        "target_surface": np.tile(np.array([surface_ix[c.surface] for c in conditions], np.int64), (b, 1)).reshape(b, q),
-        "target_outcome": np.tile(np.array([action_ix[c.outcome] for c in conditions], np.int64), (b, 1)).reshape(b, q),
+        "target_surface": np.tile(np.array([surface_ix[c.surface] for c in conditions], np.int64)
+                                  * runtime.conditioned_on("surface"), (b, 1)).reshape(b, q),
+        "target_outcome": np.tile(np.array([action_ix[c.outcome] for c in conditions], np.int64)
+                                  * runtime.conditioned_on("outcome"), (b, 1)).reshape(b, q),
     }
 
 

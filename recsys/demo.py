@@ -44,9 +44,10 @@ def ensure_model(model_dir: Path, *, users: int, items: int, seed: int, retrain:
 
     console.print(f"[bold]training[/bold] a small model on {users * 15:,} generated events ({items} items) ...")
     started = time.monotonic()
-    events = [e.to_wire() for e in synthetic_events(users * 15, users, items, seed)]
+    settings = get_settings()
+    events = [e.to_wire() for e in synthetic_events(users * 15, users, items, seed, events=settings.events)]
     features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(items)}  # new items can be embedded
-    train_small_demo_model(events, get_settings(), model_dir, item_features=features)
+    train_small_demo_model(events, settings, model_dir, item_features=features)
     console.print(f"model exported to {model_dir} in {time.monotonic() - started:.0f}s")
 
 
@@ -56,7 +57,8 @@ def background_traffic(bootstrap: str, topic: str, users: int, items: int, rate:
         if stop.is_set():
             return
         events = synthetic_events(int(rate), users, items, seed=1000 + chunk, user_prefix="bg-",
-                                  start_ts_ms=int(time.time() * 1000), step_ms=max(1, int(1000 / rate)))
+                                  start_ts_ms=int(time.time() * 1000), step_ms=max(1, int(1000 / rate)),
+                                  events=get_settings().events)
         produce((e.to_wire() for e in events), bootstrap, topic, rate=rate, progress=False)
 
 
@@ -83,6 +85,7 @@ def featured_actions(stack: LocalStack, args: argparse.Namespace) -> list[float]
 
     producer = KafkaProducer(bootstrap_servers=stack.bootstrap, linger_ms=0)
     featured = [f"demo-{u}" for u in range(args.featured)]
+    engagements = [a for a in settings.events.actions if a not in settings.train.negative_actions]
     latencies: list[float] = []
     deadline = time.monotonic() + args.seconds
     try:
@@ -94,7 +97,7 @@ def featured_actions(stack: LocalStack, args: argparse.Namespace) -> list[float]
             cluster = interests[step % len(interests)]
             item = cluster + 8 * ((step * 7) % (args.items // 8))
             assert item_cluster(item, 8) == cluster
-            event = {"user_id": user, "item_id": item, "action": ["click", "save"][step % 2],
+            event = {"user_id": user, "item_id": item, "action": engagements[step % len(engagements)],
                      "surface": settings.events.surfaces[step % len(settings.events.surfaces)],
                      "ts": int(time.time() * 1000)}
             sent = time.monotonic()

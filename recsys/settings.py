@@ -158,7 +158,7 @@ class ModelSettings(Section):
 class TrainSettings(Section):
     """Training and offline evaluation of the generative retriever (`recsys train|evaluate`)."""
 
-    out_dir: Path = Path("var/train")  # checkpoints (ckpt_last.pt, ckpt_best.pt), curves PNG, log
+    out_dir: Path = Path("var/train")  # ckpt_best.pt (the final model), per stage <stage>_last.pt (resume) and _best.pt, curves PNGs, train.log
     seed: int = 0  # torch / numpy seeds: a run is reproducible on the same machine
     device: str = "auto"  # auto (cuda when present) | cuda | cpu
     num_threads: int = 2  # torch CPU threads; the dev machine has 2 shared cores
@@ -193,7 +193,7 @@ class TrainSettings(Section):
     eval_metric: str = Field("ndcg@10", pattern=r"^(recall|ndcg)@[1-9][0-9]*$")
     patience: int = 6  # validation runs without improvement before stopping
     eval_batch: int = 512  # users per evaluation batch
-    max_minutes: float = 0.0  # stop after this wall time (0 = no limit)
+    max_minutes: float = 0.0  # stop training after this wall time, all stages together, resumed runs included (0 = no limit)
     finetune_epochs: int = 10  # per-surface fine-tuning of the head
     finetune_lr: float = 3e-4  # learning rate of per-surface fine-tuning
     datasets_dir: Path = Path("../shared/datasets")  # public data: benchmarks, and `recsys train/evaluate --dataset ml100k|beauty`

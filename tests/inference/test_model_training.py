@@ -238,6 +238,28 @@ def test_a_model_never_told_the_outcome_is_validated_unconditioned(
     assert best["valid_ndcg@10"] != pytest.approx(ranking_metrics(model, planted_log, rows)["ndcg@10"], abs=1e-6)
 
 
+def test_a_model_never_told_the_outcome_is_served_and_evaluated_without_one(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """Its outcome rows never trained: the worker feeds 0 ("none") where it would feed the
+    surface's outcomes, as validation did."""
+    from inference.export import export_model
+    from inference.runtime import ModelRuntime
+    from inference.worker import Condition, encode_histories
+
+    settings = tiny_settings(tmp_path, "train.outcome_dropout=1.0", "train.epochs=1")
+    model, info, _ = train(planted_log, planted_split, settings, tmp_path, progress=False)
+    assert info.trained_on["conditioned"] == {"outcome": False, "surface": True}
+    export_model(model, info, tmp_path / "model")
+    runtime = ModelRuntime.load(tmp_path / "model", "cpu")
+    assert not runtime.conditioned_on("outcome") and runtime.conditioned_on("surface")
+    update = {"user_id": "u", "events": [{"item_id": str(planted_log.item_ids[0]), "action": planted_log.actions[0],
+                                          "surface": planted_log.surfaces[0], "ts": 1_750_000_000_000}]}
+    conditions = [Condition(planted_log.surfaces[1], planted_log.actions[1], 1.0)]
+    feeds = encode_histories([update], runtime, conditions, {})
+    assert feeds["target_outcome"].tolist() == [[0]] and feeds["target_surface"].tolist() == [[2]]
+
+
 def test_a_model_never_told_the_surface_is_validated_without_one(
     planted_log: EventLog, planted_split: Split, tmp_path: Path
 ) -> None:
@@ -264,12 +286,47 @@ def test_each_fine_tuning_stage_decays_its_learning_rate_to_the_floor(
 ) -> None:
     """A fine-tuning stage skips the batches without its surface's targets; its cosine schedule
     follows the batches' positions, so it still ends at min_lr rather than partway down."""
+    # The default warm-up (200 batches) is longer than these stages (~10 batches each), as in
+    # the default deployment: a fine-tuning stage warms up over a tenth of its batches at most.
     settings = tiny_settings(tmp_path, "train.epochs=1", "train.finetune_epochs=2", "train.finetune_lr=0.003",
-                             "train.min_lr=0.0001", "train.warmup_steps=2")
+                             "train.min_lr=0.0001", "train.warmup_steps=200")
     _, _, results = train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
     assert len(results) > 1
     for stage in results[1:]:
         assert stage.history[-1]["lr"] == pytest.approx(1e-4)
+
+
+def test_a_fine_tuning_stage_left_by_an_earlier_run_is_not_resumed(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """Run 1 (seed 0) fine-tuned into the directory; run 2 (seed 1) stopped after pretraining;
+    `--resume` of run 2 fine-tunes run 2's pretrained model, not run 1's leftover stages."""
+    quick = ("train.epochs=1", "train.finetune_epochs=1")
+    train(planted_log, planted_split, tiny_settings(tmp_path, *quick), tmp_path, finetune=True, progress=False)
+    train(planted_log, planted_split, tiny_settings(tmp_path, *quick, "train.seed=1"), tmp_path, progress=False)
+    pretrained = load_blob(tmp_path / "pretrain_best.pt")["model"]
+    model, _, results = train(planted_log, planted_split, tiny_settings(tmp_path, *quick, "train.seed=1"), tmp_path,
+                              finetune=True, resume=True, progress=False)
+    assert [r.epochs for r in results[1:]] == [1] * (len(results) - 1)
+    for name, weight in model.state_dict().items():
+        if not name.startswith("head.mlps."):
+            assert torch.equal(weight, pretrained[name]), name
+    # Asked to resume a pretraining another run wrote (seed 0's initialisation, not seed 1's): refused.
+    with pytest.raises(ValueError, match="another run"):
+        train(planted_log, planted_split, tiny_settings(tmp_path, *quick, "train.epochs=2"), tmp_path, resume=True,
+              progress=False)
+
+
+def test_the_time_limit_bounds_the_whole_run_and_a_resume_does_not_train_past_it(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    settings = tiny_settings(tmp_path, "train.epochs=3", "train.eval_every=1", "train.max_minutes=0.000001")
+    _, _, results = train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
+    assert results[0].epochs == 1  # over the limit after its first epoch
+    assert [r.epochs for r in results[1:]] == [0] * (len(results) - 1)  # nothing left for fine-tuning
+    _, _, again = train(planted_log, planted_split, settings, tmp_path, finetune=True, resume=True, progress=False)
+    assert [r.epochs for r in again] == [r.epochs for r in results]
+    assert load_blob(tmp_path / "pretrain_last.pt")["state"]["run"]["epoch"] == 1
 
 
 def test_checkpoint_round_trip(tiny_model: tuple[GenerativeRetriever, Checkpoint, Path], planted_log: EventLog) -> None:
