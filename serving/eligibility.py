@@ -45,6 +45,12 @@ class Eligibility:
             self.restricted[item_id] = allowed
         self.version += 1
 
+    def clear(self) -> None:
+        """Every item eligible everywhere again (the catalogue is read afresh)."""
+        if self.restricted:
+            self.restricted.clear()
+            self.version += 1
+
     def filter(self, lists: SurfaceList, surface: str) -> SurfaceList:
         """``lists`` less the items not eligible on ``surface``; the same object when none is
         dropped. Memoised on the list until the next change, so a list served again costs a

@@ -4,7 +4,10 @@ Every server process reads ALL partitions from the beginning (no consumer group,
 consumer assigns itself every partition, new ones included; no committed offsets): the compacted topic holds the latest record of every user, so a restarted or new
 replica recovers everyone's candidates by reading it whole, then keeps up with new records.
 A server restarted from its snapshot goes on from the offsets the snapshot's records were read
-up to (`SnapshotInfo.positions`) and reads only what came since.
+up to (`SnapshotInfo.positions`) and reads only what came since. A partition added later is read
+from its start, the others go on from where they were (aiokafka, without a group, reassigns
+every partition from its start then); a topic recreated under the server (found when the
+consumer falls back below what was read) is read whole, what came from the old one dropped.
 `caught_up` is set once every partition has been read up to the end offset it had at start;
 the server reports SERVING on gRPC health only then, so a load balancer never sends traffic to
 a replica that would answer with fallbacks for users it has not read yet.
@@ -136,8 +139,9 @@ class CandidatesFollower:
 
     async def _wait_for_topic(self, consumer: AIOKafkaConsumer) -> None:
         """Subscribe once the topic exists. Subscribing earlier would make the broker auto-create
-        it with default (non-compacted) settings; a missing topic means no candidates were ever
-        written, so there is nothing to catch up on meanwhile."""
+        it with default (non-compacted) settings; a missing topic holds nothing to catch up on
+        meanwhile, and the users of a snapshot read from it are dropped (a recreated topic's
+        rule: the topic they came from is gone)."""
         cfg = self.settings.serving
         while True:
             try:
@@ -151,6 +155,11 @@ class CandidatesFollower:
             if self.topic in topics:
                 consumer.subscribe([self.topic])
                 return
+            if self.resume_from is not None and self.resume_from.positions:
+                log.warning("follower of %s: the topic the snapshot was read from (up to %s) does not exist: its "
+                            "users dropped", self.topic, self.resume_from.positions)
+                self._forget_all()
+                self.resume_from = self.loaded = None
             if not self.caught_up.is_set():
                 log.info("candidates follower: topic %s does not exist yet; serving fallbacks", self.topic)
                 self.caught_up.set()
@@ -162,6 +171,7 @@ class CandidatesFollower:
         cfg = self.settings.serving
         await self._wait_for_topic(consumer)
         pending: dict[TopicPartition, int] | None = None  # end offsets to reach before SERVING
+        known: set[TopicPartition] | None = None  # the partitions assigned when last looked
         read_to_end = False  # not caught_up: that is also set while the topic does not exist
         while True:
             if not read_to_end:
@@ -189,6 +199,16 @@ class CandidatesFollower:
                     if self.resume_from is not None:  # no fetch before the seek (above)
                         await asyncio.sleep(cfg.metadata_retry_s)
                         continue
+            if (assigned := consumer.assignment()) and assigned != known:
+                # A partition added (or the topic recreated with others): realigned before the
+                # consumer resets every partition to its start. The first assignment is _resume's.
+                if known is not None:
+                    if not await self._realign(consumer):
+                        await asyncio.sleep(cfg.metadata_retry_s)
+                        continue
+                    if not read_to_end:
+                        pending = None  # the end offsets to catch up to, of the partitions now assigned
+                known = assigned
             try:
                 batches = await consumer.getmany(timeout_ms=cfg.poll_ms, max_records=cfg.poll_max_records)
             except KafkaError as exc:
@@ -196,35 +216,43 @@ class CandidatesFollower:
                 await asyncio.sleep(cfg.metadata_retry_s)
                 continue
             applied = 0
-            for records in batches.values():
-                for record in records:
-                    applied += 1
-                    if applied % cfg.apply_yield_every == 0:
-                        # Decoding a full fetch takes tens of ms: let the RPCs waiting meanwhile run.
-                        await asyncio.sleep(0)
-                    try:
-                        self._apply(record.key, record.value)
-                    except Exception:  # noqa: BLE001 - one record must not end the follower
-                        # A record this code cannot handle is a bug, but ending the task would
-                        # leave the replica serving stale lists (or never SERVING) silently,
-                        # and the compacted topic keeps the record: every restart would too.
-                        self.store.malformed += 1
-                        log.exception("candidates follower: record %s:%d:%d skipped",
-                                      record.topic, record.partition, record.offset)
-                    # After the record is applied: a cancellation at the yield above must not
-                    # leave a snapshot saying it was.
-                    self.positions[record.partition] = record.offset + 1
-                    if record.timestamp is not None and record.timestamp > self.stamps.get(record.partition, -1):  # None: v0 records
-                        self.stamps[record.partition] = record.timestamp
+            for record in (record for records in batches.values() for record in records):
+                if record.offset < self.positions.get(record.partition, 0):
+                    # The consumer went back below what was applied: a partition out of range
+                    # (the topic recreated under the server with the same partitions), or a
+                    # reassignment the check above did not see in time.
+                    if not await self._realign(consumer):
+                        await asyncio.sleep(cfg.metadata_retry_s)
+                    if not read_to_end:
+                        pending = None
+                    break
+                applied += 1
+                if applied % cfg.apply_yield_every == 0:
+                    # Decoding a full fetch takes tens of ms: let the RPCs waiting meanwhile run.
+                    await asyncio.sleep(0)
+                try:
+                    self._apply(record.key, record.value)
+                except Exception:  # noqa: BLE001 - one record must not end the follower
+                    # A record this code cannot handle is a bug, but ending the task would
+                    # leave the replica serving stale lists (or never SERVING) silently,
+                    # and the compacted topic keeps the record: every restart would too.
+                    self.store.malformed += 1
+                    log.exception("candidates follower: record %s:%d:%d skipped",
+                                  record.topic, record.partition, record.offset)
+                # After the record is applied: a cancellation at the yield above must not
+                # leave a snapshot saying it was.
+                self.positions[record.partition] = record.offset + 1
+                if record.timestamp is not None and record.timestamp > self.stamps.get(record.partition, -1):  # None: v0 records
+                    self.stamps[record.partition] = record.timestamp
             if read_to_end:
                 self._note_freshness(consumer)
 
     def snapshot_info(self) -> SnapshotInfo:
         """The header of a snapshot of the store now. Fresh as of the last fetch from the topic;
-        one that did not exist leaves the records as fresh as the snapshot they came from (or of
-        unknown age: not reloaded), and a follower that never went on from that snapshot (its
-        topic missing) keeps its positions and bound, against which the topic is checked when it
-        is there again."""
+        one never read leaves the records as fresh as the snapshot they came from (or of unknown
+        age: not reloaded), and a follower that never went on from that snapshot (its broker not
+        reached) keeps its positions and bound, against which the topic is checked when it is
+        there again."""
         loaded, store = self.loaded, self.store
         read = loaded if loaded is not None and self.resume_from is not None else None
         return SnapshotInfo(
@@ -257,21 +285,15 @@ class CandidatesFollower:
         one that had to evict users (`read_whole`)."""
         assert self.resume_from is not None
         info = self.resume_from
-        recreated = any(info.positions.get(tp.partition, 0) > end for tp, end in ends.items())
-        if not recreated and info.stamps:
-            # Every record below a position was read, so none there is newer than the newest
-            # read, whatever the producers' clocks: one that is was written since.
-            found = await consumer.offsets_for_times({tp: info.stamps[tp.partition] + 1 for tp in ends
-                                                      if tp.partition in info.stamps and tp.partition in info.positions})
-            recreated = any(at is not None and at.offset < info.positions[tp.partition] for tp, at in found.items())
-        self.resume_from = None  # the checks done (a KafkaError above leaves it, and they run again)
+        recreated = await self._recreated(consumer, ends, info.positions, info.stamps)
         if recreated or self.read_whole:
             if recreated:
                 log.warning("follower of %s: the topic is not the one the snapshot was read from (positions %s, ends %s): "
                             "a recreated topic; its users dropped, the topic read whole", self.topic, info.positions,
                             {tp.partition: end for tp, end in ends.items()})
-                self.store.clear()
+                self._forget_all()
             await consumer.seek_to_beginning(*ends)
+            self.resume_from = None
             return
         for tp in ends:
             # Not behind what was fetched already; a position before the log's start (records
@@ -281,7 +303,54 @@ class CandidatesFollower:
                 self.positions[tp.partition] = offset
                 if tp.partition in info.stamps:
                     self.stamps[tp.partition] = max(self.stamps.get(tp.partition, -1), info.stamps[tp.partition])
+        # Only now: a KafkaError above (the assignment replaced mid-way) leaves it, and the checks
+        # and seeks run again; no fetch comes first, which would read the partitions from their start.
+        self.resume_from = None
         log.info("follower of %s: going on from the snapshot's positions %s", self.topic, info.positions)
+
+    async def _realign(self, consumer: AIOKafkaConsumer) -> bool:
+        """After a reassignment (every partition from its start) or a fall back below the
+        records applied: go on from the positions applied, new partitions from their start;
+        unless the topic is not the one they were read from (`_recreated`): then everything read
+        is dropped and the topic read whole. False when Kafka failed (to be tried again)."""
+        try:
+            ends = await consumer.end_offsets(list(consumer.assignment()))
+            if await self._recreated(consumer, ends, self.positions, self.stamps):
+                log.warning("follower of %s: the topic was recreated (positions %s, ends %s): what was read from it "
+                            "dropped, the topic read whole", self.topic, self.positions,
+                            {tp.partition: end for tp, end in ends.items()})
+                self._forget_all()
+                await consumer.seek_to_beginning(*ends)
+                return True
+            for tp in ends:
+                if (offset := self.positions.get(tp.partition)) is not None:
+                    consumer.seek(tp, offset)
+        except KafkaError as exc:
+            log.warning("follower of %s: realigning after a reassignment failed (%s); retrying", self.topic, exc)
+            return False
+        log.info("follower of %s: %d partitions assigned; going on from %s", self.topic, len(ends), self.positions)
+        return True
+
+    @staticmethod
+    async def _recreated(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int], positions: dict[int, int],
+                         stamps: dict[int, int]) -> bool:
+        """Whether the topic is not the one read up to `positions`: a position past a
+        partition's end, or a record below a position newer than every one read there (every
+        record below a position was read, so none there is newer than the newest read,
+        whatever the producers' clocks: one that is was written since)."""
+        if any(positions.get(tp.partition, 0) > end for tp, end in ends.items()):
+            return True
+        if not stamps:
+            return False
+        found = await consumer.offsets_for_times({tp: stamps[tp.partition] + 1 for tp in ends
+                                                  if tp.partition in stamps and tp.partition in positions})
+        return any(at is not None and at.offset < positions[tp.partition] for tp, at in found.items())
+
+    def _forget_all(self) -> None:
+        """Drop what was read from the topic (it is not the one it came from)."""
+        self.store.clear()
+        self.positions.clear()
+        self.stamps.clear()
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         self.records += 1
@@ -317,6 +386,10 @@ class PopularFollower(CandidatesFollower):
         super()._apply(key, value)
         self.fallback.published = self.store.get(POPULAR_KEY)
 
+    def _forget_all(self) -> None:
+        super()._forget_all()
+        self.fallback.published = None
+
 
 class EligibilityFollower(CandidatesFollower):
     """Follows `items` (the catalogue: which surfaces each item may be served on) into the
@@ -337,3 +410,7 @@ class EligibilityFollower(CandidatesFollower):
         if key != str(item.item_id).encode():
             return  # "wrong key", likewise
         self.eligibility.apply(str(item.item_id), item.surfaces)
+
+    def _forget_all(self) -> None:
+        super()._forget_all()
+        self.eligibility.clear()

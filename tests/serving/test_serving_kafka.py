@@ -658,6 +658,43 @@ def test_a_follower_records_only_positions_it_applied(kafka_bootstrap: str, uniq
     asyncio.run(scenario())
 
 
+def test_a_warm_start_whose_seek_fails_seeks_again_rather_than_reading_whole(
+    kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KafkaError from a seek (the assignment replaced mid-way) left the partitions unseeked
+    and the follower fetched them from their start: the warm start became a cold read."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import IllegalStateError
+
+    from serving.follower import CandidatesFollower
+    from serving.store import CandidateStore, SnapshotInfo
+
+    topic = f"candidates-{unique}"
+    create_topic(kafka_bootstrap, topic, partitions=1)
+    cfg = _settings(settings, kafka_bootstrap, topic)
+    real_seek = AIOKafkaConsumer.seek
+    failed: list[int] = []
+
+    def seek_failing_once(self: AIOKafkaConsumer, partition: Any, offset: int) -> None:
+        if not failed:
+            failed.append(offset)
+            raise IllegalStateError("No current assignment for partition")
+        real_seek(self, partition, offset)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "seek", seek_failing_once)
+
+    async def scenario() -> None:
+        await produce(kafka_bootstrap, topic, [(f"u{k}", make_candidates(f"u{k}", source_event_ts=T0)) for k in range(40)])
+        info = SnapshotInfo(topic, {0: 30}, int(time.time() * 1000))
+        follower = CandidatesFollower(cfg, CandidateStore(100), start=info)
+        await follower.start()
+        await asyncio.wait_for(follower.caught_up.wait(), 60)
+        assert failed == [30] and follower.records == 10
+        await follower.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_followers_freshness_stops_when_its_broker_goes(tmp_path: Path, unique: str, settings: Settings,
                                                          make_candidates: Make) -> None:
     """aiokafka's getmany returns nothing, without an error, while the broker is unreachable:
@@ -695,31 +732,115 @@ def test_a_followers_freshness_stops_when_its_broker_goes(tmp_path: Path, unique
         broker.destroy()
 
 
-def test_a_server_whose_topic_is_missing_keeps_its_snapshots_header(
+def test_a_server_whose_topic_is_missing_drops_its_snapshots_users(
     kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make, tmp_path: Path
 ) -> None:
-    """No `candidates` topic (it counts as caught up): the users saved are the snapshot's, so are
-    the positions (checked against the topic once it is back) and the bound they were kept
-    under (a larger store then reads the topic whole for the users that one evicted). The
-    positions were saved empty, and later the bound of the store that had read nothing."""
+    """The snapshot was read from a topic that is gone (deleted to purge the lists, or another
+    cluster): its users are not served as if they were current, as with a recreated topic."""
     from serving.store import CandidateStore, SnapshotInfo
 
     snapshot = tmp_path / "snap.msgpack"
     now = int(time.time() * 1000)
     kept = CandidateStore(10)
     kept.apply(make_candidates("u1", source_event_ts=T0))
-    saved = SnapshotInfo(f"candidates-{unique}", {0: 5, 1: 7}, now, max_users=10, evicted=True, stamps={0: now, 1: now})
-    kept.save(snapshot, saved)
+    kept.save(snapshot, SnapshotInfo(f"candidates-{unique}", {0: 5, 1: 7}, now, max_users=10, stamps={0: now, 1: now}))
     cfg = _settings(settings, kafka_bootstrap, f"candidates-{unique}", snapshot_path=snapshot)  # never created
 
     async def scenario() -> None:
         server = RunningServe(cfg)
         port = await server.port()
         await wait_serving(port)
-        assert not (await get(port, "u1")).is_fallback
+        assert (await get(port, "u1")).is_fallback
         await server.stop()
 
     asyncio.run(scenario())
     n, info = CandidateStore(100).load(snapshot)
-    assert n == 1 and info is not None
-    assert (info.positions, info.stamps, info.max_users, info.evicted) == (saved.positions, saved.stamps, 10, True)
+    assert n == 0 and info is not None and info.positions == {}
+
+
+def test_a_partition_added_under_a_follower_is_read_alone(
+    kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make
+) -> None:
+    """Without a group, aiokafka reassigns every partition when one is added, each from its
+    start: the follower read the whole topic again while serving (and `items` replayed
+    withdrawn items' older records). Now the old partitions go on from where they were."""
+    from kafka.admin import NewPartitions
+
+    from serving.follower import CandidatesFollower
+    from serving.store import CandidateStore
+
+    topic = f"candidates-{unique}"
+    create_topic(kafka_bootstrap, topic, partitions=1)
+    cfg = _settings(settings, kafka_bootstrap, topic)
+
+    async def scenario() -> None:
+        await produce(kafka_bootstrap, topic, [(f"u{k}", make_candidates(f"u{k}", source_event_ts=T0)) for k in range(30)])
+        follower = CandidatesFollower(cfg, CandidateStore(100))
+        await follower.start()
+        await asyncio.wait_for(follower.caught_up.wait(), 60)
+        assert follower.records == 30
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            admin.create_partitions({topic: NewPartitions(2)})
+        finally:
+            admin.close()
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, key=b"new", value=msgpack.packb(make_candidates("new", source_event_ts=T0)),
+                                         partition=1)
+        finally:
+            await producer.stop()
+        deadline = time.monotonic() + 30
+        while follower.store.get("new") is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # a few more metadata refreshes and fetches
+        assert follower.store.get("new") is not None
+        assert follower.records == 31 and follower.positions == {0: 30, 1: 1}
+        await follower.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_topic_recreated_under_a_follower_is_read_afresh(
+    kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make
+) -> None:
+    """Deleted and created again while the server runs: the old topic's users go (they kept
+    being served until a restart), the new topic's are read."""
+    from kafka.errors import TopicAlreadyExistsError
+
+    from serving.follower import CandidatesFollower
+    from serving.store import CandidateStore
+
+    topic = f"candidates-{unique}"
+    create_topic(kafka_bootstrap, topic, partitions=1)
+    cfg = _settings(settings, kafka_bootstrap, topic)
+
+    async def scenario() -> None:
+        await produce(kafka_bootstrap, topic, [(f"u{k}", make_candidates(f"u{k}", source_event_ts=T0)) for k in range(10)])
+        follower = CandidatesFollower(cfg, CandidateStore(100))
+        await follower.start()
+        await asyncio.wait_for(follower.caught_up.wait(), 60)
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        try:
+            admin.delete_topics([topic])
+            deadline = time.monotonic() + 30
+            while True:  # the follower's own metadata requests may create it again first (auto-create)
+                try:
+                    admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"cleanup.policy": "compact"})])
+                    break
+                except TopicAlreadyExistsError:
+                    if topic in admin.list_topics() and time.monotonic() > deadline - 25:
+                        break
+                    await asyncio.sleep(0.2)
+        finally:
+            admin.close()
+        await produce(kafka_bootstrap, topic, [("fresh", make_candidates("fresh", source_event_ts=T0))])
+        deadline = time.monotonic() + 30
+        while follower.store.get("fresh") is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert follower.store.get("fresh") is not None
+        assert follower.store.get("u0") is None and len(follower.store) == 1
+        await follower.stop()
+
+    asyncio.run(scenario())
