@@ -774,6 +774,9 @@ def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: P
     return Path(out_dir)
 
 
+EXPORT_TO_MODEL_DIR = Path("<inference.model_dir>")  # `--export` given without a directory
+
+
 def main(argv: list[str]) -> int:
     from inference.datasets import DATASETS, load_dataset, make_split, synthetic_start_ms
 
@@ -781,19 +784,25 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="recsys train", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="synthetic", choices=DATASETS)
     p.add_argument("--path", type=Path, help="data file (default: the dataset's usual place)")
-    p.add_argument("--split", default="auto",
+    p.add_argument("--split", default="auto", choices=["auto", "loo", "tail", "time"],
                    help="loo (each user's last two events) | tail (each user's last 10%% of events) | time (one cut-off for "
                         "everybody: the log's last 10%% of events) | auto (loo for beauty, else tail)")
-    p.add_argument("--out", type=Path, default=settings.train.out_dir, help="checkpoint directory")
+    p.add_argument("--out", type=Path, help="checkpoint directory (default: train.out_dir)")
     p.add_argument("--finetune", action="store_true", help="fine-tune every surface's head after pretraining")
     p.add_argument("--resume", action="store_true", help="continue from <out>/*_last.pt")
-    p.add_argument("--export", type=Path, nargs="?", const=settings.inference.model_dir, help="also export to this model dir")
+    p.add_argument("--export", type=Path, nargs="?", const=EXPORT_TO_MODEL_DIR,
+                   help="also export to this model dir (no value: inference.model_dir)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a setting, e.g. train.epochs=50")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--unless-exported", action="store_true",
                    help="do nothing when the --export directory already holds a model (a deployment's one-shot trainer, "
                         "which `docker compose up` starts again each time, must not replace the served model)")
     args = p.parse_args(argv)
+    # After the overrides: `--set train.out_dir=...` or `inference.model_dir=...` say where.
+    settings = apply_overrides(settings, args.set)
+    args.out = args.out or settings.train.out_dir
+    if args.export == EXPORT_TO_MODEL_DIR:
+        args.export = settings.inference.model_dir
     if args.unless_exported:
         if not args.export:
             p.error("--unless-exported needs --export")
@@ -801,7 +810,6 @@ def main(argv: list[str]) -> int:
             version = json.loads(meta.read_text(encoding="utf-8")).get("version")
             print(json.dumps({"skipped": f"{args.export} already holds model {version}", "version": version}, indent=2))
             return 0
-    settings = apply_overrides(settings, args.set)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     start_ts_ms = None  # synthetic data is made afresh: a resumed run remakes the one it trained on
     if args.dataset == "synthetic" and args.resume and (last := args.out / "pretrain_last.pt").exists():

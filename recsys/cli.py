@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pydantic import ValidationError
+
 # command -> (module:function taking argv, one-line help). Each component parses its own flags.
 COMMANDS: dict[str, tuple[str, str]] = {
     "kafka": ("recsys.kafka_broker:main", "start | stop | status | fetch | destroy the local single-node Kafka broker"),
@@ -39,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except ValidationError as exc:
+        if exc.title != "Settings":
+            raise
+        # A typo in a RECSYS_* variable is the operator's to fix: what is wrong, not a traceback.
+        print(f"recsys {name}: invalid settings (RECSYS_* environment, .env):\n{exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,15 @@ console = Console()
 
 
 def ensure_model(model_dir: Path, *, users: int, items: int, seed: int, retrain: bool) -> None:
+    # The data the model was trained for, beside it: a demo run with other --users, --items or
+    # --seed would stream items and users the model never saw.
+    made_for = {"users": users, "items": items, "seed": seed}
+    recipe = model_dir / "demo.json"
     if (model_dir / "meta.json").exists() and not retrain:
-        console.print(f"[dim]model: reusing {model_dir} (--retrain to train again)[/dim]")
-        return
+        if recipe.exists() and json.loads(recipe.read_text(encoding="utf-8")) == made_for:
+            console.print(f"[dim]model: reusing {model_dir} (--retrain to train again)[/dim]")
+            return
+        console.print(f"[dim]model: {model_dir} was trained for other data than {made_for}: training again[/dim]")
     from inference.train import train_small_demo_model
 
     console.print(f"[bold]training[/bold] a small model on {users * 15:,} generated events ({items} items) ...")
@@ -48,6 +56,7 @@ def ensure_model(model_dir: Path, *, users: int, items: int, seed: int, retrain:
     events = [e.to_wire() for e in synthetic_events(users * 15, users, items, seed, events=settings.events)]
     features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(items)}  # new items can be embedded
     train_small_demo_model(events, settings, model_dir, item_features=features)
+    recipe.write_text(json.dumps(made_for), encoding="utf-8")
     console.print(f"model exported to {model_dir} in {time.monotonic() - started:.0f}s")
 
 
@@ -130,14 +139,24 @@ def featured_actions(stack: LocalStack, args: argparse.Namespace) -> list[float]
     return latencies
 
 
+def at_least(low: float, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, refused below `low`."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: at least {low}")
+        return value
+    return parse
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="recsys demo", description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=Path("var/demo"))
     parser.add_argument("--seconds", type=float, default=60.0, help="how long to stream")
-    parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--items", type=int, default=400)
-    parser.add_argument("--rate", type=float, default=100.0, help="background events per second")
-    parser.add_argument("--featured", type=int, default=3, help="users whose candidates are shown")
+    parser.add_argument("--users", type=at_least(1, int), default=2000)
+    parser.add_argument("--items", type=at_least(N_CLUSTERS, int), default=400, help="at least one per planted cluster")
+    parser.add_argument("--rate", type=at_least(1, float), default=100.0, help="background events per second")
+    parser.add_argument("--featured", type=at_least(1, int), default=3, help="users whose candidates are shown")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)

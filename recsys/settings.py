@@ -53,7 +53,7 @@ class KafkaSettings(Section):
     controller_port: int = 9093  # local broker's KRaft controller listener
     heap: str = "-Xmx512m -Xms256m"  # the broker is small; the machine is shared
     start_timeout_s: float = 90.0  # until a metadata request succeeds
-    partitions: int = 4  # partitions of the topics the project creates
+    partitions: int = Field(4, ge=1)  # partitions of the topics the project creates
     # kafka-python 3 was seen stuck forever after a group leader's second join (the inference
     # worker's and the items follower's consumers both guard against it):
     # commits refused as "rebalance in progress" this long replace the consumer with a fresh one
@@ -134,7 +134,7 @@ class StreamsSettings(Section):
     # Static group membership (KIP-345): a worker restarted with the same id takes its partitions
     # back at once, without waiting out the session timeout. Unique per worker; None = dynamic.
     instance_id: str | None = None
-    replication_factor: int = 1  # of every topic the processes create (changelog, actions, DLQs, user-updates, candidates, popular, items)
+    replication_factor: int = Field(1, ge=1)  # of every topic the processes create (changelog, actions, DLQs, user-updates, candidates, popular, items)
     dlq_max_key_bytes: int = 1024  # the DLQ record's Kafka key is the original key cut to this (its value says key_size, key_truncated); a key can be ~1 MiB
     dlq_max_original_bytes: int = 512 * 1024  # at most this much of the DLQ record's (cut) key + the original value (broker limit ~1 MiB)
     stats_interval_s: float = 30.0  # how often the worker logs its counters
@@ -468,12 +468,12 @@ def documented_fields() -> list[tuple[str, str, str]]:
             if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
                 continue
             text = "\n".join(lines[stmt.lineno - 1 : stmt.end_lineno])
-            comment = text.rsplit("#", 1)[1].strip() if "  # " in text else ""
-            if not comment:  # the whole comment block right above the field
-                first = stmt.lineno - 1
-                while first > 0 and lines[first - 1].strip().startswith("#"):
-                    first -= 1
-                comment = " ".join(line.strip().lstrip("#").strip() for line in lines[first : stmt.lineno - 1])
+            inline = text.rsplit("#", 1)[1].strip() if "  # " in text else ""
+            first = stmt.lineno - 1  # and the whole comment block right above the field: its caveats
+            while first > 0 and lines[first - 1].strip().startswith("#"):
+                first -= 1
+            block = " ".join(line.strip().lstrip("#").strip() for line in lines[first : stmt.lineno - 1])
+            comment = " ".join(part for part in (block, inline) if part)
             default = _default_text(source, stmt.value)
             env = f"RECSYS_{section.upper()}__{stmt.target.id.upper()}"
             rows.append((env, " ".join((default or "").split()), comment))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 
 from recsys.settings import Settings, TopicSettings
@@ -92,22 +93,34 @@ def ensure_topics(bootstrap: str, configs: Mapping[str, Mapping[str, str]], part
 
 def ensure_topics_when_reachable(bootstrap: str, configs: Mapping[str, Mapping[str, str]], partitions: int,
                                  replication_factor: int = 1, *, stopping: threading.Event | None = None,
-                                 initial_s: float = 0.5, max_s: float = 10.0, attempt_s: float = 5.0) -> bool:
+                                 initial_s: float = 0.5, max_s: float = 10.0, attempt_s: float = 5.0,
+                                 refused_for_s: float = 120.0) -> bool:
     """`ensure_topics`, waiting out a broker that is not up yet (a deployment starts its
     processes in any order); False if `stopping` was set first.
 
     Each attempt gives the broker `attempt_s` to answer and the wait between attempts ends as
     soon as `stopping` is set, so a SIGTERM while waiting is obeyed within seconds, inside
-    docker's 10 s grace rather than after it."""
+    docker's 10 s grace rather than after it. An answer Kafka calls final (a replication
+    factor above the brokers there are, an ACL refusal) is raised once it has lasted
+    `refused_for_s`: a starting KRaft broker gives the same answer for a few seconds (no
+    broker registered yet), but a setting the cluster cannot meet would otherwise be waited on
+    for ever, the process up and doing nothing, never restarted by its supervisor."""
     from kafka.errors import KafkaError
 
     stopping = stopping or threading.Event()
     delay = initial_s
+    refused_since: float | None = None
     while not stopping.is_set():
         try:
             ensure_topics(bootstrap, configs, partitions, replication_factor, timeout_s=attempt_s)
             return True
         except KafkaError as exc:
+            if getattr(exc, "retriable", True) is False:
+                refused_since = refused_since if refused_since is not None else time.monotonic()
+                if time.monotonic() - refused_since >= refused_for_s:
+                    raise
+            else:
+                refused_since = None
             log.warning("Kafka at %s not usable yet (%s: %s); retrying in %.1f s", bootstrap, type(exc).__name__, exc, delay)
             stopping.wait(delay)
             delay = min(delay * 2, max_s)

@@ -9,8 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 CACHE=${RECSYS_CACHE:-$HOME/.cache/recsys}
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null || PY=python3
+if [ -n "${PYTHON:-}" ]; then  # asked for by name: that one or none, not a quiet fallback
+    command -v "$PYTHON" >/dev/null || { echo "bootstrap: PYTHON=$PYTHON not found" >&2; exit 1; }
+    PY=$PYTHON
+else
+    PY=python3.11
+    command -v "$PY" >/dev/null || PY=python3
+fi
 # Said plainly here rather than as a tomllib ImportError or a half-made venv further down.
 "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
     || { echo "bootstrap: needs Python 3.11+ (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
@@ -36,7 +41,11 @@ flock 9
 # A venv that cannot run pip is rebuilt, not reused: one half made (python3-venv missing when it
 # was created), or one whose interpreter was upgraded or removed since (a dangling symlink, which
 # `python -m venv` over it would keep).
-if ! "$BASE/bin/python" -I -m pip --version >/dev/null 2>&1; then
+# So is one of another Python than a PYTHON asked for (the first run's interpreter stayed, for
+# every clone, whatever PYTHON said later).
+version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }
+if ! "$BASE/bin/python" -I -m pip --version >/dev/null 2>&1 \
+   || { [ -n "${PYTHON:-}" ] && [ "$(version "$BASE/bin/python")" != "$(version "$PY")" ]; }; then
     echo "bootstrap: creating the base virtualenv in $BASE"
     rm -rf "$BASE"
     "$PY" -m venv "$BASE"
@@ -51,7 +60,7 @@ if [ ! -f "$BASE/.deps-$HASH" ]; then
 fi
 
 # The clone's own venv: base packages through a .pth line, the project editable on top.
-if ! .venv/bin/python -c pass 2>/dev/null; then
+if ! .venv/bin/python -c pass 2>/dev/null || [ "$(version .venv/bin/python)" != "$(version "$BASE/bin/python")" ]; then
     rm -rf .venv
     "$BASE/bin/python" -m venv --without-pip .venv
 fi

@@ -317,12 +317,16 @@ def _detect_format(path: Path) -> str:
     return "movielens" if len(parts) == 4 and all(p.isdigit() for p in parts) else "csv"
 
 
-def read_events(path: Path, fmt: str = "auto") -> Iterable[Record]:
-    """The records of a file in one of the supported formats (`auto` guesses from the name)."""
+def read_events(path: Path, fmt: str = "auto", *, movielens_surface: str = "home") -> Iterable[Record]:
+    """The records of a file in one of the supported formats (`auto` guesses from the name);
+    MovieLens ratings happen on `movielens_surface` (the first configured, as `recsys train
+    --dataset ml100k` reads them)."""
     fmt = _detect_format(path) if fmt == "auto" else fmt
-    readers = {"jsonl": read_jsonl, "csv": read_csv, "movielens": read_movielens}
+    if fmt == "movielens":
+        return read_movielens(path, surface=movielens_surface)
+    readers = {"jsonl": read_jsonl, "csv": read_csv}
     if fmt not in readers:
-        raise ValueError(f"unknown format {fmt!r}; one of auto, {', '.join(readers)}")
+        raise ValueError(f"unknown format {fmt!r}; one of auto, {', '.join(readers)}, movielens")
     return readers[fmt](path)
 
 
@@ -334,8 +338,10 @@ def main(argv: list[str]) -> int:
     src.add_argument("--file", type=Path, help="JSONL, CSV or MovieLens u.data file to replay")
     src.add_argument("--synthetic", type=int, metavar="N", help="generate N synthetic events")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "movielens"])
-    p.add_argument("--users", type=int, default=1000, help="synthetic: number of users")
-    p.add_argument("--items", type=int, default=5000, help="synthetic: number of items")
+    # The defaults are `recsys train --dataset synthetic`'s (docker-compose's trainer): its model
+    # knows these items.
+    p.add_argument("--users", type=int, default=500, help="synthetic: number of users")
+    p.add_argument("--items", type=int, default=300, help="synthetic: number of items")
     p.add_argument("--clusters", type=int, default=8, help="synthetic: number of interest clusters")
     p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
     p.add_argument("--rate", type=float, default=None, help="events per second (default: as fast as possible)")
@@ -352,7 +358,7 @@ def main(argv: list[str]) -> int:
         if not args.file.is_file():
             print(f"recsys produce: no such file: {args.file}", file=sys.stderr)
             return 2
-        records = read_events(args.file, args.format)
+        records = read_events(args.file, args.format, movielens_surface=settings.events.surfaces[0])
         total = len(records) if isinstance(records, list) else None
     else:
         records = synthetic_events(

@@ -79,3 +79,15 @@ def test_the_qdrant_server_is_the_minor_version_of_the_pinned_client() -> None:
     server_minor = re.fullmatch(r"qdrant/qdrant:v(\d+\.\d+)\.\d+", image)
     assert server_minor, image
     assert client.removeprefix("qdrant-client==").rsplit(".", 1)[0] == server_minor.group(1), (image, client)
+
+
+def test_the_unauthenticated_stores_are_published_on_loopback_only_by_default() -> None:
+    """Qdrant (no API key) and Kafka's host listener (no authentication) were published on every
+    interface: anyone reaching the host could delete the catalogue."""
+    import re
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("kafka", "qdrant"):
+        for port in services[name]["ports"]:
+            published = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", port)  # the defaults compose fills in
+            assert published.startswith("127.0.0.1:"), f"{name} publishes {port}"

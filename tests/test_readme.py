@@ -47,3 +47,11 @@ def test_the_profiling_benchmarks_find_py_spy() -> None:
     spy = py_spy()
     assert os.access(spy, os.X_OK)
     assert subprocess.run([spy, "--version"], capture_output=True, text=True, check=True).stdout.startswith("py-spy")
+
+
+def test_a_settings_caveat_written_above_a_field_reaches_its_readme_row() -> None:
+    """A field with a comment of its own lost the block above it: the README did not say that
+    the HNSW settings apply only to a store created after them."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `RECSYS_VECTOR_STORE__HNSW_M`")]
+    assert "changing them later does not change a store that exists" in row

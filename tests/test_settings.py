@@ -147,3 +147,18 @@ def test_an_empty_or_unusable_optional_setting_is_refused(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValidationError, match=error):
         Settings()
+
+
+def test_a_command_under_invalid_settings_says_what_is_wrong_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from recsys.cli import main
+
+    monkeypatch.setenv("RECSYS_KAFKA__PORT", "abc")
+    assert main(["kafka", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "recsys kafka: invalid settings" in err and "kafka.port" in err and "Traceback" not in err
+    monkeypatch.delenv("RECSYS_KAFKA__PORT")
+    with pytest.raises(SystemExit) as exit_:
+        main(["index", "--model-dir", str(tmp_path / "none")])
+    assert exit_.value.code == 2 and "run `recsys train --export` first" in capsys.readouterr().err

@@ -71,3 +71,19 @@ def test_waiting_for_a_broker_ends_when_told_to_stop() -> None:
     assert not ensure_topics_when_reachable("localhost:1", {"x": {}}, 1, stopping=stopping,
                                             initial_s=60.0, attempt_s=0.5)
     assert time.monotonic() - started < 30.0
+
+
+def test_a_topic_the_cluster_refuses_to_create_is_an_error_not_a_wait_for_ever(kafka_bootstrap: str, unique: str) -> None:
+    """A replication factor above the brokers there are (`RECSYS_STREAMS__REPLICATION_FACTOR=3`
+    on one broker): the process used to log "not usable yet" for ever, up and doing nothing."""
+    from kafka.errors import InvalidReplicationFactorError
+
+    stopping = threading.Event()
+    bound = threading.Timer(60.0, stopping.set)  # a bound on the old code's wait: the test fails rather than hangs
+    bound.start()
+    try:
+        with pytest.raises(InvalidReplicationFactorError):
+            ensure_topics_when_reachable(kafka_bootstrap, {f"r-{unique}": {}}, 1, replication_factor=3, stopping=stopping,
+                                         initial_s=0.1, max_s=0.2, refused_for_s=1.0)
+    finally:
+        bound.cancel()

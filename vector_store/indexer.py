@@ -811,6 +811,8 @@ def main(argv: list[str]) -> int:
     from inference.runtime import check_same_export
 
     model_dir = args.model_dir or settings.inference.model_dir
+    if not (model_dir / "meta.json").is_file():
+        parser.error(f"no model in {model_dir} (meta.json missing): run `recsys train --export` first")
     version = model_version(model_dir)  # first: an export replaces meta.json last
     table = ItemTable.load(model_dir)
     check_same_export(model_dir, version, {"items.npz": table.version})

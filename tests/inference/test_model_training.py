@@ -573,6 +573,30 @@ def test_cli_train_unless_exported_keeps_the_model_already_there(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_:
         train_cli.main(["--unless-exported"])
     assert exit_.value.code == 2 and "needs --export" in capsys.readouterr().err
+    # `--export` alone is inference.model_dir as --set makes it
+    assert train_cli.main(["--export", "--unless-exported", "--set", f"inference.model_dir={model_dir}"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "deployed-1"
+
+
+def test_cli_train_writes_where_its_overrides_say(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`--set train.out_dir=...` used to be read after --out's default was taken: the
+    checkpoints went to var/train, over another run's."""
+    from inference import train as train_cli
+
+    seen: list[Path] = []
+
+    def record(log_: Any, split: Any, settings: Any, out: Path, **_: Any) -> Any:
+        seen.append(out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_cli, "train", record)
+    with pytest.raises(SystemExit):
+        train_cli.main(["--set", f"train.out_dir={tmp_path / 'run2'}", "--set", "train.seed=3"])
+    assert seen == [tmp_path / "run2"]
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["--split", "lo"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_a_fine_tuning_that_only_hurts_keeps_the_pretrained_head(

@@ -15,7 +15,7 @@ from hypothesis import given, strategies as st
 
 from recsys.settings import Settings
 from streams.errors import InvalidEvent
-from streams.produce import _CANONICAL_INT, _maybe_int, main, read_csv, read_jsonl, read_movielens, to_record
+from streams.produce import _CANONICAL_INT, _maybe_int, main, read_csv, read_events, read_jsonl, read_movielens, to_record
 from streams.schema import ActionEvent, decode_event
 
 WIRE_INTS = st.integers(-(2**63), 2**64 - 1)  # what msgpack carries and the decoder accepts as ints
@@ -165,6 +165,8 @@ def test_a_malformed_movielens_line_is_skipped_not_fatal(tmp_path: Path) -> None
     data = tmp_path / "u.data"
     data.write_text("196\t242\t3\t881250949\n196\tx\t4\t881250950\n\n186\t302\t4\n186\t302\t4\t891717742\n")
     assert [(e.user_id, e.item_id) for e in read_movielens(data)] == [(196, 242), (186, 302)]
+    # replayed on the surface `recsys train --dataset ml100k` reads them on (the first configured)
+    assert {e.surface for e in read_events(data, "movielens", movielens_surface="shop")} == {"shop"}
 
 
 @pytest.mark.kafka
