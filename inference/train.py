@@ -744,10 +744,11 @@ def train(
     return model, info, results
 
 
-def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: Path, *, max_seconds: float = 45.0,
+def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: Path, *, max_seconds: float | None = 45.0,
                            item_features: Mapping[str, Sequence[float]] | None = None) -> Path:
     """The demo's fast path: a small model trained on `events` for at most ~`max_seconds` on the
-    CPU, then exported into `out_dir` (user_model.onnx, item_encoder.onnx, items.npz, meta.json).
+    CPU (None: its 30 epochs, whatever the time), then exported into `out_dir` (user_model.onnx,
+    item_encoder.onnx, items.npz, meta.json).
     With `item_features` (str(item id) -> content features) its item encoder can embed items
     published after training. Returns `out_dir`."""
     from inference.data import events_from_dicts, tail_split
@@ -762,7 +763,7 @@ def train_small_demo_model(events: Iterable[Any], settings: Settings, out_dir: P
         update={
             "model": settings.model.model_copy(update={"dim": 32, "n_layers": 1, "n_heads": 1, "dropout": 0.1}),
             "train": settings.train.model_copy(
-                update={"epochs": 30, "eval_every": 5, "patience": 2, "max_minutes": max_seconds / 60.0, "warmup_steps": 20,
+                update={"epochs": 30, "eval_every": 5, "patience": 2, "max_minutes": (max_seconds or 0.0) / 60.0, "warmup_steps": 20,
                         "batch_size": 64, "lr": lr}
             ),
         }

@@ -6,7 +6,9 @@ An action goes in on `actions`; GetCandidates must serve a new list built from i
 
 from __future__ import annotations
 
+import itertools
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +46,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # 4.0 of ln 96 = 4.6; save vs click queries 0.004 apart, the same top 20); at the demo
     # trainer's 1e-2 it recovers the planted outcome clusters (loss 3.0; 19 of 20 in the right one).
     features = {str(i): cluster_features(i, N_CLUSTERS) for i in range(N_ITEMS)}  # so that it embeds new items
-    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), Settings(), out, max_seconds=300,
+    return train_small_demo_model(_outcome_events(6000, N_USERS, N_ITEMS, seed=3), Settings(), out, max_seconds=None,
                                   item_features=features)
 
 
@@ -206,21 +208,33 @@ def test_restarted_server_recovers_every_user(stack: LocalStack) -> None:
 
 
 def test_killing_the_worker_mid_stream_loses_no_update(stack: LocalStack) -> None:
-    """SIGKILL the worker while updates flow, right after the last ones were sent (so a worker
-    that committed offsets before its candidates were written would lose those users' newest
-    action for good); after a restart every user's newest action is reflected in `candidates`."""
+    """SIGKILL the worker while updates flow (every user's next action every ~50 ms, so its
+    batches are in flight: a worker that committed offsets before its candidates were written
+    would lose some users' newest action for good); after a restart every user's newest action
+    is reflected in `candidates`."""
     users = [f"e2e-kill-{i}" for i in range(30)]
     last_ts: dict[str, int] = {}
     producer = KafkaProducer(bootstrap_servers=stack.bootstrap)
-    for round_ in range(3):
-        for i, user in enumerate(users):
-            ts = int(time.time() * 1000)
-            event = {"user_id": user, "item_id": (i * 8 + round_) % N_ITEMS, "action": "click", "surface": "home", "ts": ts}
-            producer.send(_topic(stack, "actions"), key=user.encode(), value=encode_event(event))
-            last_ts[user] = ts
-        producer.flush()
-    time.sleep(0.5)  # the last round reaches the streams and the worker's batches are in flight
+    stop = threading.Event()
+
+    def stream() -> None:  # rounds of every user's next action until told to stop
+        for round_ in itertools.count():
+            for i, user in enumerate(users):
+                ts = int(time.time() * 1000)
+                event = {"user_id": user, "item_id": (i * 8 + round_) % N_ITEMS, "action": "click", "surface": "home", "ts": ts}
+                producer.send(_topic(stack, "actions"), key=user.encode(), value=encode_event(event))
+                last_ts[user] = ts
+            producer.flush()
+            if stop.wait(0.05):
+                return
+
+    streaming = threading.Thread(target=stream, daemon=True)
+    streaming.start()
+    time.sleep(2.0)  # updates flow through the streams into the worker's batches
+    assert streaming.is_alive(), "the stop should come mid-stream"
     stack.services["worker"].kill()
+    stop.set()
+    streaming.join(30)
     producer.close()
     stack.start_service("worker")
 

@@ -653,19 +653,31 @@ def test_hard_negatives_are_on_the_surface_once_per_item_and_never_a_positive() 
 def test_fine_tuning_runs_the_frozen_trunk_as_it_is_served(planted_log: EventLog, planted_split: Split, tmp_path: Path) -> None:
     """With dropout on, a fine-tuning stage runs the frozen trunk (under no_grad) in eval mode:
     the head learns on the hidden states it will be served, not on dropped-out ones."""
+    import inference.train as train_module
+
     settings = tiny_settings(tmp_path, "model.dropout=0.5", "train.epochs=1", "train.finetune_epochs=1")
-    seen: list[tuple[str, bool]] = []
-    original = GenerativeRetriever.__init__
+    seen: list[tuple[str, bool, bool]] = []  # (module, training, gradients on) inside a fine-tuning batch
+    fine_tuning = [False]
+    original, real_batch_loss = GenerativeRetriever.__init__, train_module.batch_loss
 
     def record(self: GenerativeRetriever, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         for name, module in self.named_modules():
             if name and not name.startswith("head"):
-                module.register_forward_pre_hook(
-                    lambda m, _inputs, name=name: None if torch.is_grad_enabled() else seen.append((name, m.training)))
+                module.register_forward_pre_hook(lambda m, _inputs, name=name: seen.append(
+                    (name, m.training, torch.is_grad_enabled())) if fine_tuning[0] else None)
+
+    def batch_loss(*args: Any, **kwargs: Any) -> Any:  # the batches of a stage with the trunk frozen, only
+        fine_tuning[0] = bool(kwargs.get("frozen_trunk", args[5] if len(args) > 5 else False))
+        try:
+            return real_batch_loss(*args, **kwargs)
+        finally:
+            fine_tuning[0] = False
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GenerativeRetriever, "__init__", record)
+        mp.setattr(train_module, "batch_loss", batch_loss)
         train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
-    assert seen, "no forward pass of the trunk without gradients was seen"
-    assert not [name for name, training in seen if training], "the frozen trunk ran with dropout"
+    assert seen, "no fine-tuning batch ran the trunk"
+    assert not [name for name, training, _ in seen if training], "the frozen trunk ran with dropout"
+    assert not [name for name, _, grad in seen if grad], "the frozen trunk ran with gradients"

@@ -65,9 +65,17 @@ def test_item_table_save_replaces_the_file_whole(tmp_path: Path) -> None:
 
     table = ItemTable(np.array(["a", "b"]), np.eye(2, dtype=np.float32), np.array([1.0, 2.0], np.float32),
                       np.zeros((2, 0), np.float32))
-    table.save(tmp_path / "items.npz")
+    path = tmp_path / "items.npz"
+    table.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["items.npz"]  # no temp file left, no suffix added
-    assert ItemTable.load(tmp_path / "items.npz").ids.tolist() == ["a", "b"]
+    assert ItemTable.load(path).ids.tolist() == ["a", "b"]
+    # A reader with the old file open (a server re-reading it) reads it whole after a save: the
+    # new one is renamed over it, not written into it.
+    old = path.read_bytes()
+    with path.open("rb") as reader:
+        ItemTable(np.array(["c"]), np.eye(1, 2, dtype=np.float32), np.array([3.0], np.float32), np.zeros((1, 0), np.float32)).save(path)
+        assert reader.read() == old
+    assert ItemTable.load(path).ids.tolist() == ["c"]
 
 
 def test_a_meta_json_written_after_the_table_updates_the_version(model_dir: Path) -> None:

@@ -148,7 +148,11 @@ class Worker:
             stdout=self.log_path.open("wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_until(lambda: self.metrics() is not None, 60, f"{self.name} web server ({self.tail()})")
+        try:
+            wait_until(lambda: self.metrics() is not None, 60, f"{self.name} web server ({self.tail()})")
+        except BaseException:  # not left running past the test, retrying a broker gone with it
+            self.kill()
+            raise
 
     def metrics(self) -> dict[str, float] | None:
         """The worker's counters (`/metrics`), or None while it is not serving."""
@@ -170,10 +174,18 @@ class Worker:
         assert self.proc is not None
         self.proc.send_signal(sig)
         try:
-            rc = self.proc.wait(timeout=60)
+            return self.proc.wait(timeout=60)
+        except BaseException:  # it did not stop (or the wait was interrupted): killed, not orphaned
+            self.kill()
+            raise
         finally:
             self.proc = None
-        return rc
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            self.proc = None
 
     def tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace") if self.log_path.exists() else ""

@@ -261,6 +261,9 @@ def test_candidates_the_broker_refuses_leave_the_batch_uncommitted(worker: Worke
     thread, errors = start_loop(worker)
     thread.join(90)
     assert not thread.is_alive() and errors, "the refused candidates did not stop the loop"
+    from kafka.errors import MessageSizeTooLargeError  # the broker's refusal, not some other failure of the loop
+
+    assert isinstance(errors[0], MessageSizeTooLargeError), repr(errors[0])
     committed, ends = committed_and_end(kafka_bootstrap, good_settings.inference.group_id, good_settings.topics.user_updates)
     assert sum(ends.values()) == 2 and sum(committed.values()) == 0
 
