@@ -758,6 +758,25 @@ def test_a_server_whose_topic_is_missing_drops_its_snapshots_users(
     assert n == 0 and info is not None and info.positions == {}
 
 
+async def caught_up_on(bootstrap: str, cfg: Settings, users: list[str], make_candidates: Make) -> Any:
+    """A CandidatesFollower of cfg's topic, caught up on a record of each of `users`."""
+    from serving.follower import CandidatesFollower
+    from serving.store import CandidateStore
+
+    await produce(bootstrap, cfg.topics.candidates, [(u, make_candidates(u, source_event_ts=T0)) for u in users])
+    follower = CandidatesFollower(cfg, CandidateStore(100))
+    await follower.start()
+    await asyncio.wait_for(follower.caught_up.wait(), 60)
+    return follower
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
 def test_a_partition_added_under_a_follower_is_read_alone(
     kafka_bootstrap: str, unique: str, settings: Settings, make_candidates: Make
 ) -> None:
@@ -766,18 +785,12 @@ def test_a_partition_added_under_a_follower_is_read_alone(
     withdrawn items' older records). Now the old partitions go on from where they were."""
     from kafka.admin import NewPartitions
 
-    from serving.follower import CandidatesFollower
-    from serving.store import CandidateStore
-
     topic = f"candidates-{unique}"
     create_topic(kafka_bootstrap, topic, partitions=1)
     cfg = _settings(settings, kafka_bootstrap, topic)
 
     async def scenario() -> None:
-        await produce(kafka_bootstrap, topic, [(f"u{k}", make_candidates(f"u{k}", source_event_ts=T0)) for k in range(30)])
-        follower = CandidatesFollower(cfg, CandidateStore(100))
-        await follower.start()
-        await asyncio.wait_for(follower.caught_up.wait(), 60)
+        follower = await caught_up_on(kafka_bootstrap, cfg, [f"u{k}" for k in range(30)], make_candidates)
         assert follower.records == 30
         admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
         try:
@@ -791,9 +804,7 @@ def test_a_partition_added_under_a_follower_is_read_alone(
                                          partition=1)
         finally:
             await producer.stop()
-        deadline = time.monotonic() + 30
-        while follower.store.get("new") is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await until(lambda: follower.store.get("new") is not None)
         await asyncio.sleep(1.0)  # a few more metadata refreshes and fetches
         assert follower.store.get("new") is not None
         assert follower.records == 31 and follower.positions == {0: 30, 1: 1}
@@ -809,18 +820,12 @@ def test_a_topic_recreated_under_a_follower_is_read_afresh(
     being served until a restart), the new topic's are read."""
     from kafka.errors import TopicAlreadyExistsError
 
-    from serving.follower import CandidatesFollower
-    from serving.store import CandidateStore
-
     topic = f"candidates-{unique}"
     create_topic(kafka_bootstrap, topic, partitions=1)
     cfg = _settings(settings, kafka_bootstrap, topic)
 
     async def scenario() -> None:
-        await produce(kafka_bootstrap, topic, [(f"u{k}", make_candidates(f"u{k}", source_event_ts=T0)) for k in range(10)])
-        follower = CandidatesFollower(cfg, CandidateStore(100))
-        await follower.start()
-        await asyncio.wait_for(follower.caught_up.wait(), 60)
+        follower = await caught_up_on(kafka_bootstrap, cfg, [f"u{k}" for k in range(10)], make_candidates)
         admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
         try:
             admin.delete_topics([topic])
@@ -836,10 +841,7 @@ def test_a_topic_recreated_under_a_follower_is_read_afresh(
         finally:
             admin.close()
         await produce(kafka_bootstrap, topic, [("fresh", make_candidates("fresh", source_event_ts=T0))])
-        deadline = time.monotonic() + 30
-        while follower.store.get("fresh") is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert follower.store.get("fresh") is not None
+        await until(lambda: follower.store.get("fresh") is not None)
         assert follower.store.get("u0") is None and len(follower.store) == 1
         await follower.stop()
 
