@@ -332,6 +332,9 @@ def main(argv: list[str]) -> int:
     if not args.checkpoint.exists():
         p.error(f"{args.checkpoint} not found: train first (`recsys train`) or pass --checkpoint")
     model, ckpt = load_checkpoint(args.checkpoint)
+    conditioned = {"outcome": True, "surface": True} | dict(ckpt.trained_on.get("conditioned") or {})
+    if not conditioned["outcome"] and args.outcome not in ("true", "none"):
+        p.error(f"--outcome {args.outcome}: this model never learnt the target outcome (trained with outcome_dropout=1)")
     if "seed" in ckpt.trained_on:  # synthetic data is made from it
         settings = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": ckpt.trained_on["seed"]})})
     try:
@@ -349,7 +352,6 @@ def main(argv: list[str]) -> int:
     aligned_row = np.cumsum(known) - 1  # the align keeps the other rows in order
     log = ckpt.align(log)
     scored = rows[known[rows]]
-    conditioned = {"outcome": True, "surface": True} | dict(ckpt.trained_on.get("conditioned") or {})
     metrics = ranking_metrics(  # conditioned as the worker serves it: "none" where the model never learnt a condition
         model, log, aligned_row[scored], exclude_history=args.exclude_history, ks=(5, 10, 20, 50),
         outcome=args.outcome if conditioned["outcome"] else "none", surface="true" if conditioned["surface"] else "none",

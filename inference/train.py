@@ -429,7 +429,9 @@ def stage_origin(model: GenerativeRetriever, log_: EventLog, split: Split) -> st
     """A digest of what a stage starts from: the data, its split and the weights it begins
     with (for pretraining the seed's initialisation, for fine-tuning the pretrained model)."""
     h = hashlib.sha256()
-    for a in (log_.user, log_.item, log_.action, log_.surface, log_.ts, log_.item_ids, split.train_end):
+    h.update("\n".join((*log_.actions, "", *log_.surfaces)).encode())
+    for a in (log_.user, log_.item, log_.action, log_.surface, log_.ts, log_.user_ids, log_.item_ids, split.train_end,
+              log_.features if log_.features is not None else np.zeros(0)):
         h.update(np.ascontiguousarray(a).tobytes())
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
@@ -493,8 +495,9 @@ def fit(
                              "or with another --out")
         if saved.origin != st.origin:
             if stage.trainable is None:  # asked to resume this very stage: not silently thrown away
-                raise ValueError(f"{last} was written by another run (other data, seed or starting weights): start "
-                                 "afresh, without --resume or with another --out")
+                why = ("by a version of this code that did not record what a run starts from" if not saved.origin
+                       else "by another run (other data, seed or starting weights)")
+                raise ValueError(f"{last} was written {why}: start afresh, without --resume or with another --out")
             # A fine-tuning stage whose pretraining differs: an earlier run's leftover in the same
             # directory, which would replace this run's pretrained weights with that run's.
             log.warning("%s belongs to an earlier run (it fine-tuned other weights): %s starts afresh", last, stage.name)
@@ -708,7 +711,7 @@ def train(
             # Which target conditions trained (a dropout of 1 never does: its embedding rows and
             # surface heads keep their initial weights); the worker and `recsys evaluate` feed
             # "none" for the others.
-            "conditioned": {"outcome": tcfg.outcome_dropout < 1.0, "surface": tcfg.surface_dropout < 1.0 or finetune},
+            "conditioned": {"outcome": tcfg.outcome_dropout < 1.0, "surface": tcfg.surface_dropout < 1.0},
         },
     )
     log.info("model %s: %d parameters, %s softmax", info.version, model.n_params(), "full" if spec.full_softmax else "sampled")
@@ -739,6 +742,11 @@ def train(
             )
             results.append(fit(model, log_, split, tcfg, stage, info, out_dir, resume=resume, progress=progress,
                                seconds_left=seconds_left()))
+    if finetune and not info.trained_on["conditioned"]["surface"]:
+        # The surface heads learnt only where every surface's fine-tuning kept trained weights
+        # (a stage skipped, out of time, or keeping epoch 0 leaves a head at its initialisation).
+        tuned = {r.checkpoint.name for r in results[1:] if r.best.get("epoch", 0) > 0}
+        info.trained_on["conditioned"]["surface"] = tuned == {f"finetune-{s}_best.pt" for s in log_.surfaces}
     info.state = {"stages": [{"epochs": r.epochs, "seconds": r.seconds, "best": r.best} for r in results]}
     save_checkpoint(out_dir / "ckpt_best.pt", model, info)
     return model, info, results

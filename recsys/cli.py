@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.title != "Settings":
             raise
         # A typo in a RECSYS_* variable is the operator's to fix: what is wrong, not a traceback.
-        print(f"recsys {name}: invalid settings (RECSYS_* environment, .env):\n{exc}", file=sys.stderr)
+        print(f"recsys {name}: invalid settings (RECSYS_* environment, .env, --set):\n{exc}", file=sys.stderr)
         return 2
 
 

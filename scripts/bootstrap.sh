@@ -21,7 +21,12 @@ fi
     || { echo "bootstrap: needs Python 3.11+ (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 1; }
 "$PY" -c 'import ensurepip, venv' 2>/dev/null \
     || { echo "bootstrap: $PY has no venv/ensurepip module; on Debian or Ubuntu: apt-get install python3.11-venv" >&2; exit 1; }
+version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }
+# One base per Python: a clone bootstrapped with another one (PYTHON=python3.12) must not replace
+# the base every other clone's .venv points into.
+VER=$(version "$PY")
 BASE="$CACHE/venv"
+[ "$VER" = "3.11" ] || BASE="$CACHE/venv-$VER"
 mkdir -p "$CACHE"
 
 # The dependency list (runtime + dev) decides whether the base venv needs a pip run.
@@ -41,11 +46,9 @@ flock 9
 # A venv that cannot run pip is rebuilt, not reused: one half made (python3-venv missing when it
 # was created), or one whose interpreter was upgraded or removed since (a dangling symlink, which
 # `python -m venv` over it would keep).
-# So is one of another Python than a PYTHON asked for (the first run's interpreter stayed, for
-# every clone, whatever PYTHON said later).
-version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }
-if ! "$BASE/bin/python" -I -m pip --version >/dev/null 2>&1 \
-   || { [ -n "${PYTHON:-}" ] && [ "$(version "$BASE/bin/python")" != "$(version "$PY")" ]; }; then
+# So is one of another Python than its name says (made by an earlier bootstrap that kept one base
+# for every Python).
+if ! "$BASE/bin/python" -I -m pip --version >/dev/null 2>&1 || [ "$(version "$BASE/bin/python")" != "$VER" ]; then
     echo "bootstrap: creating the base virtualenv in $BASE"
     rm -rf "$BASE"
     "$PY" -m venv "$BASE"

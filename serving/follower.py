@@ -172,6 +172,7 @@ class CandidatesFollower:
         await self._wait_for_topic(consumer)
         pending: dict[TopicPartition, int] | None = None  # end offsets to reach before SERVING
         known: set[TopicPartition] | None = None  # the partitions assigned when last looked
+        realign_at: float | None = None  # when to realign the consumer with the positions applied
         read_to_end = False  # not caught_up: that is also set while the topic does not exist
         while True:
             if not read_to_end:
@@ -200,15 +201,17 @@ class CandidatesFollower:
                         await asyncio.sleep(cfg.metadata_retry_s)
                         continue
             if (assigned := consumer.assignment()) and assigned != known:
-                # A partition added (or the topic recreated with others): realigned before the
-                # consumer resets every partition to its start. The first assignment is _resume's.
-                if known is not None:
-                    if not await self._realign(consumer):
-                        await asyncio.sleep(cfg.metadata_retry_s)
-                        continue
-                    if not read_to_end:
-                        pending = None  # the end offsets to catch up to, of the partitions now assigned
+                if known is not None:  # the first assignment is _resume's
+                    # A partition added (or the topic recreated with others): aiokafka resets
+                    # every partition to its start; realigned before the fetch where it can be.
+                    realign_at = 0.0
                 known = assigned
+            if realign_at is not None and time.monotonic() >= realign_at:
+                # Retried, not waited on: the records below the positions are skipped meanwhile,
+                # and a partition that cannot answer must not stop the others being read.
+                realign_at = None if await self._realign(consumer) else time.monotonic() + cfg.metadata_retry_s
+                if realign_at is None and not read_to_end:
+                    pending = None  # the end offsets to catch up to, of the partitions now assigned
             try:
                 batches = await consumer.getmany(timeout_ms=cfg.poll_ms, max_records=cfg.poll_max_records)
             except KafkaError as exc:
@@ -218,14 +221,12 @@ class CandidatesFollower:
             applied = 0
             for record in (record for records in batches.values() for record in records):
                 if record.offset < self.positions.get(record.partition, 0):
-                    # The consumer went back below what was applied: a partition out of range
-                    # (the topic recreated under the server with the same partitions), or a
-                    # reassignment the check above did not see in time.
-                    if not await self._realign(consumer):
-                        await asyncio.sleep(cfg.metadata_retry_s)
-                    if not read_to_end:
-                        pending = None
-                    break
+                    # Below what was applied: a reassignment the check above did not see in
+                    # time, or a partition out of range (the topic recreated under the server
+                    # with the same partitions). Skipped, and the consumer realigned; the rest
+                    # of the batch is applied (other partitions' records would be lost).
+                    realign_at = 0.0 if realign_at is None else realign_at
+                    continue
                 applied += 1
                 if applied % cfg.apply_yield_every == 0:
                     # Decoding a full fetch takes tens of ms: let the RPCs waiting meanwhile run.
@@ -310,7 +311,7 @@ class CandidatesFollower:
 
     async def _realign(self, consumer: AIOKafkaConsumer) -> bool:
         """After a reassignment (every partition from its start) or a fall back below the
-        records applied: go on from the positions applied, new partitions from their start;
+        records applied: go on from the positions applied, other partitions where they are;
         unless the topic is not the one they were read from (`_recreated`): then everything read
         is dropped and the topic read whole. False when Kafka failed (to be tried again)."""
         try:

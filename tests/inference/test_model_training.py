@@ -260,6 +260,16 @@ def test_a_model_never_told_the_outcome_is_served_and_evaluated_without_one(
     assert feeds["target_outcome"].tolist() == [[0]] and feeds["target_surface"].tolist() == [[2]]
 
 
+def test_surface_heads_that_never_trained_are_not_said_to_condition_on_the_surface(
+    planted_log: EventLog, planted_split: Split, tmp_path: Path
+) -> None:
+    """Pretrained without the surface, then fine-tuning asked for but out of time: the heads
+    are at their initialisation, and the worker must feed no surface."""
+    settings = tiny_settings(tmp_path, "train.surface_dropout=1.0", "train.epochs=1", "train.max_minutes=0.000001")
+    _, info, results = train(planted_log, planted_split, settings, tmp_path, finetune=True, progress=False)
+    assert len(results) > 1 and info.trained_on["conditioned"] == {"outcome": True, "surface": False}
+
+
 def test_a_model_never_told_the_surface_is_validated_without_one(
     planted_log: EventLog, planted_split: Split, tmp_path: Path
 ) -> None:
