@@ -251,11 +251,18 @@ class PackedSeq:
         if isinstance(events, bytes):
             seq = cls(obj["user_id"], obj["version"], obj["ts"], obj["sizes"], events, hidden, obj.get("p", -1))
             # The shape the fold and the update rely on, checked here where a bad value can be
-            # told apart (streams.app.read_state), not later mid-window; the newest entries only
-            # (a whole pass cost 25% of a decode).
+            # told apart (streams.app.read_state), not later mid-window; the newest entry only
+            # (a whole pass cost 25% of a decode), and the sizes against the bytes: the fast
+            # append path copies the bytes unread, so bytes not ours went on into every update.
             if (type(seq.version) is not int or len(seq.ts) != len(seq.sizes)
                     or (seq.ts and (type(seq.ts[-1]) is not int or type(seq.sizes[-1]) is not int))):
                 raise ValueError("not a sequence value of this release (version, ts, sizes disagree)")
+            if sum(seq.sizes) != len(events):
+                raise ValueError("not a sequence value of this release (sizes do not add up to the events' bytes)")
+            if seq.ts:
+                newest = msgpack.unpackb(events[len(events) - seq.sizes[-1]:], raw=False)
+                if not isinstance(newest, dict) or newest.get("ts") != seq.ts[-1]:
+                    raise ValueError("not a sequence value of this release (the newest event is not its ts)")
             return seq
         # The earlier form: rare, so checked whole.
         if type(obj["version"]) is not int or not all(

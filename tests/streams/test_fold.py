@@ -276,9 +276,13 @@ def test_values_of_another_shape_are_refused_where_the_state_is_read() -> None:
     """`PackedSeq.decode` refuses what the fold would trip over later (the worker then starts
     the user afresh: streams.app.read_state), and reads its own values back."""
     now = 1_800_000_000_000
-    good = msgpack.unpackb(PackedSeq("u", now, [], [], b"").encode(), raw=False) | {"ts": [now], "sizes": [3], "events": b"abc"}
+    wire = PackedSeq.of("u", now, [SeqEvent(now, "i", "click", "home")]).wire
+    good = msgpack.unpackb(PackedSeq("u", now, [], [], b"").encode(), raw=False) | {"ts": [now], "sizes": [len(wire)],
+                                                                                   "events": wire}
     assert PackedSeq.decode(msgpack.packb(good)).ts == [now]
-    for bad in ({"ts": 5}, {"version": "7"}, {"sizes": [2, 1]}, {"ts": ["x"]}, {"sizes": ["3"]}):
+    # ... and bytes that are not ours, which the fold's fast path copied into every update unread
+    for bad in ({"ts": 5}, {"version": "7"}, {"sizes": [2, 1]}, {"ts": ["x"]}, {"sizes": ["3"]},
+                {"sizes": [3], "events": b"abc"}, {"events": wire + b"x"}, {"ts": [now + 1]}):
         with pytest.raises((TypeError, ValueError)):
             PackedSeq.decode(msgpack.packb(good | bad))
     # The earlier form (events as a list), checked whole: these read fine and failed the fold.
@@ -297,8 +301,9 @@ def test_an_older_entry_the_fold_trips_over_starts_the_user_afresh() -> None:
 
     now, settings = 1_800_000_000_000, Settings()
     hidden = [[now - 5, "x1"], [now - 4, "x2"]]
-    stored = PackedSeq.decode(msgpack.packb({"user_id": "u", "version": now, "ts": [None, now], "sizes": [3, 3],
-                                             "events": b"abcdef", "hidden": hidden}))
+    newest = PackedSeq.of("u", now, [SeqEvent(now, "j", "click", "home")]).wire
+    stored = PackedSeq.decode(msgpack.packb({"user_id": "u", "version": now, "ts": [None, now], "sizes": [3, len(newest)],
+                                             "events": b"abc" + newest, "hidden": hidden}))
     counters = Counters()
     seq, outcome = fold_or_start_afresh(stored, ActionEvent("u", "i", "click", "home", now + 1), settings, counters)
     assert outcome is Outcome.APPLIED and seq.events() == (SeqEvent(now + 1, "i", "click", "home"),)
