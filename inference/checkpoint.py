@@ -37,6 +37,12 @@ class Checkpoint:
     # the same held-out targets (synthetic data is made from the seed).
     trained_on: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def conditioned(self) -> dict[str, bool]:
+        """Which target conditions ("outcome", "surface") the model learnt; a checkpoint from
+        before they were recorded learnt both."""
+        return {"outcome": True, "surface": True} | dict(self.trained_on.get("conditioned") or {})
+
     def align(self, log: EventLog) -> EventLog:
         """`log` in this checkpoint's item vocabulary (and with its features)."""
         if tuple(log.actions) != self.actions or tuple(log.surfaces) != self.surfaces:

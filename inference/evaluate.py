@@ -332,7 +332,7 @@ def main(argv: list[str]) -> int:
     if not args.checkpoint.exists():
         p.error(f"{args.checkpoint} not found: train first (`recsys train`) or pass --checkpoint")
     model, ckpt = load_checkpoint(args.checkpoint)
-    conditioned = {"outcome": True, "surface": True} | dict(ckpt.trained_on.get("conditioned") or {})
+    conditioned = ckpt.conditioned
     if not conditioned["outcome"] and args.outcome not in ("true", "none"):
         p.error(f"--outcome {args.outcome}: this model never learnt the target outcome (trained with outcome_dropout=1)")
     if "seed" in ckpt.trained_on:  # synthetic data is made from it

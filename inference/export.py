@@ -213,7 +213,7 @@ def _write_export(model: GenerativeRetriever, info: Checkpoint, out_dir: Path) -
         # (inference.model.joint_score at this scale), not each alone.
         "logit_scale": float(model.scale().detach()),
         # target_outcome / target_surface the model was trained to read; 0 ("none") for the others
-        "conditioned": {"outcome": True, "surface": True} | dict(info.trained_on.get("conditioned") or {}),
+        "conditioned": info.conditioned,
         "opset": OPSET,
         "user_model": {"file": "user_model.onnx", **USER_MODEL_SPEC, "dims": {"D": D, "M": M, "T_max": cfg.max_len}},
         "item_encoder": {
